@@ -1,0 +1,208 @@
+"""The Python API: load -> plan -> apply -> write -> report, in one call or step by step."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .apply import execute
+from .errors import CheckpointError
+from .load import Checkpoint, from_state_dict, open_checkpoint
+from .meta import TensorMeta
+from .plan import Plan, make_plan
+from .report import Report
+from .spec import Spec, load_spec
+from .write import Written, write_checkpoint
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def load_expect(ref: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, TensorMeta], str]:
+    """An expected target layout: a checkpoint file, a JSON/YAML listing ``{key: shape}``, or a dict."""
+    if isinstance(ref, Mapping):
+        return {k: TensorMeta(k, tuple(v), "") for k, v in ref.items()}, "the spec's expect list"
+    p = Path(ref)
+    if p.suffix in (".json", ".yaml", ".yml") and not p.name.endswith(".index.json"):
+        try:
+            import yaml
+
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) if p.suffix != ".json" else json.loads(p.read_text(encoding="utf-8"))
+        except Exception as e:
+            raise CheckpointError(f"{p}: cannot read expected key listing: {e}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{p}: expected key listing must map key -> shape (or {{shape, dtype}})")
+        out = {}
+        for k, v in data.items():
+            if isinstance(v, dict):
+                out[k] = TensorMeta(k, tuple(v.get("shape", ())), str(v.get("dtype", "")))
+            elif isinstance(v, list):
+                out[k] = TensorMeta(k, tuple(v), "")
+            else:
+                raise CheckpointError(f"{p}: entry {k!r} must be a shape list or {{shape, dtype}}")
+        return out, str(p)
+    with open_checkpoint(p) as ck:
+        return dict(ck.metas), str(p)
+
+
+def plan_for(spec: Spec, ck: Checkpoint) -> Plan:
+    """Compile ``spec`` against an opened checkpoint (metadata only)."""
+    return make_plan(spec, ck.metas.values())
+
+
+def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any) -> Report:
+    r = Report(
+        spec=spec.name,
+        source=ck.path,
+        source_format=ck.format,
+        container=ck.container,
+        stripped_prefix=ck.stripped_prefix,
+        produced=plan.output_metas,
+        passthrough=list(plan.passthrough),
+        dropped=[k for k, _ in plan.dropped],
+        unmatched_rules=[f"{r.loc}: {r.label}" for r in plan.unmatched],
+        tied=[list(g) for g in plan.ties],
+        skipped=list(ck.skipped),
+    )
+    ref = expect if expect is not None else spec.expect
+    if ref is not None:
+        metas, label = load_expect(ref)
+        r.compare(metas, label)
+    return r
+
+
+def _to_write(spec: Spec, plan: Plan, tied: str | None) -> list[Any]:
+    policy = tied or spec.tied
+    if policy == "clone":
+        return list(plan.outputs)
+    skip = {n for g in plan.ties for n in g[1:]}
+    return [o for o in plan.outputs if o.name not in skip]
+
+
+def convert(
+    spec: Any,
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None = None,
+    *,
+    vars: Mapping[str, Any] | None = None,
+    expect: Any = None,
+    dry_run: bool = False,
+    force: bool = False,
+    max_shard_size: int | str | None = None,
+    tied: str | None = None,
+    on_tensor: Callable[[TensorMeta], None] | None = None,
+) -> Report:
+    """Convert a checkpoint file with a spec and write the result; return the report.
+
+    Every check runs on metadata before any tensor is read; the output appears only
+    when complete (atomic rename), and never over an input.
+
+    Example::
+
+        >>> report = convert("deltalm-fairseq-to-hf", "checkpoint_best.pt", "model.safetensors")
+        >>> report.ok, len(report.produced)
+        (True, 394)
+    """
+    t0 = time.perf_counter()
+    spec = load_spec(spec, vars)
+    with open_checkpoint(src, spec.unwrap, spec.strip_prefix) as ck:
+        plan = plan_for(spec, ck)
+        report = _report(spec, ck, plan, expect)
+        report.dry_run = dry_run or dst is None
+        if dst is not None:
+            report.output = os.fspath(dst)
+        if not report.dry_run:
+            assert dst is not None
+            outs = _to_write(spec, plan, tied)
+            metadata = {
+                "statemap.spec": spec.name,
+                "statemap.source": Path(ck.path).name,
+                "statemap.version": _version(),
+            }
+            written: Written = write_checkpoint(
+                dst,
+                [o.meta for o in outs],
+                (a for _, a in execute(outs, ck.read)),
+                metadata=metadata,
+                max_shard_size=max_shard_size,
+                ties=plan.ties,
+                inputs=[ck.path, spec.path],
+                force=force,
+                on_tensor=on_tensor,
+            )
+            report.files = list(written.files)
+            report.n_bytes = written.n_bytes
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def map_state_dict(
+    spec: Any,
+    state_dict: Mapping[str, Any],
+    *,
+    vars: Mapping[str, Any] | None = None,
+    expect: Any = None,
+) -> tuple[dict[str, Any], Report]:
+    """Apply a spec to an in-memory state dict (torch tensors or numpy arrays).
+
+    Returns ``(new_state_dict, report)``; values come back as the type they went in
+    (torch in, torch out). Tied outputs are the same tensor object.
+
+    Example::
+
+        >>> new_sd, report = map_state_dict("gpt2-hf-to-nanogpt", hf_model.state_dict())
+        >>> nano_model.load_state_dict(new_sd, strict=True)
+    """
+    spec = load_spec(spec, vars)
+    ck = from_state_dict(state_dict)
+    if spec.unwrap:
+        raise CheckpointError(f"spec {spec.name!r} unwraps {'/'.join(spec.unwrap)!r}; pass that inner dict to map_state_dict")
+    from .load import _finish_flat
+
+    ck = _finish_flat(ck, spec.strip_prefix)
+    plan = plan_for(spec, ck)
+    report = _report(spec, ck, plan, expect)
+    as_torch = any(type(v).__module__.startswith("torch") for v in state_dict.values())
+    out: dict[str, Any] = {}
+    alias = {n: g[0] for g in plan.ties for n in g[1:]}
+    for planned, a in execute(list(plan.outputs), ck.read):
+        if planned.name in alias and alias[planned.name] in out:
+            out[planned.name] = out[alias[planned.name]]
+            continue
+        if as_torch:
+            from .torch_adapter import to_torch
+
+            out[planned.name] = to_torch(a.copy() if not a.flags.owndata else a, planned.node.dtype)
+        else:
+            out[planned.name] = a.copy() if not a.flags.owndata else a
+    return out, report
+
+
+def load_state_dict(path: str | os.PathLike[str], unwrap: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Read a checkpoint into a dict of torch tensors, safely (no code from the file runs).
+
+    Example::
+
+        >>> sd = load_state_dict("checkpoint_best.pt")          # fairseq: takes ["model"]
+    """
+    from .torch_adapter import to_torch
+
+    with open_checkpoint(path, unwrap) as ck:
+        return {k: to_torch(ck.read(k), m.dtype) for k, m in ck.metas.items()}
+
+
+def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike[str], *, force: bool = False, max_shard_size: int | str | None = None) -> Written:
+    """Write a dict of torch tensors (or numpy arrays) to safetensors or .pt, atomically.
+
+    Example::
+
+        >>> save_state_dict(model.state_dict(), "model.safetensors", force=True)
+    """
+    ck = from_state_dict(state_dict)
+    metas = list(ck.metas.values())
+    return write_checkpoint(path, metas, (ck.read(m.name) for m in metas), force=force, max_shard_size=max_shard_size)

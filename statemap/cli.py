@@ -1,0 +1,219 @@
+"""The ``statemap`` command. Exit codes: 0 ok / no difference, 1 difference, 2 error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from .errors import StatemapError
+
+EXIT_OK, EXIT_DIFF, EXIT_ERROR = 0, 1, 2
+
+
+def _console(args: argparse.Namespace) -> Any:
+    from rich.console import Console
+
+    return Console(quiet=getattr(args, "quiet", False), highlight=False)
+
+
+def _vars(pairs: Sequence[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for p in pairs or ():
+        if "=" not in p:
+            raise StatemapError(f"--set {p!r}: write NAME=VALUE")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .api import convert
+    from .report import render
+
+    con = _console(args)
+    progress = None
+    if not args.json and not args.dry_run and sys.stderr.isatty() and not args.quiet:
+        from rich.progress import Progress
+
+        progress = Progress(transient=True)
+    if progress:
+        with progress:
+            task = progress.add_task("writing", total=None)
+            report = convert(args.spec, args.input, args.output, vars=_vars(args.set), expect=args.expect, dry_run=args.dry_run,
+                             force=args.force, max_shard_size=args.max_shard_size, tied=args.tied,
+                             on_tensor=lambda m: progress.update(task, advance=1, description=m.name[-40:]))
+    else:
+        report = convert(args.spec, args.input, args.output, vars=_vars(args.set), expect=args.expect, dry_run=args.dry_run,
+                         force=args.force, max_shard_size=args.max_shard_size, tied=args.tied)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        render(report, con, verbose=args.verbose)
+    return EXIT_OK if report.ok else EXIT_DIFF
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .diff import diff_checkpoints, render_diff
+    from .load import open_checkpoint
+
+    unwrap = tuple(args.unwrap.split("/")) if args.unwrap else None
+    with open_checkpoint(args.a, unwrap) as a, open_checkpoint(args.b, unwrap) as b:
+        r = diff_checkpoints(a, b, values=args.values, atol=args.atol, rtol=args.rtol)
+    if args.json:
+        _print_json(r.to_json())
+    else:
+        render_diff(r, _console(args))
+    return EXIT_OK if r.same else EXIT_DIFF
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import module_rows, render_inspect
+    from .load import open_checkpoint
+    from .report import fold
+
+    unwrap = tuple(args.unwrap.split("/")) if args.unwrap else None
+    with open_checkpoint(args.file, unwrap) as ck:
+        rows = module_rows(ck, args.depth)
+        if args.json:
+            _print_json({
+                "path": ck.path, "format": ck.format, "container": ck.container, "stripped_prefix": ck.stripped_prefix,
+                "n_tensors": len(ck.metas), "n_params": sum(m.numel for m in ck.metas.values()),
+                "modules": [r.to_json() for r in rows],
+                "tensors": [{"name": m.name, "shape": list(m.shape), "dtype": m.dtype} for m in ck.metas.values()],
+                "metadata": ck.metadata, "extras": ck.extras,
+            })
+            return EXIT_OK
+        con = _console(args)
+        render_inspect(ck, rows, con)
+        if args.keys:
+            for r in fold((m.name, m) for m in ck.metas.values()):
+                con.print(f"  {r}")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .catalog import entries
+
+    items = entries()
+    if args.json:
+        _print_json([vars(e) for e in items])
+        return EXIT_OK
+    from rich.table import Table
+
+    t = Table(show_edge=False, show_lines=False)
+    for c in ("name", "source -> target", "verified"):
+        t.add_column(c, overflow="fold")
+    for e in items:
+        t.add_row(f"[bold]{e.name}[/bold]\n{e.description}", f"{e.source}\n-> {e.target}", e.verified)
+    _console(args).print(t)
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+
+    spec = load_spec(args.spec, _vars(args.set))
+    result: dict[str, Any] = {"spec": spec.name, "path": spec.path, "rules": len(spec.rules), "ok": True}
+    if args.against:
+        from .api import _report, plan_for
+        from .load import open_checkpoint
+
+        with open_checkpoint(args.against, spec.unwrap, spec.strip_prefix) as ck:
+            report = _report(spec, ck, plan_for(spec, ck), None)
+        result["outputs"] = len(report.produced)
+        result["passthrough"] = report.passthrough
+        result["unmatched_rules"] = report.unmatched_rules
+    if args.json:
+        _print_json(result)
+    else:
+        con = _console(args)
+        con.print(f"[green]ok[/green] {spec.path}: {spec.name!r}, {len(spec.rules)} rules")
+        if args.against:
+            con.print(f"plans {result['outputs']} output tensors from {args.against}")
+            for r in result["unmatched_rules"]:
+                con.print(f"[yellow]matched nothing:[/yellow] {r}")
+            if result["passthrough"]:
+                con.print(f"[yellow]{len(result['passthrough'])} keys pass through untouched[/yellow]")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="statemap", description="Map PyTorch state dicts between layouts with YAML specs.")
+    p.add_argument("--version", action="version", version=f"statemap {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, json_: bool = True) -> None:
+        if json_:
+            sp.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+        sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+    a = sub.add_parser("apply", help="convert a checkpoint with a spec")
+    a.add_argument("spec", help="spec file, or the name of a catalog spec (statemap list)")
+    a.add_argument("input", help="checkpoint file or directory")
+    a.add_argument("output", nargs="?", help="output .safetensors or .pt (omit with --dry-run)")
+    a.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a spec var (repeatable)")
+    a.add_argument("--expect", metavar="REF", help="reference checkpoint or key listing to compare the result with")
+    a.add_argument("--dry-run", action="store_true", help="plan and report; read no tensor, write nothing")
+    a.add_argument("--force", action="store_true", help="replace an existing output")
+    a.add_argument("--max-shard-size", metavar="SIZE", help="shard safetensors output, e.g. 5GB")
+    a.add_argument("--tied", choices=("clone", "dedupe"), help="tied outputs: write each (clone) or only the first (dedupe)")
+    a.add_argument("-v", "--verbose", action="store_true", help="also list every produced tensor (folded)")
+    common(a)
+    a.set_defaults(func=cmd_apply)
+
+    d = sub.add_parser("diff", help="compare two checkpoints (exit 0 same, 1 different)")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--values", action="store_true", help="also compare tensor values of common keys")
+    d.add_argument("--atol", type=float, default=1e-6)
+    d.add_argument("--rtol", type=float, default=1e-5)
+    d.add_argument("--unwrap", metavar="KEY[/KEY]", help="state dict location inside both files (default: auto)")
+    common(d)
+    d.set_defaults(func=cmd_diff)
+
+    i = sub.add_parser("inspect", help="tensors and parameters per module, folded by layer")
+    i.add_argument("file")
+    i.add_argument("--depth", type=int, default=2, help="module depth for keys without a layer index (default 2)")
+    i.add_argument("--keys", action="store_true", help="also list every key, folded by layer index")
+    i.add_argument("--unwrap", metavar="KEY[/KEY]", help="state dict location inside the file (default: auto)")
+    common(i)
+    i.set_defaults(func=cmd_inspect)
+
+    li = sub.add_parser("list", help="the catalog of shipped specs")
+    common(li)
+    li.set_defaults(func=cmd_list)
+
+    c = sub.add_parser("check", help="validate a spec (and plan it against a checkpoint with --against)")
+    c.add_argument("spec")
+    c.add_argument("--against", metavar="CHECKPOINT")
+    c.add_argument("--set", action="append", metavar="NAME=VALUE")
+    common(c)
+    c.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "apply" and args.output is None and not args.dry_run:
+        parser.error("apply needs an OUTPUT (or --dry-run)")
+    try:
+        return int(args.func(args))
+    except StatemapError as e:
+        sys.stderr.write(f"statemap: error: {e}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("statemap: interrupted; no partial output left\n")
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK

@@ -1,0 +1,104 @@
+"""inspect: tensors and parameters per module, folded by layer index.
+
+The numbers people count by hand ("16 x 12 = 192") in one table::
+
+    roberta.encoder.layer.{0-11}   16 x12   192 tensors   85,054,464 params
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .load import Checkpoint
+
+_INDEX = re.compile(r"^\d+$")
+
+
+@dataclass(frozen=True)
+class ModuleRow:
+    module: str  # folded, e.g. "encoder.layers.{0-11}"
+    per_instance: int  # tensors in one instance
+    instances: int
+    tensors: int
+    params: int
+
+    def to_json(self) -> dict[str, Any]:
+        return vars(self)
+
+
+def _module_of(name: str, depth: int) -> tuple[str, int | None]:
+    """('encoder.layers.3.fc1.weight', 2) -> ('encoder.layers.{}', 3)."""
+    segs = name.split(".")[:-1]
+    for i, s in enumerate(segs):
+        if _INDEX.match(s):
+            return ".".join(segs[:i] + ["{}"]), int(s)
+    return ".".join(segs[:depth]) or "(top level)", None
+
+
+def module_rows(ck: Checkpoint, depth: int = 2) -> list[ModuleRow]:
+    """Group a checkpoint's tensors by module (first layer index folded, else ``depth`` segments).
+
+    Example::
+
+        >>> for row in module_rows(open_checkpoint("xlmr.pt")):
+        ...     print(row.module, row.per_instance, row.instances)
+        roberta.encoder.layer.{0-11} 16 12
+    """
+    groups: dict[str, dict[int | None, list[str]]] = {}
+    params: dict[str, int] = {}
+    for name, m in ck.metas.items():
+        mod, idx = _module_of(name, depth)
+        groups.setdefault(mod, {}).setdefault(idx, []).append(name)
+        params[mod] = params.get(mod, 0) + m.numel
+    rows = []
+    for mod, inst in groups.items():
+        keys = [k for k in inst if k is not None]
+        label = mod
+        if keys:
+            from .report import _ranges
+
+            label = mod.replace("{}", _ranges(keys))
+        counts = [len(v) for v in inst.values()]
+        total = sum(counts)
+        per = counts[0] if len(set(counts)) == 1 else total
+        rows.append(ModuleRow(label, per, len(inst) if len(set(counts)) == 1 else 1, total, params[mod]))
+    return rows
+
+
+def render_inspect(ck: Checkpoint, rows: list[ModuleRow], console: Any, show_extras: bool = True) -> None:
+    from rich.table import Table
+
+    total_t = sum(r.tensors for r in rows)
+    total_p = sum(r.params for r in rows)
+    dtypes: dict[str, int] = {}
+    for m in ck.metas.values():
+        dtypes[m.dtype] = dtypes.get(m.dtype, 0) + 1
+    where = f" [dim](state dict under {ck.container!r})[/dim]" if ck.container else ""
+    strip = f" [dim](prefix {ck.stripped_prefix!r} stripped)[/dim]" if ck.stripped_prefix else ""
+    console.print(f"[bold]{ck.path}[/bold] {ck.format}{where}{strip}")
+    console.print(f"{total_t} tensors, {total_p:,} parameters, dtypes: " + ", ".join(f"{k} x{v}" for k, v in dtypes.items()))
+    t = Table(show_edge=False)
+    t.add_column("module")
+    t.add_column("tensors", justify="right")
+    t.add_column("x", justify="right")
+    t.add_column("total", justify="right")
+    t.add_column("params", justify="right")
+    for r in rows:
+        t.add_row(r.module, str(r.per_instance), f"x{r.instances}" if r.instances > 1 else "", str(r.tensors), f"{r.params:,}")
+    console.print(t)
+    if show_extras and ck.extras:
+        console.print("other entries: " + ", ".join(f"{k} ({_kind(v)})" for k, v in ck.extras.items()))
+    if ck.metadata:
+        console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in ck.metadata.items()))
+    if ck.skipped:
+        console.print(f"[dim]non-tensor entries in the state dict: {', '.join(ck.skipped[:8])}[/dim]")
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, dict):
+        return f"{len(v)} fields"
+    if isinstance(v, list):
+        return f"{len(v)} items"
+    return type(v).__name__

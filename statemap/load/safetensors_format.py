@@ -1,0 +1,104 @@
+"""safetensors headers, read and validated without touching tensor bytes.
+
+Format: 8-byte little-endian header length N, N bytes of JSON, then the data buffer.
+Each entry: ``{"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}`` relative to
+the buffer; entries must tile the buffer exactly (no gaps, no overlaps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Any
+
+from ..dtypes import dtype as lookup_dtype
+from ..errors import CheckpointError
+from ..meta import TensorMeta
+from .checkpoint import ByteTensor
+
+MAX_HEADER = 100 << 20  # same bound as the safetensors library
+
+
+def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor], dict[str, str]]:
+    """Return (metas, byte locations, __metadata__) for a .safetensors file, all validated."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header (truncated?)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER >> 20} MiB limit (corrupt or hostile file)")
+            if 8 + n > size:
+                raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON: {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header must be a JSON object")
+    meta_raw = header.pop("__metadata__", None) or {}
+    if not isinstance(meta_raw, dict) or not all(isinstance(v, str) for v in meta_raw.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    data_start = 8 + n
+    buffer_len = size - data_start
+    metas: dict[str, TensorMeta] = {}
+    locs: dict[str, ByteTensor] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"} or len(info) != 3:
+            raise CheckpointError(f"{path}: tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
+        try:
+            dt = lookup_dtype(info["dtype"])
+        except Exception:
+            raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {info['dtype']!r}") from None
+        shape = info["shape"]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor {name!r}: shape {shape!r} must be a list of non-negative integers")
+        off = info["data_offsets"]
+        if not (isinstance(off, list) and len(off) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in off)):
+            raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {off!r} must be two integers")
+        begin, end = off
+        need = math.prod(shape) * dt.itemsize
+        if not 0 <= begin <= end:
+            raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {off} are out of order")
+        if end - begin != need:
+            raise CheckpointError(
+                f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes but "
+                f"{dt.st} x {shape} needs {need}"
+            )
+        if end > buffer_len:
+            raise CheckpointError(
+                f"{path}: tensor {name!r}: data ends at byte {end} of a {buffer_len}-byte buffer (truncated file?)"
+            )
+        spans.append((begin, end, name))
+        metas[name] = TensorMeta(name, tuple(shape), dt.name)
+        locs[name] = ByteTensor(path, data_start + begin, dt.name, tuple(shape), storage=f"{path}@{begin}")
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin < pos:
+            raise CheckpointError(f"{path}: tensor {name!r} overlaps the tensor before it (offset {begin} < {pos})")
+        if begin > pos:
+            raise CheckpointError(f"{path}: {begin - pos} unaccounted bytes before tensor {name!r}")
+        pos = end
+    if pos != buffer_len:
+        raise CheckpointError(f"{path}: header accounts for {pos} data bytes but the file holds {buffer_len} (truncated or padded?)")
+    return metas, locs, dict(meta_raw)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"tensor {k!r} appears twice in the header")
+        out[k] = v
+    return out

@@ -1,0 +1,143 @@
+"""torch.save files (zip and legacy formats) and plain pickles (.pdparams), read without torch.
+
+zip format (torch >= 1.6): ``<root>/data.pkl`` names storages by persistent id; each storage
+is an uncompressed entry ``<root>/data/<key>``, so a tensor is a byte range of the file.
+
+legacy format: pickles for magic number, protocol, sys info, the object, and the storage
+keys; then each storage as an 8-byte element count followed by its bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from typing import Any
+
+from ..dtypes import dtype as lookup_dtype
+from ..errors import CheckpointError
+from .checkpoint import ByteTensor
+from .unpickle import StorageRef, TensorRef, safe_load
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+MAX_PICKLE = 2 << 30  # the object pickle itself (not tensor data)
+MAX_RATIO = 200  # compressed zip entries: refuse ratios above this (zip bombs)
+
+
+def is_zip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def load_zip(path: str) -> tuple[Any, dict[str, ByteTensor | None]]:
+    """Return (object with TensorRefs, storage key -> byte location)."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable torch zip file: {e}") from None
+    with zf:
+        names = zf.namelist()
+        pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+        if len(pkl) != 1:
+            raise CheckpointError(f"{path}: zip file has {len(pkl)} data.pkl entries; not a torch checkpoint")
+        root = pkl[0][: -len("data.pkl")]
+        byteorder = root + "byteorder"
+        if byteorder in names and zf.read(byteorder).strip() not in (b"little", b""):
+            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+        info = zf.getinfo(pkl[0])
+        _check_entry(path, info)
+        if info.file_size > MAX_PICKLE:
+            raise CheckpointError(f"{path}: data.pkl is {info.file_size} bytes; refusing (limit {MAX_PICKLE})")
+        try:
+            data = zf.read(pkl[0])
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise CheckpointError(f"{path}: cannot read data.pkl: {e} (truncated?)") from None
+        obj, storages = safe_load(data, path)
+        size = os.path.getsize(path)
+        locs: dict[str, ByteTensor | None] = {}
+        with open(path, "rb") as f:
+            for key, st in storages.items():
+                entry = f"{root}data/{key}"
+                try:
+                    e = zf.getinfo(entry)
+                except KeyError:
+                    raise CheckpointError(f"{path}: storage {key!r} has no entry {entry!r} (truncated or corrupt file)") from None
+                if e.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointError(f"{path}: storage entry {entry!r} is compressed; torch writes them stored (tampered file?)")
+                need = st.numel * lookup_dtype(st.dtype).itemsize
+                if e.file_size < need:
+                    raise CheckpointError(f"{path}: storage {key!r} holds {e.file_size} bytes, needs {need}")
+                f.seek(e.header_offset)
+                local = f.read(30)
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise CheckpointError(f"{path}: bad local header for {entry!r} (corrupt file)")
+                n_name, n_extra = struct.unpack("<HH", local[26:30])
+                start = e.header_offset + 30 + n_name + n_extra
+                if start + need > size:
+                    raise CheckpointError(f"{path}: storage {key!r} runs past the end of the file (truncated?)")
+                locs[key] = ByteTensor(path, start, st.dtype, (st.numel,), storage=f"{path}:{key}")
+    return obj, locs
+
+
+def _check_entry(path: str, info: zipfile.ZipInfo) -> None:
+    if info.compress_type != zipfile.ZIP_STORED and info.compress_size and info.file_size / info.compress_size > MAX_RATIO:
+        raise CheckpointError(
+            f"{path}: entry {info.filename!r} expands {info.compress_size} -> {info.file_size} bytes "
+            f"(ratio > {MAX_RATIO}); refusing a likely zip bomb"
+        )
+
+
+def load_pickle_file(path: str) -> tuple[Any, dict[str, ByteTensor | None], str]:
+    """Legacy torch format, or a plain pickle (e.g. Paddle .pdparams). Returns (obj, locs, format)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        first, _ = safe_load(f, path)
+        if first != LEGACY_MAGIC:
+            return first, {}, "pickle"
+        protocol, _ = safe_load(f, path)
+        if protocol != 1001:
+            raise CheckpointError(f"{path}: legacy torch protocol {protocol!r} is not supported")
+        sys_info, _ = safe_load(f, path)
+        if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+        obj, storages = safe_load(f, path)
+        keys, _ = safe_load(f, path)
+        if not isinstance(keys, list):
+            raise CheckpointError(f"{path}: legacy storage key list is malformed")
+        locs: dict[str, ByteTensor | None] = {}
+        for key in keys:
+            key = str(key)
+            if key not in storages:
+                raise CheckpointError(f"{path}: storage {key!r} is listed but never used (corrupt file)")
+            st: StorageRef = storages[key]
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: file ends inside storage {key!r} (truncated?)")
+            (numel,) = struct.unpack("<q", head)
+            itemsize = lookup_dtype(st.dtype).itemsize
+            if numel != st.numel:
+                raise CheckpointError(f"{path}: storage {key!r} says {numel} elements, pickle says {st.numel}")
+            start = f.tell()
+            if start + numel * itemsize > size:
+                raise CheckpointError(f"{path}: storage {key!r} runs past the end of the file (truncated?)")
+            locs[key] = ByteTensor(path, start, st.dtype, (numel,), storage=f"{path}:{key}")
+            f.seek(numel * itemsize, os.SEEK_CUR)
+        missing = set(storages) - set(locs)
+        if missing:
+            raise CheckpointError(f"{path}: storages {sorted(missing)[:5]} have no data (truncated?)")
+    return obj, locs, "torch-legacy"
+
+
+def tensor_location(ref: TensorRef, locs: dict[str, ByteTensor | None], name: str, path: str) -> ByteTensor:
+    base = locs.get(ref.storage.key)
+    if base is None:
+        raise CheckpointError(f"{path}: tensor {name!r} has no storage data")
+    itemsize = lookup_dtype(ref.storage.dtype).itemsize
+    return ByteTensor(
+        base.file,
+        base.offset + ref.offset * itemsize,
+        ref.storage.dtype,
+        ref.shape,
+        ref.stride,
+        storage=base.storage,
+    )

@@ -1,0 +1,654 @@
+"""The op registry: every rule a spec may contain, in one place.
+
+An op knows three things:
+
+* its fields (checked at spec-load time; unknown fields are errors),
+* how its shorthand expands into the canonical ``{from, to, ...}`` form,
+* how to *plan* itself: given the input tensors' metadata (:class:`~statemap.meta.Node`),
+  return one recipe node per target, or raise :class:`PlanError` showing the arithmetic.
+
+Ops never touch tensor bytes. They compile to the few primitives that
+:mod:`statemap.apply` runs (slice, concat, stack, permute, reshape, pad, cast, fill).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping
+
+from .dtypes import NAMES as DTYPE_NAMES
+from .dtypes import dtype as lookup_dtype
+from .errors import PlanError, SpecError
+from .meta import Node
+from .spec import Loc, Rule, unknown_field
+from .template import Template, eval_expr, parse_expr, parse_pattern, parse_template
+
+# -- fields -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str  # pattern(s) | template(s) | expr(s) | shape | axis | axes | dtype | number | choice | bool | text
+    required: bool = False
+    default: Any = None
+    choices: tuple[str, ...] = ()
+    doc: str = ""
+
+
+COMMON = {
+    "optional": Field("bool", default=False, doc="matching nothing is reported, not an error"),
+    "note": Field("text", doc="free text, ignored"),
+}
+
+
+def _as_list(v: Any) -> list[Any]:
+    return list(v) if isinstance(v, list) else [v]
+
+
+def _shape_entry(v: Any, where: str) -> tuple[Any, ...]:
+    """A dim of a shape: an int, an expression over vars, or {dim: N, of: KEY}."""
+    if isinstance(v, bool):
+        raise SpecError(f"{where}shape entry {v!r} is a boolean")
+    if isinstance(v, int):
+        return ("expr", v)
+    if isinstance(v, str):
+        try:
+            return ("expr", parse_expr(v))
+        except SpecError as e:
+            raise SpecError(f"{where}{e}") from None
+    if isinstance(v, dict) and set(v) == {"dim", "of"} and isinstance(v["dim"], int):
+        return ("dim", v["dim"], parse_template(str(v["of"])))
+    raise SpecError(f"{where}shape entry {v!r} must be an integer, an expression such as 'vocab', or {{dim: 0, of: KEY}}")
+
+
+def _check_field(name: str, f: Field, v: Any, where: str) -> Any:
+    w = f"{where}field {name!r}: "
+    try:
+        if f.kind == "pattern":
+            return parse_pattern(v)
+        if f.kind == "patterns":
+            return tuple(parse_pattern(x) for x in _as_list(v))
+        if f.kind == "template":
+            return parse_template(v)
+        if f.kind == "templates":
+            return tuple(parse_template(x) for x in _as_list(v))
+    except SpecError as e:
+        raise SpecError(f"{w}{e}") from None
+    if f.kind == "expr":
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise SpecError(f"{w}expected an integer or an expression, got {v!r}")
+        try:
+            return parse_expr(str(v)) if isinstance(v, str) else v
+        except SpecError as e:
+            raise SpecError(f"{w}{e}") from None
+    if f.kind == "exprs":
+        if not isinstance(v, list) or not v:
+            raise SpecError(f"{w}expected a list of integers or expressions, got {v!r}")
+        return tuple(_check_field(name, Field("expr"), x, where) for x in v)
+    if f.kind == "shape":
+        if not isinstance(v, list):
+            raise SpecError(f"{w}expected a list such as [1, vocab], got {v!r}")
+        return tuple(_shape_entry(x, w) for x in v)
+    if f.kind == "axes":
+        if not (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+            raise SpecError(f"{w}expected a list of integers such as [1, 0], got {v!r}")
+        return tuple(v)
+    if f.kind == "dtype":
+        try:
+            return lookup_dtype(v).name
+        except Exception:
+            raise SpecError(f"{w}unknown dtype {v!r}; valid: {', '.join(DTYPE_NAMES)}") from None
+    if f.kind == "number":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if isinstance(v, str) and v.lower() in ("inf", "-inf", "nan"):
+                return float(v)
+            raise SpecError(f"{w}expected a number, got {v!r}")
+        return v
+    if f.kind == "choice":
+        if v not in f.choices:
+            raise SpecError(f"{w}{v!r} is not one of {', '.join(f.choices)}")
+        return v
+    if f.kind == "bool":
+        if not isinstance(v, bool):
+            raise SpecError(f"{w}expected true or false, got {v!r}")
+        return v
+    if f.kind == "text":
+        return str(v)
+    raise AssertionError(f.kind)
+
+
+# -- planning context ------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    """What an op may see while planning: the rule, its bindings, and the current key table."""
+
+    rule: Rule
+    env: dict[str, Any]  # vars and captures
+    lookup: Callable[[str], Node | None]
+    key: str = ""  # the matched source key, for messages
+
+    def fail(self, msg: str) -> PlanError:
+        at = f" at {self.key!r}" if self.key else ""
+        return PlanError(f"{self.rule.where()}{msg}{at}")
+
+    def int(self, expr: Any) -> int:
+        try:
+            return eval_expr(expr, self.env)
+        except SpecError as e:
+            raise self.fail(str(e)) from None
+
+    def shape(self, entries: tuple[tuple[Any, ...], ...]) -> list[int]:
+        dims: list[int] = []
+        for e in entries:
+            if e[0] == "expr":
+                dims.append(self.int(e[1]))
+            else:
+                _, d, tmpl = e
+                ref = tmpl.fill(self.env)
+                node = self.lookup(ref)
+                if node is None:
+                    raise self.fail(f"shape refers to {ref!r}, which does not exist at this point")
+                if not -len(node.shape) <= d < len(node.shape):
+                    raise self.fail(f"{ref!r} has shape {list(node.shape)}; it has no dim {d}")
+                dims.append(node.shape[d])
+        return dims
+
+
+def _norm_dim(ctx: Ctx, dim: int, ndim: int, what: str) -> int:
+    if not -ndim <= dim < ndim:
+        raise ctx.fail(f"{what} has {ndim} dims; dim {dim} is out of range")
+    return dim % ndim
+
+
+# -- ops -----------------------------------------------------------------------------------
+
+
+class Op:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    example: ClassVar[str]
+    fields: ClassVar[dict[str, Field]]
+    n_sources: ClassVar[str] = "1"  # "0", "1", "n"
+    n_targets: ClassVar[str] = "1"  # "0", "1", "n", "same"
+    lossless: ClassVar[bool] = True
+    ties: ClassVar[bool] = False
+    aliases: ClassVar[dict[str, str]] = {"key": "from"}
+
+    def expand(self, value: Any, where: str) -> list[dict[str, Any]]:
+        """Shorthand -> list of field mappings. Default: a mapping, or a pattern string."""
+        if isinstance(value, dict):
+            return [dict(value)]
+        if isinstance(value, str) and "from" in self.fields:
+            return [{"from": value}]
+        raise SpecError(f"{where}'{self.name}' takes a mapping of {', '.join(self.fields)}; see docs/spec.md")
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, Op] = {}
+
+
+def register(cls: type[Op]) -> type[Op]:
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def _arrow(value: str, where: str, op: str) -> dict[str, Any]:
+    if "->" not in value:
+        raise SpecError(f"{where}'{op}: {value}' needs the form 'SOURCE -> TARGET'")
+    a, b = value.split("->", 1)
+    return {"from": a.strip(), "to": b.strip()}
+
+
+@register
+class Rename(Op):
+    name = "rename"
+    summary = "Give matching keys new names; values are untouched."
+    example = 'rename: "encoder.layers.{i}.ffn.{rest:path} -> encoder.layers.{i}.{rest}"'
+    fields = {"from": Field("pattern", True), "to": Field("template", True)}
+
+    def expand(self, value: Any, where: str) -> list[dict[str, Any]]:
+        if isinstance(value, str):
+            return [_arrow(value, where, self.name)]
+        if isinstance(value, list):
+            return [_arrow(v, where, self.name) if isinstance(v, str) else dict(v) for v in value]
+        return super().expand(value, where)
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        return [inputs[0]]
+
+
+@register
+class Drop(Op):
+    name = "drop"
+    summary = "Remove matching keys from the output (they are listed in the report)."
+    example = 'drop: "decoder.layers.{i}.attn.masked_bias"'
+    fields = {"from": Field("pattern", True)}
+    n_targets = "0"
+    lossless = False
+
+    def expand(self, value: Any, where: str) -> list[dict[str, Any]]:
+        if isinstance(value, list):
+            return [{"from": v} if isinstance(v, str) else dict(v) for v in value]
+        return super().expand(value, where)
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        return []
+
+
+@register
+class Keep(Drop):
+    name = "keep"
+    summary = "Pass matching keys through unchanged, and count them as accounted for (for strict specs)."
+    example = 'keep: "lm_head.{x:path}"'
+    fields = {"from": Field("pattern", True)}
+    n_targets = "same"
+    lossless = True
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        return [inputs[0]]
+
+
+@register
+class Copy(Op):
+    name = "copy"
+    summary = "One source to several targets (independent copies). List the source among the targets to keep it."
+    example = "copy: {from: model.shared.weight, to: [model.encoder.embed_tokens.weight, model.decoder.embed_tokens.weight]}"
+    fields = {"from": Field("pattern", True), "to": Field("templates", True)}
+    n_targets = "n"
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        return [inputs[0]] * len(targets)
+
+
+@register
+class Tie(Copy):
+    name = "tie"
+    summary = (
+        "Like copy, but the targets are one tensor: a .pt output shares their storage; "
+        "safetensors writes each (tied: clone) or only the first (tied: dedupe)."
+    )
+    example = "tie: {from: decoder.embed_tokens.weight, to: [decoder.embed_tokens.weight, decoder.output_projection.weight]}"
+    ties = True
+
+
+@register
+class Inject(Op):
+    name = "inject"
+    summary = "Create a tensor filled with one value; its shape may use vars and other tensors' dims."
+    example = "inject: {to: final_logits_bias, shape: [1, {dim: 0, of: lm_head.weight}], value: 0}"
+    fields = {
+        "to": Field("template", True),
+        "shape": Field("shape", True),
+        "value": Field("number", default=0),
+        "dtype": Field("dtype", default="float32"),
+    }
+    aliases = {"key": "to"}
+    n_sources = "0"
+    lossless = False
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        shape = ctx.shape(p["shape"])
+        if any(d < 0 for d in shape):
+            raise ctx.fail(f"injected shape {shape} has a negative dim")
+        dt = lookup_dtype(p["dtype"])
+        if dt.kind == "bool" and p["value"] not in (0, 1):
+            raise ctx.fail(f"value {p['value']!r} does not fit bool")
+        return [Node("fill", tuple(shape), dt.name, (), (p["value"],))]
+
+
+@register
+class Split(Op):
+    name = "split"
+    summary = "Cut one tensor along a dim into several targets: equal chunks, or explicit sizes (one may be -1)."
+    example = (
+        "split: {from: 'layers.{i}.self_attn.in_proj_weight', dim: 0,\n"
+        "        to: ['layers.{i}.self_attn.q_proj.weight', 'layers.{i}.self_attn.k_proj.weight', "
+        "'layers.{i}.self_attn.v_proj.weight']}"
+    )
+    fields = {
+        "from": Field("pattern", True),
+        "to": Field("templates", True),
+        "dim": Field("axis", default=0),
+        "sizes": Field("exprs"),
+    }
+    n_targets = "n"
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        src = inputs[0]
+        dim = _norm_dim(ctx, p["dim"], len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
+        length, n = src.shape[dim], len(targets)
+        if p.get("sizes") is None:
+            if length % n:
+                raise ctx.fail(
+                    f"can't split dim {dim} of length {length} into {n} equal chunks "
+                    f"({length} % {n} = {length % n}); give explicit 'sizes'"
+                )
+            sizes = [length // n] * n
+        else:
+            sizes = [ctx.int(s) for s in p["sizes"]]
+            if len(sizes) != n:
+                raise ctx.fail(f"{len(sizes)} sizes for {n} targets")
+            if sizes.count(-1) > 1:
+                raise ctx.fail("only one size may be -1")
+            if -1 in sizes:
+                rest = length - sum(s for s in sizes if s != -1)
+                if rest < 0:
+                    raise ctx.fail(f"sizes {sizes} exceed dim {dim} of length {length}")
+                sizes[sizes.index(-1)] = rest
+            if any(s < 0 for s in sizes) or sum(sizes) != length:
+                raise ctx.fail(
+                    f"sizes {' + '.join(map(str, sizes))} = {sum(sizes)} do not add up to "
+                    f"dim {dim} of length {length}"
+                )
+        out, start = [], 0
+        for s in sizes:
+            shape = list(src.shape)
+            shape[dim] = s
+            out.append(Node("slice", tuple(shape), src.dtype, (src,), (dim, start, start + s, 1)))
+            start += s
+        return out
+
+
+@register
+class Merge(Op):
+    name = "merge"
+    summary = (
+        "Join several tensors into one along a dim (mode: concat or stack). Captures bind in the "
+        "first source; the other sources reuse them."
+    )
+    example = (
+        "merge: {from: ['h.{i}.q.weight', 'h.{i}.k.weight', 'h.{i}.v.weight'], "
+        "to: 'h.{i}.qkv.weight', dim: 0}"
+    )
+    fields = {
+        "from": Field("templates", True),
+        "to": Field("template", True),
+        "dim": Field("axis", default=0),
+        "mode": Field("choice", default="concat", choices=("concat", "stack")),
+    }
+    n_sources = "n"
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        first = inputs[0]
+        if any(n.dtype != first.dtype for n in inputs):
+            raise ctx.fail(f"can't merge dtypes {[n.dtype for n in inputs]}; cast first")
+        ndim = len(first.shape)
+        if p["mode"] == "stack":
+            dim = _norm_dim(ctx, p["dim"], ndim + 1, "the stacked result")
+            if any(n.shape != first.shape for n in inputs):
+                raise ctx.fail(f"can't stack shapes {[list(n.shape) for n in inputs]}: they must be equal")
+            shape = list(first.shape)
+            shape.insert(dim, len(inputs))
+            return [Node("stack", tuple(shape), first.dtype, tuple(inputs), (dim,))]
+        dim = _norm_dim(ctx, p["dim"], ndim, f"{ctx.key!r} of shape {list(first.shape)}")
+        for n in inputs:
+            other = [d for i, d in enumerate(n.shape) if i != dim]
+            if len(n.shape) != ndim or other != [d for i, d in enumerate(first.shape) if i != dim]:
+                raise ctx.fail(
+                    f"can't concat shapes {[list(x.shape) for x in inputs]} along dim {dim}: "
+                    "all other dims must agree"
+                )
+        shape = list(first.shape)
+        shape[dim] = sum(n.shape[dim] for n in inputs)
+        return [Node("concat", tuple(shape), first.dtype, tuple(inputs), (dim,))]
+
+
+class _Transform(Op):
+    """1 -> 1 ops that change values; ``to`` is optional (default: same key)."""
+
+    n_targets = "same"
+
+    def expand(self, value: Any, where: str) -> list[dict[str, Any]]:
+        if isinstance(value, list):
+            return [{"from": v} if isinstance(v, str) else dict(v) for v in value]
+        return super().expand(value, where)
+
+
+@register
+class Transpose(_Transform):
+    name = "transpose"
+    summary = "Swap two dims (default: the two dims of a matrix), e.g. Linear [out, in] <-> Conv1D/Flax [in, out]."
+    example = 'transpose: "h.{i}.attn.c_attn.weight"'
+    fields = {"from": Field("pattern", True), "to": Field("template"), "dims": Field("axes")}
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        src = inputs[0]
+        nd = len(src.shape)
+        dims = p.get("dims")
+        if dims is None:
+            if nd != 2:
+                raise ctx.fail(f"shape {list(src.shape)} is not a matrix; give 'dims: [a, b]' to choose two dims")
+            dims = (0, 1)
+        if len(dims) != 2:
+            raise ctx.fail(f"'dims' names two dims to swap, got {list(dims)}")
+        a, b = (_norm_dim(ctx, d, nd, f"shape {list(src.shape)}") for d in dims)
+        axes = list(range(nd))
+        axes[a], axes[b] = axes[b], axes[a]
+        return [_permute(src, tuple(axes))]
+
+
+def _permute(src: Node, axes: tuple[int, ...]) -> Node:
+    return Node("permute", tuple(src.shape[a] for a in axes), src.dtype, (src,), (axes,))
+
+
+@register
+class Permute(_Transform):
+    name = "permute"
+    summary = "Reorder all dims, e.g. conv OIHW -> HWIO is dims [2, 3, 1, 0]."
+    example = "permute: {from: 'embeddings.patch_embeddings.projection.weight', dims: [2, 3, 1, 0]}"
+    fields = {"from": Field("pattern", True), "to": Field("template"), "dims": Field("axes", True)}
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        src, dims = inputs[0], tuple(p["dims"])
+        if sorted(dims) != list(range(len(src.shape))):
+            raise ctx.fail(f"dims {list(dims)} is not a permutation of the {len(src.shape)} dims of {list(src.shape)}")
+        return [_permute(src, dims)]
+
+
+@register
+class Reshape(_Transform):
+    name = "reshape"
+    summary = "Change the shape, keeping the element order; one dim may be -1; dims may use vars."
+    example = "reshape: {from: 'cls_token', shape: [1, 1, -1]}"
+    fields = {"from": Field("pattern", True), "to": Field("template"), "shape": Field("shape", True)}
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        src = inputs[0]
+        shape = ctx.shape(p["shape"])
+        total = math.prod(src.shape)
+        if shape.count(-1) > 1:
+            raise ctx.fail(f"only one dim may be -1 in {shape}")
+        if -1 in shape:
+            known = math.prod(d for d in shape if d != -1)
+            if known == 0 or total % known:
+                raise ctx.fail(f"can't reshape {list(src.shape)} ({total} elements) into {shape}: {total} % {known} != 0")
+            shape[shape.index(-1)] = total // known
+        if math.prod(shape) != total or any(d < 0 for d in shape):
+            raise ctx.fail(f"can't reshape {list(src.shape)} ({total} elements) into {shape} ({math.prod(shape)} elements)")
+        return [Node("reshape", tuple(shape), src.dtype, (src,), (tuple(shape),))]
+
+
+@register
+class Slice(_Transform):
+    name = "slice"
+    summary = "Keep a range along a dim, e.g. the first `vocab` rows of an embedding."
+    example = "slice: {from: 'encoder.embed_tokens.weight', dim: 0, stop: vocab}"
+    fields = {
+        "from": Field("pattern", True),
+        "to": Field("template"),
+        "dim": Field("axis", default=0),
+        "start": Field("expr", default=0),
+        "stop": Field("expr"),
+        "step": Field("expr", default=1),
+    }
+    lossless = False
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        src = inputs[0]
+        dim = _norm_dim(ctx, p["dim"], len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
+        length = src.shape[dim]
+        start = ctx.int(p["start"])
+        stop = length if p.get("stop") is None else ctx.int(p["stop"])
+        step = ctx.int(p["step"])
+        if step <= 0:
+            raise ctx.fail(f"step must be positive, got {step}")
+        if not 0 <= start <= stop <= length:
+            raise ctx.fail(f"slice [{start}:{stop}] does not fit dim {dim} of length {length}")
+        shape = list(src.shape)
+        shape[dim] = len(range(start, stop, step))
+        return [Node("slice", tuple(shape), src.dtype, (src,), (dim, start, stop, step))]
+
+
+@register
+class Pad(_Transform):
+    name = "pad"
+    summary = "Grow a dim to `size` by appending `value` (e.g. resize a vocab); the inverse of slice."
+    example = "pad: {from: 'lm_head.weight', dim: 0, size: vocab, value: 0}"
+    fields = {
+        "from": Field("pattern", True),
+        "to": Field("template"),
+        "dim": Field("axis", default=0),
+        "size": Field("expr", True),
+        "value": Field("number", default=0),
+    }
+    lossless = True
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        src = inputs[0]
+        dim = _norm_dim(ctx, p["dim"], len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
+        size = ctx.int(p["size"])
+        if size < src.shape[dim]:
+            raise ctx.fail(f"pad size {size} is smaller than dim {dim} of length {src.shape[dim]}; use slice to shrink")
+        shape = list(src.shape)
+        shape[dim] = size
+        return [Node("pad", tuple(shape), src.dtype, (src,), (dim, size, p["value"]))]
+
+
+@register
+class Cast(_Transform):
+    name = "cast"
+    summary = "Convert values to another dtype (bfloat16 rounds to nearest even)."
+    example = "cast: {from: '{x:path}', dtype: float16}"
+    fields = {"from": Field("pattern", True), "to": Field("template"), "dtype": Field("dtype", True)}
+    lossless = False
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        src = inputs[0]
+        dst = lookup_dtype(p["dtype"])
+        if src.dtype == dst.name:
+            return [src]
+        for d in (lookup_dtype(src.dtype), dst):
+            if not d.native and d.name != "bfloat16":
+                raise ctx.fail(f"can't cast {src.dtype} -> {dst.name}: {d.name} values can be moved, not converted")
+        return [Node("cast", src.shape, dst.name, (src,), (dst.name,))]
+
+
+# -- rule parsing ---------------------------------------------------------------------------
+
+
+def _axis_check(name: str, v: Any, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SpecError(f"{where}field {name!r}: expected an integer dim, got {v!r}")
+    return v
+
+
+def parse_rule(item: Any, loc: Loc, index: int, var_names: set[str]) -> list[Rule]:
+    """One YAML rule entry -> one or more canonical rules (list shorthand expands)."""
+    where = f"{loc}: rule #{index}: "
+    if not isinstance(item, dict) or not item:
+        raise SpecError(f"{where}a rule is a mapping such as `rename: a -> b`; valid ops: {', '.join(REGISTRY)}")
+    op_names = [k for k in item if k not in COMMON]
+    if len(op_names) != 1:
+        if not op_names:
+            raise SpecError(f"{where}no op in {sorted(item)}; valid ops: {', '.join(REGISTRY)}")
+        raise SpecError(f"{where}one op per rule, found {op_names}")
+    op_name = op_names[0]
+    if op_name not in REGISTRY:
+        raise unknown_field(op_name, list(REGISTRY), where, "op")
+    op = REGISTRY[op_name]
+    common = {k: _check_field(k, COMMON[k], v, where) for k, v in item.items() if k in COMMON}
+    rules = []
+    for n, raw in enumerate(op.expand(item[op_name], where)):
+        idx = index + n
+        w = f"{loc}: rule #{idx} ({op_name}): "
+        fields: dict[str, Any] = {}
+        for k, v in raw.items():
+            k = op.aliases.get(k, k)
+            if k in COMMON:
+                common[k] = _check_field(k, COMMON[k], v, w)
+                continue
+            if k not in op.fields:
+                raise unknown_field(k, set(op.fields) | set(COMMON), w, f"field of '{op_name}'")
+            if k in fields:
+                raise SpecError(f"{w}field {k!r} given twice (check aliases such as 'key')")
+            f = op.fields[k]
+            fields[k] = _axis_check(k, v, w) if f.kind == "axis" else _check_field(k, f, v, w)
+        for k, f in op.fields.items():
+            if k not in fields:
+                if f.required:
+                    raise SpecError(f"{w}missing required field {k!r}; fields: {', '.join(op.fields)}")
+                fields[k] = f.default
+        rules.append(_canonical(op, fields, common, Loc(loc.file, loc.line), idx, var_names, w))
+    return rules
+
+
+def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc, idx: int, var_names: set[str], w: str) -> Rule:
+    sources: tuple[Any, ...] = ()
+    if op.n_sources == "1":
+        sources = (fields.pop("from"),)
+    elif op.n_sources == "n":
+        tmpls: tuple[Template, ...] = fields.pop("from")
+        first = parse_pattern(tmpls[0].text)
+        sources = (first,) + tuple(parse_pattern(t.text) for t in tmpls[1:])
+        for t in tmpls[1:]:
+            missing = t.names - set(first.captures) - var_names
+            if missing:
+                raise SpecError(f"{w}source {t.text!r} uses {sorted(missing)}, which the first source {first.text!r} does not capture")
+    to = fields.pop("to", None)
+    targets: tuple[Template, ...]
+    if to is None:
+        if op.n_targets in ("same",):
+            if sources[0].is_regex:
+                raise SpecError(f"{w}a regex source needs an explicit 'to' template")
+            targets = (parse_template(_pattern_as_template(sources[0].text)),)
+        else:
+            targets = ()
+    elif isinstance(to, tuple):
+        targets = to
+    else:
+        targets = (to,)
+    if op.n_targets == "n" and len(targets) < 1:
+        raise SpecError(f"{w}'to' needs at least one target")
+    if op.name == "split" and len(targets) < 2 and fields.get("sizes") is None:
+        raise SpecError(f"{w}split into fewer than 2 targets; list the targets in 'to'")
+    captures = set(sources[0].captures) if sources else set()
+    for t in targets:
+        missing = t.names - captures - var_names
+        if missing:
+            raise SpecError(
+                f"{w}target {t.text!r} uses {sorted(missing)}, not captured by the source"
+                f"{' ' + repr(sources[0].text) if sources else ''} nor a var"
+            )
+    return Rule(op.name, idx, loc, tuple(sources), targets, tuple(fields.items()), bool(common.get("optional", False)))
+
+
+def _pattern_as_template(text: str) -> str:
+    """``a.{i:int}.{rest:path}`` -> ``a.{i}.{rest}``: the identity template of a pattern."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("{{", i) or text.startswith("}}", i):
+            out.append(text[i : i + 2])
+            i += 2
+        elif text[i] == "{":
+            end = text.index("}", i)
+            out.append("{" + text[i + 1 : end].split(":")[0].strip() + "}")
+            i = end + 1
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)

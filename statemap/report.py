@@ -1,0 +1,224 @@
+"""report: what a conversion produced, what it left out, and how that compares to a target.
+
+Layer indices are folded so a 24-layer model reads as one row per tensor kind::
+
+    encoder.layers.{0-11}.fc1.weight  [3072, 768]  float32  x12
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from .meta import TensorMeta
+
+_INDEX = re.compile(r"^\d+$")
+
+
+# -- folding -------------------------------------------------------------------------------
+
+
+def _ranges(values: Sequence[int]) -> str:
+    vs = sorted(set(values))
+    parts: list[str] = []
+    start = prev = vs[0]
+    for v in vs[1:] + [None]:  # type: ignore[list-item]
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return "{" + ",".join(parts) + "}"
+
+
+def _split_key(name: str) -> tuple[str, tuple[int, ...]]:
+    segs = name.split(".")
+    idx = tuple(int(s) for s in segs if _INDEX.match(s))
+    pattern = ".".join("{}" if _INDEX.match(s) else s for s in segs)
+    return pattern, idx
+
+
+@dataclass(frozen=True)
+class FoldedRow:
+    name: str  # e.g. encoder.layers.{0-11}.fc1.weight
+    count: int
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    extra: str = ""
+
+    def __str__(self) -> str:
+        parts = [self.name]
+        if self.shape is not None:
+            parts.append(str(list(self.shape)))
+        if self.dtype:
+            parts.append(self.dtype)
+        if self.count > 1:
+            parts.append(f"x{self.count}")
+        if self.extra:
+            parts.append(self.extra)
+        return " ".join(parts)
+
+
+def fold(items: Iterable[tuple[str, Any]]) -> list[FoldedRow]:
+    """Fold (name, info) pairs whose names differ only in integer segments and whose info agree.
+
+    ``info`` is a TensorMeta, a (shape, dtype) tuple, a string, or None.
+    """
+    groups: dict[tuple[str, Any], list[tuple[int, ...]]] = {}
+    single: dict[tuple[str, Any], str] = {}
+    for name, info in items:
+        pattern, idx = _split_key(name)
+        if isinstance(info, TensorMeta):
+            info = (info.shape, info.dtype)
+        key = (pattern, info)
+        groups.setdefault(key, []).append(idx)
+        single.setdefault(key, name)
+    rows: list[FoldedRow] = []
+    for (pattern, info), idxs in groups.items():
+        if len(idxs) == 1:
+            name = single[(pattern, info)]
+        else:
+            cols = list(zip(*idxs))
+            fields = iter(_ranges(list(c)) if len(set(c)) > 1 else str(c[0]) for c in cols)
+            name = re.sub(r"\{\}", lambda _: next(fields), pattern)
+        shape = dtype = None
+        extra = ""
+        if isinstance(info, tuple) and len(info) == 2:
+            shape, dtype = info
+        elif isinstance(info, str):
+            extra = info
+        rows.append(FoldedRow(name, len(idxs), shape, dtype, extra))
+    return rows
+
+
+def fold_names(names: Iterable[str]) -> list[str]:
+    return [str(r) for r in fold((n, None) for n in names)]
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+@dataclass
+class Mismatch:
+    name: str
+    expected: Any
+    got: Any
+
+
+@dataclass
+class Report:
+    """Everything a conversion did, for people (:func:`render`) and scripts (:meth:`to_json`)."""
+
+    spec: str = ""
+    source: str = ""
+    output: str = ""
+    source_format: str = ""
+    container: str = ""
+    stripped_prefix: str = ""
+    dry_run: bool = False
+    produced: list[TensorMeta] = field(default_factory=list)
+    passthrough: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    unmatched_rules: list[str] = field(default_factory=list)
+    tied: list[list[str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    expected: str = ""
+    missing: list[TensorMeta] = field(default_factory=list)
+    unexpected: list[TensorMeta] = field(default_factory=list)
+    shape_mismatch: list[Mismatch] = field(default_factory=list)
+    dtype_mismatch: list[Mismatch] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    n_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the output matches the expectation (or none was given)."""
+        return not (self.missing or self.unexpected or self.shape_mismatch or self.dtype_mismatch)
+
+    def compare(self, expected: Mapping[str, TensorMeta], label: str) -> None:
+        """Fill missing / unexpected / mismatch sections against an expected key listing."""
+        self.expected = label
+        got = {m.name: m for m in self.produced}
+        self.missing = [m for k, m in expected.items() if k not in got]
+        self.unexpected = [m for k, m in got.items() if k not in expected]
+        self.shape_mismatch, self.dtype_mismatch = [], []
+        for k, e in expected.items():
+            if k in got:
+                g = got[k]
+                if e.shape != g.shape:
+                    self.shape_mismatch.append(Mismatch(k, list(e.shape), list(g.shape)))
+                if e.dtype and g.dtype != e.dtype:
+                    self.dtype_mismatch.append(Mismatch(k, e.dtype, g.dtype))
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("produced", "missing", "unexpected"):
+            d[key] = [{"name": m.name, "shape": list(m.shape), "dtype": m.dtype} for m in getattr(self, key)]
+        d["ok"] = self.ok
+        d["n_tensors"] = len(self.produced)
+        return d
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def _rows_table(title: str, rows: list[FoldedRow], style: str) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"{title} ({sum(r.count for r in rows)})", title_justify="left", title_style=style, show_edge=False, pad_edge=False)
+    t.add_column("key")
+    t.add_column("shape")
+    t.add_column("dtype")
+    t.add_column("count", justify="right")
+    for r in rows:
+        t.add_row(r.name, "" if r.shape is None else str(list(r.shape)), r.dtype or r.extra, f"x{r.count}" if r.count > 1 else "")
+    return t
+
+
+def render(report: Report, console: Any, verbose: bool = False) -> None:
+    """Print a report with rich: summary line first, then one folded table per non-empty section."""
+    from rich.table import Table
+
+    action = "would write" if report.dry_run else "wrote"
+    target = report.output or "(memory)"
+    where = f" [dim](from {report.container!r})[/dim]" if report.container else ""
+    console.print(f"[bold]{report.spec or 'statemap'}[/bold]: {report.source}{where} -> {target}")
+    size = f", {report.n_bytes / 1e6:.1f} MB" if report.n_bytes else ""
+    console.print(f"{action} {len(report.produced)} tensors{size}" + (f" in {report.seconds:.2f}s" if report.seconds else ""))
+    if verbose:
+        console.print(_rows_table("produced", fold((m.name, m) for m in report.produced), "bold"))
+    for title, names, style in (
+        ("passed through unchanged (no rule touched them)", report.passthrough, "yellow"),
+        ("dropped", report.dropped, "dim"),
+        ("skipped non-tensor entries", report.skipped, "dim"),
+    ):
+        if names:
+            console.print(_rows_table(title, fold((n, None) for n in names), style))
+    if report.unmatched_rules:
+        console.print("[yellow]optional rules that matched nothing:[/yellow]")
+        for r in report.unmatched_rules:
+            console.print(f"  {r}")
+    if report.tied:
+        console.print(f"[dim]tied tensors: {'; '.join(' = '.join(g) for g in report.tied)}[/dim]")
+    if report.expected:
+        if report.ok:
+            console.print(f"[green]matches {report.expected}: every expected key present with the expected shape[/green]")
+        for title, metas in (("missing (expected, not produced)", report.missing), ("unexpected (produced, not expected)", report.unexpected)):
+            if metas:
+                console.print(_rows_table(title, fold((m.name, m) for m in metas), "red"))
+        for title, mism in (("shape mismatch", report.shape_mismatch), ("dtype mismatch", report.dtype_mismatch)):
+            if mism:
+                t = Table(title=f"{title} ({len(mism)})", title_justify="left", title_style="red", show_edge=False)
+                t.add_column("key")
+                t.add_column("expected")
+                t.add_column("got")
+                for m in mism:
+                    t.add_row(m.name, str(m.expected), str(m.got))
+                console.print(t)

@@ -1,0 +1,314 @@
+"""Key patterns and key templates.
+
+A *pattern* matches a whole key and binds named captures::
+
+    encoder.layers.{i}.fc1.weight          {i} matches one dotted segment
+    encoder.layers.{i:int}.fc1.weight      {i:int} matches digits only
+    {prefix:path}.weight                   {name:path} matches one or more segments
+    re:encoder\\.layers\\.(?P<i>\\d+)\\.fc1  raw regex (escape hatch); named groups capture
+
+A *template* builds a key from captures and spec vars, with integer arithmetic::
+
+    model.encoder.layers.{i}.fc1.weight
+    decoder.layers.{i+6}.fc1.weight        {2*i+1}, {i//2}, {i%2}, {n_layers-1-i}
+
+Arithmetic is parsed and evaluated here, never by ``eval``. Syntax is checked apart
+from meaning: parsing a template needs no captures; filling it does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+from .errors import SpecError
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KINDS = {"seg": r"[^.]+", "int": r"\d+", "path": r".+"}
+_MAX_EXPR = 200
+
+# -- integer expressions ---------------------------------------------------------------
+
+Expr = Union[int, str, tuple]  # int literal | name | (op, left, right) | ("neg", x)
+
+
+def _tokenize(src: str) -> list[str]:
+    tokens: list[str] = []
+    i = 0
+    while i < len(src):
+        c = src[i]
+        if c.isspace():
+            i += 1
+        elif c.isdigit():
+            j = i
+            while j < len(src) and src[j].isdigit():
+                j += 1
+            tokens.append(src[i:j])
+            i = j
+        elif c.isalpha() or c == "_":
+            m = _NAME.match(src, i)
+            assert m
+            tokens.append(m.group())
+            i = m.end()
+        elif src.startswith("//", i):
+            tokens.append("//")
+            i += 2
+        elif c in "+-*%()":
+            tokens.append(c)
+            i += 1
+        else:
+            raise SpecError(f"unexpected {c!r} in expression {src!r} (allowed: integers, names, + - * // % ( ))")
+    return tokens
+
+
+def parse_expr(src: str) -> Expr:
+    """Parse ``2*i+1`` into a small tree. Raises SpecError naming the bad token."""
+    if len(src) > _MAX_EXPR:
+        raise SpecError(f"expression longer than {_MAX_EXPR} characters: {src[:40]!r}...")
+    tokens = _tokenize(src)
+    pos = 0
+
+    def peek() -> str | None:
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take() -> str:
+        nonlocal pos
+        if pos >= len(tokens):
+            raise SpecError(f"expression {src!r} ends too early")
+        pos += 1
+        return tokens[pos - 1]
+
+    def expr() -> Expr:
+        node = term()
+        while peek() in ("+", "-"):
+            op = take()
+            node = (op, node, term())
+        return node
+
+    def term() -> Expr:
+        node = factor()
+        while peek() in ("*", "//", "%"):
+            op = take()
+            node = (op, node, factor())
+        return node
+
+    def factor() -> Expr:
+        tok = take()
+        if tok == "-":
+            return ("neg", factor())
+        if tok == "(":
+            node = expr()
+            if take() != ")":
+                raise SpecError(f"expected ')' in expression {src!r}")
+            return node
+        if tok.isdigit():
+            return int(tok)
+        if _NAME.fullmatch(tok):
+            return tok
+        raise SpecError(f"unexpected {tok!r} in expression {src!r}")
+
+    if not tokens:
+        raise SpecError("empty expression '{}'")
+    node = expr()
+    if pos != len(tokens):
+        raise SpecError(f"unexpected {tokens[pos]!r} in expression {src!r}")
+    return node
+
+
+def expr_names(node: Expr) -> set[str]:
+    if isinstance(node, str):
+        return {node}
+    if isinstance(node, tuple):
+        return set().union(*(expr_names(x) for x in node[1:]))
+    return set()
+
+
+def eval_expr(node: Expr, env: Mapping[str, object], where: str = "") -> int:
+    """Evaluate with integer semantics; names come from ``env`` (captures, vars)."""
+    if isinstance(node, int):
+        return node
+    if isinstance(node, str):
+        if node not in env:
+            raise SpecError(f"{where}unknown name {node!r} (known: {', '.join(sorted(env)) or 'none'})")
+        value = env[node]
+        if isinstance(value, bool):
+            raise SpecError(f"{where}{node!r} is a boolean, not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+        raise SpecError(f"{where}{node!r} = {value!r} is not an integer, so it cannot be used in arithmetic")
+    op = node[0]
+    if op == "neg":
+        return -eval_expr(node[1], env, where)
+    a, b = eval_expr(node[1], env, where), eval_expr(node[2], env, where)
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if b == 0:
+        raise SpecError(f"{where}division by zero in {op}")
+    return a // b if op == "//" else a % b
+
+
+def expr_str(node: Expr) -> str:
+    if isinstance(node, (int, str)):
+        return str(node)
+    if node[0] == "neg":
+        return f"-{expr_str(node[1])}"
+    return f"{expr_str(node[1])}{node[0]}{expr_str(node[2])}"
+
+
+# -- splitting text into literal and {field} parts ---------------------------------------
+
+
+def _fields(text: str) -> list[tuple[str, str]]:
+    """'a.{i}.b' -> [('lit','a.'), ('field','i'), ('lit','.b')]; '{{' and '}}' escape braces."""
+    parts: list[tuple[str, str]] = []
+    lit: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "{" and text.startswith("{{", i):
+            lit.append("{")
+            i += 2
+        elif c == "}" and text.startswith("}}", i):
+            lit.append("}")
+            i += 2
+        elif c == "{":
+            end = text.find("}", i)
+            if end < 0:
+                raise SpecError(f"unclosed '{{' at position {i} in {text!r}")
+            if lit:
+                parts.append(("lit", "".join(lit)))
+                lit = []
+            parts.append(("field", text[i + 1 : end].strip()))
+            i = end + 1
+        elif c == "}":
+            raise SpecError(f"unmatched '}}' at position {i} in {text!r} (write '}}}}' for a literal brace)")
+        else:
+            lit.append(c)
+            i += 1
+    if lit:
+        parts.append(("lit", "".join(lit)))
+    return parts
+
+
+# -- patterns ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Matches whole keys; ``captures`` lists the names it binds, in order."""
+
+    text: str
+    regex: str
+    captures: tuple[str, ...]
+    is_regex: bool = False
+
+    @property
+    def is_literal(self) -> bool:
+        return not self.captures and not self.is_regex
+
+    def match(self, key: str) -> dict[str, str] | None:
+        m = _compiled(self.regex).fullmatch(key)
+        return None if m is None else m.groupdict()
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_CACHE: dict[str, re.Pattern[str]] = {}
+
+
+def _compiled(regex: str) -> re.Pattern[str]:
+    c = _CACHE.get(regex)
+    if c is None:
+        c = _CACHE[regex] = re.compile(regex)
+    return c
+
+
+def parse_pattern(text: str) -> Pattern:
+    """Parse a key pattern; see the module docstring for the syntax."""
+    if not isinstance(text, str) or not text:
+        raise SpecError(f"a key pattern must be a non-empty string, got {text!r}")
+    if text.startswith("re:"):
+        src = text[3:]
+        try:
+            rx = re.compile(src)
+        except re.error as e:
+            raise SpecError(f"invalid regex {src!r}: {e}") from None
+        return Pattern(text, src, tuple(rx.groupindex), is_regex=True)
+    out: list[str] = []
+    names: list[str] = []
+    for kind, value in _fields(text):
+        if kind == "lit":
+            out.append(re.escape(value))
+            continue
+        name, _, typ = value.partition(":")
+        name, typ = name.strip(), (typ.strip() or "seg")
+        if not _NAME.fullmatch(name):
+            raise SpecError(
+                f"bad capture {{{value}}} in pattern {text!r}: a pattern field is a name, "
+                "optionally typed as {name:int} or {name:path}; arithmetic belongs in the target"
+            )
+        if typ not in _KINDS:
+            raise SpecError(f"unknown capture type {typ!r} in {{{value}}} of {text!r}; use int or path")
+        if name in names:
+            out.append(f"(?P={name})")
+        else:
+            names.append(name)
+            out.append(f"(?P<{name}>{_KINDS[typ]})")
+    return Pattern(text, "".join(out), tuple(names))
+
+
+# -- templates -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Template:
+    """Builds a key from captures and vars: literal parts and expression fields."""
+
+    text: str
+    parts: tuple[tuple[str, Expr], ...]  # ("lit", "text") | ("expr", tree)
+
+    @property
+    def names(self) -> set[str]:
+        out: set[str] = set()
+        for kind, value in self.parts:
+            if kind == "expr":
+                out |= expr_names(value)
+        return out
+
+    def fill(self, env: Mapping[str, object]) -> str:
+        out: list[str] = []
+        for kind, value in self.parts:
+            if kind == "lit":
+                out.append(str(value))
+            elif isinstance(value, str):  # a bare name: substitute as text
+                if value not in env:
+                    raise SpecError(f"template {self.text!r} uses {{{value}}}, which the pattern does not capture")
+                out.append(str(env[value]))
+            else:
+                out.append(str(eval_expr(value, env, f"in {self.text!r}: ")))
+        return "".join(out)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_template(text: str) -> Template:
+    if not isinstance(text, str) or not text:
+        raise SpecError(f"a key template must be a non-empty string, got {text!r}")
+    parts: list[tuple[str, Expr]] = []
+    for kind, value in _fields(text):
+        if kind == "lit":
+            parts.append(("lit", value))
+        else:
+            if ":" in value:
+                raise SpecError(f"typed field {{{value}}} in target {text!r}: types belong in the source pattern")
+            parts.append(("expr", parse_expr(value)))
+    return Template(text, tuple(parts))

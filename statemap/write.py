@@ -1,0 +1,295 @@
+"""write: stream planned tensors into safetensors (single or sharded) or a torch .pt file.
+
+Every file is written to a temporary name in the target folder, flushed and fsynced,
+its header re-read and checked against the plan, and only then renamed into place. On any
+failure (an exception, Ctrl-C, SIGTERM) the temporary files are removed: no partial output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .dtypes import dtype as lookup_dtype
+from .errors import OutputError
+from .meta import TensorMeta
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class Written:
+    files: tuple[str, ...]
+    n_tensors: int
+    n_bytes: int
+
+
+def output_format(path: str | os.PathLike[str]) -> str:
+    name = os.fspath(path)
+    if name.endswith(".safetensors"):
+        return "safetensors"
+    if name.endswith(TORCH_SUFFIXES):
+        return "torch"
+    raise OutputError(f"{name}: unknown output format; name it *.safetensors or *.pt / *.bin")
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'5GB' / '500MB' / '2GiB' / 1000000 -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.I)
+    if not m:
+        raise OutputError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or a number of bytes")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    return int(float(m.group(1)) * base**power)
+
+
+def check_output(path: str | os.PathLike[str], inputs: Sequence[str], force: bool) -> Path:
+    out = Path(path)
+    for src in inputs:
+        try:
+            if Path(src).exists() and out.exists() and os.path.samefile(src, out):
+                raise OutputError(f"{out}: is an input; statemap never writes over its inputs")
+        except OSError:
+            pass
+        if Path(src).resolve() == out.resolve():
+            raise OutputError(f"{out}: is an input; statemap never writes over its inputs")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists; pass --force (force=True) to replace it")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; name an output file")
+    if not out.parent.exists():
+        raise OutputError(f"{out.parent}: output folder does not exist")
+    return out
+
+
+# -- atomic files --------------------------------------------------------------------------
+
+
+class _Staging:
+    """Temporary files that become real only when every one of them is complete."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Path, Path]] = []
+
+    def open(self, final: Path) -> tuple[Path, Any]:
+        tmp = final.with_name(f".{final.name}.statemap-{os.getpid()}-{threading.get_ident() % 100000}.tmp")
+        self.pending.append((tmp, final))
+        return tmp, open(tmp, "wb")
+
+    def commit(self) -> None:
+        for tmp, final in self.pending:
+            os.replace(tmp, final)
+        if self.pending:
+            _fsync_dir(self.pending[0][1].parent)
+        self.pending.clear()
+
+    def abort(self) -> None:
+        for tmp, _ in self.pending:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self.pending.clear()
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into an exception while writing, so temporary files get removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise OutputError("interrupted by SIGTERM; partial output removed")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _write_all(f: Any, a: np.ndarray, want: TensorMeta) -> int:
+    dt = lookup_dtype(want.dtype)
+    if a.dtype != dt.np:
+        a = a.astype(dt.np)
+    a = np.ascontiguousarray(a)
+    if tuple(a.shape) != want.shape:
+        raise AssertionError(f"{want.name}: writing {a.shape}, planned {want.shape}")
+    buf = memoryview(a).cast("B") if a.size else b""
+    f.write(buf)
+    return len(buf)
+
+
+# -- safetensors ---------------------------------------------------------------------------
+
+
+def _st_header(metas: Sequence[TensorMeta], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    pos = 0
+    for m in metas:
+        n = m.nbytes
+        header[m.name] = {"dtype": lookup_dtype(m.dtype).st, "shape": list(m.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_safetensors(final: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[np.ndarray], metadata: dict[str, str]) -> int:
+    from .load.safetensors_format import read_header
+
+    tmp, f = stage.open(final)
+    total = 0
+    with f:
+        f.write(_st_header(metas, metadata))
+        for m in metas:
+            total += _write_all(f, next(arrays), m)
+        f.flush()
+        os.fsync(f.fileno())
+    got, _, _ = read_header(str(tmp))  # re-read and check before it becomes real
+    if [(g.name, g.shape, g.dtype) for g in got.values()] != [(m.name, m.shape, m.dtype) for m in metas]:
+        raise OutputError(f"{final}: written header does not match the plan (bug); output removed")
+    return total
+
+
+def write_checkpoint(
+    path: str | os.PathLike[str],
+    metas: Sequence[TensorMeta],
+    arrays: Iterable[np.ndarray],
+    *,
+    metadata: dict[str, str] | None = None,
+    max_shard_size: int | str | None = None,
+    ties: Sequence[Sequence[str]] = (),
+    inputs: Sequence[str] = (),
+    force: bool = False,
+    on_tensor: Callable[[TensorMeta], None] | None = None,
+) -> Written:
+    """Write tensors, given in the order of ``metas``, atomically to ``path``.
+
+    ``ties``: groups of names that are one tensor. In a .pt output they share storage;
+    for safetensors the caller decides (clone: all listed in ``metas``; dedupe: only one).
+
+    Example::
+
+        >>> write_checkpoint("out.safetensors", [TensorMeta("w", (2,), "float32")], [np.zeros(2, "f4")])
+    """
+    fmt = output_format(path)
+    out = check_output(path, inputs, force)
+    limit = parse_size(max_shard_size)
+    stage = _Staging()
+    it = iter(arrays)
+
+    def counted() -> Iterator[np.ndarray]:
+        for m in metas:
+            try:
+                a = next(it)
+            except StopIteration:
+                raise AssertionError("fewer arrays than planned tensors") from None
+            if on_tensor:
+                on_tensor(m)
+            yield a
+
+    try:
+        with _sigterm_as_exception():
+            if fmt == "torch":
+                if limit:
+                    raise OutputError(f"{out}: sharding is supported for safetensors outputs only")
+                files, nbytes = _write_torch(out, stage, metas, counted(), ties)
+            else:
+                files, nbytes = _write_safetensors_maybe_sharded(out, stage, metas, counted(), metadata or {}, limit)
+            stage.commit()
+    except OSError as e:
+        stage.abort()
+        raise OutputError(f"{out}: write failed: {e.strerror or e}; no output left behind") from None
+    except BaseException:
+        stage.abort()
+        raise
+    return Written(tuple(files), len(metas), nbytes)
+
+
+def _write_safetensors_maybe_sharded(out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[np.ndarray], metadata: dict[str, str], limit: int | None) -> tuple[list[str], int]:
+    md = {"format": "pt", **metadata}
+    if not limit or sum(m.nbytes for m in metas) <= limit:
+        return [str(out)], _write_safetensors(out, stage, metas, arrays, md)
+    shards: list[list[TensorMeta]] = [[]]
+    size = 0
+    for m in metas:
+        if shards[-1] and size + m.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(m)
+        size += m.nbytes
+    stem = out.name[: -len(".safetensors")]
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    files, total = [], 0
+    for i, shard in enumerate(shards, 1):
+        name = f"{stem}-{i:05d}-of-{n:05d}.safetensors"
+        target = out.with_name(name)
+        if target.exists() and not (target == out):
+            pass  # replaced atomically below; --force already checked for the main name
+        total += _write_safetensors(target, stage, shard, arrays, md)
+        files.append(str(target))
+        weight_map.update({m.name: name for m in shard})
+    index = out.with_name(out.name + ".index.json")
+    tmp, f = stage.open(index)
+    with f:
+        f.write(json.dumps({"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}, indent=2).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    files.append(str(index))
+    return files, total
+
+
+def _write_torch(out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[np.ndarray], ties: Sequence[Sequence[str]]) -> tuple[list[str], int]:
+    import torch
+
+    from .torch_adapter import to_torch
+
+    alias: dict[str, str] = {}
+    for group in ties:
+        for name in group[1:]:
+            alias[name] = group[0]
+    state: dict[str, Any] = {}
+    total = 0
+    for m in metas:
+        a = next(arrays)
+        if m.name in alias and alias[m.name] in state:
+            state[m.name] = state[alias[m.name]]
+            continue
+        state[m.name] = to_torch(np.array(a, copy=True), m.dtype)
+        total += m.nbytes
+    tmp, f = stage.open(out)
+    with f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    from .load import open_checkpoint
+
+    with open_checkpoint(tmp, unwrap=(), strip_prefix=()) as ck:
+        if [(k, v.shape, v.dtype) for k, v in ck.metas.items()] != [(m.name, m.shape, m.dtype) for m in metas]:
+            raise OutputError(f"{out}: written file does not match the plan (bug); output removed")
+    return [str(out)], total
