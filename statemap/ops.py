@@ -604,7 +604,7 @@ def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc,
     elif op.n_sources == "n":
         tmpls: tuple[Template, ...] = fields.pop("from")
         first = parse_pattern(tmpls[0].text)
-        sources = (first,) + tuple(parse_pattern(t.text) for t in tmpls[1:])
+        sources = (first,) + tuple(tmpls[1:])  # later sources are filled from the first one's captures
         for t in tmpls[1:]:
             missing = t.names - set(first.captures) - var_names
             if missing:

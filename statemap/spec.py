@@ -142,7 +142,10 @@ def _load_yaml(text: str, file: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f"{file}:{mark.line + 1}" if mark else file
         problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"{where}: invalid YAML: {problem}") from None
+        hint = ""
+        if mark and "{" in text.splitlines()[min(mark.line, len(text.splitlines()) - 1)]:
+            hint = " (hint: quote patterns that contain braces, e.g. from: 'layers.{i}.fc1.weight')"
+        raise SpecError(f"{where}: invalid YAML: {problem}{hint}") from None
     if root is None:
         raise SpecError(f"{file}: spec is empty")
     constructor = yaml.SafeLoader("")
