@@ -152,19 +152,20 @@ def _open_index(p: Path) -> Checkpoint:
     readers: dict[str, Checkpoint] = {}
     owner: dict[str, str] = {}
     fmt = "safetensors-sharded"
-    for shard, listed in shards.items():
-        sp = p.parent / shard
-        ck = open_checkpoint(sp, unwrap=None, strip_prefix=())
+    for shard in shards:
+        ck = open_checkpoint(p.parent / shard, unwrap=None, strip_prefix=())
         fmt = "safetensors-sharded" if ck.format == "safetensors" else "torch-sharded"
         readers[shard] = ck
         for k in ck.metas:
             if k in owner:
                 raise CheckpointError(f"{p}: tensor {k!r} is in two shards: {owner[k]!r} and {shard!r}")
             owner[k] = shard
+    for shard, listed in shards.items():
+        for k in readers[shard].metas:
             if wm.get(k) != shard:
                 raise CheckpointError(f"{p}: shard {shard!r} holds {k!r}, which the index maps to {wm.get(k)!r}")
         for k in listed:
-            if k not in ck.metas:
+            if k not in readers[shard].metas:
                 raise CheckpointError(f"{p}: index maps {k!r} to {shard!r}, but that shard does not hold it")
     for k in wm:  # index order
         metas[k] = readers[owner[k]].metas[k]
@@ -246,7 +247,7 @@ def _flatten(obj: Any, prefix: str, out: dict[str, Any], skipped: list[str], dep
 
 def _describe(v: Any) -> Any:
     if isinstance(v, TensorRef):
-        return f"<tensor {list(v.shape)} {v.storage.dtype}>"
+        return f"<tensor {list(v.shape)} {v.element_dtype}>"
     if isinstance(v, np.ndarray):
         return f"<array {list(v.shape)} {v.dtype}>"
     if isinstance(v, Opaque):

@@ -132,11 +132,11 @@ def tensor_location(ref: TensorRef, locs: dict[str, ByteTensor | None], name: st
     base = locs.get(ref.storage.key)
     if base is None:
         raise CheckpointError(f"{path}: tensor {name!r} has no storage data")
-    itemsize = lookup_dtype(ref.storage.dtype).itemsize
+    itemsize = lookup_dtype(ref.element_dtype).itemsize
     return ByteTensor(
         base.file,
         base.offset + ref.offset * itemsize,
-        ref.storage.dtype,
+        ref.element_dtype,
         ref.shape,
         ref.stride,
         storage=base.storage,

@@ -86,6 +86,11 @@ class TensorRef:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     requires_grad: bool = False
+    dtype: str = ""  # element type; differs from the storage's for _rebuild_tensor_v3 (byte storages)
+
+    @property
+    def element_dtype(self) -> str:
+        return self.dtype or self.storage.dtype
 
 
 class Opaque:
@@ -150,6 +155,20 @@ def _ints(obj: Any, what: str) -> tuple[int, ...]:
     raise CheckpointError(f"tensor {what} must be a tuple of integers, got {obj!r:.80}")
 
 
+def _rebuild_tensor_v3(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any, *_: Any) -> TensorRef:
+    """torch >= 2.1 writes dtypes without a typed storage (uint16, float8, ...) this way:
+    a byte storage plus the element dtype; offset, size and stride count elements of that dtype."""
+    st = _as_storage(storage)
+    if not isinstance(dtype, _TorchDtype):
+        raise CheckpointError(f"tensor rebuild names dtype {dtype!r:.40}, not a torch dtype")
+    dt = lookup_dtype(dtype)
+    if st.dtype != "uint8" or st.numel % dt.itemsize:
+        raise CheckpointError(f"storage of {st.numel} {st.dtype} cannot hold {dt.name} elements")
+    as_elems = StorageRef(st.key, dt.name, st.numel // dt.itemsize, st.location)
+    ref = _rebuild_tensor(as_elems, offset, size, stride, requires_grad)
+    return TensorRef(st, ref.offset, ref.shape, ref.stride, ref.requires_grad, dt.name)
+
+
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, *_: Any) -> TensorRef:
     st = _as_storage(storage)
     if not isinstance(offset, int) or offset < 0:
@@ -172,7 +191,7 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, *_: Any) -> Any:
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
-    if func not in (_rebuild_tensor, _rebuild_parameter):
+    if func not in (_rebuild_tensor, _rebuild_tensor_v3, _rebuild_parameter):
         raise CheckpointError(f"refused to rebuild a tensor subclass through {func!r:.60}")
     return func(*args)
 
@@ -292,11 +311,13 @@ class SafeUnpickler(pickle.Unpickler):
         if root == "torch":
             if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
                 return _rebuild_tensor
+            if module == "torch._utils" and name == "_rebuild_tensor_v3":
+                return _rebuild_tensor_v3
             if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
                 return _rebuild_parameter
             if module == "torch._tensor" and name == "_rebuild_from_type_v2":
                 return _rebuild_from_type_v2
-            if module == "torch" and name in STORAGE_DTYPES:
+            if module in ("torch", "torch.storage") and name in STORAGE_DTYPES:
                 return _StorageType(STORAGE_DTYPES[name])
             if module == "torch" and name in TORCH_DTYPES:
                 return _TorchDtype(name)
