@@ -34,17 +34,33 @@ def main() -> None:
     for k, s in shapes.items():
         model[k] = torch.tensor([1.0]) if k.endswith("version") else torch.randn(s, generator=g) * 0.1
     model["decoder.output_projection.weight"] = model["decoder.embed_tokens.weight"]  # tied, as fairseq saves it
-    args = argparse.Namespace(arch="deltalm_base", encoder_layers=DIMS["enc"], decoder_layers=DIMS["dec"],
-                              encoder_embed_dim=DIMS["d"], share_all_embeddings=True, max_source_positions=DIMS["pos"] - 2)
-    cfg = OmegaConf.create({"model": {"_name": "deltalm_base", "encoder_layers": DIMS["enc"], "decoder_layers": DIMS["dec"]},
-                            "task": {"_name": "translation", "source_lang": "en", "target_lang": "de"}})
+    args = argparse.Namespace(
+        arch="deltalm_base",
+        encoder_layers=DIMS["enc"],
+        decoder_layers=DIMS["dec"],
+        encoder_embed_dim=DIMS["d"],
+        share_all_embeddings=True,
+        max_source_positions=DIMS["pos"] - 2,
+    )
+    cfg = OmegaConf.create(
+        {
+            "model": {"_name": "deltalm_base", "encoder_layers": DIMS["enc"], "decoder_layers": DIMS["dec"]},
+            "task": {"_name": "translation", "source_lang": "en", "target_lang": "de"},
+        }
+    )
     ckpt = {
         "args": args,
         "cfg": cfg,
         "model": model,
         "criterion": None,
-        "optimizer_history": [{"criterion_name": "LabelSmoothedCrossEntropyCriterion", "optimizer_name": "FairseqAdam",
-                               "lr_scheduler_state": {"best": 3.2}, "num_updates": 100}],
+        "optimizer_history": [
+            {
+                "criterion_name": "LabelSmoothedCrossEntropyCriterion",
+                "optimizer_name": "FairseqAdam",
+                "lr_scheduler_state": {"best": 3.2},
+                "num_updates": 100,
+            }
+        ],
         "task_state": {},
         "extra_state": {"epoch": 1, "val_loss": 3.2},
         "last_optimizer_state": {"state": {0: {"step": torch.tensor(100.0)}}, "param_groups": [{"lr": 1e-4, "params": [0]}]},

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .apply import execute
 from .errors import CheckpointError
@@ -16,6 +17,7 @@ from .plan import Plan, make_plan
 from .report import Report
 from .spec import Spec, load_spec
 from .write import Written, write_checkpoint
+
 
 def _version() -> str:
     from . import __version__
@@ -32,7 +34,11 @@ def load_expect(ref: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[s
         try:
             import yaml
 
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) if p.suffix != ".json" else json.loads(p.read_text(encoding="utf-8"))
+            data = (
+                yaml.safe_load(p.read_text(encoding="utf-8"))
+                if p.suffix != ".json"
+                else json.loads(p.read_text(encoding="utf-8"))
+            )
         except Exception as e:
             raise CheckpointError(f"{p}: cannot read expected key listing: {e}") from None
         if not isinstance(data, dict):
@@ -196,7 +202,9 @@ def load_state_dict(path: str | os.PathLike[str], unwrap: tuple[str, ...] | None
         return {k: to_torch(ck.read(k), m.dtype) for k, m in ck.metas.items()}
 
 
-def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike[str], *, force: bool = False, max_shard_size: int | str | None = None) -> Written:
+def save_state_dict(
+    state_dict: Mapping[str, Any], path: str | os.PathLike[str], *, force: bool = False, max_shard_size: int | str | None = None
+) -> Written:
     """Write a dict of torch tensors (or numpy arrays) to safetensors or .pt, atomically.
 
     Example::

@@ -7,12 +7,13 @@ cast, pad) hold only the tensor they produce.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .dtypes import cast as cast_values
 from .dtypes import dtype as lookup_dtype
-from .dtypes import from_compute, cast as cast_values
+from .dtypes import from_compute
 from .errors import CheckpointError
 from .meta import Node
 from .plan import PlannedTensor

@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import StatemapError
 
@@ -46,12 +47,30 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if progress:
         with progress:
             task = progress.add_task("writing", total=None)
-            report = convert(args.spec, args.input, args.output, vars=_vars(args.set), expect=args.expect, dry_run=args.dry_run,
-                             force=args.force, max_shard_size=args.max_shard_size, tied=args.tied,
-                             on_tensor=lambda m: progress.update(task, advance=1, description=m.name[-40:]))
+            report = convert(
+                args.spec,
+                args.input,
+                args.output,
+                vars=_vars(args.set),
+                expect=args.expect,
+                dry_run=args.dry_run,
+                force=args.force,
+                max_shard_size=args.max_shard_size,
+                tied=args.tied,
+                on_tensor=lambda m: progress.update(task, advance=1, description=m.name[-40:]),
+            )
     else:
-        report = convert(args.spec, args.input, args.output, vars=_vars(args.set), expect=args.expect, dry_run=args.dry_run,
-                         force=args.force, max_shard_size=args.max_shard_size, tied=args.tied)
+        report = convert(
+            args.spec,
+            args.input,
+            args.output,
+            vars=_vars(args.set),
+            expect=args.expect,
+            dry_run=args.dry_run,
+            force=args.force,
+            max_shard_size=args.max_shard_size,
+            tied=args.tied,
+        )
     if args.json:
         _print_json(report.to_json())
     else:
@@ -82,13 +101,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     with open_checkpoint(args.file, unwrap) as ck:
         rows = module_rows(ck, args.depth)
         if args.json:
-            _print_json({
-                "path": ck.path, "format": ck.format, "container": ck.container, "stripped_prefix": ck.stripped_prefix,
-                "n_tensors": len(ck.metas), "n_params": sum(m.numel for m in ck.metas.values()),
-                "modules": [r.to_json() for r in rows],
-                "tensors": [{"name": m.name, "shape": list(m.shape), "dtype": m.dtype} for m in ck.metas.values()],
-                "metadata": ck.metadata, "extras": ck.extras,
-            })
+            _print_json(
+                {
+                    "path": ck.path,
+                    "format": ck.format,
+                    "container": ck.container,
+                    "stripped_prefix": ck.stripped_prefix,
+                    "n_tensors": len(ck.metas),
+                    "n_params": sum(m.numel for m in ck.metas.values()),
+                    "modules": [r.to_json() for r in rows],
+                    "tensors": [{"name": m.name, "shape": list(m.shape), "dtype": m.dtype} for m in ck.metas.values()],
+                    "metadata": ck.metadata,
+                    "extras": ck.extras,
+                }
+            )
             return EXIT_OK
         con = _console(args)
         render_inspect(ck, rows, con)

@@ -44,9 +44,14 @@ class DiffResult:
             return [{"name": m.name, "shape": list(m.shape), "dtype": m.dtype} for m in ms]
 
         return {
-            "a": self.a, "b": self.b, "same": self.same, "n_common": self.n_common,
-            "only_in_a": metas(self.only_a), "only_in_b": metas(self.only_b),
-            "shape_mismatch": [vars(m) for m in self.shape], "dtype_mismatch": [vars(m) for m in self.dtype],
+            "a": self.a,
+            "b": self.b,
+            "same": self.same,
+            "n_common": self.n_common,
+            "only_in_a": metas(self.only_a),
+            "only_in_b": metas(self.only_b),
+            "shape_mismatch": [vars(m) for m in self.shape],
+            "dtype_mismatch": [vars(m) for m in self.dtype],
             "values": [vars(v) for v in self.values] if self.compared_values else None,
         }
 

@@ -56,16 +56,31 @@ _ALL = [
 _BY_NAME = {d.name: d for d in _ALL}
 _BY_ST = {d.st: d for d in _ALL}
 _ALIASES = {
-    "float": "float32", "fp32": "float32", "f32": "float32", "half": "float16",
-    "fp16": "float16", "f16": "float16", "bf16": "bfloat16", "double": "float64",
-    "fp64": "float64", "long": "int64", "int": "int32",
+    "float": "float32",
+    "fp32": "float32",
+    "f32": "float32",
+    "half": "float16",
+    "fp16": "float16",
+    "f16": "float16",
+    "bf16": "bfloat16",
+    "double": "float64",
+    "fp64": "float64",
+    "long": "int64",
+    "int": "int32",
 }
 # numpy dtype -> our name, for arrays that arrive as numpy (Paddle, Flax, user dicts)
 _FROM_NUMPY = {
-    np.dtype("float64"): "float64", np.dtype("float32"): "float32",
-    np.dtype("float16"): "float16", np.dtype("int64"): "int64", np.dtype("int32"): "int32",
-    np.dtype("int16"): "int16", np.dtype("int8"): "int8", np.dtype("uint64"): "uint64",
-    np.dtype("uint32"): "uint32", np.dtype("uint16"): "uint16", np.dtype("uint8"): "uint8",
+    np.dtype("float64"): "float64",
+    np.dtype("float32"): "float32",
+    np.dtype("float16"): "float16",
+    np.dtype("int64"): "int64",
+    np.dtype("int32"): "int32",
+    np.dtype("int16"): "int16",
+    np.dtype("int8"): "int8",
+    np.dtype("uint64"): "uint64",
+    np.dtype("uint32"): "uint32",
+    np.dtype("uint16"): "uint16",
+    np.dtype("uint8"): "uint8",
     np.dtype("bool"): "bool",
 }
 

@@ -14,8 +14,9 @@ Ops never touch tensor bytes. They compile to the few primitives that
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from .dtypes import NAMES as DTYPE_NAMES
 from .dtypes import dtype as lookup_dtype
@@ -342,8 +343,7 @@ class Split(Op):
                 sizes[sizes.index(-1)] = rest
             if any(s < 0 for s in sizes) or sum(sizes) != length:
                 raise ctx.fail(
-                    f"sizes {' + '.join(map(str, sizes))} = {sum(sizes)} do not add up to "
-                    f"dim {dim} of length {length}"
+                    f"sizes {' + '.join(map(str, sizes))} = {sum(sizes)} do not add up to dim {dim} of length {length}"
                 )
         out, start = [], 0
         for s in sizes:
@@ -361,10 +361,7 @@ class Merge(Op):
         "Join several tensors into one along a dim (mode: concat or stack). Captures bind in the "
         "first source; the other sources reuse them."
     )
-    example = (
-        "merge: {from: ['h.{i}.q.weight', 'h.{i}.k.weight', 'h.{i}.v.weight'], "
-        "to: 'h.{i}.qkv.weight', dim: 0}"
-    )
+    example = "merge: {from: ['h.{i}.q.weight', 'h.{i}.k.weight', 'h.{i}.v.weight'], to: 'h.{i}.qkv.weight', dim: 0}"
     fields = {
         "from": Field("templates", True),
         "to": Field("template", True),
@@ -390,8 +387,7 @@ class Merge(Op):
             other = [d for i, d in enumerate(n.shape) if i != dim]
             if len(n.shape) != ndim or other != [d for i, d in enumerate(first.shape) if i != dim]:
                 raise ctx.fail(
-                    f"can't concat shapes {[list(x.shape) for x in inputs]} along dim {dim}: "
-                    "all other dims must agree"
+                    f"can't concat shapes {[list(x.shape) for x in inputs]} along dim {dim}: all other dims must agree"
                 )
         shape = list(first.shape)
         shape[dim] = sum(n.shape[dim] for n in inputs)
@@ -608,7 +604,9 @@ def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc,
         for t in tmpls[1:]:
             missing = t.names - set(first.captures) - var_names
             if missing:
-                raise SpecError(f"{w}source {t.text!r} uses {sorted(missing)}, which the first source {first.text!r} does not capture")
+                raise SpecError(
+                    f"{w}source {t.text!r} uses {sorted(missing)}, which the first source {first.text!r} does not capture"
+                )
     to = fields.pop("to", None)
     targets: tuple[Template, ...]
     if to is None:

@@ -14,8 +14,9 @@ before a single tensor byte is read:
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import PlanError, SpecError
 from .meta import Node, TensorMeta
@@ -78,9 +79,7 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
         ['b.0.w']
     """
     metas = tuple(source)
-    table: dict[str, _Entry] = {
-        m.name: _Entry(Node("source", m.shape, m.dtype, (), (m.name,)), None, False) for m in metas
-    }
+    table: dict[str, _Entry] = {m.name: _Entry(Node("source", m.shape, m.dtype, (), (m.name,)), None, False) for m in metas}
     if not table:
         raise PlanError("the checkpoint has no tensors to map")
     vars_ = spec.var_dict
@@ -89,13 +88,13 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
     matches: list[tuple[int, int]] = []
     n_ties = 0
 
+    def lookup(k: str) -> Node | None:
+        e = table.get(k)
+        return None if e is None else e.node
+
     for rule in spec.rules:
         op = REGISTRY[rule.op]
         p = rule.p
-
-        def lookup(k: str) -> Node | None:
-            e = table.get(k)
-            return None if e is None else e.node
 
         if op.n_sources == "0":
             ctx = Ctx(rule, dict(vars_), lookup)
@@ -103,7 +102,9 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
             nodes = op.plan([], names, p, ctx)
             for name, node in zip(names, nodes):
                 if name in table:
-                    raise PlanError(f"{rule.where()}writes {name!r}, which already exists ({_origin(table[name])}); drop or rename it first")
+                    raise PlanError(
+                        f"{rule.where()}writes {name!r}, which already exists ({_origin(table[name])}); drop or rename it first"
+                    )
                 table[name] = _Entry(node, rule, True)
             matches.append((rule.index, 1))
             continue
@@ -114,7 +115,9 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
             if rule.optional:
                 unmatched.append(rule)
                 continue
-            raise PlanError(f"{rule.where()}matched no key{_closest(str(rule.sources[0]), table)}; mark it 'optional: true' if that is expected")
+            raise PlanError(
+                f"{rule.where()}matched no key{_closest(str(rule.sources[0]), table)}; mark it 'optional: true' if that is expected"
+            )
 
         replacements: dict[str, list[tuple[str, Node]]] = {}
         consumed: set[str] = set()
@@ -164,7 +167,8 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
                         "two rules write one key: rename or drop the existing one first"
                     )
                 rebuilt[k] = e
-        table = rebuilt
+        table.clear()
+        table.update(rebuilt)
 
     passthrough = tuple(k for k, e in table.items() if not e.touched)
     if spec.strict and passthrough:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .meta import TensorMeta
 
@@ -82,8 +83,9 @@ def fold(items: Iterable[tuple[str, Any]]) -> list[FoldedRow]:
             name = single[(pattern, info)]
         else:
             cols = list(zip(*idxs))
-            fields = iter(_ranges(list(c)) if len(set(c)) > 1 else str(c[0]) for c in cols)
-            name = re.sub(r"\{\}", lambda _: next(fields), pattern)
+            labels = [_ranges(list(c)) if len(set(c)) > 1 else str(c[0]) for c in cols]
+            pieces = pattern.split("{}")
+            name = "".join(p + (labels[i] if i < len(labels) else "") for i, p in enumerate(pieces))
         shape = dtype = None
         extra = ""
         if isinstance(info, tuple) and len(info) == 2:
@@ -172,7 +174,9 @@ class Report:
 def _rows_table(title: str, rows: list[FoldedRow], style: str) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"{title} ({sum(r.count for r in rows)})", title_justify="left", title_style=style, show_edge=False, pad_edge=False)
+    t = Table(
+        title=f"{title} ({sum(r.count for r in rows)})", title_justify="left", title_style=style, show_edge=False, pad_edge=False
+    )
     t.add_column("key")
     t.add_column("shape")
     t.add_column("dtype")
@@ -210,7 +214,10 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
     if report.expected:
         if report.ok:
             console.print(f"[green]matches {report.expected}: every expected key present with the expected shape[/green]")
-        for title, metas in (("missing (expected, not produced)", report.missing), ("unexpected (produced, not expected)", report.unexpected)):
+        for title, metas in (
+            ("missing (expected, not produced)", report.missing),
+            ("unexpected (produced, not expected)", report.unexpected),
+        ):
             if metas:
                 console.print(_rows_table(title, fold((m.name, m) for m in metas), "red"))
         for title, mism in (("shape mismatch", report.shape_mismatch), ("dtype mismatch", report.dtype_mismatch)):

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -93,10 +94,7 @@ class Spec:
         current = self.var_dict
         for k in overrides:
             if k not in current:
-                raise SpecError(
-                    f"{self.path}: spec {self.name!r} has no var {k!r}"
-                    f" (vars: {', '.join(current) or 'none'})"
-                )
+                raise SpecError(f"{self.path}: spec {self.name!r} has no var {k!r} (vars: {', '.join(current) or 'none'})")
         current.update({k: _coerce(v) for k, v in overrides.items()})
         return replace(self, vars=tuple(current.items()))
 
@@ -183,8 +181,19 @@ def _load_yaml(text: str, file: str) -> Any:
 # -- field checking ------------------------------------------------------------------------
 
 _HEADER_FIELDS = {
-    "name", "description", "version", "source", "target", "verified", "vars", "unwrap",
-    "strip_prefix", "strict", "tied", "expect", "rules",
+    "name",
+    "description",
+    "version",
+    "source",
+    "target",
+    "verified",
+    "vars",
+    "unwrap",
+    "strip_prefix",
+    "strict",
+    "tied",
+    "expect",
+    "rules",
 }
 
 
@@ -221,7 +230,9 @@ def parse_spec(data: Any, file: str = "<string>") -> Spec:
         if required not in data:
             raise SpecError(f"{file}:{top}: spec has no {required!r} field")
     if data["version"] != SPEC_VERSION:
-        raise SpecError(f"{at('version')}spec format version {data['version']!r} is not supported (this statemap reads version {SPEC_VERSION})")
+        raise SpecError(
+            f"{at('version')}spec format version {data['version']!r} is not supported (this statemap reads version {SPEC_VERSION})"
+        )
     name = data["name"]
     if not isinstance(name, str) or not name:
         raise SpecError(f"{at('name')}'name' must be a non-empty string")

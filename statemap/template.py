@@ -19,8 +19,9 @@ from meaning: parsing a template needs no captures; filling it does.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Union
 
 from .errors import SpecError
 
@@ -30,7 +31,7 @@ _MAX_EXPR = 200
 
 # -- integer expressions ---------------------------------------------------------------
 
-Expr = Union[int, str, tuple]  # int literal | name | (op, left, right) | ("neg", x)
+Expr = Union[int, str, tuple]  # noqa: UP007 - int literal | name | (op, left, right) | ("neg", x)
 
 
 def _tokenize(src: str) -> list[str]:

@@ -14,9 +14,10 @@ import re
 import signal
 import struct
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -158,7 +159,9 @@ def _st_header(metas: Sequence[TensorMeta], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _write_safetensors(final: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[np.ndarray], metadata: dict[str, str]) -> int:
+def _write_safetensors(
+    final: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[np.ndarray], metadata: dict[str, str]
+) -> int:
     from .load.safetensors_format import read_header
 
     tmp, f = stage.open(final)
@@ -230,7 +233,14 @@ def write_checkpoint(
     return Written(tuple(files), len(metas), nbytes)
 
 
-def _write_safetensors_maybe_sharded(out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[np.ndarray], metadata: dict[str, str], limit: int | None) -> tuple[list[str], int]:
+def _write_safetensors_maybe_sharded(
+    out: Path,
+    stage: _Staging,
+    metas: Sequence[TensorMeta],
+    arrays: Iterator[np.ndarray],
+    metadata: dict[str, str],
+    limit: int | None,
+) -> tuple[list[str], int]:
     md = {"format": "pt", **metadata}
     if not limit or sum(m.nbytes for m in metas) <= limit:
         return [str(out)], _write_safetensors(out, stage, metas, arrays, md)
@@ -264,7 +274,9 @@ def _write_safetensors_maybe_sharded(out: Path, stage: _Staging, metas: Sequence
     return files, total
 
 
-def _write_torch(out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[np.ndarray], ties: Sequence[Sequence[str]]) -> tuple[list[str], int]:
+def _write_torch(
+    out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[np.ndarray], ties: Sequence[Sequence[str]]
+) -> tuple[list[str], int]:
     import torch
 
     from .torch_adapter import to_torch

@@ -8,52 +8,151 @@ from __future__ import annotations
 
 DELTALM_PRETRAINED_EMBED = ["embed_tokens.weight", "embed_positions.weight", "emb_layer_norm.weight", "emb_layer_norm.bias"]
 DELTALM_PRETRAINED_ENC_LAYER = [
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-    "ffn.fc1.weight", "ffn.fc1.bias", "ffn.fc2.weight", "ffn.fc2.bias",
-    "self_attn_layer_norm.weight", "self_attn_layer_norm.bias", "final_layer_norm.weight", "final_layer_norm.bias",
+    "self_attn.q_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight",
+    "self_attn.v_proj.bias",
+    "self_attn.out_proj.weight",
+    "self_attn.out_proj.bias",
+    "ffn.fc1.weight",
+    "ffn.fc1.bias",
+    "ffn.fc2.weight",
+    "ffn.fc2.bias",
+    "self_attn_layer_norm.weight",
+    "self_attn_layer_norm.bias",
+    "final_layer_norm.weight",
+    "final_layer_norm.bias",
 ]
 DELTALM_PRETRAINED_DEC_LAYER = [
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-    "encoder_attn.q_proj.weight", "encoder_attn.q_proj.bias", "encoder_attn.k_proj.weight", "encoder_attn.k_proj.bias",
-    "encoder_attn.v_proj.weight", "encoder_attn.v_proj.bias", "encoder_attn.out_proj.weight", "encoder_attn.out_proj.bias",
-    "ffn_1.fc1.weight", "ffn_1.fc1.bias", "ffn_1.fc2.weight", "ffn_1.fc2.bias",
-    "ffn_2.fc1.weight", "ffn_2.fc1.bias", "ffn_2.fc2.weight", "ffn_2.fc2.bias",
-    "self_attn_layer_norm.weight", "self_attn_layer_norm.bias", "encoder_attn_layer_norm.weight", "encoder_attn_layer_norm.bias",
-    "final_layer_norm.weight", "final_layer_norm.bias", "ffn_layer_norm.weight", "ffn_layer_norm.bias",
+    "self_attn.q_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight",
+    "self_attn.v_proj.bias",
+    "self_attn.out_proj.weight",
+    "self_attn.out_proj.bias",
+    "encoder_attn.q_proj.weight",
+    "encoder_attn.q_proj.bias",
+    "encoder_attn.k_proj.weight",
+    "encoder_attn.k_proj.bias",
+    "encoder_attn.v_proj.weight",
+    "encoder_attn.v_proj.bias",
+    "encoder_attn.out_proj.weight",
+    "encoder_attn.out_proj.bias",
+    "ffn_1.fc1.weight",
+    "ffn_1.fc1.bias",
+    "ffn_1.fc2.weight",
+    "ffn_1.fc2.bias",
+    "ffn_2.fc1.weight",
+    "ffn_2.fc1.bias",
+    "ffn_2.fc2.weight",
+    "ffn_2.fc2.bias",
+    "self_attn_layer_norm.weight",
+    "self_attn_layer_norm.bias",
+    "encoder_attn_layer_norm.weight",
+    "encoder_attn_layer_norm.bias",
+    "final_layer_norm.weight",
+    "final_layer_norm.bias",
+    "ffn_layer_norm.weight",
+    "ffn_layer_norm.bias",
 ]
-DELTALM_FT_EMBED = ["version", "embed_tokens.weight", "embed_positions.weight", "layernorm_embedding.weight", "layernorm_embedding.bias"]
+DELTALM_FT_EMBED = [
+    "version",
+    "embed_tokens.weight",
+    "embed_positions.weight",
+    "layernorm_embedding.weight",
+    "layernorm_embedding.bias",
+]
 DELTALM_FT_ENC_LAYER = [
-    "self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-    "self_attn_layer_norm.weight", "self_attn_layer_norm.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
-    "final_layer_norm.weight", "final_layer_norm.bias",
+    "self_attn.k_proj.weight",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight",
+    "self_attn.v_proj.bias",
+    "self_attn.q_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.out_proj.weight",
+    "self_attn.out_proj.bias",
+    "self_attn_layer_norm.weight",
+    "self_attn_layer_norm.bias",
+    "fc1.weight",
+    "fc1.bias",
+    "fc2.weight",
+    "fc2.bias",
+    "final_layer_norm.weight",
+    "final_layer_norm.bias",
 ]
 DELTALM_FT_DEC_LAYER = [
-    "self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-    "self_attn_layer_norm.weight", "self_attn_layer_norm.bias",
-    "encoder_attn.k_proj.weight", "encoder_attn.k_proj.bias", "encoder_attn.v_proj.weight", "encoder_attn.v_proj.bias",
-    "encoder_attn.q_proj.weight", "encoder_attn.q_proj.bias", "encoder_attn.out_proj.weight", "encoder_attn.out_proj.bias",
-    "encoder_attn_layer_norm.weight", "encoder_attn_layer_norm.bias",
-    "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias", "fc4.weight", "fc4.bias",
-    "ffn_layer_norm.weight", "ffn_layer_norm.bias", "final_layer_norm.weight", "final_layer_norm.bias",
+    "self_attn.k_proj.weight",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight",
+    "self_attn.v_proj.bias",
+    "self_attn.q_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.out_proj.weight",
+    "self_attn.out_proj.bias",
+    "self_attn_layer_norm.weight",
+    "self_attn_layer_norm.bias",
+    "encoder_attn.k_proj.weight",
+    "encoder_attn.k_proj.bias",
+    "encoder_attn.v_proj.weight",
+    "encoder_attn.v_proj.bias",
+    "encoder_attn.q_proj.weight",
+    "encoder_attn.q_proj.bias",
+    "encoder_attn.out_proj.weight",
+    "encoder_attn.out_proj.bias",
+    "encoder_attn_layer_norm.weight",
+    "encoder_attn_layer_norm.bias",
+    "fc1.weight",
+    "fc1.bias",
+    "fc2.weight",
+    "fc2.bias",
+    "fc3.weight",
+    "fc3.bias",
+    "fc4.weight",
+    "fc4.bias",
+    "ffn_layer_norm.weight",
+    "ffn_layer_norm.bias",
+    "final_layer_norm.weight",
+    "final_layer_norm.bias",
 ]
 
 XLMR_HF_EMBED = [
-    "roberta.embeddings.word_embeddings.weight", "roberta.embeddings.position_embeddings.weight",
-    "roberta.embeddings.token_type_embeddings.weight", "roberta.embeddings.LayerNorm.weight", "roberta.embeddings.LayerNorm.bias",
+    "roberta.embeddings.word_embeddings.weight",
+    "roberta.embeddings.position_embeddings.weight",
+    "roberta.embeddings.token_type_embeddings.weight",
+    "roberta.embeddings.LayerNorm.weight",
+    "roberta.embeddings.LayerNorm.bias",
 ]
 XLMR_HF_LAYER = [
-    "attention.self.query.weight", "attention.self.query.bias", "attention.self.key.weight", "attention.self.key.bias",
-    "attention.self.value.weight", "attention.self.value.bias", "attention.output.dense.weight", "attention.output.dense.bias",
-    "attention.output.LayerNorm.weight", "attention.output.LayerNorm.bias", "intermediate.dense.weight", "intermediate.dense.bias",
-    "output.dense.weight", "output.dense.bias", "output.LayerNorm.weight", "output.LayerNorm.bias",
+    "attention.self.query.weight",
+    "attention.self.query.bias",
+    "attention.self.key.weight",
+    "attention.self.key.bias",
+    "attention.self.value.weight",
+    "attention.self.value.bias",
+    "attention.output.dense.weight",
+    "attention.output.dense.bias",
+    "attention.output.LayerNorm.weight",
+    "attention.output.LayerNorm.bias",
+    "intermediate.dense.weight",
+    "intermediate.dense.bias",
+    "output.dense.weight",
+    "output.dense.bias",
+    "output.LayerNorm.weight",
+    "output.LayerNorm.bias",
 ]
 XLMR_HF_OTHER = [
-    "roberta.pooler.dense.weight", "roberta.pooler.dense.bias", "lm_head.bias", "lm_head.dense.weight", "lm_head.dense.bias",
-    "lm_head.layer_norm.weight", "lm_head.layer_norm.bias", "lm_head.decoder.weight",
+    "roberta.pooler.dense.weight",
+    "roberta.pooler.dense.bias",
+    "lm_head.bias",
+    "lm_head.dense.weight",
+    "lm_head.dense.bias",
+    "lm_head.layer_norm.weight",
+    "lm_head.layer_norm.bias",
+    "lm_head.decoder.weight",
 ]
 
 
@@ -75,7 +174,9 @@ def _shape(name: str, d: int, ffn: int, vocab: int, pos: int) -> tuple[int, ...]
     return (d,)  # layer norms
 
 
-def deltalm_pretrained(d: int = 768, ffn: int = 3072, vocab: int = 250104, pos: int = 514, enc: int = 12, dec: int = 6) -> dict[str, tuple[int, ...]]:
+def deltalm_pretrained(
+    d: int = 768, ffn: int = 3072, vocab: int = 250104, pos: int = 514, enc: int = 12, dec: int = 6
+) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
     for side in ("tgt_embedding", "src_embedding"):
         for k in DELTALM_PRETRAINED_EMBED:
@@ -90,7 +191,9 @@ def deltalm_pretrained(d: int = 768, ffn: int = 3072, vocab: int = 250104, pos: 
     return out
 
 
-def deltalm_finetuned(d: int = 768, ffn: int = 3072, vocab: int = 250001, pos: int = 514, enc: int = 12, dec: int = 6) -> dict[str, tuple[int, ...]]:
+def deltalm_finetuned(
+    d: int = 768, ffn: int = 3072, vocab: int = 250001, pos: int = 514, enc: int = 12, dec: int = 6
+) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
     for k in DELTALM_FT_EMBED:
         out[f"encoder.{k}"] = _shape(k, d, ffn, vocab, pos)
@@ -124,5 +227,7 @@ def xlmr_hf(d: int = 768, ffn: int = 3072, vocab: int = 250002, pos: int = 514, 
                 s = (d, d) if w else (d,)
             out[f"roberta.encoder.layer.{i}.{k}"] = s
     for k in XLMR_HF_OTHER:
-        out[k] = {"lm_head.bias": (vocab,), "lm_head.decoder.weight": (vocab, d)}.get(k, (d, d) if k.endswith("dense.weight") else (d,))
+        out[k] = {"lm_head.bias": (vocab,), "lm_head.decoder.weight": (vocab, d)}.get(
+            k, (d, d) if k.endswith("dense.weight") else (d,)
+        )
     return out

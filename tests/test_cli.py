@@ -28,7 +28,12 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def _pair(tmp_path):
     base = {"keep": torch.ones(2, 3), "gone": torch.zeros(4), "reshaped": torch.zeros(2, 2), "retyped": torch.zeros(3)}
-    other = {"keep": torch.ones(2, 3), "added": torch.zeros(1), "reshaped": torch.zeros(4), "retyped": torch.zeros(3, dtype=torch.float16)}
+    other = {
+        "keep": torch.ones(2, 3),
+        "added": torch.zeros(1),
+        "reshaped": torch.zeros(4),
+        "retyped": torch.zeros(3, dtype=torch.float16),
+    }
     a, b = tmp_path / "a.pt", tmp_path / "b.safetensors"
     torch.save(base, a)
     save_file(other, b)
@@ -39,11 +44,13 @@ def test_diff_shows_each_difference_and_exits_1(tmp_path, capsys):
     a, b = _pair(tmp_path)
     code, out, _ = run(capsys, "diff", a, b)
     assert code == 1
-    sections = {title: out.index(title) for title in ("only in A (1)", "only in B (1)", "shape mismatch (1)", "dtype mismatch (1)")}
-    assert "gone" in out[sections["only in A (1)"]: sections["only in B (1)"]]
-    assert "added" in out[sections["only in B (1)"]: sections["shape mismatch (1)"]]
-    assert "reshaped" in out[sections["shape mismatch (1)"]: sections["dtype mismatch (1)"]]
-    assert "retyped" in out[sections["dtype mismatch (1)"]:]
+    sections = {
+        title: out.index(title) for title in ("only in A (1)", "only in B (1)", "shape mismatch (1)", "dtype mismatch (1)")
+    }
+    assert "gone" in out[sections["only in A (1)"] : sections["only in B (1)"]]
+    assert "added" in out[sections["only in B (1)"] : sections["shape mismatch (1)"]]
+    assert "reshaped" in out[sections["shape mismatch (1)"] : sections["dtype mismatch (1)"]]
+    assert "retyped" in out[sections["dtype mismatch (1)"] :]
     code, out, _ = run(capsys, "diff", a, b, "--json")
     d = json.loads(out)
     assert code == 1 and d["same"] is False
@@ -111,10 +118,25 @@ def _ckpt(tmp_path):
 BAD_INPUTS = [
     ("unknown-op", "  - renam: a -> b\n", None, r"spec\.yaml:4: rule #1: unknown op 'renam'; did you mean 'rename'\?"),
     ("matches-nothing", "  - rename: x.{i} -> y.{i}\n", None, r"spec\.yaml:4: rule #1 \(rename x\.\{i\}\): matched no key"),
-    ("two-rules-one-key", "  - rename: a.0.w -> c\n  - rename: b -> c\n", None, r"spec\.yaml:5: rule #2 \(rename b\): writes 'c', which already exists \(written by rule #1"),
-    ("split-not-divide", "  - split: {from: 'a.{i}.w', to: ['p.{i}', 'q.{i}', 'r.{i}']}\n", None, r"can't split dim 0 of length 10 into 3 equal chunks \(10 % 3 = 1\)"),
+    (
+        "two-rules-one-key",
+        "  - rename: a.0.w -> c\n  - rename: b -> c\n",
+        None,
+        r"spec\.yaml:5: rule #2 \(rename b\): writes 'c', which already exists \(written by rule #1",
+    ),
+    (
+        "split-not-divide",
+        "  - split: {from: 'a.{i}.w', to: ['p.{i}', 'q.{i}', 'r.{i}']}\n",
+        None,
+        r"can't split dim 0 of length 10 into 3 equal chunks \(10 % 3 = 1\)",
+    ),
     ("missing-input", "  - keep: '{k:path}'\n", "missing.pt", r"missing\.pt: no such file or directory"),
-    ("truncated-safetensors", "  - keep: '{k:path}'\n", "truncated", r"truncated\.safetensors: tensor 'b': data ends at byte \d+ of a \d+-byte buffer \(truncated file\?\)"),
+    (
+        "truncated-safetensors",
+        "  - keep: '{k:path}'\n",
+        "truncated",
+        r"truncated\.safetensors: tensor 'b': data ends at byte \d+ of a \d+-byte buffer \(truncated file\?\)",
+    ),
 ]
 
 

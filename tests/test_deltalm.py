@@ -85,7 +85,10 @@ def test_vocab_var_must_fit(tmp_path):
 
 def _fairseq_ckpt(tmp_path):
     g = torch.Generator().manual_seed(2)
-    model = {k: (torch.tensor([1.0]) if k.endswith("version") else _randn(s, g)) for k, s in deltalm_finetuned(vocab=VOCAB, **DIMS).items()}
+    model = {
+        k: (torch.tensor([1.0]) if k.endswith("version") else _randn(s, g))
+        for k, s in deltalm_finetuned(vocab=VOCAB, **DIMS).items()
+    }
     model["decoder.output_projection.weight"] = model["decoder.embed_tokens.weight"]
     ckpt = {
         "args": argparse.Namespace(arch="deltalm_base", share_all_embeddings=True),

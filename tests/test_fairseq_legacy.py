@@ -61,7 +61,11 @@ def _legacy_state(g: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str
             for fc, shape in (("fc1", (FFN, D)), ("fc2", (D, FFN))):
                 sd[f"{stack}.layers.{i}.{fc}.weight"] = torch.randn(shape, generator=g)
                 sd[f"{stack}.layers.{i}.{fc}.bias"] = torch.randn(shape[0], generator=g)
-            norms = ["layer_norms.0", "layer_norms.1"] if stack == "encoder" else ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"]
+            norms = (
+                ["layer_norms.0", "layer_norms.1"]
+                if stack == "encoder"
+                else ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"]
+            )
             for ln in norms:
                 sd[f"{stack}.layers.{i}.{ln}.weight"] = torch.randn(D, generator=g)
                 sd[f"{stack}.layers.{i}.{ln}.bias"] = torch.randn(D, generator=g)
@@ -81,7 +85,7 @@ def test_legacy_fused_attention_equals_separate_projections(tmp_path):
         stack, i, attn = name.split(".")
         sep = SeparateAttention(D, HEADS)
         prefix = f"model.{stack}.layers.{i}.{attn}."
-        sep.load_state_dict({k[len(prefix):]: v for k, v in new.items() if k.startswith(prefix)}, strict=True)
+        sep.load_state_dict({k[len(prefix) :]: v for k, v in new.items() if k.startswith(prefix)}, strict=True)
         kv = mem if attn == "encoder_attn" else x
         with torch.no_grad():
             want, _ = mha(x, kv, kv, need_weights=False)
@@ -104,7 +108,8 @@ def test_swapped_split_order_is_caught():
     mha = _perturbed(nn.MultiheadAttention(D, HEADS, batch_first=True), g)
     sd = {f"a.{k}": v for k, v in mha.state_dict().items()}
     spec = {
-        "name": "swapped", "version": 1,
+        "name": "swapped",
+        "version": 1,
         "rules": [
             {"split": {"from": "a.in_proj_weight", "to": ["k_proj.weight", "q_proj.weight", "v_proj.weight"]}},
             {"split": {"from": "a.in_proj_bias", "to": ["k_proj.bias", "q_proj.bias", "v_proj.bias"]}},

@@ -15,8 +15,21 @@ from statemap import CheckpointError, open_checkpoint
 from statemap.torch_adapter import to_torch
 
 g = torch.Generator().manual_seed(0)
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
-          torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16]
+DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.uint16,
+]
 
 
 def _all_dtypes() -> dict[str, torch.Tensor]:
@@ -36,7 +49,10 @@ def _same(a: dict, b: dict) -> None:
     assert list(a) == list(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(a[k].view(torch.uint8) if a[k].dtype.itemsize == 1 else a[k], b[k].view(torch.uint8) if b[k].dtype.itemsize == 1 else b[k]), k
+        assert torch.equal(
+            a[k].view(torch.uint8) if a[k].dtype.itemsize == 1 else a[k],
+            b[k].view(torch.uint8) if b[k].dtype.itemsize == 1 else b[k],
+        ), k
 
 
 def test_safetensors_written_by_the_library_every_dtype(tmp_path):
@@ -79,8 +95,13 @@ def test_sharded_safetensors_out_and_in(tmp_path):
     spec = {"name": "t", "version": 1, "rules": [{"rename": "layer.{i}.w -> model.layers.{i}.weight"}]}
     report = statemap.convert(spec, tmp_path / "src.safetensors", tmp_path / "model.safetensors", max_shard_size="40KB")
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors",
-                     "model.safetensors.index.json", "src.safetensors"]
+    assert names == [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+        "src.safetensors",
+    ]
     assert len(report.files) == 4
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == 6 * 64 * 64 * 4
@@ -95,8 +116,14 @@ def test_hf_sharded_bin_index(tmp_path):
     b = {"y.weight": torch.randn(3, generator=g)}
     torch.save(a, tmp_path / "pytorch_model-00001-of-00002.bin")
     torch.save(b, tmp_path / "pytorch_model-00002-of-00002.bin")
-    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
-        "x.weight": "pytorch_model-00001-of-00002.bin", "y.weight": "pytorch_model-00002-of-00002.bin"}}))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {"x.weight": "pytorch_model-00001-of-00002.bin", "y.weight": "pytorch_model-00002-of-00002.bin"},
+            }
+        )
+    )
     got = _read_all(tmp_path)
     assert torch.equal(got["x.weight"], a["x.weight"]) and torch.equal(got["y.weight"], b["y.weight"])
 
@@ -105,7 +132,10 @@ BAD_INDEXES = [
     ({"x.weight": "../outside.safetensors"}, r"points outside the checkpoint folder; refusing"),
     ({"x.weight": "/etc/passwd"}, r"points outside the checkpoint folder; refusing"),
     ({"x.weight": "missing.safetensors"}, r"shard 'missing\.safetensors' is missing"),
-    ({"x.weight": "s1.safetensors", "y.weight": "s1.safetensors"}, r"shard 's1\.safetensors' holds 'z', which the index maps to None"),
+    (
+        {"x.weight": "s1.safetensors", "y.weight": "s1.safetensors"},
+        r"shard 's1\.safetensors' holds 'z', which the index maps to None",
+    ),
     ({"x.weight": "s1.safetensors", "z": "s2.safetensors", "y.weight": "s2.safetensors"}, r"tensor 'z' is in two shards"),
 ]
 
@@ -131,7 +161,11 @@ def test_compiled_and_ddp_prefixes_are_stripped(tmp_path, prefix):
 
 def test_plain_pickle_of_numpy_arrays(tmp_path):
     """Paddle .pdparams are pickles of numpy arrays; read them with the same allowlist."""
-    sd = {"linear_0.w_0": np.arange(12, dtype="f4").reshape(3, 4), "linear_0.b_0": np.ones(4, dtype="f8"), "StructuredToParameterName@@": {"a": "b"}}
+    sd = {
+        "linear_0.w_0": np.arange(12, dtype="f4").reshape(3, 4),
+        "linear_0.b_0": np.ones(4, dtype="f8"),
+        "StructuredToParameterName@@": {"a": "b"},
+    }
     with open(tmp_path / "m.pdparams", "wb") as f:
         pickle.dump(sd, f, protocol=2)
     with open_checkpoint(tmp_path / "m.pdparams") as ck:
@@ -153,11 +187,14 @@ def test_explicit_unwrap_errors_name_the_keys(tmp_path):
         open_checkpoint(tmp_path / "c.pt", unwrap=("weights",))
 
 
-@pytest.mark.parametrize("obj, message", [
-    ({}, r"state dict is empty"),
-    ({"args": 1, "note": "x"}, r"no tensors found \(top-level keys: args, note\)"),
-    ([torch.zeros(1)], r"holds a list, not a state dict"),
-])
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        ({}, r"state dict is empty"),
+        ({"args": 1, "note": "x"}, r"no tensors found \(top-level keys: args, note\)"),
+        ([torch.zeros(1)], r"holds a list, not a state dict"),
+    ],
+)
 def test_not_a_state_dict(tmp_path, obj, message):
     torch.save(obj, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match=message):
@@ -167,5 +204,7 @@ def test_not_a_state_dict(tmp_path, obj, message):
 def test_directory_without_a_single_checkpoint(tmp_path):
     save_file({"a": torch.zeros(1)}, tmp_path / "a.safetensors")
     save_file({"b": torch.zeros(1)}, tmp_path / "b.safetensors")
-    with pytest.raises(CheckpointError, match=r"directory holds no single checkpoint to read \(found: a\.safetensors, b\.safetensors\)"):
+    with pytest.raises(
+        CheckpointError, match=r"directory holds no single checkpoint to read \(found: a\.safetensors, b\.safetensors\)"
+    ):
         open_checkpoint(tmp_path)

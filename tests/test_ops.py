@@ -42,7 +42,11 @@ T3 = torch.randn(2, 3, 4, generator=g)
         ({"cast": {"from": "w", "dtype": "bf16"}}, "w", W.bfloat16()),
         ({"cast": {"from": "w", "dtype": "float64"}}, "w", W.double()),
         ({"inject": {"to": "z", "shape": [2, "n"], "value": 3, "dtype": "int64"}}, "z", torch.full((2, 1), 3, dtype=torch.int64)),
-        ({"inject": {"to": "z", "shape": [1, {"dim": 0, "of": "w"}], "value": 0.5, "dtype": "bfloat16"}}, "z", torch.full((1, 12), 0.5, dtype=torch.bfloat16)),
+        (
+            {"inject": {"to": "z", "shape": [1, {"dim": 0, "of": "w"}], "value": 0.5, "dtype": "bfloat16"}},
+            "z",
+            torch.full((1, 12), 0.5, dtype=torch.bfloat16),
+        ),
     ],
 )
 def test_op_values_match_torch(rule, key, expected):
@@ -90,13 +94,23 @@ def test_copy_is_independent_and_tie_is_shared():
 def test_captures_arithmetic_and_pattern_kinds():
     sd = {f"enc.layers.{i}.w": torch.full((1,), float(i)) for i in range(4)}
     sd["enc.extra.bias"] = torch.zeros(1)
-    new = mapped([
-        {"rename": "enc.layers.{i:int}.w -> dec.layers.{2*i+1}.w"},
-        {"rename": "enc.{rest:path} -> x.{rest}"},
-    ], sd)
-    assert {k: v.item() for k, v in new.items() if k.startswith("dec")} == {"dec.layers.1.w": 0, "dec.layers.3.w": 1, "dec.layers.5.w": 2, "dec.layers.7.w": 3}
+    new = mapped(
+        [
+            {"rename": "enc.layers.{i:int}.w -> dec.layers.{2*i+1}.w"},
+            {"rename": "enc.{rest:path} -> x.{rest}"},
+        ],
+        sd,
+    )
+    assert {k: v.item() for k, v in new.items() if k.startswith("dec")} == {
+        "dec.layers.1.w": 0,
+        "dec.layers.3.w": 1,
+        "dec.layers.5.w": 2,
+        "dec.layers.7.w": 3,
+    }
     assert "x.extra.bias" in new
-    new = mapped([{"rename": r"re:enc\.layers\.(?P<i>[0-9]+)\.w -> L{i//2}.{i%2}"}], {k: v for k, v in sd.items() if "layers" in k})
+    new = mapped(
+        [{"rename": r"re:enc\.layers\.(?P<i>[0-9]+)\.w -> L{i//2}.{i%2}"}], {k: v for k, v in sd.items() if "layers" in k}
+    )
     assert {k: v.item() for k, v in new.items()} == {"L0.0": 0, "L0.1": 1, "L1.0": 2, "L1.1": 3}
 
 
@@ -128,5 +142,7 @@ def test_passthrough_is_reported_and_strict_refuses():
 def test_numpy_state_dict_in_numpy_out():
     import numpy as np
 
-    new, _ = statemap.map_state_dict({"name": "t", "version": 1, "rules": [{"transpose": "w"}]}, {"w": np.arange(6, dtype="f4").reshape(2, 3)})
+    new, _ = statemap.map_state_dict(
+        {"name": "t", "version": 1, "rules": [{"transpose": "w"}]}, {"w": np.arange(6, dtype="f4").reshape(2, 3)}
+    )
     assert isinstance(new["w"], np.ndarray) and new["w"].tolist() == [[0, 3], [1, 4], [2, 5]]

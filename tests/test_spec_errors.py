@@ -12,7 +12,10 @@ HEAD = "name: t\nversion: 1\n"
 # (spec text, regex the message must match). Line numbers count from 1 in the file.
 BAD_SPECS = [
     (HEAD + "rules:\n  - renam: a -> b\n", r"spec\.yaml:4: rule #1: unknown op 'renam'; did you mean 'rename'\?"),
-    (HEAD + "rules:\n  - rename: {from: a, too: b}\n", r"spec\.yaml:4: rule #1 \(rename\): unknown field of 'rename' 'too'; did you mean 'to'\?"),
+    (
+        HEAD + "rules:\n  - rename: {from: a, too: b}\n",
+        r"spec\.yaml:4: rule #1 \(rename\): unknown field of 'rename' 'too'; did you mean 'to'\?",
+    ),
     (HEAD + "rulez: []\n", r"spec\.yaml:3: unknown spec field 'rulez'; did you mean 'rules'\?"),
     ("name: t\nrules: []\n", r"spec\.yaml:1: spec has no 'version' field"),
     ("name: t\nversion: 2\nrules: []\n", r"spec\.yaml:2: spec format version 2 is not supported"),
@@ -27,14 +30,20 @@ BAD_SPECS = [
     (HEAD + "rules:\n  - split: {from: a, dim: 0}\n", r"spec\.yaml:4: .*missing required field 'to'"),
     (HEAD + "rules:\n  - split: {from: a, to: [b], dim: 0}\n", r"split into fewer than 2 targets"),
     (HEAD + "rules:\n  - split: {from: a, to: [b, c], dim: x}\n", r"field 'dim': expected an integer dim"),
-    (HEAD + "rules:\n  - merge: {from: ['q.{i}', 'k.{j}'], to: 'qk.{i}'}\n", r"source 'k\.\{j\}' uses \['j'\], which the first source"),
+    (
+        HEAD + "rules:\n  - merge: {from: ['q.{i}', 'k.{j}'], to: 'qk.{i}'}\n",
+        r"source 'k\.\{j\}' uses \['j'\], which the first source",
+    ),
     (HEAD + "rules:\n  - rename: a -> b\n    optional: maybe\n", r"field 'optional': expected true or false"),
     (HEAD + "rules:\n  - rename: a -> b\n    drop: c\n", r"spec\.yaml:4: rule #1: one op per rule, found \['rename', 'drop'\]"),
     (HEAD + "rules:\n  - {}\n", r"spec\.yaml:4: rule #1: a rule is a mapping"),
     (HEAD + "rules: {a: b}\n", r"spec\.yaml:3: 'rules' must be a list"),
     (HEAD + "vars: {1x: 2}\nrules: []\n", r"var name '1x' is not an identifier"),
     (HEAD + "strict: yes please\nrules: []\n", r"'strict' must be true or false"),
-    (HEAD + "rules:\n  - rename: a -> b\n  - rename: c -> d\n  - renamee: e -> f\n", r"spec\.yaml:6: rule #3: unknown op 'renamee'"),
+    (
+        HEAD + "rules:\n  - rename: a -> b\n  - rename: c -> d\n  - renamee: e -> f\n",
+        r"spec\.yaml:6: rule #3: unknown op 'renamee'",
+    ),
     ("name: t\nversion: 1\nversion: 1\nrules: []\n", r"spec\.yaml:3: duplicate field 'version'"),
     (HEAD + "rules:\n  - rename: 're:a(b -> c'\n", r"invalid regex"),
     (HEAD + "rules:\n  - inject: {to: x, shape: 3}\n", r"expected a list such as \[1, vocab\]"),
@@ -45,9 +54,12 @@ BAD_SPECS = [
     ("- a\n- b\n", r"a spec is a mapping"),
 ]
 
-ALIAS_BOMB = HEAD + "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh")
-) + "rules: []\n"
+ALIAS_BOMB = (
+    HEAD
+    + "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh"))
+    + "rules: []\n"
+)
 
 
 @pytest.mark.parametrize("text, message", BAD_SPECS, ids=[f"bad-spec-{i}" for i in range(len(BAD_SPECS))])
@@ -79,15 +91,26 @@ def test_unknown_catalog_name_suggests():
 
 # -- plan-time errors: the spec is fine, it does not fit the checkpoint ------------------------
 
-M = [TensorMeta("a.0.w", (10, 4), "float32"), TensorMeta("a.1.w", (10, 4), "float32"), TensorMeta("b", (4, 4), "float16"), TensorMeta("v", (5,), "float32")]
+M = [
+    TensorMeta("a.0.w", (10, 4), "float32"),
+    TensorMeta("a.1.w", (10, 4), "float32"),
+    TensorMeta("b", (4, 4), "float16"),
+    TensorMeta("v", (5,), "float32"),
+]
 
 BAD_PLANS = [
     ("- rename: x.{i}.w -> y.{i}.w", r"spec\.yaml:4: rule #1 \(rename x\.\{i\}\.w\): matched no key"),
     ("- rename: a.{i}.w -> b", r"writes 'b' twice \(from 'a\.0\.w' and 'a\.1\.w'\)"),
     ("- rename: a.0.w -> b", r"writes 'b', which already exists \(a source key no rule has consumed yet\)"),
     ("- rename: a.0.w -> c\n  - rename: a.1.w -> c", r"rule #2 .*writes 'c', which already exists \(written by rule #1"),
-    ("- split: {from: 'a.{i}.w', to: ['p.{i}', 'q.{i}', 'r.{i}']}", r"can't split dim 0 of length 10 into 3 equal chunks \(10 % 3 = 1\); give explicit 'sizes' at 'a\.0\.w'"),
-    ("- split: {from: 'a.{i}.w', to: ['p.{i}', 'q.{i}'], sizes: [3, 4]}", r"sizes 3 \+ 4 = 7 do not add up to dim 0 of length 10"),
+    (
+        "- split: {from: 'a.{i}.w', to: ['p.{i}', 'q.{i}', 'r.{i}']}",
+        r"can't split dim 0 of length 10 into 3 equal chunks \(10 % 3 = 1\); give explicit 'sizes' at 'a\.0\.w'",
+    ),
+    (
+        "- split: {from: 'a.{i}.w', to: ['p.{i}', 'q.{i}'], sizes: [3, 4]}",
+        r"sizes 3 \+ 4 = 7 do not add up to dim 0 of length 10",
+    ),
     ("- split: {from: 'a.{i}.w', to: ['p.{i}', 'q.{i}'], dim: 2}", r"has 2 dims; dim 2 is out of range"),
     ("- merge: {from: [a.0.w, b], to: c}", r"can't merge dtypes \['float32', 'float16'\]; cast first"),
     ("- merge: {from: [a.0.w, v], to: c}", r"can't concat shapes \[\[10, 4\], \[5\]\] along dim 0"),
@@ -123,7 +146,9 @@ def test_bad_plan(tmp_path, rules, message):
 def test_strict_lists_unaccounted_keys_folded(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text(HEAD + "strict: true\nrules:\n  - rename: b -> c\n")
-    with pytest.raises(PlanError, match=r"strict spec 't': 3 source key\(s\) not accounted for by any rule: a\.\{0-1\}\.w x2; v\. Add rules"):
+    with pytest.raises(
+        PlanError, match=r"strict spec 't': 3 source key\(s\) not accounted for by any rule: a\.\{0-1\}\.w x2; v\. Add rules"
+    ):
         make_plan(load_spec(path), M)
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -59,8 +60,16 @@ def open_checkpoint(
     if name.endswith(".safetensors"):
         metas, locs, meta = read_header(str(p))
         files = MappedFiles()
-        ck = Checkpoint(str(p), "safetensors", metas, lambda k: files.read(locs[k]), metadata=meta,
-                        locations=locs, storage_ids={k: v.storage for k, v in locs.items()}, closer=files.close)
+        ck = Checkpoint(
+            str(p),
+            "safetensors",
+            metas,
+            lambda k: files.read(locs[k]),
+            metadata=meta,
+            locations=locs,
+            storage_ids={k: v.storage for k, v in locs.items()},
+            closer=files.close,
+        )
         return _finish_flat(ck, strip_prefix)
     if name.endswith(".msgpack"):
         raise CheckpointError(f"{p}: Flax msgpack files are not supported yet")
@@ -116,7 +125,11 @@ def _pick_in_dir(d: Path) -> Path:
     for cand in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"):
         if (d / cand).is_file():
             return d / cand
-    files = [f for f in sorted(d.iterdir()) if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pdparams")]
+    files = [
+        f
+        for f in sorted(d.iterdir())
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pdparams")
+    ]
     indexes = [f for f in sorted(d.iterdir()) if f.name.endswith(".index.json")]
     if len(indexes) == 1:
         return indexes[0]
@@ -180,8 +193,16 @@ def _open_index(p: Path) -> Checkpoint:
     locations = {k: v for r in readers.values() for k, v in r.locations.items()}
     storage_ids = {k: v for r in readers.values() for k, v in r.storage_ids.items()}
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
-    return Checkpoint(str(p), fmt, metas, read, metadata={str(k): str(v) for k, v in meta.items()},
-                      locations=locations, storage_ids=storage_ids, closer=close)
+    return Checkpoint(
+        str(p),
+        fmt,
+        metas,
+        read,
+        metadata={str(k): str(v) for k, v in meta.items()},
+        locations=locations,
+        storage_ids=storage_ids,
+        closer=close,
+    )
 
 
 def _is_tensor(v: Any) -> bool:
@@ -210,7 +231,9 @@ def _find_container(obj: Any, unwrap: tuple[str, ...] | None, path: str) -> tupl
         cur, walked = obj, []
         for part in unwrap:
             if not isinstance(cur, Mapping):
-                raise CheckpointError(f"{path}: cannot unwrap {'/'.join(unwrap)!r}: {'/'.join(walked) or 'top level'} is not a mapping")
+                raise CheckpointError(
+                    f"{path}: cannot unwrap {'/'.join(unwrap)!r}: {'/'.join(walked) or 'top level'} is not a mapping"
+                )
             if part not in cur:
                 keys = ", ".join(map(str, list(cur)[:12]))
                 raise CheckpointError(f"{path}: cannot unwrap {'/'.join(unwrap)!r}: no key {part!r} (keys: {keys})")
@@ -259,11 +282,20 @@ def _describe(v: Any) -> Any:
     return v
 
 
-def _from_object(path: str, fmt: str, obj: Any, locs: dict[str, ByteTensor | None], unwrap: tuple[str, ...] | None, strip_prefix: tuple[str, ...] | None) -> Checkpoint:
+def _from_object(
+    path: str,
+    fmt: str,
+    obj: Any,
+    locs: dict[str, ByteTensor | None],
+    unwrap: tuple[str, ...] | None,
+    strip_prefix: tuple[str, ...] | None,
+) -> Checkpoint:
     from ..dtypes import from_numpy
 
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict (a whole pickled model is not supported; save model.state_dict())")
+        raise CheckpointError(
+            f"{path}: holds a {type(obj).__name__}, not a state dict (a whole pickled model is not supported; save model.state_dict())"
+        )
     container, where = _find_container(obj, unwrap, path)
     if not isinstance(container, Mapping):
         raise CheckpointError(f"{path}: {where or 'top level'} is a {type(container).__name__}, not a state dict")
@@ -274,7 +306,9 @@ def _from_object(path: str, fmt: str, obj: Any, locs: dict[str, ByteTensor | Non
         keys = ", ".join(map(str, list(obj)[:12]))
         if container is obj and not obj:
             raise CheckpointError(f"{path}: state dict is empty")
-        raise CheckpointError(f"{path}: no tensors found{' under ' + repr(where) if where else ''} (top-level keys: {keys}); set 'unwrap' to the state dict's key")
+        raise CheckpointError(
+            f"{path}: no tensors found{' under ' + repr(where) if where else ''} (top-level keys: {keys}); set 'unwrap' to the state dict's key"
+        )
     metas: dict[str, TensorMeta] = {}
     locations: dict[str, ByteTensor] = {}
     arrays: dict[str, np.ndarray] = {}
@@ -294,8 +328,18 @@ def _from_object(path: str, fmt: str, obj: Any, locs: dict[str, ByteTensor | Non
             return arrays[k]
         return files.read(locations[k])
 
-    ck = Checkpoint(path, fmt, metas, read, container=where, extras=extras, skipped=skipped,
-                    locations=locations, storage_ids={k: v.storage for k, v in locations.items()}, closer=files.close)
+    ck = Checkpoint(
+        path,
+        fmt,
+        metas,
+        read,
+        container=where,
+        extras=extras,
+        skipped=skipped,
+        locations=locations,
+        storage_ids={k: v.storage for k, v in locations.items()},
+        closer=files.close,
+    )
     return _finish_flat(ck, strip_prefix)
 
 
@@ -313,7 +357,7 @@ def _finish_flat(ck: Checkpoint, strip_prefix: tuple[str, ...] | None) -> Checkp
             changed = False
             for pre in AUTO_PREFIXES:
                 if all(v.startswith(pre) for v in cur.values()):
-                    cur = {k: v[len(pre):] for k, v in cur.items()}
+                    cur = {k: v[len(pre) :] for k, v in cur.items()}
                     stripped += pre
                     changed = True
         rename = {k: v for k, v in cur.items() if k != v}
@@ -322,7 +366,7 @@ def _finish_flat(ck: Checkpoint, strip_prefix: tuple[str, ...] | None) -> Checkp
         for n in names:
             for pre in strip_prefix:
                 if n.startswith(pre):
-                    rename[n] = n[len(pre):]
+                    rename[n] = n[len(pre) :]
                     break
     if not rename:
         return ck

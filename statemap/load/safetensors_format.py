@@ -31,7 +31,9 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
                 raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header (truncated?)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER:
-                raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER >> 20} MiB limit (corrupt or hostile file)")
+                raise CheckpointError(
+                    f"{path}: header length {n} exceeds the {MAX_HEADER >> 20} MiB limit (corrupt or hostile file)"
+                )
             if 8 + n > size:
                 raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
             raw = f.read(n)
@@ -72,8 +74,7 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
             raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {off} are out of order")
         if end - begin != need:
             raise CheckpointError(
-                f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes but "
-                f"{dt.st} x {shape} needs {need}"
+                f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes but {dt.st} x {shape} needs {need}"
             )
         if end > buffer_len:
             raise CheckpointError(
@@ -91,7 +92,9 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
             raise CheckpointError(f"{path}: {begin - pos} unaccounted bytes before tensor {name!r}")
         pos = end
     if pos != buffer_len:
-        raise CheckpointError(f"{path}: header accounts for {pos} data bytes but the file holds {buffer_len} (truncated or padded?)")
+        raise CheckpointError(
+            f"{path}: header accounts for {pos} data bytes but the file holds {buffer_len} (truncated or padded?)"
+        )
     return metas, locs, dict(meta_raw)
 
 

@@ -63,7 +63,9 @@ def load_zip(path: str) -> tuple[Any, dict[str, ByteTensor | None]]:
                 except KeyError:
                     raise CheckpointError(f"{path}: storage {key!r} has no entry {entry!r} (truncated or corrupt file)") from None
                 if e.compress_type != zipfile.ZIP_STORED:
-                    raise CheckpointError(f"{path}: storage entry {entry!r} is compressed; torch writes them stored (tampered file?)")
+                    raise CheckpointError(
+                        f"{path}: storage entry {entry!r} is compressed; torch writes them stored (tampered file?)"
+                    )
                 need = st.numel * lookup_dtype(st.dtype).itemsize
                 if e.file_size < need:
                     raise CheckpointError(f"{path}: storage {key!r} holds {e.file_size} bytes, needs {need}")

@@ -31,39 +31,153 @@ from ..errors import CheckpointError, UnsafeCheckpointError
 
 # torch storage class name -> dtype (legacy typed storages are how torch pickles dtypes)
 STORAGE_DTYPES = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
-    "BoolStorage": "bool", "UntypedStorage": "uint8", "Float8_e4m3fnStorage": "float8_e4m3fn",
-    "Float8_e5m2Storage": "float8_e5m2", "UInt16Storage": "uint16", "UInt32Storage": "uint32",
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "UntypedStorage": "uint8",
+    "Float8_e4m3fnStorage": "float8_e4m3fn",
+    "Float8_e5m2Storage": "float8_e5m2",
+    "UInt16Storage": "uint16",
+    "UInt32Storage": "uint32",
     "UInt64Storage": "uint64",
 }
 TORCH_DTYPES = {
-    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
-    "bool", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64", "double", "float",
-    "half", "long", "int", "short",
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "uint16",
+    "uint32",
+    "uint64",
+    "double",
+    "float",
+    "half",
+    "long",
+    "int",
+    "short",
 }
 
 # Modules and builtins whose only use in a pickle is to run code: refused outright.
 DENY_MODULES = (
-    "os", "posix", "nt", "subprocess", "sys", "importlib", "runpy", "shutil", "socket",
-    "pickle", "_pickle", "marshal", "types", "ctypes", "code", "codeop", "pty", "webbrowser",
-    "multiprocessing", "threading", "asyncio", "signal", "tempfile", "pathlib", "io", "_io",
-    "operator", "functools", "inspect", "pydoc", "commands", "popen2", "platform", "urllib",
-    "http", "ftplib", "smtplib", "telnetlib", "requests", "cloudpickle", "dill", "joblib",
-    "numpy.testing", "numpy.f2py", "numpy.distutils", "torch._dynamo", "torch.hub",
-    "torch.jit", "torch.ops", "torch.utils.cpp_extension", "torch._ops",
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "sys",
+    "importlib",
+    "runpy",
+    "shutil",
+    "socket",
+    "pickle",
+    "_pickle",
+    "marshal",
+    "types",
+    "ctypes",
+    "code",
+    "codeop",
+    "pty",
+    "webbrowser",
+    "multiprocessing",
+    "threading",
+    "asyncio",
+    "signal",
+    "tempfile",
+    "pathlib",
+    "io",
+    "_io",
+    "operator",
+    "functools",
+    "inspect",
+    "pydoc",
+    "commands",
+    "popen2",
+    "platform",
+    "urllib",
+    "http",
+    "ftplib",
+    "smtplib",
+    "telnetlib",
+    "requests",
+    "cloudpickle",
+    "dill",
+    "joblib",
+    "numpy.testing",
+    "numpy.f2py",
+    "numpy.distutils",
+    "torch._dynamo",
+    "torch.hub",
+    "torch.jit",
+    "torch.ops",
+    "torch.utils.cpp_extension",
+    "torch._ops",
 )
 DENY_BUILTINS = {
-    "eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr",
-    "globals", "locals", "vars", "input", "breakpoint", "exit", "quit", "help", "memoryview",
-    "print", "type", "object", "super", "classmethod", "staticmethod", "property", "apply",
-    "execfile", "file", "reload", "dir", "callable", "iter", "next", "map", "filter", "zip",
+    "eval",
+    "exec",
+    "compile",
+    "open",
+    "__import__",
+    "getattr",
+    "setattr",
+    "delattr",
+    "globals",
+    "locals",
+    "vars",
+    "input",
+    "breakpoint",
+    "exit",
+    "quit",
+    "help",
+    "memoryview",
+    "print",
+    "type",
+    "object",
+    "super",
+    "classmethod",
+    "staticmethod",
+    "property",
+    "apply",
+    "execfile",
+    "file",
+    "reload",
+    "dir",
+    "callable",
+    "iter",
+    "next",
+    "map",
+    "filter",
+    "zip",
 }
 SAFE_BUILTINS = {
-    "dict": dict, "list": list, "tuple": tuple, "set": set, "frozenset": frozenset,
-    "int": int, "float": float, "complex": complex, "bool": bool, "str": str, "bytes": bytes,
-    "bytearray": bytearray, "slice": slice, "range": range,
+    "dict": dict,
+    "list": list,
+    "tuple": tuple,
+    "set": set,
+    "frozenset": frozenset,
+    "int": int,
+    "float": float,
+    "complex": complex,
+    "bool": bool,
+    "str": str,
+    "bytes": bytes,
+    "bytearray": bytearray,
+    "slice": slice,
+    "range": range,
 }
 
 
@@ -155,7 +269,9 @@ def _ints(obj: Any, what: str) -> tuple[int, ...]:
     raise CheckpointError(f"tensor {what} must be a tuple of integers, got {obj!r:.80}")
 
 
-def _rebuild_tensor_v3(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any, *_: Any) -> TensorRef:
+def _rebuild_tensor_v3(
+    storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any, *_: Any
+) -> TensorRef:
     """torch >= 2.1 writes dtypes without a typed storage (uint16, float8, ...) this way:
     a byte storage plus the element dtype; offset, size and stride count elements of that dtype."""
     st = _as_storage(storage)
@@ -180,8 +296,7 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_
         last = offset + sum((d - 1) * s for d, s in zip(shape, strides))
         if last >= st.numel:
             raise CheckpointError(
-                f"tensor of size {list(shape)} at offset {offset} reaches element {last} of a "
-                f"storage of {st.numel} elements"
+                f"tensor of size {list(shape)} at offset {offset} reaches element {last} of a storage of {st.numel} elements"
             )
     return TensorRef(st, offset, shape, strides, bool(requires_grad))
 
@@ -249,7 +364,9 @@ def _array_from_state(state: Any) -> np.ndarray:
         raise CheckpointError("numpy array data is not raw bytes (object arrays are not tensors)")
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if n * dtype.itemsize != len(raw):
-        raise CheckpointError(f"numpy array of shape {list(shape)} {dtype} needs {n * dtype.itemsize} bytes, pickle has {len(raw)}")
+        raise CheckpointError(
+            f"numpy array of shape {list(shape)} {dtype} needs {n * dtype.itemsize} bytes, pickle has {len(raw)}"
+        )
     arr = np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order="F" if fortran else "C")
     return np.ascontiguousarray(arr.astype(dtype.newbyteorder("<"), copy=False))
 
@@ -381,7 +498,19 @@ def safe_load(data: bytes | Any, source: str) -> tuple[Any, dict[str, StorageRef
         obj = up.load()
     except CheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError, MemoryError, UnicodeDecodeError, OverflowError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        RecursionError,
+        MemoryError,
+        UnicodeDecodeError,
+        OverflowError,
+    ) as e:
         raise CheckpointError(f"{source}: corrupt or unsupported pickle: {type(e).__name__}: {e}") from None
     return finish(obj), up.storages
 
