@@ -58,6 +58,8 @@ def load_expect(ref: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[s
 
 def plan_for(spec: Spec, ck: Checkpoint) -> Plan:
     """Compile ``spec`` against an opened checkpoint (metadata only)."""
+    if not ck.metas:
+        raise CheckpointError(f"{ck.path}: holds no tensors; nothing to convert")
     return make_plan(spec, ck.metas.values())
 
 

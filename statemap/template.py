@@ -225,6 +225,40 @@ class Pattern:
 _CACHE: dict[str, re.Pattern[str]] = {}
 
 
+def _check_backtracking(src: str) -> None:
+    """Refuse regexes whose run time can explode: a repeat inside a repeat, e.g. ``(a+)+``.
+
+    Key patterns never need nested quantifiers; a template capture or ``{x:path}`` is the
+    safe way to match "one or more segments".
+    """
+    try:
+        from re import _parser as sre  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - Python < 3.11
+        import sre_parse as sre  # type: ignore[no-redef]
+    repeats = {sre.MAX_REPEAT, sre.MIN_REPEAT} | ({sre.POSSESSIVE_REPEAT} if hasattr(sre, "POSSESSIVE_REPEAT") else set())
+
+    def walk(items: Any, inside_repeat: bool) -> None:
+        for op, av in items:
+            if op in repeats:
+                lo, hi, sub = av
+                unbounded = hi == sre.MAXREPEAT or hi > 100
+                if inside_repeat and unbounded:
+                    raise SpecError(
+                        f"regex {src!r} nests a repeat inside a repeat, which can take exponential time; "
+                        "use a template capture such as {x:path} instead"
+                    )
+                walk(sub, inside_repeat or unbounded)
+            elif op == sre.SUBPATTERN:
+                walk(av[-1], inside_repeat)
+            elif op == sre.BRANCH:
+                for b in av[1]:
+                    walk(b, inside_repeat)
+            elif op in (sre.ASSERT, sre.ASSERT_NOT):
+                walk(av[1], inside_repeat)
+
+    walk(sre.parse(src), False)
+
+
 def _compiled(regex: str) -> re.Pattern[str]:
     c = _CACHE.get(regex)
     if c is None:
@@ -238,10 +272,13 @@ def parse_pattern(text: str) -> Pattern:
         raise SpecError(f"a key pattern must be a non-empty string, got {text!r}")
     if text.startswith("re:"):
         src = text[3:]
+        if len(src) > 1000:
+            raise SpecError(f"regex longer than 1000 characters: {src[:40]!r}...")
         try:
             rx = re.compile(src)
         except re.error as e:
             raise SpecError(f"invalid regex {src!r}: {e}") from None
+        _check_backtracking(src)
         return Pattern(text, src, tuple(rx.groupindex), is_regex=True)
     out: list[str] = []
     names: list[str] = []

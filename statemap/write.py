@@ -124,10 +124,14 @@ def _sigterm_as_exception() -> Iterator[None]:
         raise OutputError("interrupted by SIGTERM; partial output removed")
 
     old = signal.signal(signal.SIGTERM, handler)
+    # a file-size limit (ulimit -f) would kill the process mid-write; make it an EFBIG error instead
+    old_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN) if hasattr(signal, "SIGXFSZ") else None
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        if old_xfsz is not None:
+            signal.signal(signal.SIGXFSZ, old_xfsz)
 
 
 def _write_all(f: Any, a: np.ndarray, want: TensorMeta) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, StatemapError
 from ..meta import TensorMeta
 from .checkpoint import ByteTensor, Checkpoint, MappedFiles
 from .safetensors_format import read_header
@@ -31,6 +31,22 @@ __all__ = ["Checkpoint", "open_checkpoint", "from_state_dict", "ByteTensor"]
 
 
 def open_checkpoint(
+    path: str | os.PathLike[str],
+    unwrap: tuple[str, ...] | None = None,
+    strip_prefix: tuple[str, ...] | None = None,
+) -> Checkpoint:
+    """Open a checkpoint file or directory; read metadata only (see :func:`_open`)."""
+    try:
+        return _open(path, unwrap, strip_prefix)
+    except StatemapError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    except Exception as e:  # a malformed file must give one clear error, never a traceback
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _open(
     path: str | os.PathLike[str],
     unwrap: tuple[str, ...] | None = None,
     strip_prefix: tuple[str, ...] | None = None,
@@ -166,7 +182,7 @@ def _open_index(p: Path) -> Checkpoint:
     owner: dict[str, str] = {}
     fmt = "safetensors-sharded"
     for shard in shards:
-        ck = open_checkpoint(p.parent / shard, unwrap=None, strip_prefix=())
+        ck = _open(p.parent / shard, unwrap=None, strip_prefix=())
         fmt = "safetensors-sharded" if ck.format == "safetensors" else "torch-sharded"
         readers[shard] = ck
         for k in ck.metas:

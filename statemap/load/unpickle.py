@@ -496,8 +496,11 @@ def safe_load(data: bytes | Any, source: str) -> tuple[Any, dict[str, StorageRef
     up = SafeUnpickler(f, source)
     try:
         obj = up.load()
-    except CheckpointError:
-        raise
+        obj = finish(obj)
+    except CheckpointError as e:
+        if str(e).startswith(source):
+            raise
+        raise type(e)(f"{source}: {e}") from None
     except (
         pickle.UnpicklingError,
         EOFError,
@@ -512,7 +515,7 @@ def safe_load(data: bytes | Any, source: str) -> tuple[Any, dict[str, StorageRef
         OverflowError,
     ) as e:
         raise CheckpointError(f"{source}: corrupt or unsupported pickle: {type(e).__name__}: {e}") from None
-    return finish(obj), up.storages
+    return obj, up.storages
 
 
 def finish(obj: Any) -> Any:
