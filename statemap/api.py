@@ -9,14 +9,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .apply import execute
+from .apply import execute, execute_streaming
 from .errors import CheckpointError
 from .load import Checkpoint, from_state_dict, open_checkpoint
 from .meta import TensorMeta
 from .plan import Plan, make_plan
 from .report import Report
 from .spec import Spec, load_spec
-from .write import Written, write_checkpoint
+from .write import Written, output_format, write_checkpoint
 
 
 def _version() -> str:
@@ -132,10 +132,12 @@ def convert(
                 "statemap.source": Path(ck.path).name,
                 "statemap.version": _version(),
             }
+            streaming = output_format(dst) == "safetensors"
+            produced = execute_streaming(outs, ck.read, ck.locations) if streaming else execute(outs, ck.read)
             written: Written = write_checkpoint(
                 dst,
                 [o.meta for o in outs],
-                (a for _, a in execute(outs, ck.read)),
+                (a for _, a in produced),
                 metadata=metadata,
                 max_shard_size=max_shard_size,
                 ties=plan.ties,

@@ -1,13 +1,16 @@
 """apply: run a plan's recipes, producing one output tensor at a time.
 
-Sources are read through the checkpoint (memory-mapped views for files), so a tensor that
-is only renamed or sliced is never copied here; computing ops (concat, permute + write,
-cast, pad) hold only the tensor they produce.
+Outputs that only move contiguous bytes (renamed, split or sliced along dim 0, merged along
+dim 0) become :class:`Segments`: file ranges the writer copies in the kernel, never loaded.
+Computing ops (transpose, cast, pad, other merges) read their sources with ``pread`` and hold
+only the tensor they produce.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,6 +18,7 @@ from .dtypes import cast as cast_values
 from .dtypes import dtype as lookup_dtype
 from .dtypes import from_compute
 from .errors import CheckpointError
+from .load.checkpoint import ByteTensor
 from .meta import Node
 from .plan import PlannedTensor
 
@@ -57,6 +61,84 @@ def run_node(node: Node, read: Callable[[str], np.ndarray]) -> np.ndarray:
     if k == "cast":
         return cast_values(ins[0], lookup_dtype(node.inputs[0].dtype), lookup_dtype(node.dtype))
     raise AssertionError(f"unknown node kind {k!r}")
+
+
+@dataclass(frozen=True)
+class Segments:
+    """An output whose bytes are ranges of input files, in order: copied without entering Python."""
+
+    parts: tuple[tuple[str, int, int], ...]  # (file, offset, nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, _, n in self.parts)
+
+
+def byte_segments(node: Node, locations: Mapping[str, ByteTensor]) -> list[tuple[str, int, int]] | None:
+    """The file ranges holding ``node``'s bytes, when it only moves contiguous bytes: a renamed
+    source, a slice whose leading dims are 1 (dim 0 split / vocab slice), a reshape of such,
+    or a concat of such along its first non-unit dim (dim-0 merge). Else None."""
+    k = node.kind
+    if k == "source":
+        loc = locations.get(node.args[0])
+        if loc is None or not loc.contiguous:
+            return None
+        return [(loc.file, loc.offset, node.meta_numel * lookup_dtype(node.dtype).itemsize)]
+    if k == "reshape":
+        return byte_segments(node.inputs[0], locations)
+    if k == "slice":
+        dim, start, stop, step = node.args
+        src = node.inputs[0]
+        if step != 1 or math.prod(src.shape[:dim]) != 1:
+            return None
+        inner = byte_segments(src, locations)
+        if inner is None:
+            return None
+        row = math.prod(src.shape[dim + 1 :]) * lookup_dtype(src.dtype).itemsize
+        return _sub_range(inner, start * row, (stop - start) * row)
+    if k == "concat":
+        dim = node.args[0]
+        if math.prod(node.shape[:dim]) != 1:
+            return None
+        out: list[tuple[str, int, int]] = []
+        for n in node.inputs:
+            seg = byte_segments(n, locations)
+            if seg is None:
+                return None
+            for f, off, nb in seg:
+                if out and out[-1][0] == f and out[-1][1] + out[-1][2] == off:
+                    out[-1] = (f, out[-1][1], out[-1][2] + nb)  # adjacent: one copy
+                else:
+                    out.append((f, off, nb))
+        return out
+    return None
+
+
+def _sub_range(parts: list[tuple[str, int, int]], start: int, length: int) -> list[tuple[str, int, int]]:
+    out = []
+    for f, off, n in parts:
+        if length <= 0:
+            break
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length)
+        out.append((f, off + start, take))
+        length -= take
+        start = 0
+    return out
+
+
+def execute_streaming(
+    outputs: Iterable[PlannedTensor], read: Callable[[str], np.ndarray], locations: Mapping[str, ByteTensor]
+) -> Iterator[tuple[PlannedTensor, np.ndarray | Segments]]:
+    """Like :func:`execute`, but yields :class:`Segments` for outputs that are pure byte moves."""
+    for out in outputs:
+        seg = byte_segments(out.node, locations)
+        if seg is not None:
+            yield out, Segments(tuple(seg))
+        else:
+            yield out, run_node(out.node, read)
 
 
 def execute(outputs: Iterable[PlannedTensor], read: Callable[[str], np.ndarray]) -> Iterator[tuple[PlannedTensor, np.ndarray]]:

@@ -160,23 +160,28 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, capsys, name, rules, sour
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"spec.yaml", "in.safetensors", src.name} - {"missing.pt"})
 
 
-def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["run_node", "copy_range"])
+def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, where):
     import statemap
     import statemap.apply as apply_mod
+    import statemap.write as write_mod
 
     src = _ckpt(tmp_path)
-    real = apply_mod.run_node
+    target, name = (apply_mod, "run_node") if where == "run_node" else (write_mod, "_copy_range")
+    real = getattr(target, name)
     calls = {"n": 0}
 
-    def flaky(node, read):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(28, "No space left on device")
-        return real(node, read)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(apply_mod, "run_node", flaky)
+    monkeypatch.setattr(target, name, flaky)
+    rules = "  - transpose: 'a.{i}.w'\n  - keep: b\n" if where == "run_node" else "  - keep: '{k:path}'\n"
     with pytest.raises(statemap.OutputError, match="No space left on device; no output left behind"):
-        statemap.convert(_spec(tmp_path, "  - keep: '{k:path}'\n"), src, tmp_path / "out.safetensors")
+        statemap.convert(_spec(tmp_path, rules), src, tmp_path / "out.safetensors")
+    assert calls["n"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "spec.yaml"]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import CheckpointError, StatemapError
 from ..meta import TensorMeta
-from .checkpoint import ByteTensor, Checkpoint, MappedFiles
+from .checkpoint import ByteTensor, Checkpoint, FileReader
 from .safetensors_format import read_header
 from .torch_format import is_zip, load_pickle_file, load_zip, tensor_location
 from .unpickle import Opaque, TensorRef, to_plain
@@ -75,7 +75,7 @@ def _open(
         return _finish_flat(ck, strip_prefix)
     if name.endswith(".safetensors"):
         metas, locs, meta = read_header(str(p))
-        files = MappedFiles()
+        files = FileReader()
         ck = Checkpoint(
             str(p),
             "safetensors",
@@ -337,7 +337,7 @@ def _from_object(
             arrays[k] = v
             metas[k] = TensorMeta(k, tuple(v.shape), from_numpy(v.dtype).name)
     extras = {str(k): _describe(v) for k, v in obj.items() if container is not obj and k != where.split("/")[0]}
-    files = MappedFiles()
+    files = FileReader()
 
     def read(k: str) -> np.ndarray:
         if k in arrays:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,18 +37,17 @@ class ByteTensor:
         return ok
 
 
-class MappedFiles:
-    """One read-only mmap per file, opened lazily, closed together."""
+class FileReader:
+    """Reads tensors with ``pread`` into a buffer of their own: memory in use is the tensor,
+    not the file (no whole-file mmap, so address space and RSS stay bounded)."""
 
     def __init__(self) -> None:
-        self._maps: dict[str, tuple[Any, mmap.mmap | None]] = {}
+        self._fds: dict[str, int] = {}
 
-    def get(self, path: str) -> mmap.mmap | None:
-        if path not in self._maps:
-            f = open(path, "rb")
-            size = os.fstat(f.fileno()).st_size
-            self._maps[path] = (f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None)
-        return self._maps[path][1]
+    def fd(self, path: str) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return self._fds[path]
 
     def read(self, t: ByteTensor) -> np.ndarray:
         dt = lookup_dtype(t.dtype)
@@ -58,29 +56,30 @@ class MappedFiles:
             n *= d
         if n == 0:
             return np.zeros(t.shape, dtype=dt.np)
-        mm = self.get(t.file)
-        assert mm is not None
         if t.contiguous:
-            if t.offset + n * dt.itemsize > len(mm):
+            span = n
+        else:
+            assert t.stride is not None
+            span = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
+        buf = np.empty(span, dtype=dt.np)
+        view = memoryview(buf).cast("B")
+        fd, got = self.fd(t.file), 0
+        while got < len(view):
+            k = os.preadv(fd, [view[got:]], t.offset + got)
+            if k == 0:
                 raise CheckpointError(f"{t.file}: tensor data runs past the end of the file (truncated?)")
-            return np.frombuffer(mm, dtype=dt.np, count=n, offset=t.offset).reshape(t.shape)
+            got += k
+        buf.flags.writeable = False
+        if t.contiguous:
+            return buf.reshape(t.shape)
         assert t.stride is not None
-        span = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
-        if t.offset + span * dt.itemsize > len(mm):
-            raise CheckpointError(f"{t.file}: tensor data runs past the end of the file (truncated?)")
-        base = np.frombuffer(mm, dtype=dt.np, count=span, offset=t.offset)
         strides = tuple(s * dt.itemsize for s in t.stride)
-        return np.lib.stride_tricks.as_strided(base, shape=t.shape, strides=strides, writeable=False)
+        return np.lib.stride_tricks.as_strided(buf, shape=t.shape, strides=strides, writeable=False)
 
     def close(self) -> None:
-        for f, mm in self._maps.values():
-            if mm is not None:
-                try:
-                    mm.close()
-                except BufferError:  # a numpy view still holds it; the GC will release it
-                    pass
-            f.close()
-        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 @dataclass
@@ -88,7 +87,7 @@ class Checkpoint:
     """An opened checkpoint: ``metas`` without bytes; ``read(name)`` gives a numpy array.
 
     Arrays hold bytes in the storage form of :mod:`statemap.dtypes` (bfloat16 as uint16).
-    Arrays read from files are read-only views of a memory map.
+    Arrays read from files are read-only; each read allocates only that tensor.
 
     Example::
 

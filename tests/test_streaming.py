@@ -1,0 +1,135 @@
+"""The streaming engine: bounded memory, byte-range copies, same bytes as the in-memory path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from catalog_fixtures import FIXTURES
+from safetensors.numpy import load_file as np_load_file
+from safetensors.numpy import save_file as np_save_file
+
+import statemap
+from statemap.apply import Segments, byte_segments
+from statemap.catalog import names
+from statemap.load import open_checkpoint
+
+
+def _bits(a) -> np.ndarray:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        a = a.contiguous()
+        return a.view(torch.uint8).numpy().reshape(-1) if a.numel() else np.zeros(0, np.uint8)
+    return np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+
+
+def test_every_catalog_spec_has_a_streaming_fixture():
+    assert sorted(FIXTURES) == names()
+
+
+@pytest.mark.parametrize("spec", sorted(FIXTURES))
+def test_streaming_output_is_bitwise_identical_to_in_memory(tmp_path, spec):
+    src, vars_ = FIXTURES[spec](tmp_path)
+    out = tmp_path / "streamed.safetensors"
+    statemap.convert(spec, src, out, vars=vars_)
+    loaded = statemap.load_state_dict(src)
+    s = statemap.load_spec(spec, vars=vars_)
+    if s.unwrap:  # the in-memory API takes the inner dict; load_state_dict already unwrapped it
+        s = s.__class__(**{**s.__dict__, "unwrap": None})
+    in_memory, _ = statemap.map_state_dict(s, loaded)
+    streamed = np_load_file(str(out))
+    assert list(streamed) == list(in_memory) or set(streamed) == set(in_memory)
+    for k, v in in_memory.items():
+        assert np.array_equal(_bits(streamed[k]), _bits(v)), k
+
+
+def test_pure_moves_are_byte_ranges_and_computed_ops_are_not(tmp_path):
+    np_save_file(
+        {"in_proj": np.arange(24, dtype="f4").reshape(6, 4), "w": np.ones((2, 3), "f4")}, str(tmp_path / "a.safetensors")
+    )
+    spec = {
+        "name": "t",
+        "version": 1,
+        "rules": [
+            {"split": {"from": "in_proj", "to": ["q", "k", "v"]}},
+            {"merge": {"from": ["k", "v"], "to": "kv"}},
+            {"transpose": "w"},
+        ],
+    }
+    with open_checkpoint(tmp_path / "a.safetensors") as ck:
+        plan = statemap.make_plan(statemap.load_spec(spec), ck.metas.values())
+        segs = {o.name: byte_segments(o.node, ck.locations) for o in plan.outputs}
+        base = ck.locations["in_proj"].offset
+    assert segs["q"] == [(str(tmp_path / "a.safetensors"), base, 32)]
+    assert segs["kv"] == [(str(tmp_path / "a.safetensors"), base + 32, 64)]
+    assert segs["w"] is None
+    statemap.convert(spec, tmp_path / "a.safetensors", tmp_path / "o.safetensors")
+    got = np_load_file(str(tmp_path / "o.safetensors"))
+    assert got["kv"].tolist() == np.arange(8, 24, dtype="f4").reshape(4, 4).tolist()
+    assert got["w"].shape == (3, 2)
+    assert isinstance(Segments(()), Segments)
+
+
+CHILD = textwrap.dedent(
+    """
+    import os, resource, sys
+    limit = int(sys.argv[3])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import statemap
+    spec = {"name": "big", "version": 1, "rules": [
+        {"rename": "layers.{i}.fc1.weight -> model.layers.{i}.fc1.weight"},
+        {"transpose": {"from": "layers.{i}.fc2.weight", "to": "model.layers.{i}.fc2.weight"}},
+        {"split": {"from": "layers.{i}.in_proj", "to": ["model.layers.{i}.q", "model.layers.{i}.k"]}},
+    ]}
+    statemap.convert(spec, sys.argv[1], sys.argv[2])
+    assert "torch" not in sys.modules
+    status = open("/proc/self/status").read()
+    print("OK", int(status.split("VmHWM:")[1].split()[0]) * 1024)
+    """
+)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_convert_under_a_memory_limit_smaller_than_the_checkpoint(tmp_path, fmt):
+    """12 layers x 3 tensors x 8 MiB = 288 MiB checkpoint; the child may use 240 MiB of address
+    space in all, interpreter and numpy included (~105 MiB of it), and its peak RSS is measured."""
+    rng = np.random.default_rng(0)
+    sd = {}
+    for i in range(12):
+        sd[f"layers.{i}.fc1.weight"] = rng.random((1024, 2048), dtype=np.float32)
+        sd[f"layers.{i}.fc2.weight"] = rng.random((2048, 1024), dtype=np.float32)
+        sd[f"layers.{i}.in_proj"] = rng.random((2048, 1024), dtype=np.float32)
+    src = tmp_path / f"big.{fmt}"
+    if fmt == "safetensors":
+        np_save_file(sd, str(src))
+    else:
+        import torch
+
+        torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, src)
+    size = src.stat().st_size
+    limit = 240 << 20
+    assert limit < size
+    out = tmp_path / "out.safetensors"
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(src), str(out), str(limit)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    assert "OK" in stdout
+    peak_rss = int(stdout.split()[-1])  # VmHWM of the child's own address space
+    assert peak_rss < 100 * 2**20 + 8 * 2**20, f"peak RSS {peak_rss >> 20} MiB"  # 100 MiB + largest rewritten tensor
+    got = np_load_file(str(out))
+    for i in (0, 11):
+        assert np.array_equal(got[f"model.layers.{i}.fc1.weight"], sd[f"layers.{i}.fc1.weight"])
+        assert np.array_equal(got[f"model.layers.{i}.fc2.weight"], sd[f"layers.{i}.fc2.weight"].T)
+        assert np.array_equal(got[f"model.layers.{i}.k"], sd[f"layers.{i}.in_proj"][1024:])
