@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .dtypes import cast as cast_values
 from .dtypes import dtype as lookup_dtype
@@ -22,9 +21,14 @@ from .load.checkpoint import ByteTensor
 from .meta import Node
 from .plan import PlannedTensor
 
+if TYPE_CHECKING:
+    import numpy as np
+
 
 def run_node(node: Node, read: Callable[[str], np.ndarray]) -> np.ndarray:
     """Evaluate one recipe. Arrays are in storage form (see :mod:`statemap.dtypes`)."""
+    import numpy as np
+
     k = node.kind
     if k == "source":
         a = read(node.args[0])

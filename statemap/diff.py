@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .dtypes import dtype as lookup_dtype
 from .dtypes import to_compute
 from .load import Checkpoint
 from .meta import TensorMeta
 from .report import Mismatch, fold
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -76,6 +77,8 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint, values: bool = False, atol: f
         if ma.dtype != mb.dtype:
             r.dtype.append(Mismatch(k, ma.dtype, mb.dtype))
     if values:
+        import numpy as np
+
         r.compared_values = True
         for k in common:
             ma, mb = a.metas[k], b.metas[k]
@@ -94,6 +97,8 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint, values: bool = False, atol: f
 
 
 def _values(a: np.ndarray, dt_name: str) -> np.ndarray:
+    import numpy as np
+
     dt = lookup_dtype(dt_name)
     if dt.native or dt.name == "bfloat16":
         return to_compute(a, dt).astype(np.float64)

@@ -9,10 +9,12 @@ values, and it implements bfloat16 itself (round to nearest even).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .errors import StatemapError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -21,14 +23,13 @@ class DType:
     st: str  # safetensors spelling: "F32", "BF16", ...
     storage: str  # numpy dtype the bytes are held in
     kind: str  # "float", "int", "uint", "bool"
+    itemsize: int
 
     @property
-    def itemsize(self) -> int:
-        return np.dtype(self.storage).itemsize
+    def np(self) -> Any:
+        import numpy
 
-    @property
-    def np(self) -> np.dtype:
-        return np.dtype(self.storage)
+        return numpy.dtype(self.storage)
 
     @property
     def native(self) -> bool:
@@ -37,21 +38,21 @@ class DType:
 
 
 _ALL = [
-    DType("float64", "F64", "<f8", "float"),
-    DType("float32", "F32", "<f4", "float"),
-    DType("float16", "F16", "<f2", "float"),
-    DType("bfloat16", "BF16", "<u2", "float"),
-    DType("float8_e4m3fn", "F8_E4M3", "u1", "float"),
-    DType("float8_e5m2", "F8_E5M2", "u1", "float"),
-    DType("int64", "I64", "<i8", "int"),
-    DType("int32", "I32", "<i4", "int"),
-    DType("int16", "I16", "<i2", "int"),
-    DType("int8", "I8", "i1", "int"),
-    DType("uint64", "U64", "<u8", "uint"),
-    DType("uint32", "U32", "<u4", "uint"),
-    DType("uint16", "U16", "<u2", "uint"),
-    DType("uint8", "U8", "u1", "uint"),
-    DType("bool", "BOOL", "?", "bool"),
+    DType("float64", "F64", "<f8", "float", 8),
+    DType("float32", "F32", "<f4", "float", 4),
+    DType("float16", "F16", "<f2", "float", 2),
+    DType("bfloat16", "BF16", "<u2", "float", 2),
+    DType("float8_e4m3fn", "F8_E4M3", "u1", "float", 1),
+    DType("float8_e5m2", "F8_E5M2", "u1", "float", 1),
+    DType("int64", "I64", "<i8", "int", 8),
+    DType("int32", "I32", "<i4", "int", 4),
+    DType("int16", "I16", "<i2", "int", 2),
+    DType("int8", "I8", "i1", "int", 1),
+    DType("uint64", "U64", "<u8", "uint", 8),
+    DType("uint32", "U32", "<u4", "uint", 4),
+    DType("uint16", "U16", "<u2", "uint", 2),
+    DType("uint8", "U8", "u1", "uint", 1),
+    DType("bool", "BOOL", "?", "bool", 1),
 ]
 _BY_NAME = {d.name: d for d in _ALL}
 _BY_ST = {d.st: d for d in _ALL}
@@ -68,20 +69,20 @@ _ALIASES = {
     "long": "int64",
     "int": "int32",
 }
-# numpy dtype -> our name, for arrays that arrive as numpy (Paddle, Flax, user dicts)
+# numpy type codes -> our name, for arrays that arrive as numpy (Paddle, Flax, user dicts)
 _FROM_NUMPY = {
-    np.dtype("float64"): "float64",
-    np.dtype("float32"): "float32",
-    np.dtype("float16"): "float16",
-    np.dtype("int64"): "int64",
-    np.dtype("int32"): "int32",
-    np.dtype("int16"): "int16",
-    np.dtype("int8"): "int8",
-    np.dtype("uint64"): "uint64",
-    np.dtype("uint32"): "uint32",
-    np.dtype("uint16"): "uint16",
-    np.dtype("uint8"): "uint8",
-    np.dtype("bool"): "bool",
+    "f8": "float64",
+    "f4": "float32",
+    "f2": "float16",
+    "i8": "int64",
+    "i4": "int32",
+    "i2": "int16",
+    "i1": "int8",
+    "u8": "uint64",
+    "u4": "uint32",
+    "u2": "uint16",
+    "u1": "uint8",
+    "b1": "bool",
 }
 
 NAMES = tuple(d.name for d in _ALL)
@@ -100,9 +101,12 @@ def dtype(name: str) -> DType:
     raise StatemapError(f"unknown dtype {name!r}; known: {', '.join(NAMES)}")
 
 
-def from_numpy(dt: np.dtype) -> DType:
+def from_numpy(dt: Any) -> DType:
+    import numpy
+
+    d = numpy.dtype(dt)
     try:
-        return _BY_NAME[_FROM_NUMPY[np.dtype(dt).newbyteorder("=")]]
+        return _BY_NAME[_FROM_NUMPY[f"{d.kind}{d.itemsize}"]]
     except KeyError:
         raise StatemapError(f"numpy dtype {dt} has no tensor equivalent") from None
 
@@ -111,10 +115,13 @@ def from_numpy(dt: np.dtype) -> DType:
 
 
 def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+
     return (bits.astype("<u4") << 16).view("<f4")
 
 
 def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    import numpy as np  # noqa: F811
+
     x = np.ascontiguousarray(x, dtype="<f4")
     u = x.view("<u4")
     rounded = ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype("<u2")
@@ -132,6 +139,8 @@ def to_compute(a: np.ndarray, dt: DType) -> np.ndarray:
 
 def from_compute(a: np.ndarray, dt: DType) -> np.ndarray:
     """Values -> bits in ``dt``'s storage form."""
+    import numpy as np  # noqa: F811
+
     if dt.name == "bfloat16":
         return _f32_to_bf16(np.asarray(a, dtype="<f4"))
     if not dt.native:

@@ -175,7 +175,12 @@ def _load_yaml(text: str, file: str) -> Any:
         except yaml.YAMLError as e:
             raise SpecError(f"{file}:{line}: {e}") from None
 
-    return conv(root)
+    try:
+        return conv(root)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else file
+        raise SpecError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
 
 
 # -- field checking ------------------------------------------------------------------------

@@ -18,13 +18,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .dtypes import dtype as lookup_dtype
 from .errors import OutputError
 from .meta import TensorMeta
+
+if TYPE_CHECKING:
+    import numpy as np
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -162,6 +163,8 @@ def _copy_range(fd_out: int, src: str, offset: int, n: int, fds: dict[str, int])
 
 
 def _write_all(f: Any, a: Any, want: TensorMeta, fds: dict[str, int] | None = None) -> int:
+    import numpy as np
+
     if hasattr(a, "parts"):  # Segments: byte ranges of input files
         if a.nbytes != want.nbytes:
             raise AssertionError(f"{want.name}: {a.nbytes} bytes planned as {want.nbytes}")
@@ -318,6 +321,7 @@ def _write_safetensors_maybe_sharded(
 def _write_torch(
     out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[np.ndarray], ties: Sequence[Sequence[str]]
 ) -> tuple[list[str], int]:
+    import numpy as np
     import torch
 
     from .torch_adapter import to_torch

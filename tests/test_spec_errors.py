@@ -162,3 +162,11 @@ def test_optional_rule_reports_instead_of_failing():
 def test_errors_share_one_root():
     for cls in (SpecError, PlanError, statemap.CheckpointError, statemap.UnsafeCheckpointError, statemap.OutputError):
         assert issubclass(cls, statemap.StatemapError)
+
+
+def test_unknown_yaml_tag_on_a_key_is_a_spec_error(tmp_path):
+    """Found by tests/test_fuzz.py: a tag on a mapping key escaped as a raw yaml error."""
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: t\nversion: 1\nrules:\n  - inject: {to: z, shape: [1],!value: 0}\n")
+    with pytest.raises(SpecError, match=r"spec\.yaml:4: invalid YAML: could not determine a constructor for the tag '!value:'"):
+        load_spec(path)

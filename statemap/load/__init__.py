@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, StatemapError
 from ..meta import TensorMeta
@@ -22,6 +21,9 @@ from .checkpoint import ByteTensor, Checkpoint, FileReader
 from .safetensors_format import read_header
 from .torch_format import is_zip, load_pickle_file, load_zip, tensor_location
 from .unpickle import Opaque, TensorRef, to_plain
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CONTAINER_KEYS = ("state_dict", "model", "module", "weights", "model_state_dict", "network", "net", "params", "params_ema", "ema")
 AUTO_PREFIXES = ("module.", "_orig_mod.")
@@ -105,6 +107,8 @@ def _open(
 
 def from_state_dict(state: Mapping[str, Any], name: str = "<state_dict>") -> Checkpoint:
     """Wrap an in-memory dict of torch tensors or numpy arrays (e.g. ``model.state_dict()``)."""
+    import numpy as np
+
     from ..dtypes import from_numpy
 
     if not isinstance(state, Mapping):
@@ -221,8 +225,14 @@ def _open_index(p: Path) -> Checkpoint:
     )
 
 
+def _is_array(v: Any) -> bool:
+    """A numpy array, checked without importing numpy (no numpy imported means no arrays)."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(v, np.ndarray)
+
+
 def _is_tensor(v: Any) -> bool:
-    return isinstance(v, (TensorRef, np.ndarray))
+    return isinstance(v, TensorRef) or _is_array(v)
 
 
 def _has_tensors(v: Any, depth: int = 0) -> bool:
@@ -287,7 +297,7 @@ def _flatten(obj: Any, prefix: str, out: dict[str, Any], skipped: list[str], dep
 def _describe(v: Any) -> Any:
     if isinstance(v, TensorRef):
         return f"<tensor {list(v.shape)} {v.element_dtype}>"
-    if isinstance(v, np.ndarray):
+    if _is_array(v):
         return f"<array {list(v.shape)} {v.dtype}>"
     if isinstance(v, Opaque):
         return _describe(to_plain(v))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..dtypes import dtype as lookup_dtype
 from ..errors import CheckpointError
 from ..meta import TensorMeta
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class FileReader:
         return self._fds[path]
 
     def read(self, t: ByteTensor) -> np.ndarray:
+        import numpy as np
+
         dt = lookup_dtype(t.dtype)
         n = 1
         for d in t.shape:

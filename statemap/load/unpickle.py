@@ -21,13 +21,14 @@ import collections
 import io
 import pickle
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..dtypes import DType, from_numpy
 from ..dtypes import dtype as lookup_dtype
 from ..errors import CheckpointError, UnsafeCheckpointError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # torch storage class name -> dtype (legacy typed storages are how torch pickles dtypes)
 STORAGE_DTYPES = {
@@ -340,6 +341,8 @@ class _NpDtype:
             raise CheckpointError("structured numpy dtypes are not supported in checkpoints")
 
     def resolve(self) -> np.dtype:
+        import numpy as np
+
         if self.spec.startswith(("O", "V", "U", "S", "M", "m")):
             raise CheckpointError(f"numpy arrays of type {self.spec!r} are not tensors")
         order = "<" if self.order in ("|", "=", "<") else ">"
@@ -350,6 +353,8 @@ class _NpDtype:
 
 
 def _array_from_state(state: Any) -> np.ndarray:
+    import numpy as np
+
     try:
         _version, shape, dt, fortran, raw = state
     except (TypeError, ValueError):
@@ -372,6 +377,8 @@ def _array_from_state(state: Any) -> np.ndarray:
 
 
 def _np_scalar(dt: Any, raw: Any = b"") -> Any:
+    import numpy as np
+
     if not isinstance(dt, _NpDtype):
         raise CheckpointError("numpy scalar without a plain dtype")
     if isinstance(raw, str):

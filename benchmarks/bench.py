@@ -1,0 +1,195 @@
+"""Benchmark statemap against `cp` and the naive torch pipeline, in one run, on this machine.
+
+    python benchmarks/bench.py [--dir /tmp/statemap-bench] [--vocab 128000] [--keep]
+
+Generates a DeltaLM-shaped fine-tuned checkpoint (fairseq layout: 12 encoder + 6 decoder
+layers, d=768, ffn=3072, fc1..fc4; the vocab is chosen so the file is ~1.5 GB fp32) as `.pt`
+and `.safetensors`, then measures, each as a separate process under /usr/bin/time (wall
+seconds, peak RSS), after warming the page cache:
+
+  cp                        copy the .safetensors file
+  naive torch pipeline      import torch; torch.load -> regex rename -> safetensors save_file
+  statemap rename (.st)     rename-only spec, .safetensors -> .safetensors
+  statemap rename (.pt)     rename-only spec, .pt -> .safetensors
+  statemap split/transpose  q/k/v merged, fc1 split along dim 0, every Linear weight transposed
+  statemap diff             diff of the .pt and the .safetensors (metadata)
+  statemap inspect          inspect of the .pt
+  statemap dry-run          apply --dry-run of the rename spec on the .pt
+
+Prints a table with the ratio of each to `cp` and to the naive pipeline. Needs torch and
+safetensors (for the generator and the naive pipeline only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ENC, DEC, D, FFN, POS = 12, 6, 768, 3072, 514
+
+RENAME_SPEC = """name: bench-rename
+version: 1
+rules:
+  - drop: ["encoder.version", "decoder.version"]
+  - rename: "encoder.{rest:path} -> model.encoder.{rest}"
+  - rename: "decoder.{rest:path} -> model.decoder.{rest}"
+"""
+
+HEAVY_SPEC = """name: bench-split-transpose
+version: 1
+rules:
+  - drop: ["encoder.version", "decoder.version"]
+  - merge:
+      from: ["{s}.layers.{i}.{a}_attn.q_proj.weight", "{s}.layers.{i}.{a}_attn.k_proj.weight", "{s}.layers.{i}.{a}_attn.v_proj.weight"]
+      to: "{s}.layers.{i}.{a}_attn.in_proj_weight"
+  - merge:
+      from: ["{s}.layers.{i}.{a}_attn.q_proj.bias", "{s}.layers.{i}.{a}_attn.k_proj.bias", "{s}.layers.{i}.{a}_attn.v_proj.bias"]
+      to: "{s}.layers.{i}.{a}_attn.in_proj_bias"
+  - split: {from: "{s}.layers.{i}.fc1.weight", to: ["{s}.layers.{i}.fc1a.weight", "{s}.layers.{i}.fc1b.weight"], dim: 0}
+  - transpose: {from: "{s}.layers.{i}.{a}_attn.out_proj.weight", to: "{s}.layers.{i}.{a}_attn.out_proj.kernel"}
+  - transpose: {from: "{s}.layers.{i}.fc{n}.weight", to: "{s}.layers.{i}.fc{n}.kernel"}
+"""
+
+NAIVE = """
+import re, sys, torch
+from safetensors.torch import save_file
+sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+out = {}
+for k, v in sd.items():
+    if k.endswith(".version"):
+        continue
+    out[re.sub(r"^(encoder|decoder)\\.", r"model.\\1.", k)] = v.contiguous()
+save_file(out, sys.argv[2])
+"""
+
+
+def layout(vocab: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for side, n, dec in (("encoder", ENC, False), ("decoder", DEC, True)):
+        shapes[f"{side}.version"] = (1,)
+        shapes[f"{side}.embed_tokens.weight"] = (vocab, D)
+        shapes[f"{side}.embed_positions.weight"] = (POS, D)
+        shapes[f"{side}.layernorm_embedding.weight"] = (D,)
+        shapes[f"{side}.layernorm_embedding.bias"] = (D,)
+        for i in range(n):
+            p = f"{side}.layers.{i}"
+            for attn in ("self_attn", "encoder_attn") if dec else ("self_attn",):
+                for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+                    shapes[f"{p}.{attn}.{proj}.weight"] = (D, D)
+                    shapes[f"{p}.{attn}.{proj}.bias"] = (D,)
+                shapes[f"{p}.{attn}_layer_norm.weight"] = (D,)
+                shapes[f"{p}.{attn}_layer_norm.bias"] = (D,)
+            for fc in ("fc1", "fc3") if dec else ("fc1",):
+                shapes[f"{p}.{fc}.weight"] = (FFN, D)
+                shapes[f"{p}.{fc}.bias"] = (FFN,)
+            for fc in ("fc2", "fc4") if dec else ("fc2",):
+                shapes[f"{p}.{fc}.weight"] = (D, FFN)
+                shapes[f"{p}.{fc}.bias"] = (D,)
+            for ln in ("final_layer_norm", "ffn_layer_norm") if dec else ("final_layer_norm",):
+                shapes[f"{p}.{ln}.weight"] = (D,)
+                shapes[f"{p}.{ln}.bias"] = (D,)
+    return shapes
+
+
+def generate(d: Path, vocab: int) -> tuple[Path, Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(0)
+    sd = {k: torch.from_numpy(rng.standard_normal(s, dtype=np.float32)) for k, s in layout(vocab).items()}
+    pt, st = d / "deltalm.pt", d / "deltalm.safetensors"
+    torch.save(sd, pt)
+    save_file(sd, str(st))
+    return pt, st
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one command, from /usr/bin/time."""
+    fmt = "%e %M"
+    r = subprocess.run(["/usr/bin/time", "-f", fmt, *cmd], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    wall, rss_kb = r.stderr.strip().splitlines()[-1].split()
+    return float(wall), int(rss_kb) / 1024
+
+
+def wall(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default=None, help="work folder (default: a temp dir, removed at the end)")
+    ap.add_argument("--vocab", type=int, default=128000, help="rows of each embedding (default 128000: ~1.5 GB in all)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
+    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    args = ap.parse_args()
+    d = Path(args.dir or tempfile.mkdtemp(prefix="statemap-bench-"))
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        run(d, args.vocab, args.repeat)
+    finally:
+        if not args.keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def run(d: Path, vocab: int, repeat: int) -> None:
+    print(f"generating a DeltaLM-shaped checkpoint in {d} ...", flush=True)
+    pt, st = generate(d, vocab)
+    size = st.stat().st_size
+    (d / "rename.yaml").write_text(RENAME_SPEC)
+    (d / "heavy.yaml").write_text(HEAVY_SPEC)
+    py = sys.executable
+    sm = [py, "-m", "statemap"]
+    out = d / "out.safetensors"
+    for f in (pt, st):  # warm the page cache
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+    cases = [
+        ("cp", ["cp", str(st), str(out)]),
+        ("naive torch pipeline (.pt)", [py, "-c", NAIVE, str(pt), str(out)]),
+        ("statemap rename (.safetensors)", [*sm, "apply", str(d / "rename.yaml"), str(st), str(out), "--force", "-q"]),
+        ("statemap rename (.pt)", [*sm, "apply", str(d / "rename.yaml"), str(pt), str(out), "--force", "-q"]),
+        ("statemap split/transpose (.pt)", [*sm, "apply", str(d / "heavy.yaml"), str(pt), str(out), "--force", "-q"]),
+        ("statemap diff (.pt vs .safetensors)", [*sm, "diff", str(pt), str(st), "-q"]),
+        ("statemap inspect (.pt)", [*sm, "inspect", str(pt), "-q"]),
+        ("statemap apply --dry-run (.pt)", [*sm, "apply", str(d / "rename.yaml"), str(pt), "--dry-run", "-q"]),
+    ]
+    results = []
+    for name, cmd in cases:
+        runs = []
+        for _ in range(repeat):
+            if out.exists():
+                out.unlink()
+            runs.append(timed(cmd))
+        runs.sort()
+        results.append((name, *runs[len(runs) // 2]))
+        print(f"  {name:38s} {runs[len(runs) // 2][0]:6.2f} s", flush=True)
+
+    cp_s = results[0][1]
+    naive_s = results[1][1]
+    print()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}")
+    print(f"checkpoint: {len(layout(vocab))} tensors, {size / 1e9:.2f} GB fp32 (vocab {vocab}); median of {repeat} runs, warm page cache")
+    print()
+    print(f"| {'command':38s} | wall s | x cp  | naive / this | peak RSS MB |")
+    print(f"|{'-' * 40}|-------:|------:|-------------:|------------:|")
+    for name, s, rss in results:
+        print(f"| {name:38s} | {s:6.2f} | {s / cp_s:5.2f} | {naive_s / s:12.1f} | {rss:11.0f} |")
+
+
+if __name__ == "__main__":
+    main()
