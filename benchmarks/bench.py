@@ -8,8 +8,9 @@ and `.safetensors`, then measures, each as a separate process under /usr/bin/tim
 seconds, peak RSS), after warming the page cache:
 
   cp                        copy the .safetensors file
+  cp + fsync                the same, then wait for the disk (statemap fsyncs before renaming)
   naive torch pipeline      import torch; torch.load -> regex rename -> safetensors save_file
-  statemap rename (.st)     rename-only spec, .safetensors -> .safetensors
+  statemap rename (.st)     rename-only spec, .safetensors -> .safetensors (and with --no-fsync)
   statemap rename (.pt)     rename-only spec, .pt -> .safetensors
   statemap split/transpose  q/k/v merged, fc1 split along dim 0, every Linear weight transposed
   statemap diff             diff of the .pt and the .safetensors (metadata)
@@ -158,12 +159,32 @@ def run(d: Path, vocab: int, repeat: int) -> None:
             while fh.read(64 << 20):
                 pass
 
+    cp_fsync = [
+        py,
+        "-c",
+        "import os, shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2]); fd = os.open(sys.argv[2], os.O_RDONLY); os.fsync(fd)",
+        str(st),
+        str(out),
+    ]
     cases = [
         ("cp", ["cp", str(st), str(out)]),
+        ("cp + fsync (what statemap guarantees)", cp_fsync),
         ("naive torch pipeline (.pt)", [py, "-c", NAIVE, str(pt), str(out)]),
         ("statemap rename (.safetensors)", [*sm, "apply", str(d / "rename.yaml"), str(st), str(out), "--force", "-q"]),
         ("statemap rename (.pt)", [*sm, "apply", str(d / "rename.yaml"), str(pt), str(out), "--force", "-q"]),
+        (
+            "statemap rename (.safetensors) --no-fsync",
+            [*sm, "apply", str(d / "rename.yaml"), str(st), str(out), "--force", "-q", "--no-fsync"],
+        ),
+        (
+            "statemap rename (.pt) --no-fsync",
+            [*sm, "apply", str(d / "rename.yaml"), str(pt), str(out), "--force", "-q", "--no-fsync"],
+        ),
         ("statemap split/transpose (.pt)", [*sm, "apply", str(d / "heavy.yaml"), str(pt), str(out), "--force", "-q"]),
+        (
+            "statemap split/transpose (.pt) --no-fsync",
+            [*sm, "apply", str(d / "heavy.yaml"), str(pt), str(out), "--force", "-q", "--no-fsync"],
+        ),
         ("statemap diff (.pt vs .safetensors)", [*sm, "diff", str(pt), str(st), "-q"]),
         ("statemap inspect (.pt)", [*sm, "inspect", str(pt), "-q"]),
         ("statemap apply --dry-run (.pt)", [*sm, "apply", str(d / "rename.yaml"), str(pt), "--dry-run", "-q"]),
@@ -177,18 +198,20 @@ def run(d: Path, vocab: int, repeat: int) -> None:
             runs.append(timed(cmd))
         runs.sort()
         results.append((name, *runs[len(runs) // 2]))
-        print(f"  {name:38s} {runs[len(runs) // 2][0]:6.2f} s", flush=True)
+        print(f"  {name:44s} {runs[len(runs) // 2][0]:6.2f} s", flush=True)
 
     cp_s = results[0][1]
-    naive_s = results[1][1]
+    naive_s = results[2][1]
     print()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}")
-    print(f"checkpoint: {len(layout(vocab))} tensors, {size / 1e9:.2f} GB fp32 (vocab {vocab}); median of {repeat} runs, warm page cache")
+    print(
+        f"checkpoint: {len(layout(vocab))} tensors, {size / 1e9:.2f} GB fp32 (vocab {vocab}); median of {repeat} runs, warm page cache"
+    )
     print()
-    print(f"| {'command':38s} | wall s | x cp  | naive / this | peak RSS MB |")
-    print(f"|{'-' * 40}|-------:|------:|-------------:|------------:|")
+    print(f"| {'command':44s} | wall s | x cp  | naive / this | peak RSS MB |")
+    print(f"|{'-' * 46}|-------:|------:|-------------:|------------:|")
     for name, s, rss in results:
-        print(f"| {name:38s} | {s:6.2f} | {s / cp_s:5.2f} | {naive_s / s:12.1f} | {rss:11.0f} |")
+        print(f"| {name:44s} | {s:6.2f} | {s / cp_s:5.2f} | {naive_s / s:12.1f} | {rss:11.0f} |")
 
 
 if __name__ == "__main__":

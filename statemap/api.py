@@ -104,6 +104,7 @@ def convert(
     max_shard_size: int | str | None = None,
     tied: str | None = None,
     on_tensor: Callable[[TensorMeta], None] | None = None,
+    fsync: bool = True,
 ) -> Report:
     """Convert a checkpoint file with a spec and write the result; return the report.
 
@@ -144,6 +145,7 @@ def convert(
                 inputs=[ck.path, spec.path],
                 force=force,
                 on_tensor=on_tensor,
+                fsync=fsync,
             )
             report.files = list(written.files)
             report.n_bytes = written.n_bytes

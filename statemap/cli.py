@@ -57,6 +57,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 force=args.force,
                 max_shard_size=args.max_shard_size,
                 tied=args.tied,
+                fsync=not args.no_fsync,
                 on_tensor=lambda m: progress.update(task, advance=1, description=m.name[-40:]),
             )
     else:
@@ -70,6 +71,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             force=args.force,
             max_shard_size=args.max_shard_size,
             tied=args.tied,
+            fsync=not args.no_fsync,
         )
     if args.json:
         _print_json(report.to_json())
@@ -192,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="replace an existing output")
     a.add_argument("--max-shard-size", metavar="SIZE", help="shard safetensors output, e.g. 5GB")
     a.add_argument("--tied", choices=("clone", "dedupe"), help="tied outputs: write each (clone) or only the first (dedupe)")
+    a.add_argument(
+        "--no-fsync", action="store_true", help="do not wait for the disk before the final rename (faster; less durable)"
+    )
     a.add_argument("-v", "--verbose", action="store_true", help="also list every produced tensor (folded)")
     common(a)
     a.set_defaults(func=cmd_apply)

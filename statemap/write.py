@@ -200,7 +200,7 @@ def _st_header(metas: Sequence[TensorMeta], metadata: dict[str, str]) -> bytes:
 
 
 def _write_safetensors(
-    final: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[np.ndarray], metadata: dict[str, str]
+    final: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[Any], metadata: dict[str, str], fsync: bool = True
 ) -> int:
     from .load.safetensors_format import read_header
 
@@ -212,7 +212,8 @@ def _write_safetensors(
             f.write(_st_header(metas, metadata))
             for m in metas:
                 total += _write_all(f, next(arrays), m, fds)
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -233,11 +234,14 @@ def write_checkpoint(
     inputs: Sequence[str] = (),
     force: bool = False,
     on_tensor: Callable[[TensorMeta], None] | None = None,
+    fsync: bool = True,
 ) -> Written:
     """Write tensors, given in the order of ``metas``, atomically to ``path``.
 
     ``ties``: groups of names that are one tensor. In a .pt output they share storage;
     for safetensors the caller decides (clone: all listed in ``metas``; dedupe: only one).
+    ``fsync=False`` skips flushing to disk before the rename (faster; a power loss right after
+    may leave an empty file under the final name). Still atomic against crashes of statemap.
 
     Example::
 
@@ -266,7 +270,7 @@ def write_checkpoint(
                     raise OutputError(f"{out}: sharding is supported for safetensors outputs only")
                 files, nbytes = _write_torch(out, stage, metas, counted(), ties)
             else:
-                files, nbytes = _write_safetensors_maybe_sharded(out, stage, metas, counted(), metadata or {}, limit)
+                files, nbytes = _write_safetensors_maybe_sharded(out, stage, metas, counted(), metadata or {}, limit, fsync)
             stage.commit()
     except OSError as e:
         stage.abort()
@@ -284,10 +288,11 @@ def _write_safetensors_maybe_sharded(
     arrays: Iterator[np.ndarray],
     metadata: dict[str, str],
     limit: int | None,
+    fsync: bool = True,
 ) -> tuple[list[str], int]:
     md = {"format": "pt", **metadata}
     if not limit or sum(m.nbytes for m in metas) <= limit:
-        return [str(out)], _write_safetensors(out, stage, metas, arrays, md)
+        return [str(out)], _write_safetensors(out, stage, metas, arrays, md, fsync)
     shards: list[list[TensorMeta]] = [[]]
     size = 0
     for m in metas:
@@ -305,7 +310,7 @@ def _write_safetensors_maybe_sharded(
         target = out.with_name(name)
         if target.exists() and not (target == out):
             pass  # replaced atomically below; --force already checked for the main name
-        total += _write_safetensors(target, stage, shard, arrays, md)
+        total += _write_safetensors(target, stage, shard, arrays, md, fsync)
         files.append(str(target))
         weight_map.update({m.name: name for m in shard})
     index = out.with_name(out.name + ".index.json")

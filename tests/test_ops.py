@@ -146,3 +146,14 @@ def test_numpy_state_dict_in_numpy_out():
         {"name": "t", "version": 1, "rules": [{"transpose": "w"}]}, {"w": np.arange(6, dtype="f4").reshape(2, 3)}
     )
     assert isinstance(new["w"], np.ndarray) and new["w"].tolist() == [[0, 3], [1, 4], [2, 5]]
+
+
+def test_public_names_resolve_and_are_few():
+    import statemap as sm
+
+    assert len(sm.__all__) <= 25
+    for name in sm.__all__:
+        assert getattr(sm, name) is not None, name
+    for name in sm.__all__:
+        if callable(getattr(sm, name)) and not isinstance(getattr(sm, name), type) and name != "__version__":
+            assert getattr(sm, name).__doc__, f"{name} has no docstring"
