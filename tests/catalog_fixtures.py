@@ -1,16 +1,21 @@
 """One test checkpoint per catalog spec: (file, vars). test_streaming.py requires an entry for
-every spec in mappings/, so a new spec cannot skip the streaming-equals-in-memory check."""
+every spec in mappings/, so a new spec cannot skip the streaming-equals-in-memory check.
+
+Family test modules (tests/test_catalog_*.py) register theirs in a module-level dict
+``STREAMING_FIXTURES = {spec_name: function(tmp_path) -> (path, vars)}``; they are merged here.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from seed_layouts import deltalm_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
 
 
 def _deltalm_pretrained(tmp: Path) -> tuple[Path, dict[str, Any]]:
@@ -39,3 +44,9 @@ FIXTURES: dict[str, Callable[[Path], tuple[Path, dict[str, Any]]]] = {
     "deltalm-fairseq-to-hf": _deltalm_fairseq,
     "fairseq-legacy-to-hf": _fairseq_legacy,
 }
+
+for _f in sorted(HERE.glob("test_catalog_*.py")):
+    _mod = importlib.import_module(_f.stem)
+    for _name, _fn in getattr(_mod, "STREAMING_FIXTURES", {}).items():
+        assert _name not in FIXTURES, f"{_name} registered twice"
+        FIXTURES[_name] = _fn
