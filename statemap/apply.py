@@ -64,7 +64,7 @@ def run_node(node: Node, read: Callable[[str], np.ndarray]) -> np.ndarray:
     if k == "permute":
         if tuple(node.args[0]) == (1, 0):
             return _transpose2d(ins[0])
-        return np.ascontiguousarray(np.transpose(ins[0], node.args[0]))
+        return np.asarray(np.transpose(ins[0], node.args[0]), order="C")
     if k == "reshape":
         return np.reshape(ins[0], node.args[0])
     if k == "pad":
@@ -76,6 +76,8 @@ def run_node(node: Node, read: Callable[[str], np.ndarray]) -> np.ndarray:
         idx[dim] = slice(0, ins[0].shape[dim])
         out[tuple(idx)] = ins[0]
         return out
+    if k == "view":
+        return ins[0].view(lookup_dtype(node.dtype).np)
     if k == "cast":
         return cast_values(ins[0], lookup_dtype(node.inputs[0].dtype), lookup_dtype(node.dtype))
     raise AssertionError(f"unknown node kind {k!r}")
@@ -102,7 +104,7 @@ def byte_segments(node: Node, locations: Mapping[str, ByteTensor]) -> list[tuple
         if loc is None or not loc.contiguous:
             return None
         return [(loc.file, loc.offset, node.meta_numel * lookup_dtype(node.dtype).itemsize)]
-    if k == "reshape":
+    if k in ("reshape", "view"):
         return byte_segments(node.inputs[0], locations)
     if k == "slice":
         dim, start, stop, step = node.args

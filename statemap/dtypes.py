@@ -122,7 +122,7 @@ def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
     import numpy as np  # noqa: F811
 
-    x = np.ascontiguousarray(x, dtype="<f4")
+    x = np.asarray(x, dtype="<f4", order="C")
     u = x.view("<u4")
     rounded = ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype("<u2")
     return np.where(np.isnan(x), np.uint16(0x7FC0), rounded).astype("<u2")

@@ -43,6 +43,7 @@ class Node:
     reshape   (shape,)                                   1
     pad       (dim, size, value)                         1
     cast      (dtype,)                                   1
+    view      (dtype,)  same bits, another type          1
     fill      (value,)                                   none
     ========  =========================================  ===========================
     """

@@ -176,6 +176,7 @@ class Op:
     n_targets: ClassVar[str] = "1"  # "0", "1", "n", "same"
     lossless: ClassVar[bool] = True
     ties: ClassVar[bool] = False
+    keeps_sources: ClassVar[bool] = False  # matched keys stay as they are (inject with `for`)
     aliases: ClassVar[dict[str, str]] = {"key": "from"}
 
     def expand(self, value: Any, where: str) -> list[dict[str, Any]]:
@@ -280,9 +281,13 @@ class Tie(Copy):
 @register
 class Inject(Op):
     name = "inject"
-    summary = "Create a tensor filled with one value; its shape may use vars and other tensors' dims."
+    summary = (
+        "Create a tensor filled with one value; its shape may use vars and other tensors' dims. "
+        "With `for`, create one per key matching that pattern (the matched keys are left as they are)."
+    )
     example = "inject: {to: final_logits_bias, shape: [1, {dim: 0, of: lm_head.weight}], value: 0}"
     fields = {
+        "for": Field("pattern"),
         "to": Field("template", True),
         "shape": Field("shape", True),
         "value": Field("number", default=0),
@@ -291,6 +296,7 @@ class Inject(Op):
     aliases = {"key": "to"}
     n_sources = "0"
     lossless = False
+    keeps_sources = True
 
     def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
         shape = ctx.shape(p["shape"])
@@ -526,6 +532,26 @@ class Pad(_Transform):
 
 
 @register
+class View(_Transform):
+    name = "view"
+    summary = (
+        "Reinterpret the bits as another dtype of the same width, without converting values "
+        "(e.g. Paddle saves bfloat16 as uint16: view them as bfloat16)."
+    )
+    example = "view: {from: '{k:path}', dtype: bfloat16}"
+    fields = {"from": Field("pattern", True), "to": Field("template"), "dtype": Field("dtype", True)}
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        src = inputs[0]
+        a, b = lookup_dtype(src.dtype), lookup_dtype(p["dtype"])
+        if a.itemsize != b.itemsize:
+            raise ctx.fail(f"can't view {a.name} ({a.itemsize} bytes) as {b.name} ({b.itemsize} bytes): widths differ; use cast")
+        if a == b:
+            return [src]
+        return [Node("view", src.shape, b.name, (src,), (b.name,))]
+
+
+@register
 class Cast(_Transform):
     name = "cast"
     summary = "Convert values to another dtype (bfloat16 rounds to nearest even)."
@@ -595,6 +621,9 @@ def parse_rule(item: Any, loc: Loc, index: int, var_names: set[str]) -> list[Rul
 
 def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc, idx: int, var_names: set[str], w: str) -> Rule:
     sources: tuple[Any, ...] = ()
+    each = fields.pop("for", None)
+    if each is not None:
+        sources = (each,)
     if op.n_sources == "1":
         sources = (fields.pop("from"),)
     elif op.n_sources == "n":

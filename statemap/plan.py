@@ -96,7 +96,7 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
         op = REGISTRY[rule.op]
         p = rule.p
 
-        if op.n_sources == "0":
+        if op.n_sources == "0" and not rule.sources:
             ctx = Ctx(rule, dict(vars_), lookup)
             names = [_fill(t, ctx.env, rule) for t in rule.targets]
             nodes = op.plan([], names, p, ctx)
@@ -123,6 +123,7 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
         consumed: set[str] = set()
         produced: dict[str, str] = {}
         rule_ties: list[list[str]] = []
+        kept: set[str] = set()
         for key, caps in found:
             if key in consumed:
                 continue
@@ -143,8 +144,12 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
                 if name in produced:
                     raise PlanError(f"{rule.where()}writes {name!r} twice (from {produced[name]!r} and {key!r})")
                 produced[name] = key
-            consumed.update(inputs)
-            replacements[key] = list(zip(names, nodes))
+            if op.keeps_sources:  # e.g. inject with `for`: the matched key stays as it is
+                replacements[key] = [(key, table[key].node), *zip(names, nodes)]
+                kept.add(key)
+            else:
+                consumed.update(inputs)
+                replacements[key] = list(zip(names, nodes))
             if op.ties and len(names) > 1:
                 rule_ties.append(names)
             if not names:
@@ -159,7 +164,9 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
         for k, e in table.items():
             if k in replacements:
                 for name, node in replacements[k]:
-                    rebuilt[name] = _Entry(node, rule, True, tie_of.get(name))
+                    if name in rebuilt or (name in table and name not in consumed and name != k):
+                        raise PlanError(f"{rule.where()}writes {name!r}, which already exists; two rules write one key")
+                    rebuilt[name] = e if (name == k and k in kept) else _Entry(node, rule, True, tie_of.get(name))
             elif k not in consumed:
                 if k in produced:
                     raise PlanError(

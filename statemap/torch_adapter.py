@@ -34,7 +34,7 @@ def to_torch(a: np.ndarray, dtype_name: str) -> Any:
     import torch
 
     dt = lookup_dtype(dtype_name)
-    a = np.ascontiguousarray(a)
+    a = np.asarray(a, order="C")
     if not a.flags.writeable:
         a = a.copy()
     if dt.name == "bfloat16":

@@ -43,7 +43,9 @@ def output_format(path: str | os.PathLike[str]) -> str:
         return "safetensors"
     if name.endswith(TORCH_SUFFIXES):
         return "torch"
-    raise OutputError(f"{name}: unknown output format; name it *.safetensors or *.pt / *.bin")
+    if name.endswith(".msgpack"):
+        return "flax"
+    raise OutputError(f"{name}: unknown output format; name it *.safetensors, *.pt / *.bin, or *.msgpack (Flax)")
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -174,7 +176,7 @@ def _write_all(f: Any, a: Any, want: TensorMeta, fds: dict[str, int] | None = No
     dt = lookup_dtype(want.dtype)
     if a.dtype != dt.np:
         a = a.astype(dt.np)
-    a = np.ascontiguousarray(a)
+    a = np.asarray(a, order="C")
     if tuple(a.shape) != want.shape:
         raise AssertionError(f"{want.name}: writing {a.shape}, planned {want.shape}")
     buf = memoryview(a).cast("B") if a.size else b""
@@ -265,10 +267,12 @@ def write_checkpoint(
 
     try:
         with _sigterm_as_exception():
+            if fmt != "safetensors" and limit:
+                raise OutputError(f"{out}: sharding is supported for safetensors outputs only")
             if fmt == "torch":
-                if limit:
-                    raise OutputError(f"{out}: sharding is supported for safetensors outputs only")
                 files, nbytes = _write_torch(out, stage, metas, counted(), ties)
+            elif fmt == "flax":
+                files, nbytes = _write_flax(out, stage, metas, counted(), fsync)
             else:
                 files, nbytes = _write_safetensors_maybe_sharded(out, stage, metas, counted(), metadata or {}, limit, fsync)
             stage.commit()
@@ -357,3 +361,37 @@ def _write_torch(
         if [(k, v.shape, v.dtype) for k, v in ck.metas.items()] != [(m.name, m.shape, m.dtype) for m in metas]:
             raise OutputError(f"{out}: written file does not match the plan (bug); output removed")
     return [str(out)], total
+
+
+def _write_flax(
+    out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[Any], fsync: bool
+) -> tuple[list[str], int]:
+    """Flax msgpack: one nested map; built in memory (the format has no streaming layout)."""
+    from .load.flax_format import pack_msgpack, read_msgpack
+
+    items = []
+    for m in metas:
+        a = next(arrays)
+        if hasattr(a, "parts"):
+            raise AssertionError("byte-range outputs are for safetensors only")
+        items.append((m.name, a, m.dtype))
+    data = pack_msgpack(items)
+    tmp, f = stage.open(out)
+    with f:
+        f.write(data)
+        if fsync:
+            os.fsync(f.fileno())
+    tree = read_msgpack(str(tmp))  # re-read and check before it becomes real
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(tree, "")
+    if sorted((k, tuple(v.shape)) for k, v in flat.items()) != sorted((m.name, m.shape) for m in metas):
+        raise OutputError(f"{out}: written file does not match the plan (bug); output removed")
+    return [str(out)], sum(m.nbytes for m in metas)

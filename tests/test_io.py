@@ -208,3 +208,13 @@ def test_directory_without_a_single_checkpoint(tmp_path):
         CheckpointError, match=r"directory holds no single checkpoint to read \(found: a\.safetensors, b\.safetensors\)"
     ):
         open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".msgpack"])
+def test_zero_dim_tensors_round_trip(tmp_path, suffix):
+    """Scalars (e.g. num_batches_tracked, logit_scale) keep shape [] in every format."""
+    sd = {"num_batches_tracked": torch.tensor(5), "logit_scale": torch.tensor(2.5), "w": torch.ones(2)}
+    statemap.save_state_dict(sd, tmp_path / f"s{suffix}")
+    got = _read_all(tmp_path / f"s{suffix}")
+    for k, v in sd.items():
+        assert got[k].shape == v.shape and torch.equal(got[k], v), k

@@ -157,3 +157,40 @@ def test_public_names_resolve_and_are_few():
     for name in sm.__all__:
         if callable(getattr(sm, name)) and not isinstance(getattr(sm, name), type) and name != "__version__":
             assert getattr(sm, name).__doc__, f"{name} has no docstring"
+
+
+def test_view_reinterprets_bits_and_inject_for_makes_one_per_match():
+    bits = torch.tensor([1.5, -2.0, 3.25]).bfloat16().view(torch.int16)
+    sd = {"bn1._mean": torch.zeros(3), "bn2._mean": torch.ones(4), "w": bits}
+    spec = {
+        "name": "t",
+        "version": 1,
+        "strict": True,
+        "rules": [
+            {"inject": {"for": "{m}._mean", "to": "{m}.num_batches_tracked", "shape": [], "value": 0, "dtype": "int64"}},
+            {"inject": {"for": "{m}._mean", "to": "{m}.ones", "shape": [{"dim": 0, "of": "{m}._mean"}], "value": 1}},
+            {"rename": "{m}._mean -> {m}.running_mean"},
+            {"view": {"from": "w", "dtype": "bfloat16"}},
+        ],
+    }
+    new, report = statemap.map_state_dict(spec, sd)
+    assert new["w"].dtype == torch.bfloat16 and new["w"].tolist() == [1.5, -2.0, 3.25]
+    assert new["bn1.num_batches_tracked"].shape == () and new["bn1.num_batches_tracked"].dtype == torch.int64
+    assert new["bn2.ones"].tolist() == [1.0] * 4 and new["bn1.ones"].shape == (3,)
+    assert torch.equal(new["bn2.running_mean"], sd["bn2._mean"]) and report.passthrough == []
+    with pytest.raises(
+        statemap.PlanError, match=r"can't view float32 \(4 bytes\) as bfloat16 \(2 bytes\): widths differ; use cast"
+    ):
+        statemap.map_state_dict({"name": "t", "version": 1, "rules": [{"view": {"from": "bn1._mean", "dtype": "bf16"}}]}, sd)
+    with pytest.raises(statemap.PlanError, match=r"writes 'bn1.ones', which already exists"):
+        statemap.map_state_dict(
+            {
+                "name": "t",
+                "version": 1,
+                "rules": [
+                    {"inject": {"for": "{m}._mean", "to": "{m}.ones", "shape": [1]}},
+                    {"inject": {"for": "{m}._mean", "to": "{m}.ones", "shape": [1]}},
+                ],
+            },
+            sd,
+        )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, StatemapError
 from ..meta import TensorMeta
-from .checkpoint import ByteTensor, Checkpoint, FileReader
+from .checkpoint import ByteTensor, Checkpoint, FileReader, TypedArray
 from .safetensors_format import read_header
 from .torch_format import is_zip, load_pickle_file, load_zip, tensor_location
 from .unpickle import Opaque, TensorRef, to_plain
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 CONTAINER_KEYS = ("state_dict", "model", "module", "weights", "model_state_dict", "network", "net", "params", "params_ema", "ema")
 AUTO_PREFIXES = ("module.", "_orig_mod.")
+WRAPPERS = ("params", "state_dict")  # may wrap a nested module tree
 MAX_INDEX = 64 << 20
 
 __all__ = ["Checkpoint", "open_checkpoint", "from_state_dict", "ByteTensor"]
@@ -90,7 +91,9 @@ def _open(
         )
         return _finish_flat(ck, strip_prefix)
     if name.endswith(".msgpack"):
-        raise CheckpointError(f"{p}: Flax msgpack files are not supported yet")
+        from .flax_format import read_msgpack
+
+        return _from_object(str(p), "flax-msgpack", read_msgpack(str(p)), {}, unwrap, strip_prefix)
     try:
         size = p.stat().st_size
     except OSError as e:
@@ -121,7 +124,7 @@ def from_state_dict(state: Mapping[str, Any], name: str = "<state_dict>") -> Che
             raise CheckpointError(f"{name}: key {k!r} is not a string")
         if isinstance(v, np.ndarray):
             dt = from_numpy(v.dtype).name
-            arrays[k] = np.ascontiguousarray(v.astype(v.dtype.newbyteorder("<"), copy=False))
+            arrays[k] = np.asarray(v.astype(v.dtype.newbyteorder("<"), copy=False), order="C")
         elif type(v).__module__.startswith("torch"):
             from ..torch_adapter import to_numpy
 
@@ -142,13 +145,19 @@ def from_state_dict(state: Mapping[str, Any], name: str = "<state_dict>") -> Che
 
 
 def _pick_in_dir(d: Path) -> Path:
-    for cand in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"):
+    for cand in (
+        "model.safetensors.index.json",
+        "model.safetensors",
+        "pytorch_model.bin.index.json",
+        "pytorch_model.bin",
+        "flax_model.msgpack",
+    ):
         if (d / cand).is_file():
             return d / cand
     files = [
         f
         for f in sorted(d.iterdir())
-        if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pdparams")
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pdparams", ".msgpack")
     ]
     indexes = [f for f in sorted(d.iterdir()) if f.name.endswith(".index.json")]
     if len(indexes) == 1:
@@ -232,7 +241,7 @@ def _is_array(v: Any) -> bool:
 
 
 def _is_tensor(v: Any) -> bool:
-    return isinstance(v, TensorRef) or _is_array(v)
+    return isinstance(v, (TensorRef, TypedArray)) or _is_array(v)
 
 
 def _has_tensors(v: Any, depth: int = 0) -> bool:
@@ -266,14 +275,27 @@ def _find_container(obj: Any, unwrap: tuple[str, ...] | None, path: str) -> tupl
             cur = cur[part]
             walked.append(part)
         return cur, "/".join(unwrap)
+    # Descend into a child only when it is a flat state dict (name -> tensor), or through the
+    # wrappers `params` / `state_dict`; a nested module tree (Flax: model/encoder/...) is
+    # flattened where it stands, so its top-level names stay part of the keys.
     cur, walked = obj, []
     for _ in range(4):
         if not isinstance(cur, Mapping) or _mostly_tensors(cur):
             break
-        nxt = next((k for k in CONTAINER_KEYS if k in cur and _has_tensors(cur[k])), None)
+        nxt = next(
+            (
+                k
+                for k in CONTAINER_KEYS
+                if k in cur
+                and isinstance(cur[k], Mapping)
+                and (_mostly_tensors(cur[k]) or k in WRAPPERS)
+                and _has_tensors(cur[k])
+            ),
+            None,
+        )
         if nxt is None:
-            cands = [k for k, v in cur.items() if isinstance(v, Mapping) and _has_tensors(v)]
-            if len(cands) != 1:
+            cands = [k for k, v in cur.items() if isinstance(v, Mapping) and _mostly_tensors(v)]
+            if len(cands) != 1 or any(isinstance(v, Mapping) and _has_tensors(v) for k, v in cur.items() if k != cands[0]):
                 break
             nxt = cands[0]
         walked.append(str(nxt))
@@ -343,6 +365,9 @@ def _from_object(
             loc = tensor_location(v, locs, k, path)
             locations[k] = loc
             metas[k] = TensorMeta(k, loc.shape, loc.dtype)
+        elif isinstance(v, TypedArray):
+            arrays[k] = v.array
+            metas[k] = TensorMeta(k, tuple(v.array.shape), v.dtype)
         else:
             arrays[k] = v
             metas[k] = TensorMeta(k, tuple(v.shape), from_numpy(v.dtype).name)

@@ -38,6 +38,18 @@ class ByteTensor:
         return ok
 
 
+@dataclass(frozen=True)
+class TypedArray:
+    """An in-memory array whose element type numpy cannot name (bfloat16 held as uint16 bits)."""
+
+    array: Any
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+
 class FileReader:
     """Reads tensors with ``pread`` into a buffer of their own: memory in use is the tensor,
     not the file (no whole-file mmap, so address space and RSS stay bounded)."""

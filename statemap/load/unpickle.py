@@ -373,7 +373,7 @@ def _array_from_state(state: Any) -> np.ndarray:
             f"numpy array of shape {list(shape)} {dtype} needs {n * dtype.itemsize} bytes, pickle has {len(raw)}"
         )
     arr = np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order="F" if fortran else "C")
-    return np.ascontiguousarray(arr.astype(dtype.newbyteorder("<"), copy=False))
+    return np.asarray(arr.astype(dtype.newbyteorder("<"), copy=False), order="C")
 
 
 def _np_scalar(dt: Any, raw: Any = b"") -> Any:
