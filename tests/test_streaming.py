@@ -23,9 +23,8 @@ def _bits(a) -> np.ndarray:
     import torch
 
     if isinstance(a, torch.Tensor):
-        a = a.contiguous()
-        return a.view(torch.uint8).numpy().reshape(-1) if a.numel() else np.zeros(0, np.uint8)
-    return np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+        return a.contiguous().reshape(-1).view(torch.uint8).numpy() if a.numel() else np.zeros(0, np.uint8)
+    return np.asarray(a, order="C").reshape(-1).view(np.uint8)
 
 
 def test_every_catalog_spec_has_a_streaming_fixture():
