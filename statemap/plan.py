@@ -164,8 +164,6 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
         for k, e in table.items():
             if k in replacements:
                 for name, node in replacements[k]:
-                    if name in rebuilt or (name in table and name not in consumed and name != k):
-                        raise PlanError(f"{rule.where()}writes {name!r}, which already exists; two rules write one key")
                     rebuilt[name] = e if (name == k and k in kept) else _Entry(node, rule, True, tie_of.get(name))
             elif k not in consumed:
                 if k in produced:
