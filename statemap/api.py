@@ -105,6 +105,7 @@ def convert(
     tied: str | None = None,
     on_tensor: Callable[[TensorMeta], None] | None = None,
     fsync: bool = True,
+    reverse: bool = False,
 ) -> Report:
     """Convert a checkpoint file with a spec and write the result; return the report.
 
@@ -119,9 +120,20 @@ def convert(
     """
     t0 = time.perf_counter()
     spec = load_spec(spec, vars)
+    lost: tuple[str, ...] = ()
+    if reverse:
+        from .invert import invert
+
+        inversion = invert(spec)
+        if not inversion.usable:
+            from .errors import PlanError
+
+            raise PlanError(f"{spec.path}: cannot reverse {spec.name!r}: " + "; ".join(inversion.ambiguous))
+        spec, lost = inversion.spec, inversion.lost
     with open_checkpoint(src, spec.unwrap, spec.strip_prefix) as ck:
         plan = plan_for(spec, ck)
         report = _report(spec, ck, plan, expect)
+        report.not_restored = list(lost)
         report.dry_run = dry_run or dst is None
         if dst is not None:
             report.output = os.fspath(dst)

@@ -58,6 +58,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 max_shard_size=args.max_shard_size,
                 tied=args.tied,
                 fsync=not args.no_fsync,
+                reverse=args.reverse,
                 on_tensor=lambda m: progress.update(task, advance=1, description=m.name[-40:]),
             )
     else:
@@ -72,6 +73,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             tied=args.tied,
             fsync=not args.no_fsync,
+            reverse=args.reverse,
         )
     if args.json:
         _print_json(report.to_json())
@@ -144,6 +146,45 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_invert(args: argparse.Namespace) -> int:
+    from .invert import invert
+    from .spec import load_spec
+
+    inv = invert(load_spec(args.spec, _vars(args.set)))
+    text = inv.to_yaml()
+    if args.output:
+        from pathlib import Path
+
+        out = Path(args.output)
+        if out.exists() and not args.force:
+            raise StatemapError(f"{out}: already exists; pass --force to replace it")
+        tmp = out.with_name(f".{out.name}.statemap.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    if args.json:
+        _print_json(
+            {
+                "spec": inv.spec.name,
+                "lossless": inv.lossless,
+                "usable": inv.usable,
+                "not_restored": list(inv.lost),
+                "ambiguous": list(inv.ambiguous),
+                "rules": len(inv.spec.rules),
+                "output": args.output,
+            }
+        )
+    elif not args.output:
+        sys.stdout.write(text)
+    else:
+        con = _console(args)
+        con.print(f"wrote {args.output}: {inv.spec.name!r}, {len(inv.spec.rules)} rules")
+        for line in inv.lost:
+            con.print(f"[yellow]not restored:[/yellow] {line}")
+        for line in inv.ambiguous:
+            con.print(f"[red]ambiguous:[/red] {line}")
+    return EXIT_OK if inv.usable else EXIT_DIFF
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
@@ -194,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="replace an existing output")
     a.add_argument("--max-shard-size", metavar="SIZE", help="shard safetensors output, e.g. 5GB")
     a.add_argument("--tied", choices=("clone", "dedupe"), help="tied outputs: write each (clone) or only the first (dedupe)")
+    a.add_argument("--reverse", action="store_true", help="apply the spec's reverse (see `statemap invert`)")
     a.add_argument(
         "--no-fsync", action="store_true", help="do not wait for the disk before the final rename (faster; less durable)"
     )
@@ -222,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     li = sub.add_parser("list", help="the catalog of shipped specs")
     common(li)
     li.set_defaults(func=cmd_list)
+
+    v = sub.add_parser("invert", help="write the reverse spec (lossy rules need a declared `inverse:`)")
+    v.add_argument("spec")
+    v.add_argument("-o", "--output", metavar="OUT.yaml", help="write here instead of stdout")
+    v.add_argument("--force", action="store_true", help="replace an existing OUT")
+    v.add_argument("--set", action="append", metavar="NAME=VALUE")
+    common(v)
+    v.set_defaults(func=cmd_invert)
 
     c = sub.add_parser("check", help="validate a spec (and plan it against a checkpoint with --against)")
     c.add_argument("spec")

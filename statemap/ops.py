@@ -40,11 +40,21 @@ class Field:
 COMMON = {
     "optional": Field("bool", default=False, doc="matching nothing is reported, not an error"),
     "note": Field("text", doc="free text, ignored"),
+    "inverse": Field("rule", doc="the rule that undoes this one, for `statemap invert` (lossy ops)"),
 }
 
 
 def _as_list(v: Any) -> list[Any]:
     return list(v) if isinstance(v, list) else [v]
+
+
+def _plain(v: Any) -> Any:
+    """YAML values with line info -> plain dicts and lists (for storing in frozen rules)."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
 
 
 def _shape_entry(v: Any, where: str) -> tuple[Any, ...]:
@@ -74,6 +84,11 @@ def _check_field(name: str, f: Field, v: Any, where: str) -> Any:
             return parse_template(v)
         if f.kind == "templates":
             return tuple(parse_template(x) for x in _as_list(v))
+        if f.kind == "sources":  # merge: the first is a pattern (binds captures), the rest are templates
+            items = _as_list(v)
+            if not items:
+                raise SpecError("expected a list of sources")
+            return (parse_pattern(items[0]), *(parse_template(x) for x in items[1:]))
     except SpecError as e:
         raise SpecError(f"{w}{e}") from None
     if f.kind == "expr":
@@ -116,6 +131,10 @@ def _check_field(name: str, f: Field, v: Any, where: str) -> Any:
         return v
     if f.kind == "text":
         return str(v)
+    if f.kind == "rule":
+        if not isinstance(v, dict) or not v:
+            raise SpecError(f"{w}expected a rule mapping such as {{pad: {{from: K, size: N}}}}, got {v!r}")
+        return _plain(v)
     raise AssertionError(f.kind)
 
 
@@ -369,7 +388,7 @@ class Merge(Op):
     )
     example = "merge: {from: ['h.{i}.q.weight', 'h.{i}.k.weight', 'h.{i}.v.weight'], to: 'h.{i}.qkv.weight', dim: 0}"
     fields = {
-        "from": Field("templates", True),
+        "from": Field("sources", True),
         "to": Field("template", True),
         "dim": Field("axis", default=0),
         "mode": Field("choice", default="concat", choices=("concat", "stack")),
@@ -615,6 +634,8 @@ def parse_rule(item: Any, loc: Loc, index: int, var_names: set[str]) -> list[Rul
                 if f.required:
                     raise SpecError(f"{w}missing required field {k!r}; fields: {', '.join(op.fields)}")
                 fields[k] = f.default
+        if "inverse" in common:  # validate the declared inverse like any other rule
+            parse_rule(common["inverse"], loc, idx, var_names)
         rules.append(_canonical(op, fields, common, Loc(loc.file, loc.line), idx, var_names, w))
     return rules
 
@@ -627,10 +648,10 @@ def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc,
     if op.n_sources == "1":
         sources = (fields.pop("from"),)
     elif op.n_sources == "n":
-        tmpls: tuple[Template, ...] = fields.pop("from")
-        first = parse_pattern(tmpls[0].text)
-        sources = (first,) + tuple(tmpls[1:])  # later sources are filled from the first one's captures
-        for t in tmpls[1:]:
+        given: tuple[Any, ...] = fields.pop("from")
+        first = given[0]
+        sources = (first, *given[1:])  # later sources are filled from the first one's captures
+        for t in given[1:]:
             missing = t.names - set(first.captures) - var_names
             if missing:
                 raise SpecError(
@@ -661,7 +682,16 @@ def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc,
                 f"{w}target {t.text!r} uses {sorted(missing)}, not captured by the source"
                 f"{' ' + repr(sources[0].text) if sources else ''} nor a var"
             )
-    return Rule(op.name, idx, loc, tuple(sources), targets, tuple(fields.items()), bool(common.get("optional", False)))
+    return Rule(
+        op.name,
+        idx,
+        loc,
+        tuple(sources),
+        targets,
+        tuple(fields.items()),
+        bool(common.get("optional", False)),
+        common.get("inverse"),
+    )
 
 
 def _pattern_as_template(text: str) -> str:

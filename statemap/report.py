@@ -132,6 +132,7 @@ class Report:
     unexpected: list[TensorMeta] = field(default_factory=list)
     shape_mismatch: list[Mismatch] = field(default_factory=list)
     dtype_mismatch: list[Mismatch] = field(default_factory=list)
+    not_restored: list[str] = field(default_factory=list)  # with --reverse: rules the reverse cannot undo
     files: list[str] = field(default_factory=list)
     n_bytes: int = 0
     seconds: float = 0.0
@@ -209,6 +210,10 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
         console.print("[yellow]optional rules that matched nothing:[/yellow]")
         for r in report.unmatched_rules:
             console.print(f"  {r}")
+    if report.not_restored:
+        console.print("[yellow]the reverse cannot restore what these rules removed (declare `inverse:` on them):[/yellow]")
+        for line in report.not_restored:
+            console.print(f"  {line}")
     if report.tied:
         console.print(f"[dim]tied tensors: {'; '.join(' = '.join(g) for g in report.tied)}[/dim]")
     if report.expected:

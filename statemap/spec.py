@@ -49,6 +49,7 @@ class Rule:
     targets: tuple[Template, ...]
     params: tuple[tuple[str, Any], ...] = ()
     optional: bool = False
+    inverse: Any = None  # declared inverse rule (raw mapping), for lossy ops
 
     @property
     def p(self) -> dict[str, Any]:
@@ -86,6 +87,17 @@ class Spec:
     @property
     def var_dict(self) -> dict[str, Any]:
         return dict(self.vars)
+
+    def inverse(self) -> Spec:
+        """The reverse spec (see :mod:`statemap.invert`; ``invert(spec).lost`` lists what it cannot restore).
+
+        Example::
+
+            >>> back = load_spec("vit-timm-to-hf").inverse()
+        """
+        from .invert import invert
+
+        return invert(self).spec
 
     def with_vars(self, overrides: Mapping[str, Any] | None) -> Spec:
         """Return a copy with some ``vars`` overridden (names must exist in the spec)."""
