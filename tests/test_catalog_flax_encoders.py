@@ -22,9 +22,10 @@ source model's: max abs diff <= 1e-5 in fp32. PT -> Flax -> PT and Flax -> PT ->
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,7 +58,11 @@ def _bert_config():
     from transformers import BertConfig
 
     return BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=99,
         max_position_embeddings=64,
     )
 
@@ -68,9 +73,17 @@ def _albert_config():
     # embedding_size != hidden_size (the embedding_hidden_mapping_in projection is not square);
     # two layer groups, so albert_layer_groups.{0,1} both map
     return AlbertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99,
-        max_position_embeddings=64, embedding_size=16, num_hidden_groups=2, inner_group_num=1,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=99,
+        max_position_embeddings=64,
+        embedding_size=16,
+        num_hidden_groups=2,
+        inner_group_num=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
 
 
@@ -79,8 +92,16 @@ def _xlmr_config():
 
     # XLM-R facts: max_position_embeddings = max_positions + 2, type_vocab_size 1, eps 1e-5, pad 1
     return XLMRobertaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99,
-        max_position_embeddings=64 + 2, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=99,
+        max_position_embeddings=64 + 2,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=0,
         eos_token_id=2,
     )
 
@@ -93,20 +114,38 @@ def _gpt2_config():
 
 FAMILIES = {
     "bert": Family(
-        "bert", "BertForMaskedLM", "FlaxBertForMaskedLM", _bert_config, 0,
+        "bert",
+        "BertForMaskedLM",
+        "FlaxBertForMaskedLM",
+        _bert_config,
+        0,
         ("bert.encoder.layer.0.output.LayerNorm.scale", "bert.encoder.layer.0.output.LayerNorm.bias"),
     ),
     "albert": Family(
-        "albert", "AlbertForMaskedLM", "FlaxAlbertForMaskedLM", _albert_config, 0,
-        ("albert.encoder.albert_layer_groups.0.albert_layers.0.full_layer_layer_norm.scale",
-         "albert.encoder.albert_layer_groups.0.albert_layers.0.full_layer_layer_norm.bias"),
+        "albert",
+        "AlbertForMaskedLM",
+        "FlaxAlbertForMaskedLM",
+        _albert_config,
+        0,
+        (
+            "albert.encoder.albert_layer_groups.0.albert_layers.0.full_layer_layer_norm.scale",
+            "albert.encoder.albert_layer_groups.0.albert_layers.0.full_layer_layer_norm.bias",
+        ),
     ),
     "xlmr": Family(
-        "xlmr", "XLMRobertaForMaskedLM", "FlaxXLMRobertaForMaskedLM", _xlmr_config, 1,
+        "xlmr",
+        "XLMRobertaForMaskedLM",
+        "FlaxXLMRobertaForMaskedLM",
+        _xlmr_config,
+        1,
         ("roberta.encoder.layer.0.output.LayerNorm.scale", "roberta.encoder.layer.0.output.LayerNorm.bias"),
     ),
     "gpt2": Family(
-        "gpt2", "GPT2LMHeadModel", "FlaxGPT2LMHeadModel", _gpt2_config, None,
+        "gpt2",
+        "GPT2LMHeadModel",
+        "FlaxGPT2LMHeadModel",
+        _gpt2_config,
+        None,
         ("transformer.h.0.ln_1.scale", "transformer.h.0.ln_1.bias"),
     ),
 }
@@ -164,9 +203,7 @@ def make_flax_source(fam: Family, out_dir: Path):
 
     model = _cls(fam.flax_cls)(fam.config(), seed=0)
     rng = np.random.default_rng(2)
-    model.params = jax.tree_util.tree_map(
-        lambda p: p + (rng.standard_normal(p.shape) * 0.02).astype(p.dtype), model.params
-    )
+    model.params = jax.tree_util.tree_map(lambda p: p + (rng.standard_normal(p.shape) * 0.02).astype(p.dtype), model.params)
     model.save_pretrained(out_dir)
     return model, out_dir / "flax_model.msgpack"
 
@@ -353,13 +390,13 @@ def test_gpt2_flax_conv1d_kernels_are_out_in(tmp_path, pt_source):
     fam = FAMILIES["gpt2"]
     _, src, ref = pt_source(fam)
     raw = _raw_rules("gpt2-pt-to-flax")
-    rules = [
-        {"rename": {"from": r["transpose"]["from"], "to": r["transpose"]["to"]}} if "transpose" in r else r for r in raw
-    ]
+    rules = [{"rename": {"from": r["transpose"]["from"], "to": r["transpose"]["to"]}} if "transpose" in r else r for r in raw]
     assert rules != raw
     out_dir = tmp_path / "no-transpose"
     out_dir.mkdir()
-    statemap.convert({"name": "gpt2-no-transpose", "version": 1, "strict": True, "rules": rules}, src, out_dir / "flax_model.msgpack")
+    statemap.convert(
+        {"name": "gpt2-no-transpose", "version": 1, "strict": True, "rules": rules}, src, out_dir / "flax_model.msgpack"
+    )
     shutil.copy(src.parent / "config.json", out_dir / "config.json")
     with pytest.raises(ValueError, match="incompatible with the model shape"):
         _cls(fam.flax_cls).from_pretrained(out_dir, _do_init=False)
