@@ -8,8 +8,9 @@ Family test modules (tests/test_catalog_*.py) register theirs in a module-level 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from seed_layouts import deltalm_pretrained
