@@ -25,8 +25,16 @@ def _version() -> str:
     return __version__
 
 
-def load_expect(ref: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, TensorMeta], str]:
-    """An expected target layout: a checkpoint file, a JSON/YAML listing ``{key: shape}``, or a dict."""
+def load_expect(
+    ref: str | os.PathLike[str] | Mapping[str, Any], config: str | os.PathLike[str] | None = None
+) -> tuple[dict[str, TensorMeta], str]:
+    """An expected target layout: a checkpoint file, a JSON/YAML listing ``{key: shape}``, a dict,
+    or ``hf:ClassName`` with ``config`` (built on the meta device: no weights, no download)."""
+    from .load.hf_meta import hf_layout, is_hf_target
+
+    if is_hf_target(ref):
+        ck = hf_layout(str(ref), config)
+        return dict(ck.metas), ck.path
     if isinstance(ref, Mapping):
         return {k: TensorMeta(k, tuple(v), "") for k, v in ref.items()}, "the spec's expect list"
     p = Path(ref)
@@ -63,7 +71,7 @@ def plan_for(spec: Spec, ck: Checkpoint) -> Plan:
     return make_plan(spec, ck.metas.values())
 
 
-def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any) -> Report:
+def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any, config: Any = None) -> Report:
     r = Report(
         spec=spec.name,
         source=ck.path,
@@ -79,7 +87,7 @@ def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any) -> Report:
     )
     ref = expect if expect is not None else spec.expect
     if ref is not None:
-        metas, label = load_expect(ref)
+        metas, label = load_expect(ref, config)
         r.compare(metas, label)
     return r
 
@@ -106,6 +114,7 @@ def convert(
     on_tensor: Callable[[TensorMeta], None] | None = None,
     fsync: bool = True,
     reverse: bool = False,
+    config: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Convert a checkpoint file with a spec and write the result; return the report.
 
@@ -132,7 +141,7 @@ def convert(
         spec, lost = inversion.spec, inversion.lost
     with open_checkpoint(src, spec.unwrap, spec.strip_prefix) as ck:
         plan = plan_for(spec, ck)
-        report = _report(spec, ck, plan, expect)
+        report = _report(spec, ck, plan, expect, config)
         report.not_restored = list(lost)
         report.dry_run = dry_run or dst is None
         if dst is not None:

@@ -59,6 +59,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 tied=args.tied,
                 fsync=not args.no_fsync,
                 reverse=args.reverse,
+                config=args.config,
                 on_tensor=lambda m: progress.update(task, advance=1, description=m.name[-40:]),
             )
     else:
@@ -74,6 +75,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             tied=args.tied,
             fsync=not args.no_fsync,
             reverse=args.reverse,
+            config=args.config,
         )
     if args.json:
         _print_json(report.to_json())
@@ -85,9 +87,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from .diff import diff_checkpoints, render_diff
     from .load import open_checkpoint
+    from .load.hf_meta import hf_layout, is_hf_target
 
     unwrap = tuple(args.unwrap.split("/")) if args.unwrap else None
-    with open_checkpoint(args.a, unwrap) as a, open_checkpoint(args.b, unwrap) as b:
+    if is_hf_target(args.a) or is_hf_target(args.b):
+        if args.values:
+            raise StatemapError("--values needs tensor values; an hf:ModelClass layout has none")
+
+    def opener(ref: str) -> Any:
+        return hf_layout(ref, args.config) if is_hf_target(ref) else open_checkpoint(ref, unwrap)
+
+    with opener(args.a) as a, opener(args.b) as b:
         r = diff_checkpoints(a, b, values=args.values, atol=args.atol, rtol=args.rtol)
     if args.json:
         _print_json(r.to_json())
@@ -230,7 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("input", help="checkpoint file or directory")
     a.add_argument("output", nargs="?", help="output .safetensors or .pt (omit with --dry-run)")
     a.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a spec var (repeatable)")
-    a.add_argument("--expect", metavar="REF", help="reference checkpoint or key listing to compare the result with")
+    a.add_argument(
+        "--expect",
+        metavar="REF",
+        help="reference checkpoint, key listing, or hf:ModelClass (with --config) to compare the result with",
+    )
+    a.add_argument("--config", metavar="CONFIG.json", help="model config for --expect hf:ModelClass (built without weights)")
     a.add_argument("--dry-run", action="store_true", help="plan and report; read no tensor, write nothing")
     a.add_argument("--force", action="store_true", help="replace an existing output")
     a.add_argument("--max-shard-size", metavar="SIZE", help="shard safetensors output, e.g. 5GB")
@@ -250,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--atol", type=float, default=1e-6)
     d.add_argument("--rtol", type=float, default=1e-5)
     d.add_argument("--unwrap", metavar="KEY[/KEY]", help="state dict location inside both files (default: auto)")
+    d.add_argument("--config", metavar="CONFIG.json", help="model config when A or B is hf:ModelClass (built without weights)")
     common(d)
     d.set_defaults(func=cmd_diff)
 

@@ -1,0 +1,81 @@
+"""A target layout from a transformers model class, built without weights.
+
+``hf:BartForConditionalGeneration`` with a ``config.json`` builds the model on torch's meta
+device (no memory for weights, no download) and reads ``state_dict()`` names, shapes and
+dtypes: exactly what ``load_state_dict(strict=True)`` will ask for. ``hf:FlaxBertModel`` builds a
+Flax model's parameter shape tree with ``_do_init=False`` (no arrays). transformers (and for
+Flax, jax/flax) is needed only for this: ``pip install transformers``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import CheckpointError
+from ..meta import TensorMeta
+from .checkpoint import Checkpoint
+
+PREFIX = "hf:"
+
+
+def is_hf_target(ref: object) -> bool:
+    return isinstance(ref, str) and ref.startswith(PREFIX)
+
+
+def hf_layout(ref: str, config: str | os.PathLike[str] | None) -> Checkpoint:
+    """``hf:ClassName`` + config.json -> a Checkpoint with metadata only (reading a tensor raises).
+
+    Example::
+
+        >>> ck = hf_layout("hf:BartForConditionalGeneration", "config.json")
+        >>> ck.metas["final_logits_bias"].shape
+        (1, 50265)
+    """
+    name = ref[len(PREFIX) :]
+    if config is None:
+        raise CheckpointError(f"{ref}: needs the model's config.json (--config PATH)")
+    cfg_path = Path(config)
+    if cfg_path.is_dir():
+        cfg_path = cfg_path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: no such config file")
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError(
+            f"{ref}: checking against a transformers class needs transformers (pip install transformers)"
+        ) from None
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "config_class"):
+        import difflib
+
+        names = [n for n in dir(transformers) if n.endswith(("Model", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration"))]
+        close = difflib.get_close_matches(name, names, n=1)
+        raise CheckpointError(
+            f"{ref}: transformers has no model class {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+        )
+    try:
+        cfg = cls.config_class.from_json_file(str(cfg_path))
+    except Exception as e:
+        raise CheckpointError(f"{cfg_path}: not a valid {cls.config_class.__name__} config: {e}") from None
+    metas: dict[str, TensorMeta] = {}
+    if name.startswith("Flax"):
+        from flax.traverse_util import flatten_dict
+
+        model = cls(cfg, _do_init=False)
+        for path, leaf in flatten_dict(model.params_shape_tree).items():
+            key = ".".join(map(str, path))
+            metas[key] = TensorMeta(key, tuple(int(d) for d in leaf.shape), str(leaf.dtype))
+    else:
+        import torch
+
+        with torch.device("meta"):
+            model = cls(cfg)
+        for key, t in model.state_dict().items():
+            metas[key] = TensorMeta(key, tuple(int(d) for d in t.shape), str(t.dtype).removeprefix("torch."))
+
+    def no_bytes(k: str) -> object:
+        raise CheckpointError(f"{ref}: a layout built from a class has no tensor values ({k!r})")
+
+    return Checkpoint(f"{ref} ({cfg_path})", "hf-meta", metas, no_bytes)  # type: ignore[arg-type]
