@@ -83,6 +83,7 @@ def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any, config: Any = N
         dropped=[k for k, _ in plan.dropped],
         unmatched_rules=[f"{r.loc}: {r.label}" for r in plan.unmatched],
         tied=[list(g) for g in plan.ties],
+        source_ties=ck.tied_groups(),
         skipped=list(ck.skipped),
     )
     ref = expect if expect is not None else spec.expect

@@ -126,6 +126,7 @@ class Report:
     dropped: list[str] = field(default_factory=list)
     unmatched_rules: list[str] = field(default_factory=list)
     tied: list[list[str]] = field(default_factory=list)
+    source_ties: list[list[str]] = field(default_factory=list)  # one tensor under several names in the source
     skipped: list[str] = field(default_factory=list)
     expected: str = ""
     missing: list[TensorMeta] = field(default_factory=list)
@@ -214,6 +215,12 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
         console.print("[yellow]the reverse cannot restore what these rules removed (declare `inverse:` on them):[/yellow]")
         for line in report.not_restored:
             console.print(f"  {line}")
+    if report.source_ties:
+        console.print(
+            "[dim]tied in the source (one tensor, several names): "
+            + "; ".join(" = ".join(g) for g in report.source_ties)
+            + " — each name is written as its own tensor unless a `tie` rule groups them[/dim]"
+        )
     if report.tied:
         console.print(f"[dim]tied tensors: {'; '.join(' = '.join(g) for g in report.tied)}[/dim]")
     if report.expected:

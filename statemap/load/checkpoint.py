@@ -144,8 +144,11 @@ class Checkpoint:
         self.close()
 
     def tied_groups(self) -> list[list[str]]:
-        """Keys that share one storage (same bytes), as found in the file's metadata."""
-        groups: dict[str, list[str]] = {}
+        """Keys that are one tensor in the file (same storage, offset, shape and stride), found in
+        the metadata — e.g. fairseq's output_projection saved tied to embed_tokens."""
+        groups: dict[object, list[str]] = {}
         for k, sid in self.storage_ids.items():
-            groups.setdefault(sid, []).append(k)
+            loc = self.locations.get(k)
+            ident = (sid, loc.offset, loc.shape, loc.stride) if loc is not None else sid
+            groups.setdefault(ident, []).append(k)
         return [g for g in groups.values() if len(g) > 1]
