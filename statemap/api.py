@@ -64,6 +64,62 @@ def load_expect(
         return dict(ck.metas), str(p)
 
 
+HASH_LIMIT = 1 << 30  # hash sources up to 1 GiB; above that record size + mtime (and say so)
+
+
+def spec_digest(spec: Spec) -> str:
+    """sha256 of the spec's canonical form (after shorthand normalization; comments, layout and
+    `note:` fields do not count), so two spellings of one mapping hash alike."""
+    import hashlib
+
+    canon = {
+        "name": spec.name,
+        "version": spec.version,
+        "vars": [list(v) for v in spec.vars],
+        "unwrap": spec.unwrap,
+        "strip_prefix": spec.strip_prefix,
+        "strict": spec.strict,
+        "tied": spec.tied,
+        "rules": [
+            [r.op, [str(s) for s in r.sources], [str(t) for t in r.targets], repr(r.params), r.optional, r.inverse]
+            for r in spec.rules
+        ],
+    }
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def provenance(spec: Spec, source: str) -> dict[str, str]:
+    """The metadata a converted safetensors file carries: what made it, from what.
+
+    Example::
+
+        >>> provenance(load_spec("deltalm-fairseq-to-hf"), "checkpoint_best.pt")["statemap.spec"]
+        'deltalm-fairseq-to-hf'
+    """
+    import hashlib
+
+    md = {
+        "statemap.spec": spec.name,
+        "statemap.spec_sha256": spec_digest(spec),
+        "statemap.source": Path(source).name,
+        "statemap.version": _version(),
+    }
+    p = Path(source)
+    if p.is_file():
+        st = p.stat()
+        if st.st_size <= HASH_LIMIT:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            md["statemap.source_sha256"] = h.hexdigest()
+        else:
+            md["statemap.source_size"] = str(st.st_size)
+            md["statemap.source_mtime"] = str(int(st.st_mtime))
+            md["statemap.source_digest"] = f"not hashed: larger than {HASH_LIMIT >> 30} GiB; size and mtime recorded instead"
+    return md
+
+
 def plan_for(spec: Spec, ck: Checkpoint) -> Plan:
     """Compile ``spec`` against an opened checkpoint (metadata only)."""
     if not ck.metas:
@@ -150,11 +206,7 @@ def convert(
         if not report.dry_run:
             assert dst is not None
             outs = _to_write(spec, plan, tied)
-            metadata = {
-                "statemap.spec": spec.name,
-                "statemap.source": Path(ck.path).name,
-                "statemap.version": _version(),
-            }
+            metadata = provenance(spec, ck.path)
             streaming = output_format(dst) == "safetensors"
             produced = execute_streaming(outs, ck.read, ck.locations) if streaming else execute(outs, ck.read)
             written: Written = write_checkpoint(

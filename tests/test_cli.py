@@ -270,3 +270,29 @@ def test_header_length_past_end(tmp_path, capsys):
     p.write_bytes(struct.pack("<Q", 1 << 20) + b"{}")
     code, _, err = run(capsys, "inspect", p)
     assert code == 2 and "header length 1048576 runs past the end of the 10-byte file" in err
+
+
+def test_output_records_provenance_and_inspect_shows_it(tmp_path, capsys, root):
+    import hashlib
+
+    src = root / "examples" / "deltalm-tiny.pt"
+    out = tmp_path / "o.safetensors"
+    assert main(["apply", "deltalm-fairseq-to-hf", str(src), str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    md = json.loads(capsys.readouterr().out)["metadata"]
+    assert md["statemap.spec"] == "deltalm-fairseq-to-hf" and md["statemap.source"] == "deltalm-tiny.pt"
+    assert md["statemap.source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert len(md["statemap.spec_sha256"]) == 64 and md["statemap.version"]
+    assert main(["inspect", str(out)]) == 0
+    assert "statemap.spec=deltalm-fairseq-to-hf" in capsys.readouterr().out
+
+
+def test_spec_digest_ignores_layout_and_notes_but_not_meaning():
+    from statemap.api import spec_digest
+    from statemap.spec import load_spec
+
+    a = load_spec("name: t\nversion: 1\nrules:\n  - rename: a -> b\n")
+    b = load_spec("# a comment\nname: t\nversion: 1\nrules:\n  - rename: {from: a, to: b, note: hello}\n")
+    c = load_spec("name: t\nversion: 1\nrules:\n  - rename: a -> c\n")
+    assert spec_digest(a) == spec_digest(b) != spec_digest(c)
