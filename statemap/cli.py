@@ -195,6 +195,24 @@ def cmd_invert(args: argparse.Namespace) -> int:
     return EXIT_OK if inv.usable else EXIT_DIFF
 
 
+def cmd_lint(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .lint import exit_code, lint_file
+
+    findings = lint_file(args.spec, args.against, _vars(args.set))
+    if args.json:
+        _print_json({"findings": [dataclasses.asdict(f) for f in findings], "exit": exit_code(findings)})
+        return exit_code(findings)
+    shown = [f for f in findings if not (args.quiet and f.severity == "info")]
+    for f in shown:
+        sys.stdout.write(f"{f}\n")
+    if not args.quiet:
+        worst = exit_code(findings)
+        sys.stdout.write(f"{len(findings)} finding(s)" + (": clean\n" if worst == 0 else "\n"))
+    return exit_code(findings)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
@@ -288,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", metavar="NAME=VALUE")
     common(v)
     v.set_defaults(func=cmd_invert)
+
+    lt = sub.add_parser("lint", help="find rules that overlap, cascade, collide, are shadowed or match nothing")
+    lt.add_argument("spec")
+    lt.add_argument(
+        "--against", metavar="CHECKPOINT", help="also plan against a checkpoint (rules matching nothing, plan errors)"
+    )
+    lt.add_argument("--set", action="append", metavar="NAME=VALUE")
+    common(lt)
+    lt.set_defaults(func=cmd_lint)
 
     c = sub.add_parser("check", help="validate a spec (and plan it against a checkpoint with --against)")
     c.add_argument("spec")
