@@ -213,6 +213,40 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return exit_code(findings)
 
 
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .suggest import suggest_files
+
+    s = suggest_files(args.source, args.target)
+    name = Path(args.output).stem if args.output else "suggested"
+    text = s.to_yaml(name=name)
+    if args.output:
+        out = Path(args.output)
+        if out.exists() and not args.force:
+            raise StatemapError(f"{out}: already exists; pass --force to replace it")
+        tmp = out.with_name(f".{out.name}.statemap.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    if args.json:
+        _print_json(
+            {
+                "rules": len(s.rules),
+                "unmapped_sources": list(s.unmapped_sources),
+                "unmapped_targets": list(s.unmapped_targets),
+                "output": args.output,
+            }
+        )
+    elif not args.output:
+        sys.stdout.write(text)
+    if not args.quiet and not args.json:
+        sys.stderr.write(
+            f"statemap: {len(s.rules)} rules drafted; {len(s.unmapped_sources)} source and {len(s.unmapped_targets)} target "
+            "key kinds not mapped (listed as comments). Review it, then `statemap lint` and `statemap check --against`.\n"
+        )
+    return EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
@@ -306,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", metavar="NAME=VALUE")
     common(v)
     v.set_defaults(func=cmd_invert)
+
+    sg = sub.add_parser("suggest", help="draft a spec from a source checkpoint and a target (checkpoint or key listing)")
+    sg.add_argument("source")
+    sg.add_argument("target", help="target checkpoint, or a .json/.yaml listing {key: [shape]}")
+    sg.add_argument("-o", "--output", metavar="DRAFT.yaml", help="write the draft here instead of stdout")
+    sg.add_argument("--force", action="store_true", help="replace an existing DRAFT.yaml")
+    common(sg)
+    sg.set_defaults(func=cmd_suggest)
 
     lt = sub.add_parser("lint", help="find rules that overlap, cascade, collide, are shadowed or match nothing")
     lt.add_argument("spec")
