@@ -39,44 +39,29 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .report import render
 
     con = _console(args)
-    progress = None
+    options = dict(
+        vars=_vars(args.set),
+        expect=args.expect,
+        dry_run=args.dry_run,
+        force=args.force,
+        max_shard_size=args.max_shard_size,
+        tied=args.tied,
+        fsync=not args.no_fsync,
+        reverse=args.reverse,
+        config=args.config,
+    )
     if not args.json and not args.dry_run and sys.stderr.isatty() and not args.quiet:
         from rich.progress import Progress
 
-        progress = Progress(transient=True)
-    if progress:
-        with progress:
+        with Progress(transient=True) as progress:  # on a terminal only, and never with --json
             task = progress.add_task("writing", total=None)
-            report = convert(
-                args.spec,
-                args.input,
-                args.output,
-                vars=_vars(args.set),
-                expect=args.expect,
-                dry_run=args.dry_run,
-                force=args.force,
-                max_shard_size=args.max_shard_size,
-                tied=args.tied,
-                fsync=not args.no_fsync,
-                reverse=args.reverse,
-                config=args.config,
-                on_tensor=lambda m: progress.update(task, advance=1, description=m.name[-40:]),
-            )
+
+            def step(m: Any) -> None:
+                progress.update(task, advance=1, description=m.name[-40:])
+
+            report = convert(args.spec, args.input, args.output, on_tensor=step, **options)  # type: ignore[arg-type]
     else:
-        report = convert(
-            args.spec,
-            args.input,
-            args.output,
-            vars=_vars(args.set),
-            expect=args.expect,
-            dry_run=args.dry_run,
-            force=args.force,
-            max_shard_size=args.max_shard_size,
-            tied=args.tied,
-            fsync=not args.no_fsync,
-            reverse=args.reverse,
-            config=args.config,
-        )
+        report = convert(args.spec, args.input, args.output, **options)  # type: ignore[arg-type]
     if args.json:
         _print_json(report.to_json())
     else:
