@@ -182,7 +182,7 @@ def convert(
 
         >>> report = convert("deltalm-fairseq-to-hf", "checkpoint_best.pt", "model.safetensors")
         >>> report.ok, len(report.produced)
-        (True, 394)
+        (True, 395)
     """
     t0 = time.perf_counter()
     spec = load_spec(spec, vars)
