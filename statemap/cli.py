@@ -59,9 +59,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
             def step(m: Any) -> None:
                 progress.update(task, advance=1, description=m.name[-40:])
 
-            report = convert(args.spec, args.input, args.output, on_tensor=step, **options)  # type: ignore[arg-type]
+            report = convert(args.spec, args.input, args.output, on_tensor=step, **options)
     else:
-        report = convert(args.spec, args.input, args.output, **options)  # type: ignore[arg-type]
+        report = convert(args.spec, args.input, args.output, **options)
     if args.json:
         _print_json(report.to_json())
     else:

@@ -106,11 +106,11 @@ _ANY: Pred = ("cls", "any")
 _KIND_PRED = {"seg": _SEG, "int": _INT, "path": _ANY}
 
 try:  # Python >= 3.11
-    from re import _constants as _sc  # type: ignore[attr-defined]
-    from re import _parser as _sre  # type: ignore[attr-defined]
+    from re import _constants as _sc  # type: ignore[attr-defined,unused-ignore]
+    from re import _parser as _sre  # type: ignore[attr-defined,unused-ignore]
 except ImportError:  # pragma: no cover
-    import sre_constants as _sc  # type: ignore[no-redef]
-    import sre_parse as _sre  # type: ignore[no-redef]
+    import sre_constants as _sc  # type: ignore[no-redef,unused-ignore]
+    import sre_parse as _sre  # type: ignore[no-redef,unused-ignore]
 
 
 def _in_category(cat: Any, ch: str) -> bool:
@@ -588,7 +588,7 @@ def _check_overlap(spec: Spec, infos: list[_Info], dead: set[int]) -> list[Findi
                 continue  # (where a regex's literal text sits is not tracked)
             before = [c for rk in infos[:i] if rk.consumes for c in rk.consumed]
             w = _try_witness([ri.src, rj.src], before)
-            if not w or ri.rule.sources[0].match(w) is None or rj.rule.sources[0].match(w) is None:
+            if not isinstance(w, str) or ri.rule.sources[0].match(w) is None or rj.rule.sources[0].match(w) is None:
                 continue
             if _try_witness([rj.src], [ri.src]) is None:
                 continue  # j is inside i: it only sees keys made later (SM105 covers the rest)
@@ -625,7 +625,7 @@ def _absorbs(later: Pattern, kinds: Mapping[str, Pred], earlier: Pattern, key: s
     ml, me = re.fullmatch(later.regex, key), re.fullmatch(earlier.regex, key)
     if ml is None or me is None:
         return False
-    captured = set()
+    captured: set[int] = set()
     for name in earlier.captures:
         a, b = me.span(name)
         captured.update(range(a, b))
@@ -648,7 +648,7 @@ def _check_idempotent(spec: Spec, infos: list[_Info]) -> list[Finding]:
         pat = r.rule.sources[0]
         for t, exact, _ in r.outs:
             w = _try_witness([exact, r.src])
-            if not w:
+            if not isinstance(w, str):
                 continue
             caps = pat.match(w)
             if caps is None:

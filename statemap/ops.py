@@ -154,7 +154,7 @@ class Ctx:
         at = f" at {self.key!r}" if self.key else ""
         return PlanError(f"{self.rule.where()}{msg}{at}")
 
-    def int(self, expr: Any) -> int:
+    def to_int(self, expr: Any) -> int:
         try:
             return eval_expr(expr, self.env)
         except SpecError as e:
@@ -164,7 +164,7 @@ class Ctx:
         dims: list[int] = []
         for e in entries:
             if e[0] == "expr":
-                dims.append(self.int(e[1]))
+                dims.append(self.to_int(e[1]))
             else:
                 _, d, tmpl = e
                 ref = tmpl.fill(self.env)
@@ -356,7 +356,7 @@ class Split(Op):
                 )
             sizes = [length // n] * n
         else:
-            sizes = [ctx.int(s) for s in p["sizes"]]
+            sizes = [ctx.to_int(s) for s in p["sizes"]]
             if len(sizes) != n:
                 raise ctx.fail(f"{len(sizes)} sizes for {n} targets")
             if sizes.count(-1) > 1:
@@ -513,9 +513,9 @@ class Slice(_Transform):
         src = inputs[0]
         dim = _norm_dim(ctx, p["dim"], len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
         length = src.shape[dim]
-        start = ctx.int(p["start"])
-        stop = length if p.get("stop") is None else ctx.int(p["stop"])
-        step = ctx.int(p["step"])
+        start = ctx.to_int(p["start"])
+        stop = length if p.get("stop") is None else ctx.to_int(p["stop"])
+        step = ctx.to_int(p["step"])
         if step <= 0:
             raise ctx.fail(f"step must be positive, got {step}")
         if not 0 <= start <= stop <= length:
@@ -542,7 +542,7 @@ class Pad(_Transform):
     def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
         src = inputs[0]
         dim = _norm_dim(ctx, p["dim"], len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
-        size = ctx.int(p["size"])
+        size = ctx.to_int(p["size"])
         if size < src.shape[dim]:
             raise ctx.fail(f"pad size {size} is smaller than dim {dim} of length {src.shape[dim]}; use slice to shrink")
         shape = list(src.shape)

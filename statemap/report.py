@@ -25,7 +25,7 @@ def _ranges(values: Sequence[int]) -> str:
     vs = sorted(set(values))
     parts: list[str] = []
     start = prev = vs[0]
-    for v in vs[1:] + [None]:  # type: ignore[list-item]
+    for v in [*vs[1:], None]:
         if v is not None and v == prev + 1:
             prev = v
             continue

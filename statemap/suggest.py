@@ -761,7 +761,7 @@ def _assign(src: list[Kind], tgt: list[Kind], edges: list[_Edge], votes: Mapping
         if not votes:
             return e.score
         sm, tm = _edge_modules(e)
-        others = Counter()
+        others: Counter[Any] = Counter()
         for (t, voter), n in votes.get(sm, Counter()).items():
             if voter != e.sources[0].pattern:
                 others[t] += n

@@ -232,9 +232,9 @@ def _check_backtracking(src: str) -> None:
     safe way to match "one or more segments".
     """
     try:
-        from re import _parser as sre  # type: ignore[attr-defined]
+        from re import _parser as sre  # type: ignore[attr-defined,unused-ignore]
     except ImportError:  # pragma: no cover - Python < 3.11
-        import sre_parse as sre  # type: ignore[no-redef]
+        import sre_parse as sre  # type: ignore[no-redef,unused-ignore]
     repeats = {sre.MAX_REPEAT, sre.MIN_REPEAT} | ({sre.POSSESSIVE_REPEAT} if hasattr(sre, "POSSESSIVE_REPEAT") else set())
 
     def walk(items: Any, inside_repeat: bool) -> None:

@@ -228,7 +228,7 @@ def _write_safetensors(
 def write_checkpoint(
     path: str | os.PathLike[str],
     metas: Sequence[TensorMeta],
-    arrays: Iterable[np.ndarray],
+    arrays: Iterable[Any],
     *,
     metadata: dict[str, str] | None = None,
     max_shard_size: int | str | None = None,

@@ -77,16 +77,16 @@ def _open(
         ck = _open_index(p)
         return _finish_flat(ck, strip_prefix)
     if name.endswith(".safetensors"):
-        metas, locs, meta = read_header(str(p))
+        metas, st_locs, meta = read_header(str(p))
         files = FileReader()
         ck = Checkpoint(
             str(p),
             "safetensors",
             metas,
-            lambda k: files.read(locs[k]),
+            lambda k: files.read(st_locs[k]),
             metadata=meta,
-            locations=locs,
-            storage_ids={k: v.storage for k, v in locs.items()},
+            locations=st_locs,
+            storage_ids={k: v.storage for k, v in st_locs.items()},
             closer=files.close,
         )
         return _finish_flat(ck, strip_prefix)
@@ -263,7 +263,8 @@ def _mostly_tensors(v: Any) -> bool:
 
 def _find_container(obj: Any, unwrap: tuple[str, ...] | None, path: str) -> tuple[Any, str]:
     if unwrap is not None:
-        cur, walked = obj, []
+        cur: Any = obj
+        walked: list[str] = []
         for part in unwrap:
             if not isinstance(cur, Mapping):
                 raise CheckpointError(
@@ -278,7 +279,8 @@ def _find_container(obj: Any, unwrap: tuple[str, ...] | None, path: str) -> tupl
     # Descend into a child only when it is a flat state dict (name -> tensor), or through the
     # wrappers `params` / `state_dict`; a nested module tree (Flax: model/encoder/...) is
     # flattened where it stands, so its top-level names stay part of the keys.
-    cur, walked = obj, []
+    cur = obj
+    walked = []
     for _ in range(4):
         if not isinstance(cur, Mapping) or _mostly_tensors(cur):
             break

@@ -77,7 +77,7 @@ class FileReader:
             assert t.stride is not None
             span = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
         buf = np.empty(span, dtype=dt.np)
-        view = memoryview(buf).cast("B")
+        view = buf.data.cast("B")
         fd, got = self.fd(t.file), 0
         while got < len(view):
             k = os.preadv(fd, [view[got:]], t.offset + got)

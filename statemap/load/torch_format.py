@@ -59,22 +59,22 @@ def load_zip(path: str) -> tuple[Any, dict[str, ByteTensor | None]]:
             for key, st in storages.items():
                 entry = f"{root}data/{key}"
                 try:
-                    e = zf.getinfo(entry)
+                    info = zf.getinfo(entry)
                 except KeyError:
                     raise CheckpointError(f"{path}: storage {key!r} has no entry {entry!r} (truncated or corrupt file)") from None
-                if e.compress_type != zipfile.ZIP_STORED:
+                if info.compress_type != zipfile.ZIP_STORED:
                     raise CheckpointError(
                         f"{path}: storage entry {entry!r} is compressed; torch writes them stored (tampered file?)"
                     )
                 need = st.numel * lookup_dtype(st.dtype).itemsize
-                if e.file_size < need:
-                    raise CheckpointError(f"{path}: storage {key!r} holds {e.file_size} bytes, needs {need}")
-                f.seek(e.header_offset)
+                if info.file_size < need:
+                    raise CheckpointError(f"{path}: storage {key!r} holds {info.file_size} bytes, needs {need}")
+                f.seek(info.header_offset)
                 local = f.read(30)
                 if len(local) < 30 or local[:4] != b"PK\x03\x04":
                     raise CheckpointError(f"{path}: bad local header for {entry!r} (corrupt file)")
                 n_name, n_extra = struct.unpack("<HH", local[26:30])
-                start = e.header_offset + 30 + n_name + n_extra
+                start = info.header_offset + 30 + n_name + n_extra
                 if start + need > size:
                     raise CheckpointError(f"{path}: storage {key!r} runs past the end of the file (truncated?)")
                 locs[key] = ByteTensor(path, start, st.dtype, (st.numel,), storage=f"{path}:{key}")

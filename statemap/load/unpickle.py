@@ -345,9 +345,9 @@ class _NpDtype:
 
         if self.spec.startswith(("O", "V", "U", "S", "M", "m")):
             raise CheckpointError(f"numpy arrays of type {self.spec!r} are not tensors")
-        order = "<" if self.order in ("|", "=", "<") else ">"
         try:
-            return np.dtype(self.spec).newbyteorder(order)
+            d = np.dtype(self.spec)
+            return d.newbyteorder("<") if self.order in ("|", "=", "<") else d.newbyteorder(">")
         except TypeError as e:
             raise CheckpointError(f"bad numpy dtype {self.spec!r}: {e}") from None
 
