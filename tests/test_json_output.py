@@ -1,0 +1,139 @@
+"""Every CLI command's --json output, validated against a schema of its shape; no colour codes
+when stdout is not a terminal or NO_COLOR is set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+
+from statemap.cli import build_parser, main
+
+TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "dtype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "dtype": {"type": "string"},
+    },
+}
+MISMATCH = {"type": "object", "required": ["name", "expected", "got"]}
+STRS = {"type": "array", "items": {"type": "string"}}
+
+SCHEMAS = {
+    "apply": {
+        "type": "object",
+        "required": [
+            "spec",
+            "source",
+            "output",
+            "dry_run",
+            "produced",
+            "passthrough",
+            "dropped",
+            "unmatched_rules",
+            "tied",
+            "source_ties",
+            "missing",
+            "unexpected",
+            "shape_mismatch",
+            "dtype_mismatch",
+            "files",
+            "n_bytes",
+            "ok",
+            "n_tensors",
+            "not_restored",
+        ],
+        "properties": {
+            "produced": {"type": "array", "items": TENSOR},
+            "missing": {"type": "array", "items": TENSOR},
+            "shape_mismatch": {"type": "array", "items": MISMATCH},
+            "passthrough": STRS,
+            "dropped": STRS,
+            "ok": {"type": "boolean"},
+            "n_tensors": {"type": "integer"},
+            "files": STRS,
+        },
+    },
+    "diff": {
+        "type": "object",
+        "required": ["a", "b", "same", "n_common", "only_in_a", "only_in_b", "shape_mismatch", "dtype_mismatch", "values"],
+        "properties": {
+            "same": {"type": "boolean"},
+            "only_in_a": {"type": "array", "items": TENSOR},
+            "only_in_b": {"type": "array", "items": TENSOR},
+            "values": {"type": ["array", "null"], "items": {"type": "object", "required": ["name", "max_abs", "allclose"]}},
+        },
+    },
+    "inspect": {
+        "type": "object",
+        "required": ["path", "format", "container", "n_tensors", "n_params", "modules", "tensors", "metadata", "extras"],
+        "properties": {
+            "modules": {
+                "type": "array",
+                "items": {"type": "object", "required": ["module", "per_instance", "instances", "tensors", "params"]},
+            },
+            "tensors": {"type": "array", "items": TENSOR},
+            "metadata": {"type": "object"},
+        },
+    },
+    "list": {
+        "type": "array",
+        "minItems": 10,
+        "items": {"type": "object", "required": ["name", "description", "source", "target", "verified", "path"]},
+    },
+    "check": {"type": "object", "required": ["spec", "path", "rules", "ok"], "properties": {"ok": {"const": True}}},
+    "invert": {"type": "object", "required": ["spec", "lossless", "usable", "not_restored", "ambiguous", "rules", "output"]},
+    "lint": {
+        "type": "object",
+        "required": ["findings", "exit"],
+        "properties": {
+            "findings": {"type": "array", "items": {"type": "object", "required": ["code", "severity", "loc", "message"]}}
+        },
+    },
+    "suggest": {"type": "object", "required": ["rules", "unmapped_sources", "unmapped_targets", "output"]},
+}
+
+
+def _argv(command: str, root, tmp_path) -> list[str]:
+    ex = str(root / "examples" / "deltalm-tiny.pt")
+    vit = str(root / "tests/fixtures/vit/timm/model.safetensors")
+    return {
+        "apply": ["apply", "deltalm-fairseq-to-hf", ex, str(tmp_path / "o.safetensors")],
+        "diff": ["diff", ex, ex, "--values"],
+        "inspect": ["inspect", ex],
+        "list": ["list"],
+        "check": ["check", "deltalm-fairseq-to-hf", "--against", ex],
+        "invert": ["invert", "vit-timm-to-hf"],
+        "lint": ["lint", "deltalm-fairseq-to-hf"],
+        "suggest": ["suggest", vit, vit],
+    }[command]
+
+
+def test_every_command_is_covered():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(SCHEMAS)
+
+
+@pytest.mark.parametrize("command", sorted(SCHEMAS))
+def test_json_output_shape(command, root, tmp_path, capsys):
+    code = main([*_argv(command, root, tmp_path), "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    jsonschema.validate(json.loads(out), SCHEMAS[command])
+
+
+@pytest.mark.parametrize("env", [{}, {"NO_COLOR": "1", "FORCE_COLOR": ""}])
+def test_no_colour_codes_when_piped_or_no_color(root, env):
+    r = subprocess.run(
+        [sys.executable, "-m", "statemap", "inspect", str(root / "examples" / "deltalm-tiny.pt")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert r.returncode == 0 and "\x1b[" not in r.stdout and "encoder.layers.{0-11}" in r.stdout
