@@ -172,6 +172,7 @@ def convert(
     fsync: bool = True,
     reverse: bool = False,
     config: str | os.PathLike[str] | None = None,
+    workers: int = 1,
 ) -> Report:
     """Convert a checkpoint file with a spec and write the result; return the report.
 
@@ -208,6 +209,13 @@ def convert(
             outs = _to_write(spec, plan, tied)
             metadata = provenance(spec, ck.path)
             streaming = output_format(dst) == "safetensors"
+            from .apply import Segments as _Segments
+            from .apply import byte_segments, run_node
+
+            def get(i: int) -> Any:  # random access to one output, for parallel shard writers
+                seg = byte_segments(outs[i].node, ck.locations)
+                return _Segments(tuple(seg)) if seg is not None else run_node(outs[i].node, ck.read)
+
             produced = execute_streaming(outs, ck.read, ck.locations) if streaming else execute(outs, ck.read)
             written: Written = write_checkpoint(
                 dst,
@@ -220,6 +228,8 @@ def convert(
                 force=force,
                 on_tensor=on_tensor,
                 fsync=fsync,
+                workers=workers,
+                get=get if streaming else None,
             )
             report.files = list(written.files)
             report.n_bytes = written.n_bytes

@@ -49,6 +49,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         fsync=not args.no_fsync,
         reverse=args.reverse,
         config=args.config,
+        workers=args.workers,
     )
     if not args.json and not args.dry_run and sys.stderr.isatty() and not args.quiet:
         from rich.progress import Progress
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="replace an existing output")
     a.add_argument("--max-shard-size", metavar="SIZE", help="shard safetensors output, e.g. 5GB")
     a.add_argument("--tied", choices=("clone", "dedupe"), help="tied outputs: write each (clone) or only the first (dedupe)")
+    a.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="write output shards in N parallel processes (with --max-shard-size)"
+    )
     a.add_argument("--reverse", action="store_true", help="apply the spec's reverse (see `statemap invert`)")
     a.add_argument(
         "--no-fsync", action="store_true", help="do not wait for the disk before the final rename (faster; less durable)"

@@ -89,9 +89,14 @@ class _Staging:
     def __init__(self) -> None:
         self.pending: list[tuple[Path, Path]] = []
 
-    def open(self, final: Path) -> tuple[Path, Any]:
+    def reserve(self, final: Path) -> Path:
+        """A temporary name for ``final``, removed on abort, renamed on commit."""
         tmp = final.with_name(f".{final.name}.statemap-{os.getpid()}-{threading.get_ident() % 100000}.tmp")
         self.pending.append((tmp, final))
+        return tmp
+
+    def open(self, final: Path) -> tuple[Path, Any]:
+        tmp = self.reserve(final)
         return tmp, open(tmp, "wb", buffering=0)  # unbuffered: byte-range copies use the fd directly
 
     def commit(self) -> None:
@@ -237,6 +242,8 @@ def write_checkpoint(
     force: bool = False,
     on_tensor: Callable[[TensorMeta], None] | None = None,
     fsync: bool = True,
+    workers: int = 1,
+    get: Callable[[int], Any] | None = None,
 ) -> Written:
     """Write tensors, given in the order of ``metas``, atomically to ``path``.
 
@@ -244,6 +251,8 @@ def write_checkpoint(
     for safetensors the caller decides (clone: all listed in ``metas``; dedupe: only one).
     ``fsync=False`` skips flushing to disk before the rename (faster; a power loss right after
     may leave an empty file under the final name). Still atomic against crashes of statemap.
+    ``workers > 1`` with a sharded safetensors output writes whole shards in parallel forked
+    processes; it needs ``get(i)``, which produces the i-th tensor (``arrays`` is then unused).
 
     Example::
 
@@ -274,7 +283,9 @@ def write_checkpoint(
             elif fmt == "flax":
                 files, nbytes = _write_flax(out, stage, metas, counted(), fsync)
             else:
-                files, nbytes = _write_safetensors_maybe_sharded(out, stage, metas, counted(), metadata or {}, limit, fsync)
+                files, nbytes = _write_safetensors_maybe_sharded(
+                    out, stage, metas, counted(), metadata or {}, limit, fsync, workers, get
+                )
             stage.commit()
     except OSError as e:
         stage.abort()
@@ -285,44 +296,90 @@ def write_checkpoint(
     return Written(tuple(files), len(metas), nbytes)
 
 
+def shard_groups(metas: Sequence[TensorMeta], limit: int) -> list[list[int]]:
+    """Consecutive groups of tensor indices, each at most ``limit`` bytes (a bigger tensor alone)."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, m in enumerate(metas):
+        if groups[-1] and size + m.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += m.nbytes
+    return groups
+
+
+_JOB: dict[str, Any] = {}  # the parallel shard job, inherited by forked workers
+
+
+def _shard_task(k: int) -> int:
+    """Worker: write shard k to its reserved temporary file; return its data bytes."""
+    job = _JOB
+    tmp, idxs = job["shards"][k]
+    metas = [job["metas"][i] for i in idxs]
+    total = 0
+    fds: dict[str, int] = {}
+    try:
+        with open(tmp, "wb", buffering=0) as f:
+            f.write(_st_header(metas, job["md"]))
+            for i, m in zip(idxs, metas):
+                total += _write_all(f, job["get"](i), m, fds)
+            if job["fsync"]:
+                os.fsync(f.fileno())
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return total
+
+
 def _write_safetensors_maybe_sharded(
     out: Path,
     stage: _Staging,
     metas: Sequence[TensorMeta],
-    arrays: Iterator[np.ndarray],
+    arrays: Iterator[Any],
     metadata: dict[str, str],
     limit: int | None,
     fsync: bool = True,
+    workers: int = 1,
+    get: Callable[[int], Any] | None = None,
 ) -> tuple[list[str], int]:
+    from .load.safetensors_format import read_header
+
     md = {"format": "pt", **metadata}
     if not limit or sum(m.nbytes for m in metas) <= limit:
         return [str(out)], _write_safetensors(out, stage, metas, arrays, md, fsync)
-    shards: list[list[TensorMeta]] = [[]]
-    size = 0
-    for m in metas:
-        if shards[-1] and size + m.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(m)
-        size += m.nbytes
-    stem = out.name[: -len(".safetensors")]
-    n = len(shards)
-    weight_map: dict[str, str] = {}
+    groups = shard_groups(metas, limit)
+    stem, n = out.name[: -len(".safetensors")], len(groups)
+    names = [f"{stem}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
     files, total = [], 0
-    for i, shard in enumerate(shards, 1):
-        name = f"{stem}-{i:05d}-of-{n:05d}.safetensors"
-        target = out.with_name(name)
-        if target.exists() and not (target == out):
-            pass  # replaced atomically below; --force already checked for the main name
-        total += _write_safetensors(target, stage, shard, arrays, md, fsync)
-        files.append(str(target))
-        weight_map.update({m.name: name for m in shard})
+    if workers > 1 and get is not None and n > 1:
+        import multiprocessing
+
+        tmps = [stage.reserve(out.with_name(name)) for name in names]
+        _JOB.update(shards=list(zip(tmps, groups)), metas=list(metas), md=md, get=get, fsync=fsync)
+        try:
+            with multiprocessing.get_context("fork").Pool(min(workers, n)) as pool:
+                sizes = pool.map(_shard_task, range(n), chunksize=1)
+        finally:
+            _JOB.clear()
+        for tmp, idxs in zip(tmps, groups):  # re-read every shard header before anything is renamed
+            got, _, _ = read_header(str(tmp))
+            if [(g.name, g.shape, g.dtype) for g in got.values()] != [
+                (metas[i].name, metas[i].shape, metas[i].dtype) for i in idxs
+            ]:
+                raise OutputError(f"{out}: a written shard does not match the plan (bug); output removed")
+        total = sum(sizes)
+    else:
+        for name, idxs in zip(names, groups):
+            total += _write_safetensors(out.with_name(name), stage, [metas[i] for i in idxs], arrays, md, fsync)
+    files = [str(out.with_name(name)) for name in names]
+    weight_map = {metas[i].name: name for name, idxs in zip(names, groups) for i in idxs}
     index = out.with_name(out.name + ".index.json")
     tmp, f = stage.open(index)
     with f:
         f.write(json.dumps({"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}, indent=2).encode())
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
     files.append(str(index))
     return files, total
 

@@ -132,3 +132,52 @@ def test_convert_under_a_memory_limit_smaller_than_the_checkpoint(tmp_path, fmt)
         assert np.array_equal(got[f"model.layers.{i}.fc1.weight"], sd[f"layers.{i}.fc1.weight"])
         assert np.array_equal(got[f"model.layers.{i}.fc2.weight"], sd[f"layers.{i}.fc2.weight"].T)
         assert np.array_equal(got[f"model.layers.{i}.k"], sd[f"layers.{i}.in_proj"][1024:])
+
+
+def _layered(tmp_path):
+    rng = np.random.default_rng(1)
+    sd = {}
+    for i in range(6):
+        sd[f"layers.{i}.w"] = rng.random((64, 96), dtype=np.float32)
+        sd[f"layers.{i}.b"] = rng.random(96, dtype=np.float32)
+    src = tmp_path / "src.safetensors"
+    np_save_file(sd, str(src))
+    spec = {
+        "name": "t",
+        "version": 1,
+        "rules": [
+            {"transpose": {"from": "layers.{i}.w", "to": "L.{i}.kernel"}},
+            {"rename": "layers.{i}.b -> L.{i}.bias"},
+        ],
+    }
+    return src, spec
+
+
+def test_parallel_shard_writers_produce_the_same_files(tmp_path):
+    src, spec = _layered(tmp_path)
+    (tmp_path / "seq").mkdir()
+    (tmp_path / "par").mkdir()
+    r1 = statemap.convert(spec, src, tmp_path / "seq" / "model.safetensors", max_shard_size="60KB")
+    r2 = statemap.convert(spec, src, tmp_path / "par" / "model.safetensors", max_shard_size="60KB", workers=2)
+    assert len(r1.files) == len(r2.files) >= 4
+    for a, b in zip(sorted(r1.files), sorted(r2.files)):
+        assert open(a, "rb").read() == open(b, "rb").read(), (a, b)  # byte-identical shards and index
+
+
+def test_a_failing_worker_leaves_no_output(tmp_path, monkeypatch):
+    import statemap.apply as apply_mod
+
+    src, spec = _layered(tmp_path)
+    real = apply_mod.run_node
+
+    def flaky(node, read):
+        if node.shape == (96, 64) and node.inputs and node.inputs[0].args == ("layers.4.w",):
+            raise OSError(28, "No space left on device")
+        return real(node, read)
+
+    monkeypatch.setattr(apply_mod, "run_node", flaky)  # forked workers inherit the patch
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(statemap.OutputError, match="No space left on device; no output left behind"):
+        statemap.convert(spec, src, out / "model.safetensors", max_shard_size="60KB", workers=2)
+    assert list(out.iterdir()) == []
