@@ -13,6 +13,7 @@ seconds, peak RSS), after warming the page cache:
   statemap rename (.st)     rename-only spec, .safetensors -> .safetensors (and with --no-fsync)
   statemap rename (.pt)     rename-only spec, .pt -> .safetensors
   statemap split/transpose  q/k/v merged, fc1 split along dim 0, every Linear weight transposed
+                            (also as 4 shards written by 1 and by 2 worker processes)
   statemap diff             diff of the .pt and the .safetensors (metadata)
   statemap inspect          inspect of the .pt
   statemap dry-run          apply --dry-run of the rename spec on the .pt
@@ -154,6 +155,9 @@ def run(d: Path, vocab: int, repeat: int) -> None:
     py = sys.executable
     sm = [py, "-m", "statemap"]
     out = d / "out.safetensors"
+    (d / "shards").mkdir(exist_ok=True)
+    shard_out = d / "shards" / "model.safetensors"
+    sharded = ["--force", "-q", "--no-fsync", "--max-shard-size", "400MB"]
     for f in (pt, st):  # warm the page cache
         with open(f, "rb") as fh:
             while fh.read(64 << 20):
@@ -184,6 +188,11 @@ def run(d: Path, vocab: int, repeat: int) -> None:
         (
             "statemap split/transpose (.pt) --no-fsync",
             [*sm, "apply", str(d / "heavy.yaml"), str(pt), str(out), "--force", "-q", "--no-fsync"],
+        ),
+        ("  same, 4 shards, 1 worker", [*sm, "apply", str(d / "heavy.yaml"), str(pt), str(shard_out), *sharded]),
+        (
+            "  same, 4 shards, --workers 2",
+            [*sm, "apply", str(d / "heavy.yaml"), str(pt), str(shard_out), *sharded, "--workers", "2"],
         ),
         ("statemap diff (.pt vs .safetensors)", [*sm, "diff", str(pt), str(st), "-q"]),
         ("statemap inspect (.pt)", [*sm, "inspect", str(pt), "-q"]),
