@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .apply import execute, execute_streaming
+from .apply import execute, execute_streaming, produce
 from .errors import CheckpointError
 from .load import Checkpoint, from_state_dict, open_checkpoint
 from .meta import TensorMeta
@@ -209,12 +209,9 @@ def convert(
             outs = _to_write(spec, plan, tied)
             metadata = provenance(spec, ck.path)
             streaming = output_format(dst) == "safetensors"
-            from .apply import Segments as _Segments
-            from .apply import byte_segments, run_node
 
             def get(i: int) -> Any:  # random access to one output, for parallel shard writers
-                seg = byte_segments(outs[i].node, ck.locations)
-                return _Segments(tuple(seg)) if seg is not None else run_node(outs[i].node, ck.read)
+                return produce(outs[i], ck.read, ck.locations)
 
             produced = execute_streaming(outs, ck.read, ck.locations) if streaming else execute(outs, ck.read)
             written: Written = write_checkpoint(

@@ -154,11 +154,13 @@ def execute_streaming(
 ) -> Iterator[tuple[PlannedTensor, np.ndarray | Segments]]:
     """Like :func:`execute`, but yields :class:`Segments` for outputs that are pure byte moves."""
     for out in outputs:
-        seg = byte_segments(out.node, locations)
-        if seg is not None:
-            yield out, Segments(tuple(seg))
-        else:
-            yield out, run_node(out.node, read)
+        yield out, produce(out, read, locations)
+
+
+def produce(out: PlannedTensor, read: Callable[[str], np.ndarray], locations: Mapping[str, ByteTensor]) -> np.ndarray | Segments:
+    """One output: file ranges when it only moves bytes, else the computed array."""
+    seg = byte_segments(out.node, locations)
+    return Segments(tuple(seg)) if seg is not None else run_node(out.node, read)
 
 
 def execute(outputs: Iterable[PlannedTensor], read: Callable[[str], np.ndarray]) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
