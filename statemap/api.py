@@ -157,6 +157,30 @@ def _to_write(spec: Spec, plan: Plan, tied: str | None) -> list[Any]:
     return [o for o in plan.outputs if o.name not in skip]
 
 
+class _Producer:
+    """Random access to the i-th output tensor of a conversion, for parallel shard writers.
+
+    Picklable (spec + source path), so worker processes are started with ``spawn`` — never
+    ``fork``, which deadlocks when the parent holds threads (torch, jax). Each worker opens the
+    checkpoint and plans once, on its first call; planning is deterministic, so it sees the same
+    outputs in the same order as the parent.
+    """
+
+    def __init__(self, spec: Spec, source: str, tied: str | None) -> None:
+        self.spec, self.source, self.tied = spec, source, tied
+        self._state: tuple[Checkpoint, list[Any]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "source": self.source, "tied": self.tied, "_state": None}
+
+    def __call__(self, i: int) -> Any:
+        if self._state is None:
+            ck = open_checkpoint(self.source, self.spec.unwrap, self.spec.strip_prefix)
+            self._state = (ck, _to_write(self.spec, plan_for(self.spec, ck), self.tied))
+        ck, outs = self._state
+        return produce(outs[i], ck.read, ck.locations)
+
+
 def convert(
     spec: Any,
     src: str | os.PathLike[str],
@@ -209,9 +233,7 @@ def convert(
             outs = _to_write(spec, plan, tied)
             metadata = provenance(spec, ck.path)
             streaming = output_format(dst) == "safetensors"
-
-            def get(i: int) -> Any:  # random access to one output, for parallel shard writers
-                return produce(outs[i], ck.read, ck.locations)
+            get = _Producer(spec, ck.path, tied) if streaming and workers > 1 else None
 
             produced = execute_streaming(outs, ck.read, ck.locations) if streaming else execute(outs, ck.read)
             written: Written = write_checkpoint(
@@ -226,7 +248,7 @@ def convert(
                 on_tensor=on_tensor,
                 fsync=fsync,
                 workers=workers,
-                get=get if streaming else None,
+                get=get,
             )
             report.files = list(written.files)
             report.n_bytes = written.n_bytes

@@ -251,8 +251,8 @@ def write_checkpoint(
     for safetensors the caller decides (clone: all listed in ``metas``; dedupe: only one).
     ``fsync=False`` skips flushing to disk before the rename (faster; a power loss right after
     may leave an empty file under the final name). Still atomic against crashes of statemap.
-    ``workers > 1`` with a sharded safetensors output writes whole shards in parallel forked
-    processes; it needs ``get(i)``, which produces the i-th tensor (``arrays`` is then unused).
+    ``workers > 1`` with a sharded safetensors output writes whole shards in parallel processes
+    (started with ``spawn``); it needs a picklable ``get(i)`` that produces the i-th tensor.
 
     Example::
 
@@ -309,22 +309,24 @@ def shard_groups(metas: Sequence[TensorMeta], limit: int) -> list[list[int]]:
     return groups
 
 
-_JOB: dict[str, Any] = {}  # the parallel shard job, inherited by forked workers
+def _worker_init() -> None:
+    """Workers die on SIGTERM (Pool.terminate) instead of running the parent's handler."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def _shard_task(k: int) -> int:
-    """Worker: write shard k to its reserved temporary file; return its data bytes."""
-    job = _JOB
-    tmp, idxs = job["shards"][k]
-    metas = [job["metas"][i] for i in idxs]
+def _shard_task(job: tuple[Path, list[TensorMeta], list[int], dict[str, str], bool, Callable[[int], Any]]) -> int:
+    """Worker: write one shard to its reserved temporary file; return its data bytes."""
+    tmp, metas, idxs, md, fsync, get = job
     total = 0
     fds: dict[str, int] = {}
     try:
         with open(tmp, "wb", buffering=0) as f:
-            f.write(_st_header(metas, job["md"]))
+            f.write(_st_header(metas, md))
             for i, m in zip(idxs, metas):
-                total += _write_all(f, job["get"](i), m, fds)
-            if job["fsync"]:
+                total += _write_all(f, get(i), m, fds)
+            if fsync:
                 os.fsync(f.fileno())
     finally:
         for fd in fds.values():
@@ -356,12 +358,10 @@ def _write_safetensors_maybe_sharded(
         import multiprocessing
 
         tmps = [stage.reserve(out.with_name(name)) for name in names]
-        _JOB.update(shards=list(zip(tmps, groups)), metas=list(metas), md=md, get=get, fsync=fsync)
-        try:
-            with multiprocessing.get_context("fork").Pool(min(workers, n)) as pool:
-                sizes = pool.map(_shard_task, range(n), chunksize=1)
-        finally:
-            _JOB.clear()
+        jobs = [(tmp, [metas[i] for i in idxs], idxs, md, fsync, get) for tmp, idxs in zip(tmps, groups)]
+        # spawn, not fork: a forked child can deadlock on locks held by the parent's threads
+        with multiprocessing.get_context("spawn").Pool(min(workers, n), initializer=_worker_init) as pool:
+            sizes = pool.map(_shard_task, jobs, chunksize=1)
         for tmp, idxs in zip(tmps, groups):  # re-read every shard header before anything is renamed
             got, _, _ = read_header(str(tmp))
             if [(g.name, g.shape, g.dtype) for g in got.values()] != [

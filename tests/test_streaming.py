@@ -165,19 +165,37 @@ def test_parallel_shard_writers_produce_the_same_files(tmp_path):
 
 
 def test_a_failing_worker_leaves_no_output(tmp_path, monkeypatch):
-    import statemap.apply as apply_mod
+    """A worker that fails (here: its copy of the source is truncated) fails the whole write."""
+    import shutil
+
+    import statemap.api as api_mod
 
     src, spec = _layered(tmp_path)
-    real = apply_mod.run_node
+    broken = tmp_path / "broken.safetensors"
+    shutil.copy(src, broken)
+    with open(broken, "r+b") as f:
+        f.truncate(broken.stat().st_size - 1000)
+    real = api_mod._Producer.__getstate__
 
-    def flaky(node, read):
-        if node.shape == (96, 64) and node.inputs and node.inputs[0].args == ("layers.4.w",):
-            raise OSError(28, "No space left on device")
-        return real(node, read)
+    def to_broken(self):
+        return {**real(self), "source": str(broken)}
 
-    monkeypatch.setattr(apply_mod, "run_node", flaky)  # forked workers inherit the patch
+    monkeypatch.setattr(api_mod._Producer, "__getstate__", to_broken)  # what the spawned workers receive
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(statemap.OutputError, match="No space left on device; no output left behind"):
+    with pytest.raises(statemap.CheckpointError, match=r"broken\.safetensors: .*truncated"):
         statemap.convert(spec, src, out / "model.safetensors", max_shard_size="60KB", workers=2)
     assert list(out.iterdir()) == []
+
+
+def test_parallel_writers_are_safe_in_a_threaded_parent(tmp_path):
+    """torch and jax start threads; forking such a process can deadlock. Workers are spawned."""
+    import threading
+
+    import torch
+
+    torch.ones(2) @ torch.ones(2)  # torch's thread pools are up
+    assert threading.active_count() >= 1
+    src, spec = _layered(tmp_path)
+    r = statemap.convert(spec, src, tmp_path / "model.safetensors", max_shard_size="60KB", workers=2)
+    assert len(r.files) >= 4
