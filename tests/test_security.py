@@ -486,17 +486,19 @@ def test_signal_mid_write_leaves_no_partial_file(tmp_path, sig):
 
 
 def test_inputs_are_opened_read_only(tmp_path):
-    """Readers map files read-only: an array from a checkpoint cannot be written through."""
+    """Arrays read from a checkpoint are read-only, and reading leaves the file as it was."""
     import numpy as np
     from safetensors.numpy import save_file
 
     save_file({"w": np.zeros(4, "f4")}, str(tmp_path / "a.safetensors"))
+    before = (tmp_path / "a.safetensors").read_bytes()
     mode = os.stat(tmp_path / "a.safetensors").st_mode
     with open_checkpoint(tmp_path / "a.safetensors") as ck:
         a = ck.read("w")
         with pytest.raises(ValueError):
             a[0] = 1
     assert os.stat(tmp_path / "a.safetensors").st_mode == mode
+    assert (tmp_path / "a.safetensors").read_bytes() == before
 
 
 def test_unsafe_error_is_a_checkpoint_error(tmp_path):

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ByteTensor:
-    """Where a tensor's bytes live in a file: enough to read it with one mmap view."""
+    """Where a tensor's bytes live in a file: enough to read it with one pread, or copy it as a byte range."""
 
     file: str
     offset: int  # absolute byte offset of element 0 (after storage offset)
