@@ -30,6 +30,22 @@ def _vars(pairs: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
+def _write_text(path: str, text: str, force: bool) -> None:
+    """Write a generated spec: never over an existing file without --force, never half-written."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.exists() and not force:
+        raise StatemapError(f"{out}: already exists; pass --force to replace it")
+    tmp = out.with_name(f".{out.name}.statemap.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StatemapError(f"{out}: cannot write: {e.strerror or e}") from None
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -149,14 +165,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
     inv = invert(load_spec(args.spec, _vars(args.set)))
     text = inv.to_yaml()
     if args.output:
-        from pathlib import Path
-
-        out = Path(args.output)
-        if out.exists() and not args.force:
-            raise StatemapError(f"{out}: already exists; pass --force to replace it")
-        tmp = out.with_name(f".{out.name}.statemap.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
+        _write_text(args.output, text, args.force)
     if args.json:
         _print_json(
             {
@@ -208,12 +217,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     name = Path(args.output).stem if args.output else "suggested"
     text = s.to_yaml(name=name)
     if args.output:
-        out = Path(args.output)
-        if out.exists() and not args.force:
-            raise StatemapError(f"{out}: already exists; pass --force to replace it")
-        tmp = out.with_name(f".{out.name}.statemap.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
+        _write_text(args.output, text, args.force)
     if args.json:
         _print_json(
             {
