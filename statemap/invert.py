@@ -36,17 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SpecError
+from .ops import REGISTRY
 from .spec import Rule, Spec, parse_spec
-from .template import Expr, Pattern, Template, _fields, eval_expr, expr_names
-
-LOSSY_NEEDS = {
-    "drop": "the dropped values are not in the spec",
-    "slice": "the cut-off part (and the original length) is not in the spec",
-    "pad": "the original length is not in the spec",
-    "reshape": "the original shape is not in the spec",
-    "cast": "the original dtype (and precision) is not in the spec",
-    "view": "the original dtype is not in the spec",
-}
+from .template import Expr, Pattern, Template, _fields, eval_expr, expr_names, expr_str, parse_expr, parse_pattern
 
 
 @dataclass(frozen=True)
@@ -143,14 +135,6 @@ def _esc(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
-def _fmt(e: Expr) -> str:
-    if isinstance(e, (int, str)):
-        return str(e)
-    if e[0] == "neg":
-        return f"(-{_fmt(e[1])})"
-    return f"({_fmt(e[1])}{e[0]}{_fmt(e[2])})"
-
-
 def _subst(e: Expr, name: str, by: Expr) -> Expr:
     if e == name:
         return by
@@ -178,7 +162,7 @@ class _KeyMap:
             vals.append(eval_expr(e, env))
         a, b = vals[1] - vals[0], vals[0]
         if a == 0 or vals[2] != 2 * a + b:
-            raise _NotInvertible(f"target arithmetic {_fmt(e)} is not an invertible a*{var}+b")
+            raise _NotInvertible(f"target arithmetic {expr_str(e)} is not an invertible a*{var}+b")
         return a, b
 
     def pattern(self, t: Template) -> str:
@@ -205,7 +189,7 @@ class _KeyMap:
                     seen.add(value)
                 continue
             if len(caps) != 1:
-                raise _NotInvertible(f"target arithmetic {_fmt(value)} uses several captures")
+                raise _NotInvertible(f"target arithmetic {expr_str(value)} uses several captures")
             var = caps[0]
             a, b = self._affine(value, var)
             fresh = f"_{var}{self.fresh}"
@@ -225,8 +209,6 @@ class _KeyMap:
                 continue
             name = value.split(":")[0].strip()
             try:
-                from .template import parse_expr
-
                 e = parse_expr(name)
             except SpecError:
                 raise _NotInvertible(f"cannot rebuild {src!r}") from None
@@ -237,7 +219,7 @@ class _KeyMap:
                             f"capture {{{n}}} of {self.source.text!r} does not appear in the target, so it cannot be recovered"
                         )
                     e = _subst(e, n, self.solution[n])
-            out.append("{" + (e if isinstance(e, str) else _fmt(e)) + "}")
+            out.append("{" + (e if isinstance(e, str) else expr_str(e)) + "}")
         return "".join(out)
 
 
@@ -245,8 +227,9 @@ def _invert_rule(rule: Rule, vars_: dict[str, Any]) -> list[dict[str, Any]]:
     op, p = rule.op, rule.p
     opt = {"optional": True} if rule.optional else {}
     note = {"note": f"inverse of {rule.label} at {rule.loc}"}
-    if op in LOSSY_NEEDS:
-        raise _NotInvertible(f"{op} is lossy: {LOSSY_NEEDS[op]}; declare `inverse:` on the rule")
+    needs = REGISTRY[op].inverse_needs
+    if needs:
+        raise _NotInvertible(f"{op} is lossy: {needs}; declare `inverse:` on the rule")
     if op == "inject":
         if not rule.targets:
             raise _NotInvertible("inject without a target")
@@ -321,11 +304,11 @@ def _ambiguities(spec: Spec, vars_: dict[str, Any]) -> list[str]:
     out: list[str] = []
     rules = list(spec.rules)
     for j, rj in enumerate(rules):
-        if rj.inverse is not None or not rj.targets or rj.op in LOSSY_NEEDS:
+        if rj.inverse is not None or not rj.targets or REGISTRY[rj.op].inverse_needs:
             continue
         try:
             km = _KeyMap(rj.sources[0], vars_) if rj.sources else None
-            pats = [Pattern_from(km.pattern(t)) for t in rj.targets] if km else []
+            pats = [parse_pattern(km.pattern(t)) for t in rj.targets] if km else []
         except (_NotInvertible, SpecError):
             continue
         for rk in rules[:j]:
@@ -349,12 +332,6 @@ def _ambiguities(spec: Spec, vars_: dict[str, Any]) -> list[str]:
                 continue
             break
     return out
-
-
-def Pattern_from(text: str) -> Pattern:  # noqa: N802 - small local constructor
-    from .template import parse_pattern
-
-    return parse_pattern(text)
 
 
 def _check_same_captures(km: _KeyMap, rule: Rule) -> None:

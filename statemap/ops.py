@@ -193,7 +193,8 @@ class Op:
     fields: ClassVar[dict[str, Field]]
     n_sources: ClassVar[str] = "1"  # "0", "1", "n"
     n_targets: ClassVar[str] = "1"  # "0", "1", "n", "same"
-    lossless: ClassVar[bool] = True
+    # why `statemap invert` cannot undo this op from the spec alone ("" = it can); read by invert.py
+    inverse_needs: ClassVar[str] = ""
     ties: ClassVar[bool] = False
     keeps_sources: ClassVar[bool] = False  # matched keys stay as they are (inject with `for`)
     aliases: ClassVar[dict[str, str]] = {"key": "from"}
@@ -250,7 +251,7 @@ class Drop(Op):
     example = 'drop: "decoder.layers.{i}.attn.masked_bias"'
     fields = {"from": Field("pattern", True)}
     n_targets = "0"
-    lossless = False
+    inverse_needs = "the dropped values are not in the spec"
 
     def expand(self, value: Any, where: str) -> list[dict[str, Any]]:
         if isinstance(value, list):
@@ -268,7 +269,7 @@ class Keep(Drop):
     example = 'keep: "lm_head.{x:path}"'
     fields = {"from": Field("pattern", True)}
     n_targets = "same"
-    lossless = True
+    inverse_needs = ""
 
     def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
         return [inputs[0]]
@@ -314,7 +315,6 @@ class Inject(Op):
     }
     aliases = {"key": "to"}
     n_sources = "0"
-    lossless = False
     keeps_sources = True
 
     def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
@@ -477,6 +477,7 @@ class Reshape(_Transform):
     summary = "Change the shape, keeping the element order; one dim may be -1; dims may use vars."
     example = "reshape: {from: 'cls_token', shape: [1, 1, -1]}"
     fields = {"from": Field("pattern", True), "to": Field("template"), "shape": Field("shape", True)}
+    inverse_needs = "the original shape is not in the spec"
 
     def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
         src = inputs[0]
@@ -507,7 +508,7 @@ class Slice(_Transform):
         "stop": Field("expr"),
         "step": Field("expr", default=1),
     }
-    lossless = False
+    inverse_needs = "the cut-off part (and the original length) is not in the spec"
 
     def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
         src = inputs[0]
@@ -537,7 +538,7 @@ class Pad(_Transform):
         "size": Field("expr", True),
         "value": Field("number", default=0),
     }
-    lossless = True
+    inverse_needs = "the original length is not in the spec"
 
     def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
         src = inputs[0]
@@ -559,6 +560,7 @@ class View(_Transform):
     )
     example = "view: {from: '{k:path}', dtype: bfloat16}"
     fields = {"from": Field("pattern", True), "to": Field("template"), "dtype": Field("dtype", True)}
+    inverse_needs = "the original dtype is not in the spec"
 
     def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
         src = inputs[0]
@@ -576,7 +578,7 @@ class Cast(_Transform):
     summary = "Convert values to another dtype (bfloat16 rounds to nearest even)."
     example = "cast: {from: '{x:path}', dtype: float16}"
     fields = {"from": Field("pattern", True), "to": Field("template"), "dtype": Field("dtype", True)}
-    lossless = False
+    inverse_needs = "the original dtype (and precision) is not in the spec"
 
     def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
         src = inputs[0]

@@ -156,11 +156,12 @@ def eval_expr(node: Expr, env: Mapping[str, object], where: str = "") -> int:
 
 
 def expr_str(node: Expr) -> str:
+    """Print an expression back as text, every operation parenthesized: parses to the same tree."""
     if isinstance(node, (int, str)):
         return str(node)
     if node[0] == "neg":
-        return f"-{expr_str(node[1])}"
-    return f"{expr_str(node[1])}{node[0]}{expr_str(node[2])}"
+        return f"(-{expr_str(node[1])})"
+    return f"({expr_str(node[1])}{node[0]}{expr_str(node[2])})"
 
 
 # -- splitting text into literal and {field} parts ---------------------------------------

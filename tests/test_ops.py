@@ -194,3 +194,13 @@ def test_view_reinterprets_bits_and_inject_for_makes_one_per_match():
             },
             sd,
         )
+
+
+def test_expression_printer_round_trips_precedence():
+    from statemap.template import expr_str
+
+    for src in ["2*(i+1)", "2*i+1", "(i-1)//2", "-(i*2)", "n-1-i", "n-(1-i)", "i%(2+j)"]:
+        e = parse_expr(src)
+        assert parse_expr(expr_str(e)) == e, src
+    env = {"i": 5, "j": 1, "n": 9}
+    assert eval_expr(parse_expr(expr_str(parse_expr("2*(i+1)"))), env) == 12

@@ -42,7 +42,7 @@ def test_streaming_output_is_bitwise_identical_to_in_memory(tmp_path, spec):
         s = s.__class__(**{**s.__dict__, "unwrap": None})
     in_memory, _ = statemap.map_state_dict(s, loaded)
     streamed = np_load_file(str(out))
-    assert list(streamed) == list(in_memory) or set(streamed) == set(in_memory)
+    assert set(streamed) == set(in_memory)  # same keys (safetensors stores them sorted)
     for k, v in in_memory.items():
         assert np.array_equal(_bits(streamed[k]), _bits(v)), k
 

@@ -23,7 +23,6 @@ import pickle
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..dtypes import DType, from_numpy
 from ..dtypes import dtype as lookup_dtype
 from ..errors import CheckpointError, UnsafeCheckpointError
 
@@ -592,7 +591,3 @@ def to_plain(obj: Any, _depth: int = 0) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_plain(v, _depth + 1) for v in obj]
     return obj
-
-
-def array_dtype(a: np.ndarray) -> DType:
-    return from_numpy(a.dtype)
