@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from .meta import TensorMeta
 from .plan import Plan, make_plan
 from .report import Report
 from .spec import Spec, load_spec
+from .verify import run_checks
 from .write import Written, output_format, write_checkpoint
 
 
@@ -124,7 +125,7 @@ def plan_for(spec: Spec, ck: Checkpoint) -> Plan:
     """Compile ``spec`` against an opened checkpoint (metadata only)."""
     if not ck.metas:
         raise CheckpointError(f"{ck.path}: holds no tensors; nothing to convert")
-    return make_plan(spec, ck.metas.values())
+    return make_plan(spec, ck.metas.values(), ck.tied_groups())
 
 
 def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any, config: Any = None) -> Report:
@@ -141,6 +142,8 @@ def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any, config: Any = N
         tied=[list(g) for g in plan.ties],
         source_ties=ck.tied_groups(),
         skipped=list(ck.skipped),
+        conditions_not_met=[f"{r.loc}: {r.label}" for r in plan.not_met],
+        assumptions=[f"{c.describe()}: {c.verified or 'verified by comparing bytes when applying'}" for c in plan.checks],
     )
     ref = expect if expect is not None else spec.expect
     if ref is not None:
@@ -195,13 +198,17 @@ def convert(
     on_tensor: Callable[[TensorMeta], None] | None = None,
     fsync: bool = True,
     reverse: bool = False,
+    accept_loss: Sequence[str] = (),
     config: str | os.PathLike[str] | None = None,
     workers: int = 1,
 ) -> Report:
     """Convert a checkpoint file with a spec and write the result; return the report.
 
-    Every check runs on metadata before any tensor is read; the output appears only
-    when complete (atomic rename), and never over an input.
+    Every check runs on metadata before any tensor is read; ``assume:`` facts the metadata
+    cannot prove are verified by reading before anything is written; the output appears only
+    when complete (atomic rename), and never over an input. With ``reverse=True`` the spec is
+    inverted first; a reverse that cannot restore everything is refused unless every loss is
+    named in ``accept_loss`` (a key or rule text each lost line contains, or ``"all"``).
 
     Example::
 
@@ -220,6 +227,7 @@ def convert(
             from .errors import PlanError
 
             raise PlanError(f"{spec.path}: cannot reverse {spec.name!r}: " + "; ".join(inversion.ambiguous))
+        check_losses(spec, inversion.lost, accept_loss)
         spec, lost = inversion.spec, inversion.lost
     with open_checkpoint(src, spec.unwrap, spec.strip_prefix) as ck:
         plan = plan_for(spec, ck)
@@ -230,6 +238,7 @@ def convert(
             report.output = os.fspath(dst)
         if not report.dry_run:
             assert dst is not None
+            report.assumptions = run_checks(plan, ck.read)
             outs = _to_write(spec, plan, tied)
             metadata = provenance(spec, ck.path)
             streaming = output_format(dst) == "safetensors"
@@ -254,6 +263,25 @@ def convert(
             report.n_bytes = written.n_bytes
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def check_losses(spec: Spec, lost: Sequence[str], accept: Sequence[str]) -> None:
+    """Refuse an incomplete reverse unless every lost line is accepted by name (or ``"all"``)."""
+    from .errors import PlanError
+
+    accept = [a for a in accept if a]
+    unused = [a for a in accept if a != "all" and not any(a in line for line in lost)]
+    if unused:
+        raise PlanError(f"{spec.path}: --accept-loss {unused[0]!r} names no loss of the reverse of {spec.name!r}")
+    if "all" in accept:
+        return
+    left = [line for line in lost if not any(a in line for a in accept)]
+    if left:
+        raise PlanError(
+            f"{spec.path}: the reverse of {spec.name!r} cannot restore {len(left)} rule(s): "
+            + "; ".join(left)
+            + ". Declare `inverse:` on them, or accept the loss by name: --accept-loss KEY (or 'all')"
+        )
 
 
 def map_state_dict(
@@ -282,6 +310,7 @@ def map_state_dict(
     ck = _finish_flat(ck, spec.strip_prefix)
     plan = plan_for(spec, ck)
     report = _report(spec, ck, plan, expect)
+    report.assumptions = run_checks(plan, ck.read)
     as_torch = any(type(v).__module__.startswith("torch") for v in state_dict.values())
     out: dict[str, Any] = {}
     alias = {n: g[0] for g in plan.ties for n in g[1:]}

@@ -64,6 +64,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         tied=args.tied,
         fsync=not args.no_fsync,
         reverse=args.reverse,
+        accept_loss=args.accept_loss or (),
         config=args.config,
         workers=args.workers,
     )
@@ -159,11 +160,20 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_invert(args: argparse.Namespace) -> int:
+    from .api import check_losses
     from .invert import invert
     from .spec import load_spec
 
-    inv = invert(load_spec(args.spec, _vars(args.set)))
+    spec = load_spec(args.spec, _vars(args.set))
+    inv = invert(spec)
     text = inv.to_yaml()
+    complete = True
+    try:
+        check_losses(spec, inv.lost, args.accept_loss or ())
+    except StatemapError:
+        if args.output:  # never write an incomplete reverse unless its losses are accepted by name
+            raise
+        complete = False
     if args.output:
         _write_text(args.output, text, args.force)
     if args.json:
@@ -187,7 +197,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
             con.print(f"[yellow]not restored:[/yellow] {line}")
         for line in inv.ambiguous:
             con.print(f"[red]ambiguous:[/red] {line}")
-    return EXIT_OK if inv.usable else EXIT_DIFF
+    return EXIT_OK if inv.usable and complete else EXIT_DIFF
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
@@ -297,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--reverse", action="store_true", help="apply the spec's reverse (see `statemap invert`)")
     a.add_argument(
+        "--accept-loss",
+        action="append",
+        metavar="KEY",
+        help="with --reverse: accept that the reverse cannot restore what this key's rule removed (repeatable; 'all' for every loss)",
+    )
+    a.add_argument(
         "--no-fsync", action="store_true", help="do not wait for the disk before the final rename (faster; less durable)"
     )
     a.add_argument("-v", "--verbose", action="store_true", help="also list every produced tensor (folded)")
@@ -331,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-o", "--output", metavar="OUT.yaml", help="write here instead of stdout")
     v.add_argument("--force", action="store_true", help="replace an existing OUT")
     v.add_argument("--set", action="append", metavar="NAME=VALUE")
+    v.add_argument(
+        "--accept-loss",
+        action="append",
+        metavar="KEY",
+        help="write the reverse although it cannot restore what this key's rule removed (repeatable; 'all' for every loss)",
+    )
     common(v)
     v.set_defaults(func=cmd_invert)
 

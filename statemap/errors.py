@@ -29,3 +29,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 class OutputError(StatemapError):
     """An output cannot be written: it exists (use ``--force``), it is an input, disk full, ..."""
+
+
+class AssumptionError(PlanError):
+    """A fact a spec relies on (``assume:``) does not hold for this checkpoint; nothing is written."""

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SpecError
-from .ops import REGISTRY
+from .ops import REGISTRY, _pattern_as_template
 from .spec import Rule, Spec, parse_spec
 from .template import Expr, Pattern, Template, _fields, eval_expr, expr_names, expr_str, parse_expr, parse_pattern
 
@@ -83,7 +83,7 @@ def invert(spec: Spec) -> Inversion:
     for rule in reversed(spec.rules):
         where = f"{rule.loc}: {rule.label}"
         if rule.inverse is not None:
-            rules.append(dict(rule.inverse))
+            rules.extend(dict(r) for r in (rule.inverse if isinstance(rule.inverse, list) else [rule.inverse]))
             continue
         try:
             inv = _invert_rule(rule, vars_)
@@ -223,10 +223,33 @@ class _KeyMap:
         return "".join(out)
 
 
+def _restore_copy(rule: Rule, other: Template, when_absent: bool) -> list[dict[str, Any]]:
+    """The reverse of dropping a key known to equal ``other``: tie ``other`` back to the key."""
+    src = rule.sources[0]
+    if src.is_regex or set(src.captures) - other.names:
+        raise _NotInvertible(f"the dropped key's captures are not all in {other.text!r}, so the key cannot be rebuilt")
+    key = _pattern_as_template(src.text)
+    fields: dict[str, Any] = {"from": other.text, "to": [other.text, key]}
+    if when_absent:
+        fields["when"] = {"absent": key}
+    if rule.optional or when_absent:
+        fields["optional"] = True
+    return [{"tie": {**fields, "note": f"inverse of {rule.label} at {rule.loc}"}}]
+
+
 def _invert_rule(rule: Rule, vars_: dict[str, Any]) -> list[dict[str, Any]]:
     op, p = rule.op, rule.p
     opt = {"optional": True} if rule.optional else {}
     note = {"note": f"inverse of {rule.label} at {rule.loc}"}
+    if op == "drop":  # a dropped copy of another tensor comes back as that tensor
+        equal = [a.arg for a in rule.assume if a.kind == "equal"]
+        tied = [c.arg for c in rule.when if c.kind == "tied_to"]
+        if equal or tied:
+            if len(rule.when) > len(tied):
+                raise _NotInvertible("its other `when:` conditions refer to the forward side; declare `inverse:`")
+            return _restore_copy(rule, (equal or tied)[0], when_absent=bool(tied) and not equal)
+    if rule.when:
+        raise _NotInvertible("a conditional rule (`when:`) cannot be reversed from the spec alone; declare `inverse:`")
     needs = REGISTRY[op].inverse_needs
     if needs:
         raise _NotInvertible(f"{op} is lossy: {needs}; declare `inverse:` on the rule")

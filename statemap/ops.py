@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from .dtypes import NAMES as DTYPE_NAMES
 from .dtypes import dtype as lookup_dtype
 from .errors import PlanError, SpecError
+from .guards import cond_names, parse_assume, parse_when
 from .meta import Node
 from .spec import Loc, Rule, unknown_field
 from .template import Template, eval_expr, parse_expr, parse_pattern, parse_template
@@ -40,7 +41,12 @@ class Field:
 COMMON = {
     "optional": Field("bool", default=False, doc="matching nothing is reported, not an error"),
     "note": Field("text", doc="free text, ignored"),
-    "inverse": Field("rule", doc="the rule that undoes this one, for `statemap invert` (lossy ops)"),
+    "inverse": Field("rule", doc="the rule (or list of rules) that undoes this one, for `statemap invert` (lossy ops)"),
+    "when": Field(
+        "when",
+        doc="conditions on metadata: which matched keys the rule acts on (present, absent, dtype, tied_to, not_tied_to, if)",
+    ),
+    "assume": Field("assume", doc="facts the rule relies on, verified before anything is written (equal: KEY, value: N)"),
 }
 
 
@@ -132,9 +138,14 @@ def _check_field(name: str, f: Field, v: Any, where: str) -> Any:
     if f.kind == "text":
         return str(v)
     if f.kind == "rule":
-        if not isinstance(v, dict) or not v:
-            raise SpecError(f"{w}expected a rule mapping such as {{pad: {{from: K, size: N}}}}, got {v!r}")
+        items = v if isinstance(v, list) else [v]
+        if not items or not all(isinstance(x, dict) and x for x in items):
+            raise SpecError(f"{w}expected a rule mapping such as {{pad: {{from: K, size: N}}}} or a list of them, got {v!r}")
         return _plain(v)
+    if f.kind == "when":
+        return parse_when(v, where)
+    if f.kind == "assume":
+        return parse_assume(v, where)
     raise AssertionError(f.kind)
 
 
@@ -636,8 +647,9 @@ def parse_rule(item: Any, loc: Loc, index: int, var_names: set[str]) -> list[Rul
                 if f.required:
                     raise SpecError(f"{w}missing required field {k!r}; fields: {', '.join(op.fields)}")
                 fields[k] = f.default
-        if "inverse" in common:  # validate the declared inverse like any other rule
-            parse_rule(common["inverse"], loc, idx, var_names)
+        if "inverse" in common:  # validate the declared inverse(s) like any other rule
+            for inv in common["inverse"] if isinstance(common["inverse"], list) else [common["inverse"]]:
+                parse_rule(inv, loc, idx, var_names)
         rules.append(_canonical(op, fields, common, Loc(loc.file, loc.line), idx, var_names, w))
     return rules
 
@@ -677,6 +689,17 @@ def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc,
     if op.name == "split" and len(targets) < 2 and fields.get("sizes") is None:
         raise SpecError(f"{w}split into fewer than 2 targets; list the targets in 'to'")
     captures = set(sources[0].captures) if sources else set()
+    guard_names = cond_names(common.get("when", ())) | {
+        n for a in common.get("assume", ()) if a.kind == "equal" for n in a.arg.names
+    }
+    if guard_names - captures - var_names:
+        raise SpecError(
+            f"{w}'when'/'assume' use {sorted(guard_names - captures - var_names)}, not captured by the source nor a var"
+        )
+    if common.get("assume") and not sources:
+        raise SpecError(f"{w}'assume' states a fact about matched tensors; this rule matches none")
+    if any(c.kind in ("dtype", "tied_to", "not_tied_to") for c in common.get("when", ())) and not sources:
+        raise SpecError(f"{w}'when: dtype/tied_to' need a matched key; this rule has no 'from'")
     for t in targets:
         missing = t.names - captures - var_names
         if missing:
@@ -693,6 +716,8 @@ def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc,
         tuple(fields.items()),
         bool(common.get("optional", False)),
         common.get("inverse"),
+        tuple(common.get("when", ())),
+        tuple(common.get("assume", ())),
     )
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PlanError, SpecError
+from .guards import holds
 from .meta import Node, TensorMeta
 from .ops import REGISTRY, Ctx
 from .spec import Rule, Spec
@@ -39,6 +40,27 @@ class PlannedTensor:
 
 
 @dataclass(frozen=True)
+class Check:
+    """An ``assume:`` fact to verify before writing: ``key`` equals ``other`` (or ``value``).
+
+    ``verified`` is set when metadata already proves it (one storage in the source); otherwise
+    :func:`statemap.verify.run_checks` compares the bytes.
+    """
+
+    rule: Rule
+    key: str
+    node: Node
+    other: str = ""
+    other_node: Node | None = None
+    value: float | None = None
+    verified: str = ""  # "" = still to verify by reading; else how it was proven
+
+    def describe(self) -> str:
+        what = f"{self.key} == {self.other}" if self.other else f"{self.key} all == {self.value:g}"
+        return f"{what} ({self.rule.loc})"
+
+
+@dataclass(frozen=True)
 class Plan:
     """The compiled conversion: what will be written, and how every source key was used."""
 
@@ -50,6 +72,8 @@ class Plan:
     unmatched: tuple[Rule, ...] = ()  # optional rules that matched nothing
     matches: tuple[tuple[int, int], ...] = ()  # (rule index, keys matched)
     ties: tuple[tuple[str, ...], ...] = field(default=())
+    checks: tuple[Check, ...] = ()  # assume: facts, verified from metadata or before writing
+    not_met: tuple[Rule, ...] = ()  # rules that matched keys whose `when:` held for none
 
     @property
     def output_metas(self) -> list[TensorMeta]:
@@ -67,8 +91,11 @@ class _Entry:
     tie: int | None = None
 
 
-def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
+def make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[str]] = ()) -> Plan:
     """Compile ``spec`` against source metadata. Raises :class:`PlanError` on any mismatch.
+
+    ``ties``: groups of source keys that are one tensor in the source (same storage), as
+    :meth:`Checkpoint.tied_groups` finds them; ``when: {tied_to: ...}`` and ``assume:`` use them.
 
     Example::
 
@@ -87,16 +114,55 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
     unmatched: list[Rule] = []
     matches: list[tuple[int, int]] = []
     n_ties = 0
+    group_of: dict[str, int] = {k: i for i, g in enumerate(ties) for k in g}
+    checks: list[Check] = []
+    not_met: list[Rule] = []
 
     def lookup(k: str) -> Node | None:
         e = table.get(k)
         return None if e is None else e.node
+
+    def same_tensor(a: str, b: str) -> bool:
+        """Both keys still hold an untransformed source tensor, and those are one storage."""
+        na, nb = lookup(a), lookup(b)
+        if na is None or nb is None or na.kind != "source" or nb.kind != "source":
+            return False
+        sa, sb = na.args[0], nb.args[0]
+        return sa == sb or (sa in group_of and group_of.get(sa) == group_of.get(sb))
+
+    def admits(rule: Rule, key: str | None, env: dict[str, Any]) -> bool:
+        node = lookup(key) if key is not None else None
+        try:
+            return all(holds(c, key, node.dtype if node else None, env, lambda k: k in table, same_tensor) for c in rule.when)
+        except SpecError as e:
+            raise PlanError(f"{rule.where()}'when': {e}") from None
+
+    def assumptions(rule: Rule, key: str, env: dict[str, Any]) -> None:
+        node = table[key].node
+        for a in rule.assume:
+            if a.kind == "value":
+                checks.append(Check(rule, key, node, value=float(a.arg)))
+                continue
+            other = _fill(a.arg, env, rule)
+            on = lookup(other)
+            if on is None:
+                raise PlanError(f"{rule.where()}assumes {key!r} equals {other!r}, which does not exist at this point")
+            if on.shape != node.shape or on.dtype != node.dtype:
+                raise PlanError(
+                    f"{rule.where()}assumes {key!r} equals {other!r}, but {key!r} is {list(node.shape)} {node.dtype} "
+                    f"and {other!r} is {list(on.shape)} {on.dtype}"
+                )
+            proven = "one storage in the source" if same_tensor(key, other) else ""
+            checks.append(Check(rule, key, node, other, on, verified=proven))
 
     for rule in spec.rules:
         op = REGISTRY[rule.op]
         p = rule.p
 
         if op.n_sources == "0" and not rule.sources:
+            if not admits(rule, None, dict(vars_)):
+                not_met.append(rule)
+                continue
             ctx = Ctx(rule, dict(vars_), lookup)
             names = [_fill(t, ctx.env, rule) for t in rule.targets]
             nodes = op.plan([], names, p, ctx)
@@ -124,10 +190,15 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
         produced: dict[str, str] = {}
         rule_ties: list[list[str]] = []
         kept: set[str] = set()
+        admitted = 0
         for key, caps in found:
             if key in consumed:
                 continue
             env = {**vars_, **caps}
+            if rule.when and not admits(rule, key, env):
+                continue
+            admitted += 1
+            assumptions(rule, key, env)
             ctx = Ctx(rule, env, lookup, key)
             inputs = [key]
             for extra in rule.sources[1:]:
@@ -154,6 +225,9 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
                 rule_ties.append(names)
             if not names:
                 dropped.append((key, rule.label))
+        if not admitted:
+            not_met.append(rule)
+            continue
 
         tie_of: dict[str, int] = {}
         for group in rule_ties:
@@ -185,10 +259,10 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
             f"by any rule: {listing}. Add rules for them, or list them under 'keep:' or 'drop:'"
         )
     outputs = tuple(PlannedTensor(k, e.node, e.rule, e.tie) for k, e in table.items())
-    ties: dict[int, list[str]] = {}
+    out_ties: dict[int, list[str]] = {}
     for o in outputs:
         if o.tie is not None:
-            ties.setdefault(o.tie, []).append(o.name)
+            out_ties.setdefault(o.tie, []).append(o.name)
     return Plan(
         spec,
         metas,
@@ -197,7 +271,9 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta]) -> Plan:
         tuple(dropped),
         tuple(unmatched),
         tuple(matches),
-        tuple(tuple(g) for g in ties.values() if len(g) > 1),
+        tuple(tuple(g) for g in out_ties.values() if len(g) > 1),
+        tuple(checks),
+        tuple(not_met),
     )
 
 

@@ -134,6 +134,8 @@ class Report:
     shape_mismatch: list[Mismatch] = field(default_factory=list)
     dtype_mismatch: list[Mismatch] = field(default_factory=list)
     not_restored: list[str] = field(default_factory=list)  # with --reverse: rules the reverse cannot undo
+    conditions_not_met: list[str] = field(default_factory=list)  # rules whose `when:` held for no matched key
+    assumptions: list[str] = field(default_factory=list)  # `assume:` facts and how each was verified
     files: list[str] = field(default_factory=list)
     n_bytes: int = 0
     seconds: float = 0.0
@@ -211,6 +213,14 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
         console.print("[yellow]optional rules that matched nothing:[/yellow]")
         for r in report.unmatched_rules:
             console.print(f"  {r}")
+    if report.conditions_not_met:
+        console.print("[dim]rules not applied (their `when:` held for no key):[/dim]")
+        for r in report.conditions_not_met:
+            console.print(f"  [dim]{r}[/dim]")
+    if report.assumptions:
+        console.print(f"[dim]assumptions ({len(report.assumptions)}):[/dim]")
+        for line in report.assumptions:
+            console.print(f"  [dim]{line}[/dim]")
     if report.not_restored:
         console.print("[yellow]the reverse cannot restore what these rules removed (declare `inverse:` on them):[/yellow]")
         for line in report.not_restored:

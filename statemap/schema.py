@@ -101,7 +101,30 @@ def _kind_schema(f: Field) -> dict[str, Any]:
     if k == "text":
         return {"type": "string"}
     if k == "rule":
-        return {"$ref": "#/$defs/rule"}
+        return {"anyOf": [{"$ref": "#/$defs/rule"}, {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/rule"}}]}
+    if k == "when":
+        key = {"type": "string", "minLength": 1}
+        dt = {"type": "string", "enum": _dtype_spellings()}
+        return {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": False,
+            "properties": {
+                "present": key,
+                "absent": key,
+                "tied_to": key,
+                "not_tied_to": key,
+                "dtype": {"anyOf": [dt, {"type": "array", "items": dt, "minItems": 1}]},
+                "if": {"type": ["string", "integer", "boolean"]},
+            },
+        }
+    if k == "assume":
+        return {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": False,
+            "properties": {"equal": {"type": "string", "minLength": 1}, "value": {"type": "number"}},
+        }
     raise ValueError(f"statemap.schema: no JSON Schema for field kind {k!r}; add it to _kind_schema")
 
 

@@ -49,7 +49,9 @@ class Rule:
     targets: tuple[Template, ...]
     params: tuple[tuple[str, Any], ...] = ()
     optional: bool = False
-    inverse: Any = None  # declared inverse rule (raw mapping), for lossy ops
+    inverse: Any = None  # declared inverse rule(s) (raw mapping, or list of them), for lossy ops
+    when: tuple[Any, ...] = ()  # guards.Cond: which matched keys the rule acts on (metadata only)
+    assume: tuple[Any, ...] = ()  # guards.Assume: facts the rule relies on, verified before writing
 
     @property
     def p(self) -> dict[str, Any]:

@@ -34,12 +34,19 @@ _MAX_EXPR = 200
 Expr = Union[int, str, tuple]  # noqa: UP007 - int literal | name | (op, left, right) | ("neg", x)
 
 
-def _tokenize(src: str) -> list[str]:
+_CMP = ("==", "!=", "<=", ">=", "<", ">")
+
+
+def _tokenize(src: str, cond: bool = False) -> list[str]:
     tokens: list[str] = []
     i = 0
     while i < len(src):
         c = src[i]
-        if c.isspace():
+        op = next((o for o in _CMP if src.startswith(o, i)), None) if cond else None
+        if op is not None:
+            tokens.append(op)
+            i += len(op)
+        elif c.isspace():
             i += 1
         elif c.isdigit():
             j = i
@@ -65,9 +72,22 @@ def _tokenize(src: str) -> list[str]:
 
 def parse_expr(src: str) -> Expr:
     """Parse ``2*i+1`` into a small tree. Raises SpecError naming the bad token."""
+    return _parse(src, cond=False)
+
+
+def parse_condition(src: str) -> Expr:
+    """Parse a condition such as ``n_kv_heads != n_heads and n_layers > 2`` (for ``when: {if: ...}``).
+
+    Comparisons (``== != < <= > >=``) of integer expressions, joined by ``and`` / ``or`` /
+    ``not``; a bare expression is true when it is not 0. Raises SpecError naming the bad token.
+    """
+    return _parse(src, cond=True)
+
+
+def _parse(src: str, cond: bool) -> Expr:
     if len(src) > _MAX_EXPR:
         raise SpecError(f"expression longer than {_MAX_EXPR} characters: {src[:40]!r}...")
-    tokens = _tokenize(src)
+    tokens = _tokenize(src, cond)
     pos = 0
 
     def peek() -> str | None:
@@ -79,6 +99,30 @@ def parse_expr(src: str) -> Expr:
             raise SpecError(f"expression {src!r} ends too early")
         pos += 1
         return tokens[pos - 1]
+
+    def disj() -> Expr:
+        node = conj()
+        while peek() == "or":
+            take()
+            node = ("or", node, conj())
+        return node
+
+    def conj() -> Expr:
+        node = negation()
+        while peek() == "and":
+            take()
+            node = ("and", node, negation())
+        return node
+
+    def negation() -> Expr:
+        if peek() == "not":
+            take()
+            return ("not", negation())
+        node = expr()
+        if peek() in _CMP:
+            op = take()
+            node = (op, node, expr())
+        return node
 
     def expr() -> Expr:
         node = term()
@@ -99,19 +143,19 @@ def parse_expr(src: str) -> Expr:
         if tok == "-":
             return ("neg", factor())
         if tok == "(":
-            node = expr()
+            node = disj() if cond else expr()
             if take() != ")":
                 raise SpecError(f"expected ')' in expression {src!r}")
             return node
         if tok.isdigit():
             return int(tok)
-        if _NAME.fullmatch(tok):
+        if _NAME.fullmatch(tok) and not (cond and tok in ("and", "or", "not")):
             return tok
         raise SpecError(f"unexpected {tok!r} in expression {src!r}")
 
     if not tokens:
         raise SpecError("empty expression '{}'")
-    node = expr()
+    node = disj() if cond else expr()
     if pos != len(tokens):
         raise SpecError(f"unexpected {tokens[pos]!r} in expression {src!r}")
     return node
@@ -143,7 +187,16 @@ def eval_expr(node: Expr, env: Mapping[str, object], where: str = "") -> int:
     op = node[0]
     if op == "neg":
         return -eval_expr(node[1], env, where)
+    if op == "not":
+        return int(not eval_expr(node[1], env, where))
+    if op in ("and", "or"):
+        first = eval_expr(node[1], env, where)
+        if (op == "and") != bool(first):
+            return int(bool(first))
+        return int(bool(eval_expr(node[2], env, where)))
     a, b = eval_expr(node[1], env, where), eval_expr(node[2], env, where)
+    if op in _CMP:
+        return int({"==": a == b, "!=": a != b, "<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[op])
     if op == "+":
         return a + b
     if op == "-":
@@ -155,12 +208,21 @@ def eval_expr(node: Expr, env: Mapping[str, object], where: str = "") -> int:
     return a // b if op == "//" else a % b
 
 
+def eval_condition(node: Expr, env: Mapping[str, object], where: str = "") -> bool:
+    """Evaluate a parsed condition; booleans among the vars count as 1 / 0."""
+    return bool(eval_expr(node, {k: int(v) if isinstance(v, bool) else v for k, v in env.items()}, where))
+
+
 def expr_str(node: Expr) -> str:
     """Print an expression back as text, every operation parenthesized: parses to the same tree."""
     if isinstance(node, (int, str)):
         return str(node)
     if node[0] == "neg":
         return f"(-{expr_str(node[1])})"
+    if node[0] == "not":
+        return f"(not {expr_str(node[1])})"
+    if node[0] in ("and", "or") or node[0] in _CMP:
+        return f"({expr_str(node[1])} {node[0]} {expr_str(node[2])})"
     return f"({expr_str(node[1])}{node[0]}{expr_str(node[2])})"
 
 

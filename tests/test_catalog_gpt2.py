@@ -325,8 +325,8 @@ def test_nano_reference_is_reproduced_by_the_nanogpt_forward():
     ref = load_file(FIX / "nano_reference.safetensors")
     nano = nano_from_args(ck["model_args"]).eval()
     nano.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()}, strict=True)
-    with torch.no_grad():
-        assert _maxdiff(nano(ref["idx"]), ref["logits"]) == 0.0
+    with torch.no_grad():  # not bitwise: BLAS kernels differ between machines (5.96e-7 seen on CI's kind)
+        assert _maxdiff(nano(ref["idx"]), ref["logits"]) <= 1e-5
 
 
 def test_nanogpt_hf_nanogpt_round_trip_is_bitwise(tmp_path):

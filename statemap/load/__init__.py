@@ -130,7 +130,8 @@ def from_state_dict(state: Mapping[str, Any], name: str = "<state_dict>") -> Che
 
             arrays[k], dt = to_numpy(v)
             try:
-                storage_ids[k] = f"mem:{v.untyped_storage().data_ptr()}"
+                # one tensor = same storage, offset, shape and stride (views into one buffer are not ties)
+                storage_ids[k] = f"mem:{v.untyped_storage().data_ptr()}:{v.storage_offset()}:{tuple(v.shape)}:{v.stride()}"
             except Exception:
                 pass
         else:
