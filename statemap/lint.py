@@ -517,7 +517,8 @@ def _info(rule: Rule, vars_: Mapping[str, Any]) -> _Info:
     if op.n_targets == "same" and not rule.targets:  # keep
         has_identity = True
     src_nfa = pattern_nfa(src) if src is not None else None
-    consumes = src is not None and not op.keeps_sources and not has_identity
+    # a conditional rule (`when:`) leaves the keys its conditions reject to later rules
+    consumes = src is not None and not op.keeps_sources and not has_identity and not rule.when
     info = _Info(rule, src_nfa, kinds, consumes, outs=outs, n_literal=_literal_count(src) if src is not None else 0)
     if consumes and src_nfa is not None:
         # merge's other sources are consumed only where the first source matched, so they are
