@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import statemap
+from statemap.errors import AssumptionError
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "gpt2"
 HF_DIR = FIX / "hf"
@@ -363,6 +364,34 @@ def test_bias_free_nanogpt_is_refused(tmp_path):
     with pytest.raises(statemap.PlanError, match="bias"):
         statemap.convert("nanogpt-to-gpt2-hf", tmp_path / "ckpt.pt", tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_untied_head_is_refused_both_ways_and_nothing_is_written(tmp_path):
+    """nanoGPT always ties lm_head to wte; an untied head must fail loudly, never be dropped."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=40, n_positions=16, n_embd=8, n_layer=1, n_head=2, tie_word_embeddings=False)
+    hf = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        hf.lm_head.weight.copy_(hf.transformer.wte.weight + 0.25)
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "nano.pt"
+    with pytest.raises(
+        AssumptionError,
+        match=r"assumes 'lm_head\.weight' equals 'transformer\.wte\.weight', but they differ \(max abs diff 0\.25",
+    ):
+        statemap.convert("gpt2-hf-to-nanogpt", tmp_path / "hf", out)
+    assert not out.exists()
+    m = {k.removeprefix("_orig_mod."): v.clone() for k, v in _nano_ckpt()["model"].items()}
+    m["lm_head.weight"] = m["transformer.wte.weight"] + 1.0  # separate storage, other values
+    torch.save({"model": m}, tmp_path / "ckpt.pt")
+    with pytest.raises(AssumptionError, match=r"'lm_head\.weight' equals 'transformer\.wte\.weight'"):
+        statemap.convert("nanogpt-to-gpt2-hf", tmp_path / "ckpt.pt", tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+    m["lm_head.weight"] = m["transformer.wte.weight"].clone()  # separate storage, equal bytes: fine
+    torch.save({"model": m}, tmp_path / "ckpt.pt")
+    report = statemap.convert("nanogpt-to-gpt2-hf", tmp_path / "ckpt.pt", tmp_path / "o.safetensors")
+    assert any("bytes compared" in a for a in report.assumptions)
 
 
 # --------------------------------------------------------------------------------------------
