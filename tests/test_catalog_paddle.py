@@ -92,6 +92,30 @@ def test_vit_pdparams_to_hf_matches_paddle_logits(tmp_path):
     assert diff <= 1e-5, diff
 
 
+def test_bf16_vit_pdparams_converts_to_bf16_weights_not_integers(tmp_path):
+    """paddle.save writes bf16 parameters as uint16 bits: they must come out as those bf16 values."""
+    src = FIX / "vit_bf16.pdparams"
+    with statemap.open_checkpoint(src) as ck:
+        assert {m.dtype for m in ck.metas.values()} == {"uint16"}  # what Paddle really wrote
+        raw = {k: ck.read(k) for k in ck.metas}
+    out = tmp_path / "out.safetensors"
+    statemap.convert("vit-paddle-to-torch", src, out)
+    state = load_file(str(out))
+    assert {v.dtype for v in state.values()} == {torch.bfloat16}
+    cls = state["vit.embeddings.cls_token"]
+    assert np.array_equal(cls.view(torch.int16).numpy().view(np.uint16), raw["patch_embedding.cls_token"])  # same bits
+    assert cls.abs().max().item() < 10  # values, not integer-valued bit patterns (~1.6e4)
+    fp32 = {k: v.float() for k, v in state.items()}
+    diff = _diff(_hf_vit_logits(fp32), np.load(FIX / "reference_bf16.npz")["vit_logits"])
+    print(f"vit-paddle-to-torch bf16: max abs diff vs Paddle logits = {diff:.3e}")
+    assert diff <= 1e-5, diff
+    # the comparison can fail: the fp32 model's logits differ from the bf16 model's
+    assert _diff(_hf_vit_logits(fp32), REF["vit_logits"]) > 1e-4
+    # without the view rule, the uint16 bits would be cast as integers: refuse to look like that
+    wrong = {k: torch.from_numpy(raw_v.astype(np.float32)) for k, raw_v in raw.items()}
+    assert max(v.abs().max().item() for v in wrong.values()) > 1e4
+
+
 def test_vit_final_norm_inside_transformer_encoder_is_mapped_too():
     """TransformerEncoder(layer, n, norm=LayerNorm(d)) names the final norm encoder.norm.*."""
     src = statemap.load_state_dict(VIT)
