@@ -294,7 +294,10 @@ def map_state_dict(
     """Apply a spec to an in-memory state dict (torch tensors or numpy arrays).
 
     Returns ``(new_state_dict, report)``; values come back as the type they went in
-    (torch in, torch out). Tied outputs are the same tensor object.
+    (torch in, torch out). Tied outputs are the same tensor object. Torch tensors are never
+    copied through numpy: a renamed tensor comes back as the *same* object, dim-0 splits and
+    slices as views, and the rest is computed with torch ops on the tensors' own device and
+    dtype (bf16, fp8, cuda, meta).
 
     Example::
 
@@ -302,28 +305,49 @@ def map_state_dict(
         >>> nano_model.load_state_dict(new_sd, strict=True)
     """
     spec = load_spec(spec, vars)
-    ck = from_state_dict(state_dict)
     if spec.unwrap:
         raise CheckpointError(f"spec {spec.name!r} unwraps {'/'.join(spec.unwrap)!r}; pass that inner dict to map_state_dict")
     from .load import _finish_flat
 
-    ck = _finish_flat(ck, spec.strip_prefix)
+    as_torch = bool(state_dict) and all(type(v).__module__.startswith("torch") for v in state_dict.values())
+    if as_torch:  # zero copy: plan on metadata, run recipes as torch ops on the tensors' own device
+        from .torch_apply import as_numpy, run_node_torch, torch_metas
+
+        metas, ties = torch_metas(state_dict)
+        ck = Checkpoint("<state_dict>", "memory", metas, state_dict.__getitem__)
+        ck.storage_ids = {k: f"mem:{i}" for i, g in enumerate(ties) for k in g}
+        ck = _finish_flat(ck, spec.strip_prefix)
+        plan = plan_for(spec, ck)
+        report = _report(spec, ck, plan, expect)
+        devices = {v.device for v in state_dict.values()}
+        device = devices.pop() if len(devices) == 1 else None
+        report.assumptions = run_checks(plan, ck.read, lambda node: as_numpy(run_node_torch(node, ck.read, device)))
+        out: dict[str, Any] = {}
+        alias = {n: g[0] for g in plan.ties for n in g[1:]}
+        emitted: set[int] = set()
+        for planned in plan.outputs:
+            first = alias.get(planned.name)
+            if first in out:  # a tie: one tensor under several names
+                out[planned.name] = out[first]
+                continue
+            t = run_node_torch(planned.node, ck.read, device)
+            if id(t) in emitted:  # `copy`: independent tensors, even of an untouched source
+                t = t.clone()
+            emitted.add(id(t))
+            out[planned.name] = t
+        return out, report
+
+    ck = _finish_flat(from_state_dict(state_dict), spec.strip_prefix)
     plan = plan_for(spec, ck)
     report = _report(spec, ck, plan, expect)
     report.assumptions = run_checks(plan, ck.read)
-    as_torch = any(type(v).__module__.startswith("torch") for v in state_dict.values())
-    out: dict[str, Any] = {}
+    out = {}
     alias = {n: g[0] for g in plan.ties for n in g[1:]}
     for planned, a in execute(list(plan.outputs), ck.read):
         if planned.name in alias and alias[planned.name] in out:
             out[planned.name] = out[alias[planned.name]]
             continue
-        if as_torch:
-            from .torch_adapter import to_torch
-
-            out[planned.name] = to_torch(a.copy() if not a.flags.owndata else a, planned.node.dtype)
-        else:
-            out[planned.name] = a.copy() if not a.flags.owndata else a
+        out[planned.name] = a.copy() if not a.flags.owndata else a
     return out, report
 
 

@@ -248,6 +248,17 @@ def _invert_rule(rule: Rule, vars_: dict[str, Any]) -> list[dict[str, Any]]:
             if len(rule.when) > len(tied):
                 raise _NotInvertible("its other `when:` conditions refer to the forward side; declare `inverse:`")
             return _restore_copy(rule, (equal or tied)[0], when_absent=bool(tied) and not equal)
+    dtypes = [c.arg for c in rule.when if c.kind == "dtype"]
+    if op == "view" and len(rule.when) == 1 and dtypes and len(dtypes[0]) == 1:
+        # `view ... when: {dtype: X}` knows the original dtype: view back, on keys of the new dtype
+        km = _KeyMap(rule.sources[0], vars_)
+        to = rule.targets[0] if rule.targets else None
+        src = km.pattern(to) if to is not None else rule.sources[0].text
+        view: dict[str, Any] = {"from": src, "dtype": dtypes[0][0], "when": {"dtype": p["dtype"]}}
+        back = km.template(rule.sources[0]) if to is not None else None
+        if back is not None and back != src:
+            view["to"] = back
+        return [{"view": {**view, "optional": True, **note}}]
     if rule.when:
         raise _NotInvertible("a conditional rule (`when:`) cannot be reversed from the spec alone; declare `inverse:`")
     needs = REGISTRY[op].inverse_needs
