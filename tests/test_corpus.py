@@ -44,6 +44,12 @@ KNOWN_GAPS: dict[str, tuple[str, str]] = {
     "jit_scripted.pt": ("TorchScript archives are not read", r"holds a TinyNet, not a state dict"),
     "jit_traced.pt": ("TorchScript archives are not read", r"holds a TinyNet, not a state dict"),
     "lightning.ckpt": ("protocol-2 compat names (omegaconf hparams)", r"refused to load '__builtin__.long'"),
+    "megatron_dist": ("megatron torch_dist folders (DCP + common.pt) are not read", r"common.pt: state dict is empty"),
+    "megatron_legacy.pt": (
+        "model and optimizer tensors listed mixed",
+        r"container '', real loader's model state dict is 'model'",
+    ),
+    "megatron_torch": ("latest_checkpointed_iteration.txt is not followed", r"directory holds no single checkpoint"),
     "numpy_sd_p5.pkl": ("numpy arrays pickled with protocol 5 are dropped", r"no tensors found"),
     "numpy_sd_p5.pt": ("numpy arrays pickled with protocol 5 are dropped", r"no tensors found"),
     "payload_legacy.pt": ("harmless classes refused", r"refused to load 'pathlib.PosixPath'"),
