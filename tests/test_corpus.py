@@ -186,3 +186,16 @@ def test_the_comparison_can_fail(tmp_path: Path) -> None:
             check_api(target, bad)
     with pytest.raises(AssertionError, match="container"):
         check_api(target, {**doc, "container": "model"})
+
+
+def test_the_real_loaders_agree_on_the_same_model() -> None:
+    """The expectations are trustworthy: one model (make_torch.TinyNet) saved through every torch route
+    and read back by each route's own loader (torch.load, torch.jit.load, DCP's dcp_to_torch_save,
+    .state_dict() of a pickled module) has the same tensors in every expected.json."""
+    same = ["bare_sd_p2.pt", "pickled_module.pt", "yolo_style.pt", "jit_scripted.pt", "jit_traced.pt", "dcp_single", "dcp_gloo2"]
+    same += [f"{kind}_{p}.pt" for kind in ("payload", "plain") for p in ("p2", "p4", "p5", "legacy")]
+    ref = {t["name"]: (t["dtype"], t["shape"], t["sha256"]) for t in _load(CORPUS / "bare_sd_p2.pt.expected.json")["tensors"]}
+    assert len(ref) == 8
+    for name in same:
+        got = {t["name"]: (t["dtype"], t["shape"], t["sha256"]) for t in _load(CORPUS / f"{name}.expected.json")["tensors"]}
+        assert got == ref, f"{name}: the real loader saw other tensors than bare_sd_p2.pt's"
