@@ -40,7 +40,10 @@ KNOWN_GAPS: dict[str, tuple[str, str]] = {
     "dcp_gloo2": ("DCP folders are not read", r"directory holds no single checkpoint"),
     "dcp_single": ("DCP folders are not read", r"directory holds no single checkpoint"),
     "dtypes_all.pt": ("bits/complex/quantized/float8 fnuz/e8m0/float4 dtypes unknown", r"names dtype .*, not a torch dtype"),
-    "dtypes_all_legacy.pt": ("complex / quantized storages unknown (message names an internal class)", r"storage of unknown type"),
+    "dtypes_all_legacy.pt": (
+        "complex / quantized storages unknown (message names an internal class)",
+        r"storage of unknown type",
+    ),
     "dtypes_all.safetensors": ("C64, F8 fnuz, F8_E8M0, F4 unknown", r"unknown dtype 'C64'"),
     "extra_state_bytesio.pt": ("io.BytesIO (_extra_state) refused", r"refused to load '_io.BytesIO'"),
     "jit_scripted.pt": ("TorchScript archives are not read", r"holds a TinyNet, not a state dict"),
