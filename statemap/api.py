@@ -341,13 +341,19 @@ def map_state_dict(
     plan = plan_for(spec, ck)
     report = _report(spec, ck, plan, expect)
     report.assumptions = run_checks(plan, ck.read)
+    some_torch = any(type(v).__module__.startswith("torch") for v in state_dict.values())  # mixed: torch out
     out = {}
     alias = {n: g[0] for g in plan.ties for n in g[1:]}
     for planned, a in execute(list(plan.outputs), ck.read):
         if planned.name in alias and alias[planned.name] in out:
             out[planned.name] = out[alias[planned.name]]
             continue
-        out[planned.name] = a.copy() if not a.flags.owndata else a
+        a = a.copy() if not a.flags.owndata else a
+        if some_torch:
+            from .torch_adapter import to_torch
+
+            a = to_torch(a, planned.node.dtype)
+        out[planned.name] = a
     return out, report
 
 
