@@ -143,16 +143,16 @@ class Matcher:
             ctx = plain
             if self.has_assert and (i == 0 or i >= n - 1):
                 ctx = (i == 0, False, i == n - 1 and key[-1] == "\n")
-            k: Any = ch if ctx == plain else (ch, ctx)
+            ck: Any = ch if ctx == plain else (ch, ctx)
             row = trans.get(cur)
-            got = row.get(k) if row is not None else None
+            got = row.get(ck) if row is not None else None
             if got is None:
                 got = self._step(cur, ch, ctx)
                 if self._cached < MAX_CACHE:
                     self._cached += 1
                     if row is None:
                         row = trans[cur] = {}
-                    row[k] = got
+                    row[ck] = got
             cur = got
             if not cur:
                 return None
@@ -250,7 +250,7 @@ _KIND_TEST: dict[str, Callable[[str], bool]] = {
 }
 
 
-def compile_template(parts: Sequence[tuple[str, str]]) -> Matcher:
+def compile_template(parts: Sequence[tuple[str, ...]]) -> Matcher:
     """``parts``: ("lit", text) or ("cap", name, kind) from a parsed template pattern."""
     caps = [p for p in parts if p[0] == "cap"]
     if not caps:
@@ -286,23 +286,28 @@ def _refuse(src: str, what: str) -> SpecError:
     )
 
 
-def _class_test(src: str, items: list[tuple[Any, Any]], dotall: bool) -> Callable[[str], bool]:
+def _class_test(src: str, items: list[tuple[Any, Any]]) -> Callable[[str], bool]:
     negate = False
-    tests: list[Callable[[str], bool]] = []
+    lits: set[str] = set()
+    ranges: list[tuple[int, int]] = []
+    cats: list[re.Pattern[str]] = []
     for op, av in items:
         if op == _sc.NEGATE:
             negate = True
         elif op == _sc.LITERAL:
-            tests.append(lambda c, x=chr(av): c == x)
+            lits.add(chr(av))
         elif op == _sc.RANGE:
-            tests.append(lambda c, lo=av[0], hi=av[1]: lo <= ord(c) <= hi)
+            ranges.append((av[0], av[1]))
         elif op == _sc.CATEGORY and av in _CAT:
-            tests.append(lambda c, rx=_CAT[av]: rx.fullmatch(c) is not None)
+            cats.append(_CAT[av])
         else:
             raise _refuse(src, f"a character class item ({op})")
-    if negate:
-        return lambda c: not any(t(c) for t in tests)
-    return lambda c: any(t(c) for t in tests)
+
+    def test(c: str) -> bool:
+        hit = c in lits or any(lo <= ord(c) <= hi for lo, hi in ranges) or any(rx.fullmatch(c) for rx in cats)
+        return hit != negate
+
+    return test
 
 
 def compile_regex(src: str) -> Matcher:
@@ -329,11 +334,11 @@ def compile_regex(src: str) -> Matcher:
         if op == _sc.LITERAL:
             return m.new(_CHAR, chr(av), (nxt,))
         if op == _sc.NOT_LITERAL:
-            return m.new(_CHAR, lambda c, x=chr(av): c != x, (nxt,))
+            return m.new(_CHAR, _class_test(src, [(_sc.NEGATE, None), (_sc.LITERAL, av)]), (nxt,))
         if op == _sc.ANY:
             return m.new(_CHAR, (lambda c: True) if dotall else (lambda c: c != "\n"), (nxt,))
         if op == _sc.IN:
-            return m.new(_CHAR, _class_test(src, list(av), dotall), (nxt,))
+            return m.new(_CHAR, _class_test(src, list(av)), (nxt,))
         if op in (_sc.MAX_REPEAT, _sc.MIN_REPEAT):
             lo, hi, sub = av
             greedy = op == _sc.MAX_REPEAT
