@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .apply import execute, execute_streaming, produce
-from .errors import CheckpointError
+from .errors import CheckpointError, StatemapError
 from .load import Checkpoint, from_state_dict, open_checkpoint
 from .meta import TensorMeta
 from .plan import Plan, make_plan
@@ -43,11 +43,12 @@ def load_expect(
         try:
             import yaml
 
-            data = (
-                yaml.safe_load(p.read_text(encoding="utf-8"))
-                if p.suffix != ".json"
-                else json.loads(p.read_text(encoding="utf-8"))
-            )
+            from .fsutil import read_regular
+
+            text = read_regular(p, 64 << 20, "expected key listing").decode("utf-8")
+            data = yaml.safe_load(text) if p.suffix != ".json" else json.loads(text)
+        except StatemapError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{p}: cannot read expected key listing: {e}") from None
         if not isinstance(data, dict):

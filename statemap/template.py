@@ -25,6 +25,7 @@ from typing import Union
 
 from .errors import SpecError
 from .keymatch import Matcher, compile_regex, compile_template
+from .textsafe import short_repr
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KINDS = {"seg": r"[^.]+", "int": r"\d+", "path": r".+"}
@@ -379,7 +380,13 @@ class Template:
                     raise SpecError(f"template {self.text!r} uses {{{value}}}, which the pattern does not capture")
                 out.append(str(env[value]))
             else:
-                out.append(str(eval_expr(value, env, f"in {self.text!r}: ")))
+                try:
+                    out.append(str(eval_expr(value, env, f"in {self.text!r}: ")))
+                except (ValueError, OverflowError, MemoryError):  # e.g. a 5000-digit key segment
+                    raise SpecError(
+                        f"in {self.text!r}: a value is too large or not a plain integer "
+                        f"({', '.join(f'{n}={short_repr(env.get(n), 40)}' for n in sorted(expr_names(value)))})"
+                    ) from None
         return "".join(out)
 
     def __str__(self) -> str:
