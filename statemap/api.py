@@ -16,6 +16,7 @@ from .meta import TensorMeta
 from .plan import Plan, make_plan
 from .report import Report
 from .spec import Spec, load_spec
+from .textsafe import short_repr
 from .verify import run_checks
 from .write import Written, output_format, write_checkpoint
 
@@ -55,12 +56,13 @@ def load_expect(
             raise CheckpointError(f"{p}: expected key listing must map key -> shape (or {{shape, dtype}})")
         out = {}
         for k, v in data.items():
-            if isinstance(v, dict):
-                out[k] = TensorMeta(k, tuple(v.get("shape", ())), str(v.get("dtype", "")))
-            elif isinstance(v, list):
-                out[k] = TensorMeta(k, tuple(v), "")
-            else:
-                raise CheckpointError(f"{p}: entry {k!r} must be a shape list or {{shape, dtype}}")
+            shape = v.get("shape", []) if isinstance(v, dict) else v
+            if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                raise CheckpointError(
+                    f"{p}: entry {short_repr(k, 80)} must be a shape (a list of non-negative integers) or {{shape, dtype}}, "
+                    f"got {short_repr(v, 80)}"
+                )
+            out[str(k)] = TensorMeta(str(k), tuple(shape), str(v.get("dtype", "")) if isinstance(v, dict) else "")
         return out, str(p)
     with open_checkpoint(p) as ck:
         return dict(ck.metas), str(p)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from .textsafe import short_repr
 SPEC_VERSION = 1
 MAX_SPEC_BYTES = 4 << 20
 MAX_YAML_NODES = 200_000
+_MAP_TAG, _SEQ_TAG = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
 MAX_YAML_DEPTH = 64  # nesting levels; a spec needs about five
 
 
@@ -148,9 +150,52 @@ def _line_of(obj: Any, default: int) -> int:
     return getattr(obj, "line", default)
 
 
+_FLOW_SPECIAL = re.compile(r"[\"'#\[\]{}]")
+
+
+def _escaped(text: str, start: int, k: int) -> bool:
+    """Is the quote at ``k`` escaped (an odd run of backslashes before it, after ``start``)?"""
+    b = k - 1
+    while b > start and text[b] == "\\":
+        b -= 1
+    return (k - 1 - b) % 2 == 1
+
+
+def _check_flow_depth(text: str, file: str) -> None:
+    """Refuse ``[[[[...`` before PyYAML sees it: its scanner takes quadratic time in flow depth.
+
+    One pass; quoted text and comments are skipped (never rescanned), an unclosed quote ends the scan.
+    """
+    if text.count("[") + text.count("{") <= MAX_YAML_DEPTH:
+        return
+    depth, i = 0, 0
+    while (m := _FLOW_SPECIAL.search(text, i)) is not None:
+        j = m.start()
+        c = text[j]
+        if c == "'":
+            k = text.find("'", j + 1)
+            while k >= 0 and text.startswith("''", k):
+                k = text.find("'", k + 2)
+        elif c == '"':
+            k = text.find('"', j + 1)
+            while k >= 0 and _escaped(text, j, k):
+                k = text.find('"', k + 1)
+        elif c == "#":
+            k = text.find("\n", j)
+        else:
+            depth = depth + 1 if c in "[{" else max(depth - 1, 0)
+            if depth > MAX_YAML_DEPTH:
+                raise SpecError(f"{file}:{text.count(chr(10), 0, j) + 1}: YAML nested more than {MAX_YAML_DEPTH} levels deep")
+            k = j
+        if k < 0:
+            return
+        i = k + 1
+
+
 def _load_yaml(text: str, file: str) -> Any:
     if len(text.encode("utf-8", "replace")) > MAX_SPEC_BYTES:
         raise SpecError(f"{file}: spec larger than {MAX_SPEC_BYTES >> 20} MiB; refusing to parse it")
+    _check_flow_depth(text, file)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except RecursionError:
@@ -189,6 +234,8 @@ def _load_yaml(text: str, file: str) -> Any:
         line = node.start_mark.line + 1
         if depth > MAX_YAML_DEPTH:
             raise SpecError(f"{file}:{line}: YAML nested more than {MAX_YAML_DEPTH} levels deep")
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in (_MAP_TAG, _SEQ_TAG):
+            raise SpecError(f"{file}:{line}: YAML tag {short_repr(node.tag, 60)} is not allowed in a spec (plain data only)")
         if isinstance(node, yaml.MappingNode):
             out = _YMap()
             out.line, out.key_lines = line, {}

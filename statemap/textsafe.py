@@ -23,17 +23,20 @@ def show(value: object, limit: int | None = MAX_SHOWN) -> str:
     """``value`` as one line of plain text: non-printable characters escaped, long text cut.
 
     Newlines, tabs, escape sequences, bidi overrides and other invisible characters become
-    ``\\n`` / ``\\x1b`` / ``\\u202e``; text longer than ``limit`` characters is cut *before*
-    anything else is done with it, with the full length stated.
+    ``\\n`` / ``\\x1b`` / ``\\u202e``; text longer than ``limit`` characters is cut in the middle
+    *before* anything else is done with it (the start names the file, the end says the problem).
     """
     s = value if isinstance(value, str) else _str(value)
-    cut = ""
-    if limit is not None and len(s) > limit:
-        cut = f"...({len(s):,} characters)"
-        s = s[:limit]
-    if not s.isprintable():
-        s = "".join(c if c.isprintable() else _escape(c) for c in s)
-    return s + cut
+    if limit is not None and len(s) > limit:  # keep both ends: a message names the file first, the problem last
+        half = limit // 2
+        return f"{_printable(s[:half])}...({len(s) - 2 * half:,} characters cut)...{_printable(s[-half:])}"
+    return _printable(s)
+
+
+def _printable(s: str) -> str:
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else _escape(c) for c in s)
 
 
 def _str(value: object) -> str:

@@ -185,6 +185,8 @@ def _open_index(p: Path) -> Checkpoint:
     for tensor, shard in wm.items():
         if not isinstance(shard, str) or not shard:
             raise CheckpointError(f"{p}: weight_map[{tensor!r}] must be a shard file name")
+        if shard.endswith(".index.json"):
+            raise CheckpointError(f"{p}: weight_map[{tensor!r}] = {shard!r} is an index, not a shard file")
         pp = PurePosixPath(shard)
         if pp.is_absolute() or ".." in pp.parts or "\\" in shard or os.path.isabs(shard):
             raise CheckpointError(f"{p}: weight_map[{tensor!r}] = {shard!r} points outside the checkpoint folder; refusing")
