@@ -54,6 +54,35 @@ def _child(case: dict, mem: int) -> None:
         os._exit(99)
 
 
+def run_batch(
+    argvs: list[tuple[str, list[str], str]], root: str, mem: int = 2 << 30, timeout: float = 20.0, jobs: int = 4
+) -> dict:
+    """Run ``(id, argv, cwd)`` command lines through this runner (a subprocess); id -> result.
+
+    Each result: ``rc`` (None on timeout), ``timeout``, ``seconds``, ``stdout``, ``stderr``.
+    """
+    import subprocess
+    from pathlib import Path
+
+    base = Path(root)
+    todo = [
+        {"id": cid, "argv": argv, "cwd": cwd, "stdout": str(base / f"r{n:05d}.out"), "stderr": str(base / f"r{n:05d}.err")}
+        for n, (cid, argv, cwd) in enumerate(argvs)
+    ]
+    (base / "cases.json").write_text(json.dumps(todo))
+    here = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, __file__, str(base / "cases.json"), str(base / "results.json")]
+    cmd += ["--mem", str(mem), "--timeout", str(timeout), "--jobs", str(jobs)]
+    subprocess.run(cmd, check=True, env=env, timeout=1800)
+    res = json.loads((base / "results.json").read_text())
+    for t in todo:
+        r = res[t["id"]]
+        r["stdout"] = Path(t["stdout"]).read_text(errors="replace")
+        r["stderr"] = Path(t["stderr"]).read_text(errors="replace")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("cases")

@@ -21,8 +21,6 @@ import os
 import pickle
 import stat
 import struct
-import subprocess
-import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,10 +29,10 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from attack_runner import run_batch
 
 MEM = 2 << 30
 TIMEOUT = 20.0
-RUNNER = Path(__file__).with_name("attack_runner.py")
 NEEDS_READER = "needs reader branch"
 
 # -- byte builders -----------------------------------------------------------------------------
@@ -552,6 +550,49 @@ class Case:
     match: str
     ok_rc: tuple[int, ...] = (2,)
     xfail: str | None = None
+    shows: tuple[str, ...] = ()  # a text case: it succeeds, and its output holds these strings literally
+    creates: tuple[str, ...] = ()  # files a successful text case writes
+
+
+# -- text: names, metadata, paths and spec strings are shown as text ---------------------------------
+
+ESC_KEY = "x\x1b]0;pwned\x07.\x1b[2Jw"
+MARKUP_ST = _st(
+    {
+        "__metadata__": {"k": "[/]", "e": "\x1b[31mred", "smile": ":smile:"},
+        "enc.[/bold].w": _ent(off=[0, 4]),
+        ESC_KEY: _ent(off=[4, 8]),
+        "rtl.\u202egnp.w": _ent(off=[8, 12]),
+        "nl.a\nb.w": _ent(off=[12, 16]),
+    },
+    b"\0" * 16,
+)
+MARKUP_SPEC = (
+    "name: '[/b]x'\nversion: 1\nstrict: false\nrules:\n"
+    "  - rename: {from: 'enc.{m}.w', to: \"dec.{m}.\\e[31m[/i]\"}\n"
+    "  - drop: {from: 'nope.[/x]', optional: true}\n"
+)
+SHOWN = ("enc.[/bold].w", "x\\x1b]0;pwned\\x07.\\x1b[2Jw", "rtl.\\u202egnp.w", "nl.a\\nb.w")
+TEXT: list[tuple[str, list[str], tuple[int, ...], tuple[str, ...], tuple[str, ...]]] = [
+    ("inspect-keys", ["inspect", "--keys", "m.safetensors"], (0,), (*SHOWN, "k=[/]", "e=\\x1b[31mred", ":smile:"), ()),
+    ("inspect-json", ["inspect", "--json", "m.safetensors"], (0,), ("enc.[/bold].w", "\\u001b]0;pwned\\u0007"), ()),
+    ("inspect-path", ["inspect", "exp[/x]/ck.safetensors"], (0,), ("exp[/x]/ck.safetensors",), ()),
+    ("diff-values", ["diff", "--values", "m.safetensors", "m.safetensors"], (0,), ("m.safetensors", "same"), ()),
+    ("diff-keys", ["diff", "m.safetensors", "exp[/x]/ck.safetensors"], (1,), (*SHOWN, "exp[/x]/ck.safetensors"), ()),
+    ("diff-json", ["diff", "--json", "m.safetensors", "good.safetensors"], (1,), ("enc.[/bold].w",), ()),
+    (
+        "apply-markup",
+        ["apply", "ms.yaml", "m.safetensors", "exp[/x]/out.safetensors", "-v"],
+        (0,),
+        ("[/b]x", "dec.[/bold].\\x1b[31m[/i]", "exp[/x]/out.safetensors", *SHOWN[1:]),
+        ("exp[/x]/out.safetensors",),
+    ),
+    ("apply-json", ["apply", "--json", "ms.yaml", "m.safetensors", "--dry-run"], (0,), ("[/b]x", "\\u001b[31m[/i]"), ()),
+    ("check-against", ["check", "ms.yaml", "--against", "m.safetensors"], (0,), ("[/b]x",), ()),
+    ("lint-against", ["lint", "ms.yaml", "--against", "m.safetensors"], (0, 1), ("finding",), ()),
+    ("suggest", ["suggest", "m.safetensors", "exp[/x]/ck.safetensors"], (0,), ("# source: m.safetensors",), ()),
+    ("list", ["list"], (0,), ("bart",), ()),
+]
 
 
 def _cases() -> list[Case]:
@@ -581,6 +622,9 @@ def _cases() -> list[Case]:
         files = {**base, **extra}
         named = next(n for n in extra)
         out.append(Case(f"other:{cid}", argv, files, named, match))
+    text_files = {**base, "m.safetensors": MARKUP_ST, "ms.yaml": MARKUP_SPEC.encode(), "exp[/x]/ck.safetensors": SHARD}
+    for cid, argv, rc, shows, creates in TEXT:
+        out.append(Case(f"text:{cid}", argv, text_files, "", "", rc, shows=shows, creates=creates))
     return out
 
 
@@ -594,6 +638,7 @@ SHARED = Path(os.environ.get("STATEMAP_ATTACK_CACHE", "")) if os.environ.get("ST
 
 def _place(d: Path, name: str, content: bytes | str, shared: Path) -> None:
     p = d / name
+    p.parent.mkdir(parents=True, exist_ok=True)
     if content == "fifo":
         os.mkfifo(p)
     elif content == "zero":
@@ -650,46 +695,17 @@ def results(tmp_path_factory) -> dict[str, dict]:
         for name, content in c.files.items():
             _place(d, name, content, shared)
         before[c.id] = _snapshot(d)
-        todo.append(
-            {
-                "id": c.id,
-                "argv": c.argv,
-                "cwd": str(d),
-                "stdout": str(root / f"c{n:04d}.out"),
-                "stderr": str(root / f"c{n:04d}.err"),
-            }
-        )
-    (root / "cases.json").write_text(json.dumps(todo))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run(
-        [
-            sys.executable,
-            str(RUNNER),
-            str(root / "cases.json"),
-            str(root / "results.json"),
-            "--mem",
-            str(MEM),
-            "--timeout",
-            str(TIMEOUT),
-            "--jobs",
-            "4",
-        ],
-        check=True,
-        env=env,
-        timeout=600,
-    )
-    res = json.loads((root / "results.json").read_text())
+        todo.append((c.id, c.argv, str(d)))
+    res = run_batch(todo, str(root), MEM, TIMEOUT, jobs=4)
     for n, c in enumerate(CASES):
         d = root / f"c{n:04d}"
         r = res[c.id]
-        r["stdout"] = (root / f"c{n:04d}.out").read_text(errors="replace")
-        r["stderr"] = (root / f"c{n:04d}.err").read_text(errors="replace")
         r["before"], r["after"] = before[c.id], _snapshot(d)
     return res
 
 
 def test_corpus_size():
-    assert len(CASES) >= 150
+    assert len([c for c in CASES if not c.shows]) >= 150
     assert len({c.id for c in CASES}) == len(CASES)
 
 
@@ -703,8 +719,21 @@ def test_attack(results, case):
     assert r["rc"] in case.ok_rc, f"exit {r['rc']}: {r['stderr'][-2000:]}"
     after = dict(r["after"])
     if r["rc"] == 0 and case.argv[0] == "apply":  # a legitimate success writes its output
-        after.pop("out.safetensors", None)
+        for name in ("out.safetensors", *case.creates):
+            after.pop(name, None)
     assert after == r["before"], "an input changed or a file was left behind"
+    if case.shows:
+        text = r["stdout"] + r["stderr"]
+        assert all(c.isprintable() or c == "\n" for c in text), [c for c in text if not (c.isprintable() or c == "\n")][:5]
+        for want in case.shows:
+            assert want in text, f"{want!r} not shown literally in:\n{text[-3000:]}"
+        if "--json" in case.argv:
+            json.loads(r["stdout"])
+        if case.argv[0] == "suggest":  # comment lines stay comments: the draft parses and names no injected rule
+            import yaml
+
+            assert isinstance(yaml.safe_load(r["stdout"]), dict)
+        return
     if r["rc"] == 2:
         lines = r["stderr"].splitlines()
         assert len(lines) == 1, r["stderr"][-3000:]
