@@ -216,13 +216,13 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
         for r in report.unmatched_rules:
             console.print(f"  {r}")
     if report.conditions_not_met:
-        console.print("[dim]rules not applied (their `when:` held for no key):[/dim]")
+        console.print("rules not applied (their `when:` held for no key):", style="dim")
         for r in report.conditions_not_met:
-            console.print(f"  [dim]{r}[/dim]")
+            console.print(f"  {r}", style="dim")
     if report.assumptions:
-        console.print(f"[dim]assumptions ({len(report.assumptions)}):[/dim]")
+        console.print(f"assumptions ({len(report.assumptions)}):", style="dim")
         for line in report.assumptions:
-            console.print(f"  [dim]{line}[/dim]")
+            console.print(f"  {line}", style="dim")
     if report.not_restored:
         console.print("the reverse cannot restore what these rules removed (declare `inverse:` on them):", style="yellow")
         for line in report.not_restored:

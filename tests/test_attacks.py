@@ -704,6 +704,17 @@ def results(tmp_path_factory) -> dict[str, dict]:
     return res
 
 
+def test_no_markup_left_in_the_package():
+    """Consoles render no markup (textsafe.console), so a markup tag in a message would print literally."""
+    import re
+
+    pkg = Path(__file__).parents[1] / "statemap"
+    tag = re.compile(r"(?<![\w)\].])\[/?(bold|dim|red|green|yellow|blue|cyan|magenta|italic|underline)\]")  # not x[dim]
+    files = [p for p in pkg.glob("*.py") if p.name != "textsafe.py"]
+    hits = [f"{p.name}:{n}" for p in files for n, line in enumerate(p.read_text().splitlines(), 1) if tag.search(line)]
+    assert hits == [], hits
+
+
 def test_corpus_size():
     assert len([c for c in CASES if not c.shows]) >= 150
     assert len({c.id for c in CASES}) == len(CASES)
