@@ -67,6 +67,7 @@ class Matcher:
         self.literal = literal  # set when the pattern has no captures and no regex: plain equality
         self.prefix = ""
         self.suffix = ""
+        self.middles: tuple[str, ...] = ()  # literal text a key must hold, in this order (a quick rejection)
         self.start = 0
         self.has_assert = False
         self._rev_eps: list[list[int]] = []
@@ -96,6 +97,16 @@ class Matcher:
                 (self._rev_char if k == _CHAR else self._rev_eps)[t].append(s)
             if k == _ASSERT:
                 self.has_assert = True
+        # character chains: a character state in the set for position i takes key[i], and its successor,
+        # if a character state too, is in the set for i+1 and takes key[i+1], ...: the walk jumps them
+        self._jump = list(range(n))
+        self._jump_len = [0] * n
+        for s in range(n):
+            t, m = s, 0
+            while self.kind[t] == _CHAR and m <= n:
+                t, m = self.out[t][0], m + 1
+            if m > 1:
+                self._jump[s], self._jump_len[s] = t, m
         return self
 
     # -- matching ---------------------------------------------------------------------------
@@ -165,12 +176,16 @@ class Matcher:
         slots: list[int | None] = [None] * (2 * self.n_groups + 2)
         q, i = self.start, 0
         kind, out, arg = self.kind, self.out, self.arg
+        jump, jump_len = self._jump, self._jump_len
         asserts = self.has_assert
         ctx = (False, False, False)
         while True:
             k = kind[q]
-            if k == _CHAR:  # the backward pass put it in sets[i]: it takes key[i]
-                q, i = out[q][0], i + 1
+            if k == _CHAR:  # the backward pass put it in sets[i]: it takes key[i] (and a literal chain, the next ones)
+                if jump_len[q]:
+                    q, i = jump[q], i + jump_len[q]
+                else:
+                    q, i = out[q][0], i + 1
                 continue
             here = sets[i]
             if k == _SPLIT and not asserts:  # the common case: the first viable branch is a character
@@ -215,6 +230,12 @@ class Matcher:
             return {} if key == self.literal else None
         if not (key.startswith(self.prefix) and key.endswith(self.suffix)):
             return None
+        at = len(self.prefix)
+        for lit in self.middles:
+            at = key.find(lit, at)
+            if at < 0:
+                return None
+            at += len(lit)
         sets = self._viable(key)
         if sets is None:
             return None
@@ -260,6 +281,7 @@ def compile_template(parts: Sequence[tuple[str, ...]]) -> Matcher:
         m.prefix = parts[0][1]
     if parts[-1][0] == "lit" and len(parts) > 1:
         m.suffix = parts[-1][1]
+    m.middles = tuple(p[1] for p in parts[1:-1] if p[0] == "lit")
     nxt = m.new(_MATCH)
     g = len(caps)
     for part in reversed(parts):
