@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from .apply import execute, execute_streaming, produce
-from .errors import CheckpointError
+from .errors import CheckpointError, StatemapError
 from .load import Checkpoint, from_state_dict, open_checkpoint
 from .meta import TensorMeta
 from .plan import Plan, make_plan
 from .report import Report
 from .spec import Spec, load_spec
+from .textsafe import short_repr
 from .verify import run_checks
 from .write import Written, output_format, write_checkpoint
 
@@ -43,23 +44,25 @@ def load_expect(
         try:
             import yaml
 
-            data = (
-                yaml.safe_load(p.read_text(encoding="utf-8"))
-                if p.suffix != ".json"
-                else json.loads(p.read_text(encoding="utf-8"))
-            )
+            from .fsutil import read_regular
+
+            text = read_regular(p, 64 << 20, "expected key listing").decode("utf-8")
+            data = yaml.safe_load(text) if p.suffix != ".json" else json.loads(text)
+        except StatemapError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{p}: cannot read expected key listing: {e}") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{p}: expected key listing must map key -> shape (or {{shape, dtype}})")
         out = {}
         for k, v in data.items():
-            if isinstance(v, dict):
-                out[k] = TensorMeta(k, tuple(v.get("shape", ())), str(v.get("dtype", "")))
-            elif isinstance(v, list):
-                out[k] = TensorMeta(k, tuple(v), "")
-            else:
-                raise CheckpointError(f"{p}: entry {k!r} must be a shape list or {{shape, dtype}}")
+            shape = v.get("shape", []) if isinstance(v, dict) else v
+            if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                raise CheckpointError(
+                    f"{p}: entry {short_repr(k, 80)} must be a shape (a list of non-negative integers) or {{shape, dtype}}, "
+                    f"got {short_repr(v, 80)}"
+                )
+            out[str(k)] = TensorMeta(str(k), tuple(shape), str(v.get("dtype", "")) if isinstance(v, dict) else "")
         return out, str(p)
     with open_checkpoint(p) as ck:
         return dict(ck.metas), str(p)

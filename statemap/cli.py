@@ -15,9 +15,9 @@ EXIT_OK, EXIT_DIFF, EXIT_ERROR = 0, 1, 2
 
 
 def _console(args: argparse.Namespace) -> Any:
-    from rich.console import Console
+    from .textsafe import console
 
-    return Console(quiet=getattr(args, "quiet", False), highlight=False)
+    return console(quiet=getattr(args, "quiet", False))
 
 
 def _vars(pairs: Sequence[str] | None) -> dict[str, str]:
@@ -69,13 +69,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     if not args.json and not args.dry_run and sys.stderr.isatty() and not args.quiet:
+        from rich.markup import escape
         from rich.progress import Progress
 
-        with Progress(transient=True) as progress:  # on a terminal only, and never with --json
+        from .textsafe import show
+
+        with Progress(transient=True, console=_console(args)) as progress:  # on a terminal only, and never with --json
             task = progress.add_task("writing", total=None)
 
             def step(m: Any) -> None:
-                progress.update(task, advance=1, description=m.name[-40:])
+                progress.update(task, advance=1, description=escape(show(m.name[-40:])))
 
             report = convert(args.spec, args.input, args.output, on_tensor=step, **options)
     else:
@@ -149,12 +152,18 @@ def cmd_list(args: argparse.Namespace) -> int:
         _print_json([vars(e) for e in items])
         return EXIT_OK
     from rich.table import Table
+    from rich.text import Text
+
+    from .textsafe import show, styled
 
     t = Table(show_edge=False, show_lines=False)
     for c in ("name", "source -> target", "verified"):
         t.add_column(c, overflow="fold")
     for e in items:
-        t.add_row(f"[bold]{e.name}[/bold]\n{e.description}", f"{e.source}\n-> {e.target}", e.verified)
+        name = styled((e.name, "bold"))
+        name.append("\n")
+        name.append(show(e.description))
+        t.add_row(name, Text(f"{show(e.source)}\n-> {show(e.target)}"), e.verified)
     _console(args).print(t)
     return EXIT_OK
 
@@ -192,11 +201,13 @@ def cmd_invert(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     else:
         con = _console(args)
+        from .textsafe import styled
+
         con.print(f"wrote {args.output}: {inv.spec.name!r}, {len(inv.spec.rules)} rules")
         for line in inv.lost:
-            con.print(f"[yellow]not restored:[/yellow] {line}")
+            con.print(styled(("not restored:", "yellow"), f" {line}"))
         for line in inv.ambiguous:
-            con.print(f"[red]ambiguous:[/red] {line}")
+            con.print(styled(("ambiguous:", "red"), f" {line}"))
     return EXIT_OK if inv.usable and complete else EXIT_DIFF
 
 
@@ -210,8 +221,10 @@ def cmd_lint(args: argparse.Namespace) -> int:
         _print_json({"findings": [dataclasses.asdict(f) for f in findings], "exit": exit_code(findings)})
         return exit_code(findings)
     shown = [f for f in findings if not (args.quiet and f.severity == "info")]
+    from .textsafe import show
+
     for f in shown:
-        sys.stdout.write(f"{f}\n")
+        sys.stdout.write(f"{show(str(f), None)}\n")
     if not args.quiet:
         worst = exit_code(findings)
         sys.stdout.write(f"{len(findings)} finding(s)" + (": clean\n" if worst == 0 else "\n"))
@@ -264,14 +277,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
+        from .textsafe import styled
+
         con = _console(args)
-        con.print(f"[green]ok[/green] {spec.path}: {spec.name!r}, {len(spec.rules)} rules")
+        con.print(styled(("ok", "green"), f" {spec.path}: {spec.name!r}, {len(spec.rules)} rules"))
         if args.against:
             con.print(f"plans {result['outputs']} output tensors from {args.against}")
             for r in result["unmatched_rules"]:
-                con.print(f"[yellow]matched nothing:[/yellow] {r}")
+                con.print(styled(("matched nothing:", "yellow"), f" {r}"))
             if result["passthrough"]:
-                con.print(f"[yellow]{len(result['passthrough'])} keys pass through untouched[/yellow]")
+                con.print(f"{len(result['passthrough'])} keys pass through untouched", style="yellow")
     return EXIT_OK
 
 
@@ -382,7 +397,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _inputs(args: argparse.Namespace) -> str:
+    """The files a command was given, for an error that does not name its own."""
+    names = [getattr(args, n, None) for n in ("spec", "input", "file", "a", "b", "source", "target", "against")]
+    return ", ".join(str(n) for n in names if n)
+
+
+def _fail(message: str) -> int:
+    from .textsafe import show
+
+    sys.stderr.write(f"statemap: error: {show(message)}\n")
+    return EXIT_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. The one place every failure becomes one ``statemap: error:`` line.
+
+    Exit codes: 0 ok, 1 a difference (diff, --expect, lint warnings), 2 an error (one line on
+    stderr naming the file and the problem; never a traceback), 130 interrupted (Ctrl-C).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "command", None) == "apply" and args.output is None and not args.dry_run:
@@ -390,11 +423,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except StatemapError as e:
-        sys.stderr.write(f"statemap: error: {e}\n")
-        return EXIT_ERROR
+        return _fail(str(e))
     except KeyboardInterrupt:
         sys.stderr.write("statemap: interrupted; no partial output left\n")
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except MemoryError:
+        return _fail(f"{_inputs(args)}: out of memory; the input claims more than this machine has")
+    except RecursionError:
+        return _fail(f"{_inputs(args)}: input nested too deeply to read")
+    except OSError as e:
+        where = e.filename if e.filename else _inputs(args)
+        return _fail(f"{where}: {e.strerror or e}")
+    except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, never a traceback
+        from .textsafe import short_repr
+
+        detail = short_repr(str(e), 300) if str(e) else "no detail"
+        return _fail(f"{_inputs(args)}: cannot process the input ({detail}); please report this as a bug")

@@ -108,7 +108,10 @@ def _values(a: np.ndarray, dt_name: str) -> np.ndarray:
 def render_diff(r: DiffResult, console: Any) -> None:
     from rich.table import Table
 
-    console.print(f"[bold]A[/bold] {r.a}\n[bold]B[/bold] {r.b}")
+    from .textsafe import styled
+
+    console.print(styled(("A", "bold"), f" {r.a}"))
+    console.print(styled(("B", "bold"), f" {r.b}"))
     console.print(f"{r.n_common} common keys, {len(r.only_a)} only in A, {len(r.only_b)} only in B")
     for title, metas in (("only in A", r.only_a), ("only in B", r.only_b)):
         if metas:
@@ -137,4 +140,4 @@ def render_diff(r: DiffResult, console: Any) -> None:
             for v in bad:
                 t.add_row(v.name, f"{v.max_abs:.4g}")
             console.print(t)
-    console.print("[green]same[/green]" if r.same else "[red]different[/red]")
+    console.print("same" if r.same else "different", style="green" if r.same else "red")

@@ -75,9 +75,11 @@ def render_inspect(ck: Checkpoint, rows: list[ModuleRow], console: Any, show_ext
     dtypes: dict[str, int] = {}
     for m in ck.metas.values():
         dtypes[m.dtype] = dtypes.get(m.dtype, 0) + 1
-    where = f" [dim](state dict under {ck.container!r})[/dim]" if ck.container else ""
-    strip = f" [dim](prefix {ck.stripped_prefix!r} stripped)[/dim]" if ck.stripped_prefix else ""
-    console.print(f"[bold]{ck.path}[/bold] {ck.format}{where}{strip}")
+    from .textsafe import styled
+
+    where = (f" (state dict under {ck.container!r})", "dim") if ck.container else ""
+    strip = (f" (prefix {ck.stripped_prefix!r} stripped)", "dim") if ck.stripped_prefix else ""
+    console.print(styled((str(ck.path), "bold"), f" {ck.format}", where, strip))
     console.print(f"{total_t} tensors, {total_p:,} parameters, dtypes: " + ", ".join(f"{k} x{v}" for k, v in dtypes.items()))
     t = Table(show_edge=False)
     t.add_column("module")
@@ -93,7 +95,7 @@ def render_inspect(ck: Checkpoint, rows: list[ModuleRow], console: Any, show_ext
     if ck.metadata:
         console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in ck.metadata.items()))
     if ck.skipped:
-        console.print(f"[dim]non-tensor entries in the state dict: {', '.join(ck.skipped[:8])}[/dim]")
+        console.print(f"non-tensor entries in the state dict: {', '.join(ck.skipped[:8])}", style="dim")
 
 
 def _kind(v: Any) -> str:

@@ -62,15 +62,17 @@ class Inversion:
     def to_yaml(self) -> str:
         import yaml
 
+        from .textsafe import show  # comment lines: a newline in spec text must not start a YAML line
+
         head = [
-            f"# Reverse of {self.data['description'].removeprefix('reverse of ')}, written by `statemap invert`.",
+            f"# Reverse of {show(self.data['description'].removeprefix('reverse of '), None)}, written by `statemap invert`.",
         ]
         if self.ambiguous:
             head.append("# WARNING: AMBIGUOUS, do not use as is (declare `inverse:` on these rules, or edit by hand):")
-            head += [f"#   {line}" for line in self.ambiguous]
+            head += [f"#   {show(line, None)}" for line in self.ambiguous]
         if self.lost:
             head.append("# NOT restored (declare `inverse:` on these rules to restore them):")
-            head += [f"#   {line}" for line in self.lost]
+            head += [f"#   {show(line, None)}" for line in self.lost]
         body = yaml.safe_dump(self.data, sort_keys=False, width=120, allow_unicode=True)
         return "\n".join(head) + "\n" + body
 

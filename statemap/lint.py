@@ -623,19 +623,17 @@ def _check_overlap(spec: Spec, infos: list[_Info], dead: set[int]) -> list[Findi
 
 def _absorbs(later: Pattern, kinds: Mapping[str, Pred], earlier: Pattern, key: str) -> bool:
     """Does a ``{x:path}`` capture of ``later`` cover, on ``key``, text that ``earlier`` matches literally?"""
-    ml, me = re.fullmatch(later.regex, key), re.fullmatch(earlier.regex, key)
+    ml, me = later.spans(key), earlier.spans(key)  # linear-time matcher, never re on a pattern
     if ml is None or me is None:
         return False
     captured: set[int] = set()
-    for name in earlier.captures:
-        a, b = me.span(name)
-        captured.update(range(a, b))
+    for span in me.values():
+        if span is not None:
+            captured.update(range(*span))
     literal = set(range(len(key))) - captured
-    for name in later.captures:
-        if kinds.get(name) == _ANY:
-            a, b = ml.span(name)
-            if literal & set(range(a, b)):
-                return True
+    for name, span in ml.items():
+        if kinds.get(name) == _ANY and span is not None and literal & set(range(*span)):
+            return True
     return False
 
 

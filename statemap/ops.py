@@ -25,6 +25,7 @@ from .guards import cond_names, parse_assume, parse_when
 from .meta import Node
 from .spec import Loc, Rule, unknown_field
 from .template import Template, eval_expr, parse_expr, parse_pattern, parse_template
+from .textsafe import short_repr
 
 # -- fields -------------------------------------------------------------------------------
 
@@ -333,6 +334,8 @@ class Inject(Op):
         if any(d < 0 for d in shape):
             raise ctx.fail(f"injected shape {shape} has a negative dim")
         dt = lookup_dtype(p["dtype"])
+        if len(shape) > 64 or math.prod(shape) * dt.itemsize >= 1 << 62:
+            raise ctx.fail(f"injected shape {short_repr(shape, 80)} is too large to create")
         if dt.kind == "bool" and p["value"] not in (0, 1):
             raise ctx.fail(f"value {p['value']!r} does not fit bool")
         return [Node("fill", tuple(shape), dt.name, (), (p["value"],))]

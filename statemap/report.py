@@ -194,10 +194,12 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
     """Print a report with rich: summary line first, then one folded table per non-empty section."""
     from rich.table import Table
 
+    from .textsafe import styled
+
     action = "would write" if report.dry_run else "wrote"
     target = report.output or "(memory)"
-    where = f" [dim](from {report.container!r})[/dim]" if report.container else ""
-    console.print(f"[bold]{report.spec or 'statemap'}[/bold]: {report.source}{where} -> {target}")
+    where = ("", (f" (from {report.container!r})", "dim")) if report.container else ("",)
+    console.print(styled((report.spec or "statemap", "bold"), f": {report.source}", *where, f" -> {target}"))
     size = f", {report.n_bytes / 1e6:.1f} MB" if report.n_bytes else ""
     console.print(f"{action} {len(report.produced)} tensors{size}" + (f" in {report.seconds:.2f}s" if report.seconds else ""))
     if verbose:
@@ -210,32 +212,33 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
         if names:
             console.print(_rows_table(title, fold((n, None) for n in names), style))
     if report.unmatched_rules:
-        console.print("[yellow]optional rules that matched nothing:[/yellow]")
+        console.print("optional rules that matched nothing:", style="yellow")
         for r in report.unmatched_rules:
             console.print(f"  {r}")
     if report.conditions_not_met:
-        console.print("[dim]rules not applied (their `when:` held for no key):[/dim]")
+        console.print("rules not applied (their `when:` held for no key):", style="dim")
         for r in report.conditions_not_met:
-            console.print(f"  [dim]{r}[/dim]")
+            console.print(f"  {r}", style="dim")
     if report.assumptions:
-        console.print(f"[dim]assumptions ({len(report.assumptions)}):[/dim]")
+        console.print(f"assumptions ({len(report.assumptions)}):", style="dim")
         for line in report.assumptions:
-            console.print(f"  [dim]{line}[/dim]")
+            console.print(f"  {line}", style="dim")
     if report.not_restored:
-        console.print("[yellow]the reverse cannot restore what these rules removed (declare `inverse:` on them):[/yellow]")
+        console.print("the reverse cannot restore what these rules removed (declare `inverse:` on them):", style="yellow")
         for line in report.not_restored:
             console.print(f"  {line}")
     if report.source_ties:
         console.print(
-            "[dim]tied in the source (one tensor, several names): "
+            "tied in the source (one tensor, several names): "
             + "; ".join(" = ".join(g) for g in report.source_ties)
-            + " — each name is written as its own tensor unless a `tie` rule groups them[/dim]"
+            + " — each name is written as its own tensor unless a `tie` rule groups them",
+            style="dim",
         )
     if report.tied:
-        console.print(f"[dim]tied tensors: {'; '.join(' = '.join(g) for g in report.tied)}[/dim]")
+        console.print(f"tied tensors: {'; '.join(' = '.join(g) for g in report.tied)}", style="dim")
     if report.expected:
         if report.ok:
-            console.print(f"[green]matches {report.expected}: every expected key present with the expected shape[/green]")
+            console.print(f"matches {report.expected}: every expected key present with the expected shape", style="green")
         for title, metas in (
             ("missing (expected, not produced)", report.missing),
             ("unexpected (produced, not expected)", report.unexpected),

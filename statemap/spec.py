@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,11 +23,15 @@ from typing import Any
 import yaml
 
 from .errors import SpecError
+from .fsutil import read_regular
 from .template import Pattern, Template, parse_pattern, parse_template
+from .textsafe import short_repr
 
 SPEC_VERSION = 1
 MAX_SPEC_BYTES = 4 << 20
 MAX_YAML_NODES = 200_000
+_MAP_TAG, _SEQ_TAG = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+MAX_YAML_DEPTH = 64  # nesting levels; a spec needs about five
 
 
 @dataclass(frozen=True)
@@ -145,11 +150,56 @@ def _line_of(obj: Any, default: int) -> int:
     return getattr(obj, "line", default)
 
 
+_FLOW_SPECIAL = re.compile(r"[\"'#\[\]{}]")
+
+
+def _escaped(text: str, start: int, k: int) -> bool:
+    """Is the quote at ``k`` escaped (an odd run of backslashes before it, after ``start``)?"""
+    b = k - 1
+    while b > start and text[b] == "\\":
+        b -= 1
+    return (k - 1 - b) % 2 == 1
+
+
+def _check_flow_depth(text: str, file: str) -> None:
+    """Refuse ``[[[[...`` before PyYAML sees it: its scanner takes quadratic time in flow depth.
+
+    One pass; quoted text and comments are skipped (never rescanned), an unclosed quote ends the scan.
+    """
+    if text.count("[") + text.count("{") <= MAX_YAML_DEPTH:
+        return
+    depth, i = 0, 0
+    while (m := _FLOW_SPECIAL.search(text, i)) is not None:
+        j = m.start()
+        c = text[j]
+        if c == "'":
+            k = text.find("'", j + 1)
+            while k >= 0 and text.startswith("''", k):
+                k = text.find("'", k + 2)
+        elif c == '"':
+            k = text.find('"', j + 1)
+            while k >= 0 and _escaped(text, j, k):
+                k = text.find('"', k + 1)
+        elif c == "#":
+            k = text.find("\n", j)
+        else:
+            depth = depth + 1 if c in "[{" else max(depth - 1, 0)
+            if depth > MAX_YAML_DEPTH:
+                raise SpecError(f"{file}:{text.count(chr(10), 0, j) + 1}: YAML nested more than {MAX_YAML_DEPTH} levels deep")
+            k = j
+        if k < 0:
+            return
+        i = k + 1
+
+
 def _load_yaml(text: str, file: str) -> Any:
     if len(text.encode("utf-8", "replace")) > MAX_SPEC_BYTES:
         raise SpecError(f"{file}: spec larger than {MAX_SPEC_BYTES >> 20} MiB; refusing to parse it")
+    _check_flow_depth(text, file)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise SpecError(f"{file}: YAML nested too deeply (a spec needs a handful of levels)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{file}:{mark.line + 1}" if mark else file
@@ -163,34 +213,51 @@ def _load_yaml(text: str, file: str) -> Any:
     constructor = yaml.SafeLoader("")
     budget = [MAX_YAML_NODES]
 
-    def conv(node: yaml.Node) -> Any:
+    def scalar(node: yaml.Node, line: int) -> Any:
+        try:
+            return constructor.construct_object(node)
+        except yaml.YAMLError as e:
+            raise SpecError(f"{file}:{line}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+        except Exception as e:  # noqa: BLE001 - ValueError and the like from e.g. 2001-02-30 or !!int abc
+            msg = str(e)
+            problem = getattr(e, "problem", None) or (msg.splitlines()[0] if msg else "invalid value")
+            value = short_repr(getattr(node, "value", ""), 60)
+            tag = str(getattr(node, "tag", "")).rsplit(":", 1)[-1]
+            raise SpecError(
+                f"{file}:{line}: cannot read {value} as {tag or 'a value'}: {problem}; quote it to keep it as text"
+            ) from None
+
+    def conv(node: yaml.Node, depth: int = 0) -> Any:
         budget[0] -= 1
         if budget[0] < 0:
             raise SpecError(f"{file}: spec expands to more than {MAX_YAML_NODES} YAML nodes (alias bomb?)")
         line = node.start_mark.line + 1
+        if depth > MAX_YAML_DEPTH:
+            raise SpecError(f"{file}:{line}: YAML nested more than {MAX_YAML_DEPTH} levels deep")
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in (_MAP_TAG, _SEQ_TAG):
+            raise SpecError(f"{file}:{line}: YAML tag {short_repr(node.tag, 60)} is not allowed in a spec (plain data only)")
         if isinstance(node, yaml.MappingNode):
             out = _YMap()
             out.line, out.key_lines = line, {}
             for k, v in node.value:
                 if not isinstance(k, yaml.ScalarNode):
                     raise SpecError(f"{file}:{k.start_mark.line + 1}: mapping keys must be plain strings")
-                key = str(constructor.construct_object(k))
+                key = str(scalar(k, k.start_mark.line + 1))
                 if key in out:
                     raise SpecError(f"{file}:{k.start_mark.line + 1}: duplicate field {key!r}")
                 out.key_lines[key] = k.start_mark.line + 1
-                out[key] = conv(v)
+                out[key] = conv(v, depth + 1)
             return out
         if isinstance(node, yaml.SequenceNode):
-            lst = _YList(conv(v) for v in node.value)
+            lst = _YList(conv(v, depth + 1) for v in node.value)
             lst.line, lst.item_lines = line, [v.start_mark.line + 1 for v in node.value]
             return lst
-        try:
-            return constructor.construct_object(node)
-        except yaml.YAMLError as e:
-            raise SpecError(f"{file}:{line}: {e}") from None
+        return scalar(node, line)
 
     try:
         return conv(root)
+    except RecursionError:
+        raise SpecError(f"{file}: YAML nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{file}:{mark.line + 1}" if mark else file
@@ -362,10 +429,11 @@ def load_spec(spec: str | os.PathLike[str] | Mapping[str, Any] | Spec, vars: Map
         path = found
     if path.is_dir():
         raise SpecError(f"{path}: is a directory, not a spec file")
+    raw = read_regular(path, MAX_SPEC_BYTES, "spec", SpecError)  # refuses FIFOs, devices, > 4 MiB
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: cannot read spec: {e}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: cannot read spec: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return parse_spec(_load_yaml(text, str(path)), str(path)).with_vars(vars)
 
 

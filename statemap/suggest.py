@@ -362,27 +362,29 @@ class Suggestion:
         """The whole draft file: a header, the spec, and what could not be mapped, as comments."""
         import yaml
 
+        from .textsafe import show  # comment lines: a newline in a key must not start a YAML line
+
         head = [
             "# DRAFT spec written by `statemap suggest`: review every rule before use.",
-            f"# source: {self.source_label} ({self.n_source_keys} keys)",
-            f"# target: {self.target_label} ({self.n_target_keys} keys)",
+            f"# source: {show(self.source_label, None)} ({self.n_source_keys} keys)",
+            f"# target: {show(self.target_label, None)} ({self.n_target_keys} keys)",
             f"# {len(self.rules)} suggested rule(s); each note gives a confidence in [0, 1] and the evidence.",
             "# Check it with: statemap check THIS.yaml --against SOURCE, then apply with --expect TARGET.",
         ]
-        head += [f"# {n}" for n in self.notes]
+        head += [f"# {show(n, None)}" for n in self.notes]
         body = yaml.safe_dump(self.spec_dict(name), sort_keys=False, default_flow_style=None, width=200, allow_unicode=True)
         tail: list[str] = []
         if self.unmapped_sources:
             tail.append("")
             tail.append(f"# Source kinds not mapped ({len(self.unmapped_sources)}): they pass through unchanged")
             tail.append("# unless you drop them, e.g. `- drop: [...]`:")
-            tail += [f"#   {k.describe()}" for k in self.unmapped_sources]
+            tail += [f"#   {show(k.describe(), None)}" for k in self.unmapped_sources]
         if self.unmapped_targets:
             tail.append("")
             tail.append(
                 f"# Target kinds not produced ({len(self.unmapped_targets)}): no source fits; inject or map them by hand:"
             )
-            tail += [f"#   {k.describe()}" for k in self.unmapped_targets]
+            tail += [f"#   {show(k.describe(), None)}" for k in self.unmapped_targets]
         return "\n".join(head) + "\n" + body + ("\n".join(tail) + "\n" if tail else "")
 
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Union
 
 from .errors import SpecError
+from .keymatch import Matcher, compile_regex, compile_template
+from .textsafe import short_repr
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KINDS = {"seg": r"[^.]+", "int": r"\d+", "path": r".+"}
@@ -278,55 +280,38 @@ class Pattern:
         return not self.captures and not self.is_regex
 
     def match(self, key: str) -> dict[str, str] | None:
-        m = _compiled(self.regex).fullmatch(key)
-        return None if m is None else m.groupdict()
+        """Capture name -> text when the whole key matches, else None; linear time in ``len(key)``."""
+        return _matcher(self.text, self.is_regex).match(key)
+
+    def spans(self, key: str) -> dict[str, tuple[int, int] | None] | None:
+        """Like :meth:`match`, but capture name -> (start, end) in ``key``."""
+        return _matcher(self.text, self.is_regex).spans(key)
 
     def __str__(self) -> str:
         return self.text
 
 
-_CACHE: dict[str, re.Pattern[str]] = {}
+_CACHE: dict[tuple[str, bool], Matcher] = {}
 
 
-def _check_backtracking(src: str) -> None:
-    """Refuse regexes whose run time can explode: a repeat inside a repeat, e.g. ``(a+)+``.
-
-    Key patterns never need nested quantifiers; a template capture or ``{x:path}`` is the
-    safe way to match "one or more segments".
-    """
-    try:
-        from re import _parser as sre  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:  # pragma: no cover - Python < 3.11
-        import sre_parse as sre  # type: ignore[no-redef,unused-ignore]
-    repeats = {sre.MAX_REPEAT, sre.MIN_REPEAT} | ({sre.POSSESSIVE_REPEAT} if hasattr(sre, "POSSESSIVE_REPEAT") else set())
-
-    def walk(items: Any, inside_repeat: bool) -> None:
-        for op, av in items:
-            if op in repeats:
-                lo, hi, sub = av
-                unbounded = hi == sre.MAXREPEAT or hi > 100
-                if inside_repeat and unbounded:
-                    raise SpecError(
-                        f"regex {src!r} nests a repeat inside a repeat, which can take exponential time; "
-                        "use a template capture such as {x:path} instead"
-                    )
-                walk(sub, inside_repeat or unbounded)
-            elif op == sre.SUBPATTERN:
-                walk(av[-1], inside_repeat)
-            elif op == sre.BRANCH:
-                for b in av[1]:
-                    walk(b, inside_repeat)
-            elif op in (sre.ASSERT, sre.ASSERT_NOT):
-                walk(av[1], inside_repeat)
-
-    walk(sre.parse(src), False)
+def _matcher(text: str, is_regex: bool) -> Matcher:
+    m = _CACHE.get((text, is_regex))
+    if m is None:
+        if len(_CACHE) > 4096:
+            _CACHE.clear()
+        m = _CACHE[(text, is_regex)] = compile_regex(text[3:]) if is_regex else compile_template(_template_parts(text))
+    return m
 
 
-def _compiled(regex: str) -> re.Pattern[str]:
-    c = _CACHE.get(regex)
-    if c is None:
-        c = _CACHE[regex] = re.compile(regex)
-    return c
+def _template_parts(text: str) -> list[tuple[str, ...]]:
+    parts: list[tuple[str, ...]] = []
+    for kind, value in _fields(text):
+        if kind == "lit":
+            parts.append(("lit", value))
+        else:
+            name, _, typ = value.partition(":")
+            parts.append(("cap", name.strip(), typ.strip() or "seg"))
+    return parts
 
 
 def parse_pattern(text: str) -> Pattern:
@@ -339,9 +324,9 @@ def parse_pattern(text: str) -> Pattern:
             raise SpecError(f"regex longer than 1000 characters: {src[:40]!r}...")
         try:
             rx = re.compile(src)
-        except re.error as e:
+        except (re.error, RecursionError, OverflowError, ValueError) as e:
             raise SpecError(f"invalid regex {src!r}: {e}") from None
-        _check_backtracking(src)
+        _matcher(text, True)  # refuses what the linear-time matcher cannot do, at load time
         return Pattern(text, src, tuple(rx.groupindex), is_regex=True)
     out: list[str] = []
     names: list[str] = []
@@ -363,6 +348,7 @@ def parse_pattern(text: str) -> Pattern:
         else:
             names.append(name)
             out.append(f"(?P<{name}>{_KINDS[typ]})")
+    _matcher(text, False)
     return Pattern(text, "".join(out), tuple(names))
 
 
@@ -394,7 +380,13 @@ class Template:
                     raise SpecError(f"template {self.text!r} uses {{{value}}}, which the pattern does not capture")
                 out.append(str(env[value]))
             else:
-                out.append(str(eval_expr(value, env, f"in {self.text!r}: ")))
+                try:
+                    out.append(str(eval_expr(value, env, f"in {self.text!r}: ")))
+                except (ValueError, OverflowError, MemoryError):  # e.g. a 5000-digit key segment
+                    raise SpecError(
+                        f"in {self.text!r}: a value is too large or not a plain integer "
+                        f"({', '.join(f'{n}={short_repr(env.get(n), 40)}' for n in sorted(expr_names(value)))})"
+                    ) from None
         return "".join(out)
 
     def __str__(self) -> str:

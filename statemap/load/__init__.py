@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, StatemapError
+from ..fsutil import check_regular, read_regular
 from ..meta import TensorMeta
 from .checkpoint import ByteTensor, Checkpoint, FileReader, TypedArray
 from .safetensors_format import read_header
@@ -72,6 +73,7 @@ def _open(
         raise CheckpointError(f"{p}: no such file or directory")
     if p.is_dir():
         p = _pick_in_dir(p)
+    check_regular(p, "checkpoint")  # a FIFO or /dev/zero would hang or eat memory
     name = p.name
     if name.endswith(".index.json"):
         ck = _open_index(p)
@@ -171,11 +173,10 @@ def _pick_in_dir(d: Path) -> Path:
 
 def _open_index(p: Path) -> Checkpoint:
     """Sharded checkpoint: validate the whole index and every shard header before any read."""
-    if p.stat().st_size > MAX_INDEX:
-        raise CheckpointError(f"{p}: index file is larger than {MAX_INDEX >> 20} MiB")
+    raw = read_regular(p, MAX_INDEX, "index file")
     try:
-        index = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        index = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p}: index is not valid JSON: {e}") from None
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not wm:
@@ -184,6 +185,8 @@ def _open_index(p: Path) -> Checkpoint:
     for tensor, shard in wm.items():
         if not isinstance(shard, str) or not shard:
             raise CheckpointError(f"{p}: weight_map[{tensor!r}] must be a shard file name")
+        if shard.endswith(".index.json"):
+            raise CheckpointError(f"{p}: weight_map[{tensor!r}] = {shard!r} is an index, not a shard file")
         pp = PurePosixPath(shard)
         if pp.is_absolute() or ".." in pp.parts or "\\" in shard or os.path.isabs(shard):
             raise CheckpointError(f"{p}: weight_map[{tensor!r}] = {shard!r} points outside the checkpoint folder; refusing")

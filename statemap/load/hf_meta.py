@@ -23,6 +23,43 @@ def is_hf_target(ref: object) -> bool:
     return isinstance(ref, str) and ref.startswith(PREFIX)
 
 
+MAX_CONFIG_BYTES = 16 << 20
+MAX_CONFIG_LAYERS = 1024  # layers / experts in one config: each is a module built in memory
+
+
+def _check_config(path: Path) -> None:
+    """Refuse a config that is not a regular file, is huge, or asks for an absurd number of modules."""
+    import json
+
+    from ..fsutil import read_regular
+
+    raw = read_regular(path, MAX_CONFIG_BYTES, "config")
+    try:
+        cfg = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: config is not valid JSON: {str(e)[:200]}") from None
+    todo, seen = [cfg], 0
+    while todo:
+        node = todo.pop()
+        seen += 1
+        if isinstance(node, dict):
+            for k, v in node.items():
+                name = str(k).lower()
+                if (
+                    isinstance(v, int)
+                    and not isinstance(v, bool)
+                    and any(w in name for w in ("layer", "expert"))
+                    and v > MAX_CONFIG_LAYERS
+                ):
+                    raise CheckpointError(
+                        f"{path}: config asks for {k} = {v if v < 10**12 else 'a huge number'} "
+                        f"(more than {MAX_CONFIG_LAYERS}); refusing to build it"
+                    )
+                todo.append(v)
+        elif isinstance(node, list):
+            todo.extend(node)
+
+
 def hf_layout(ref: str, config: str | os.PathLike[str] | None) -> Checkpoint:
     """``hf:ClassName`` + config.json -> a Checkpoint with metadata only (reading a tensor raises).
 
@@ -38,8 +75,9 @@ def hf_layout(ref: str, config: str | os.PathLike[str] | None) -> Checkpoint:
     cfg_path = Path(config)
     if cfg_path.is_dir():
         cfg_path = cfg_path / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise CheckpointError(f"{cfg_path}: no such config file")
+    _check_config(cfg_path)
     try:
         import transformers
     except ImportError:

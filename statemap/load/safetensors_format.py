@@ -19,6 +19,9 @@ from ..meta import TensorMeta
 from .checkpoint import ByteTensor
 
 MAX_HEADER = 100 << 20  # same bound as the safetensors library
+MAX_HEADER_ITEMS = 2_000_000  # JSON items (counted as commas) parsed from one header: bounds parse time and memory
+MAX_TENSORS = 200_000  # tensors in one file (real checkpoints hold a few thousand per file)
+MAX_DIMS = 64  # dimensions of one tensor (numpy's limit)
 
 
 def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor], dict[str, str]]:
@@ -39,6 +42,11 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    if raw.count(b",") > MAX_HEADER_ITEMS or raw.count(b'"data_offsets"') > MAX_TENSORS:
+        raise CheckpointError(
+            f"{path}: header holds more than {MAX_HEADER_ITEMS:,} JSON items or {MAX_TENSORS:,} tensors; "
+            "refusing to parse it (corrupt or hostile file)"
+        )
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -63,6 +71,8 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
         except Exception:
             raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {info['dtype']!r}") from None
         shape = info["shape"]
+        if isinstance(shape, list) and len(shape) > MAX_DIMS:
+            raise CheckpointError(f"{path}: tensor {name!r}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise CheckpointError(f"{path}: tensor {name!r}: shape {shape!r} must be a list of non-negative integers")
         off = info["data_offsets"]
