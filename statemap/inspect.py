@@ -78,6 +78,8 @@ def render_inspect(ck: Checkpoint, rows: list[ModuleRow], console: Any, show_ext
     where = f" [dim](state dict under {ck.container!r})[/dim]" if ck.container else ""
     strip = f" [dim](prefix {ck.stripped_prefix!r} stripped)[/dim]" if ck.stripped_prefix else ""
     console.print(f"[bold]{ck.path}[/bold] {ck.format}{where}{strip}")
+    if ck.alternatives:
+        console.print(f"[dim]also in the file: {', '.join(map(repr, ck.alternatives))} (choose one with --unwrap)[/dim]")
     console.print(f"{total_t} tensors, {total_p:,} parameters, dtypes: " + ", ".join(f"{k} x{v}" for k, v in dtypes.items()))
     t = Table(show_edge=False)
     t.add_column("module")
