@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import pickle
 import struct
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ..dtypes import dtype as lookup_dtype
 from ..errors import CheckpointError
 from .checkpoint import ByteTensor, FileReader, LazyTensor
-from .unpickle import Opaque, TensorRef, safe_load
+from .unpickle import Opaque, SafeUnpickler, TensorRef, finish, opaque_type, safe_load
 
 if TYPE_CHECKING:
     import numpy as np
@@ -147,7 +148,7 @@ def load_dcp(d: Path) -> dict[str, Any]:
     mpath = d / METADATA
     if mpath.stat().st_size > MAX_METADATA:
         raise CheckpointError(f"{where}: metadata is larger than {MAX_METADATA >> 20} MiB; refusing")
-    md, _ = safe_load(mpath.read_bytes(), where)
+    md = _load_metadata(mpath.read_bytes(), where)
     if _kind(md) != "Metadata":
         raise CheckpointError(f"{where}: not a torch.distributed.checkpoint Metadata pickle (found {_kind(md)})")
     fields = _fields(md)
@@ -185,6 +186,25 @@ def load_dcp(d: Path) -> dict[str, Any]:
         for f in files.values():
             f.close()
     return tree
+
+
+class _MetadataUnpickler(SafeUnpickler):
+    """The safe unpickler, plus inert paths: ``storage_meta.checkpoint_id`` is a ``pathlib`` path."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+            return opaque_type(module, name)
+        return super().find_class(module, name)
+
+
+def _load_metadata(data: bytes, where: str) -> Any:
+    up = _MetadataUnpickler(io.BytesIO(data), where)
+    try:
+        return finish(up.load())
+    except CheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError) as e:
+        raise CheckpointError(f"{where}: corrupt or unsupported pickle: {type(e).__name__}: {e}") from None
 
 
 def _insert(tree: dict[str, Any], parts: list[str], value: Any, where: str) -> None:
