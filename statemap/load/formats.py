@@ -124,7 +124,14 @@ def _is_torch_legacy(p: Probe) -> bool:
 
 
 def _is_msgpack(p: Probe) -> bool:
-    return bool(p.head) and (0x81 <= p.head[0] <= 0x8F or p.head[0] in (0xDE, 0xDF))
+    """A msgpack map whose first key is a string (flax.serialization writes module names)."""
+    if len(p.head) < 2:
+        return False
+    first, key = p.head[0], (p.head[1] if 0x81 <= p.head[0] <= 0x8F else p.head[3:4] or b"\x00")
+    if not (0x81 <= first <= 0x8F or first in (0xDE, 0xDF)):
+        return False
+    k = key if isinstance(key, int) else key[0]
+    return 0xA0 <= k <= 0xBF or k in (0xD9, 0xDA, 0xDB)
 
 
 def _is_json(p: Probe) -> bool:
@@ -234,11 +241,14 @@ def detect(path: str | os.PathLike[str]) -> Format | None:
     if p.is_dir():
         return DCP if (p / ".metadata").is_file() else None
     pr = probe(p)
+    if looks_like(pr) is not None:
+        return None
     return next((f for f in FORMATS if f.sniff(pr)), None)
 
 
 def looks_like(p: Probe) -> str | None:
-    """What a file that is no checkpoint format seems to be, for the error message."""
+    """What a file that is no checkpoint format seems to be, for the error message (checked
+    before the formats: these magic numbers are unambiguous)."""
     h = p.head
     if h.startswith(b"version https://git-lfs"):
         return "a Git LFS pointer, not the file itself (run `git lfs pull`)"
@@ -254,12 +264,14 @@ def looks_like(p: Probe) -> str | None:
         return "a single numpy .npy array (save it with np.savez as an .npz)"
     if h.lstrip()[:1] == b"<":
         return "an HTML or XML page (a download that returned an error page?)"
-    if h[:4] == b"PK\x03\x04":
-        if p.zip_names is None:
-            return None  # a damaged zip: let its format's reader say how
-        listed = ", ".join(p.zip_names[:5]) + (", ..." if len(p.zip_names) > 5 else "")
-        return f"a zip archive of other files ({listed})"
     return None
+
+
+def _other_zip(p: Probe) -> str | None:
+    if p.head[:4] != b"PK\x03\x04" or p.zip_names is None:
+        return None  # not a zip, or a damaged one: let its format's reader say how
+    listed = ", ".join(p.zip_names[:5]) + (", ..." if len(p.zip_names) > 5 else "")
+    return f"a zip archive of other files ({listed})"
 
 
 def open_path(path: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
@@ -269,9 +281,12 @@ def open_path(path: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
             return _open_dcp(path, unwrap, strip_prefix)
         path = _pick_in_dir(path)
     pr = probe(path)
+    seems = looks_like(pr)
+    if seems is not None:
+        raise CheckpointError(f"{path}: not a checkpoint: looks like {seems}")
     fmt = next((f for f in FORMATS if f.sniff(pr)), None)
     if fmt is None:
-        seems = looks_like(pr)
+        seems = _other_zip(pr)
         if seems is not None:
             raise CheckpointError(f"{path}: not a checkpoint: looks like {seems}")
         # nothing recognises the bytes: the extension's reader says what is wrong with them

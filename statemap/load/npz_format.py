@@ -163,7 +163,7 @@ def _reader(path: str, entry: str, hsize: int, dt: Any, fortran: bool, shape: tu
         if len(raw) != need:
             raise CheckpointError(f"{path}: entry {entry!r} is truncated")
         a = np.frombuffer(raw, dtype=dt).reshape(shape, order="F" if fortran else "C")
-        out = np.ascontiguousarray(a.astype(dt.newbyteorder("<"), copy=False))
+        out = a.astype(dt.newbyteorder("<"), order="C", copy=True)
         out.flags.writeable = False
         return out
 
