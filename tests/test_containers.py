@@ -258,7 +258,8 @@ def test_misnamed_files_are_read_by_their_bytes(tmp_path):
     sd = {"a.weight": torch.randn(2, 3), "b": torch.arange(4)}
     torch.save(sd, tmp_path / "really_torch.safetensors")
     save_file(sd, tmp_path / "really_safetensors.pt")
-    np.savez(tmp_path / "really_npz.bin", **{k: v.numpy() for k, v in sd.items()})
+    with open(tmp_path / "really_npz.bin", "wb") as f:  # np.savez appends .npz to a name
+        np.savez(f, **{k: v.numpy() for k, v in sd.items()})
     for name, fmt in [
         ("really_torch.safetensors", "torch-zip"),
         ("really_safetensors.pt", "safetensors"),
