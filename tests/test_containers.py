@@ -48,10 +48,11 @@ def _equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
 
 
 def _trained(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam with its per-parameter state filled as a step fills it (a first optimizer.step() in a
+    process costs ~9 s of torch imports); state_dict() then is the real layout: state + param_groups."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    opt.step()
+        opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.full_like(p, 0.1), "exp_avg_sq": torch.full_like(p, 0.01)}
     return opt
 
 
@@ -77,6 +78,7 @@ def test_yolo_style_checkpoint_takes_the_model_not_the_optimizer(tmp_path):
         assert ck.container == "model" and ck.alternatives == ["ema"]
         assert ck.extras["ema"] == "<module test_containers.Detector>"
         assert set(ck.extras["optimizer"]) == {"state", "param_groups"}
+        assert ck.extras["optimizer"]["state"]["0"]["exp_avg"] == "<tensor [4, 3, 3, 3] float32>"  # there, not in metas
     _equal(statemap.load_state_dict(tmp_path / "last.pt"), want["model"].state_dict())
     _equal(statemap.load_state_dict(tmp_path / "last.pt", unwrap="ema"), want["ema"].state_dict())
     assert not torch.equal(want["model"].state_dict()["head.weight"], want["ema"].state_dict()["head.weight"])
@@ -97,9 +99,7 @@ def _megatron_legacy(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
         },
     }
     params = [torch.nn.Parameter(t.clone()) for t in (lm["encoder"]["layers.0.self_attention.query_key_value.weight"],)]
-    opt = torch.optim.Adam(params)
-    params[0].grad = torch.ones_like(params[0])
-    opt.step()
+    opt = _trained(torch.nn.ParameterList(params))
     ckpt = {
         "args": argparse.Namespace(num_layers=1, hidden_size=4),
         "checkpoint_version": 3.0,
@@ -312,3 +312,26 @@ def test_torch_file_named_safetensors_gives_no_header_alarm(tmp_path, capsys):
 def test_format_table_is_the_one_registry():
     names = [f.name for f in statemap.load.FORMATS]
     assert names == ["safetensors", "torchscript", "torch-zip", "npz", "torch-legacy", "pickle", "flax-msgpack", "index-json"]
+
+
+def test_shared_submodule_dag_is_bounded(tmp_path, monkeypatch):
+    """A module shared by two parents appears under both names (as in torch); a DAG of 2**25 paths is refused."""
+    from statemap.load import containers
+
+    monkeypatch.setattr(containers, "MAX_VISITS", 10_000)  # the default (1M) works the same, slower
+    m: torch.nn.Module = torch.nn.Linear(1, 1)
+    shared = torch.nn.Module()
+    shared.a, shared.b = m, m
+    _equal(statemap.load_state_dict(_saved(tmp_path, shared)), shared.state_dict())
+    for _ in range(25):
+        parent = torch.nn.Module()
+        parent.a, parent.b = m, m
+        m = parent
+    with pytest.raises(CheckpointError, match=r"more than 10000 module paths; refusing"):
+        open_checkpoint(_saved(tmp_path, m))
+
+
+def _saved(tmp_path: Path, obj: object) -> Path:
+    path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.pt"
+    torch.save(obj, path)
+    return path

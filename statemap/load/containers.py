@@ -57,6 +57,7 @@ OPTIMIZER_KEYS = (
 )
 WRAPPERS = ("params", "state_dict")  # may wrap a nested module tree
 MAX_DEPTH = 32
+MAX_VISITS = 1_000_000
 
 __all__ = ["choose_container", "flatten", "describe", "module_state", "is_module"]
 
@@ -94,11 +95,14 @@ def module_state(obj: Opaque, path: str) -> dict[str, Any]:
         >>> sd = module_state(loaded_yolo["model"], "yolo.pt")   # {'model.0.conv.weight': <tensor>, ...}
     """
     out: dict[str, Any] = {}
+    budget = [MAX_VISITS]
 
     def walk(m: Opaque, prefix: str, depth: int) -> None:
-        # a module shared by two parents appears under both names, as in torch
         if depth > MAX_DEPTH:
             raise CheckpointError(f"{path}: modules nest deeper than {MAX_DEPTH} levels at {prefix!r}")
+        budget[0] -= 1
+        if budget[0] < 0:  # a module shared by two parents appears under both names, as in torch
+            raise CheckpointError(f"{path}: more than {MAX_VISITS} module paths; refusing")
         st = _state(m)
         non_persistent = st.get("_non_persistent_buffers_set") or ()
         for name, t in st["_parameters"].items():

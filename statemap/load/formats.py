@@ -215,7 +215,7 @@ FORMATS: tuple[Format, ...] = (
     Format(
         "torchscript",
         "TorchScript archive (torch.jit.save)",
-        (".pt", ".pth", ".jit", ".torchscript"),
+        (".jit", ".torchscript"),  # by name only as a fallback: a damaged .pt goes to the torch.save reader
         _is_torchscript,
         _open_torchscript,
     ),

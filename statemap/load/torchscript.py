@@ -28,6 +28,7 @@ from .unpickle import Opaque
 MAX_CODE = 64 << 20  # one code file
 MAX_CODE_TOTAL = 512 << 20
 MAX_DEPTH = 64
+MAX_VISITS = 1_000_000
 _CLASS = re.compile(r"^class ([A-Za-z_][A-Za-z0-9_]*)\(([A-Za-z_][A-Za-z0-9_.]*)\):\s*$")
 _DECL = re.compile(r"^  (__parameters__|__buffers__) = \[(.*)\]\s*$")
 _NAME = re.compile(r'"((?:[^"\\]|\\.)*)"|\'((?:[^\'\\]|\\.)*)\'')
@@ -106,10 +107,14 @@ def script_state(obj: Any, decls: Decls, path: str) -> dict[str, Any]:
         what = obj.qualname if isinstance(obj, Opaque) else type(obj).__name__
         raise CheckpointError(f"{path}: TorchScript archive's top object {what!r} is not a module declared in its code")
     out: dict[str, Any] = {}
+    budget = [MAX_VISITS]
 
     def walk(m: Opaque, prefix: str, depth: int) -> None:
         if depth > MAX_DEPTH:
             raise CheckpointError(f"{path}: modules nest deeper than {MAX_DEPTH} levels at {prefix!r}")
+        budget[0] -= 1
+        if budget[0] < 0:  # shared submodules appear under every name; a hostile DAG must not explode
+            raise CheckpointError(f"{path}: more than {MAX_VISITS} module paths; refusing")
         params, buffers = decls[m.qualname]
         attrs = _attrs(m)
         for group in (params, buffers):
