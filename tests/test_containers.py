@@ -309,6 +309,21 @@ def test_torch_file_named_safetensors_gives_no_header_alarm(tmp_path, capsys):
     assert "header length" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        (torch.zeros(2), r"holds a single tensor, not a state dict \(save a dict of name -> tensor\)"),
+        (argparse.Namespace(lr=1), r"holds a argparse\.Namespace, not a state dict or a model"),
+        ({"optimizer": {"state": {0: {"exp_avg": torch.zeros(1)}}, "param_groups": []}}, r"no tensors found"),
+    ],
+    ids=["tensor", "namespace", "optimizer-only"],
+)
+def test_not_a_model(tmp_path, obj, message):
+    torch.save(obj, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(tmp_path / "x.pt")
+
+
 def test_format_table_is_the_one_registry():
     names = [f.name for f in statemap.load.FORMATS]
     assert names == ["safetensors", "torchscript", "torch-zip", "npz", "torch-legacy", "pickle", "flax-msgpack", "index-json"]

@@ -44,6 +44,8 @@ def from_object(
     from ..dtypes import from_numpy
 
     if not isinstance(obj, Mapping) and not is_module(obj):
+        if isinstance(obj, (TensorRef, ByteTensor, TypedArray)) or hasattr(obj, "shape"):
+            raise CheckpointError(f"{path}: holds a single tensor, not a state dict (save a dict of name -> tensor)")
         what = obj.qualname if isinstance(obj, Opaque) else type(obj).__name__
         raise CheckpointError(f"{path}: holds a {what}, not a state dict or a model")
     container, where, alternatives = choose_container(obj, unwrap, path)
