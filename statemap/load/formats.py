@@ -36,6 +36,8 @@ from ..errors import CheckpointError
 from ..meta import TensorMeta
 from .build import finish_flat, from_object
 from .checkpoint import ByteTensor, Checkpoint, FileReader
+from .flax_format import pack_msgpack
+from .safetensors_format import encode_header
 from .unpickle import TensorRef
 
 if TYPE_CHECKING:
@@ -67,6 +69,7 @@ class Format:
     suffixes: tuple[str, ...]
     sniff: Callable[[Probe], bool]
     open: Callable[[Path, Unwrap, Unwrap], Checkpoint]
+    encode: Callable[..., bytes] | None = None  # the writer's encoder, where statemap writes the format itself
 
 
 def probe(path: Path) -> Probe:
@@ -211,7 +214,7 @@ def _open_index_json(p: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoin
 
 
 FORMATS: tuple[Format, ...] = (
-    Format("safetensors", "safetensors (single file)", (".safetensors",), _is_safetensors, _open_safetensors),
+    Format("safetensors", "safetensors (single file)", (".safetensors",), _is_safetensors, _open_safetensors, encode_header),
     Format(
         "torchscript",
         "TorchScript archive (torch.jit.save)",
@@ -223,7 +226,7 @@ FORMATS: tuple[Format, ...] = (
     Format("npz", "numpy .npz (savez / savez_compressed)", (".npz",), _is_npz, _open_npz),
     Format("torch-legacy", "torch.save (legacy, torch < 1.6)", (".pt", ".pth", ".bin", ".ckpt"), _is_torch_legacy, _open_torch),
     Format("pickle", "plain pickle of arrays (Paddle .pdparams)", (".pdparams", ".pkl", ".pickle"), _is_pickle, _open_torch),
-    Format("flax-msgpack", "Flax msgpack (flax.serialization)", (".msgpack",), _is_msgpack, _open_msgpack),
+    Format("flax-msgpack", "Flax msgpack (flax.serialization)", (".msgpack",), _is_msgpack, _open_msgpack, pack_msgpack),
     Format("index-json", "sharded checkpoint index (*.index.json)", (".json",), _is_json, _open_index_json),
 )
 DCP = Format("dcp", "torch.distributed.checkpoint folder", (), lambda p: False, _open_dcp)
