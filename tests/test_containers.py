@@ -281,6 +281,15 @@ def _zip_of_text(tmp_path: Path) -> bytes:
     return buf.getvalue()
 
 
+def _old_torchscript(tmp_path: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:  # the layout of torch 1.0-1.3 archives
+        z.writestr("net/model.json", "{}")
+        z.writestr("net/tensors/0", bytes(8))
+        z.writestr("net/code/net.py", "op_version_set = 0\n")
+    return buf.getvalue()
+
+
 NOT_CHECKPOINTS = [
     (
         "model.safetensors",
@@ -292,6 +301,7 @@ NOT_CHECKPOINTS = [
     ("model.h5", lambda t: b"\x89HDF\r\n\x1a\n" + bytes(40), r"looks like an HDF5 file"),
     ("model.safetensors", lambda t: b"GGUF" + bytes(40), r"looks like a GGUF file"),
     ("model.pt", _zip_of_text, r"looks like a zip archive of other files \(README\.md, config\.json\)"),
+    ("old.pt", _old_torchscript, r"looks like a TorchScript archive from torch < 1\.4 \(model\.json\)"),
     ("weights.xyz", lambda t: b"\x00\x01\x02\x03" * 8, r"not a checkpoint format statemap recognises"),
 ]
 

@@ -273,6 +273,8 @@ def looks_like(p: Probe) -> str | None:
 def _other_zip(p: Probe) -> str | None:
     if p.head[:4] != b"PK\x03\x04" or p.zip_names is None:
         return None  # not a zip, or a damaged one: let its format's reader say how
+    if any(n == "model.json" or n.endswith("/model.json") for n in p.zip_names):
+        return "a TorchScript archive from torch < 1.4 (model.json), which statemap does not read; re-save it with a newer torch"
     listed = ", ".join(p.zip_names[:5]) + (", ..." if len(p.zip_names) > 5 else "")
     return f"a zip archive of other files ({listed})"
 
