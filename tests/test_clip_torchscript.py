@@ -129,3 +129,22 @@ def test_torchscript_archives_match_torch_jit_load(tmp_path, mode):
     got = statemap.load_state_dict(path)
     assert list(got) == list(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("path", [JIT, FIX.parent / "dcp" / "sharded"], ids=["torchscript", "dcp"])
+def test_read_without_torch(path):
+    """Reading every tensor of a TorchScript archive or a DCP folder never imports torch (so no
+    torch.jit.load / torch.load can run): the file is data."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, statemap\n"
+        f"ck = statemap.open_checkpoint({str(path)!r})\n"
+        "n = sum(ck.read(k).size for k in ck.metas)\n"
+        "assert n > 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
+        "print(len(ck.metas))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) > 0

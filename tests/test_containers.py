@@ -334,6 +334,15 @@ def test_not_a_model(tmp_path, obj, message):
         open_checkpoint(tmp_path / "x.pt")
 
 
+def test_damaged_torch_file_named_safetensors_is_reported_as_a_zip(tmp_path):
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "x.pt")
+    data = (tmp_path / "x.pt").read_bytes()
+    (tmp_path / "x.safetensors").write_bytes(data[: len(data) // 2])  # truncated: no zip directory
+    with pytest.raises(CheckpointError, match=r"x\.safetensors: not a readable torch zip file") as e:
+        open_checkpoint(tmp_path / "x.safetensors")
+    assert "header length" not in str(e.value)
+
+
 def test_format_table_is_the_one_registry():
     names = [f.name for f in statemap.load.FORMATS]
     assert names == ["safetensors", "torchscript", "torch-zip", "npz", "torch-legacy", "pickle", "flax-msgpack", "index-json"]

@@ -294,7 +294,10 @@ def open_path(path: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
         seems = _other_zip(pr)
         if seems is not None:
             raise CheckpointError(f"{path}: not a checkpoint: looks like {seems}")
-        # nothing recognises the bytes: the extension's reader says what is wrong with them
+        # nothing recognises the bytes: a damaged zip goes to the torch.save reader whatever its name,
+        # anything else to the extension's reader, which says what is wrong with them
+        if pr.head[:4] == b"PK\x03\x04":
+            return _open_torch(path, unwrap, strip_prefix)
         by_name = next((f for f in FORMATS if path.suffix.lower() in f.suffixes), None)
         if pr.size == 0 and (by_name is None or by_name.name != "safetensors"):
             raise CheckpointError(f"{path}: file is empty")
