@@ -369,3 +369,21 @@ def _saved(tmp_path: Path, obj: object) -> Path:
     path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.pt"
     torch.save(obj, path)
     return path
+
+
+@pytest.mark.parametrize(
+    "tracker, dirs, message",
+    [
+        ("abc", [], r"latest_checkpointed_iteration\.txt: expected an iteration number or 'release', found 'abc'"),
+        ("5", [], r"names iteration 5, but iter_0000005/ is missing"),
+        ("5", ["iter_0000005/mp_rank_00", "iter_0000005/mp_rank_01"], r"found ranks: mp_rank_00, mp_rank_01\); tensor/pipeline"),
+    ],
+    ids=["not-a-number", "missing-iteration", "two-ranks"],
+)
+def test_megatron_folder_errors(tmp_path, tracker, dirs, message):
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text(tracker)
+    for d in dirs:
+        (tmp_path / d).mkdir(parents=True)
+        torch.save({"model": {"w": torch.zeros(1)}}, tmp_path / d / "model_optim_rng.pt")
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(tmp_path)

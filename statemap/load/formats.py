@@ -282,9 +282,11 @@ def _other_zip(p: Probe) -> str | None:
 def open_path(path: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
     """Open a file or folder with the format its bytes show (the extension only as a fallback)."""
     if path.is_dir():
+        path = _megatron_latest(path)
         if (path / ".metadata").is_file():
             return _open_dcp(path, unwrap, strip_prefix)
-        path = _pick_in_dir(path)
+        if path.is_dir():
+            path = _pick_in_dir(path)
     pr = probe(path)
     seems = looks_like(pr)
     if seems is not None:
@@ -309,6 +311,37 @@ def open_path(path: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
 
 
 # -- folders and sharded indexes ---------------------------------------------------------------
+
+
+MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def _megatron_latest(d: Path) -> Path:
+    """A Megatron-LM save folder: follow ``latest_checkpointed_iteration.txt`` to ``iter_NNNNNNN``
+    (or ``release``), then its single ``mp_rank_00*/model_optim_rng.pt`` (``--ckpt-format torch``) or
+    the folder itself (``torch_dist``: a DCP folder). Other folders are returned as they are."""
+    tracker = d / MEGATRON_TRACKER
+    if not tracker.is_file():
+        return d
+    text = tracker.read_bytes()[:64].decode("ascii", errors="replace").strip()
+    if text == "release":
+        it = d / "release"
+    elif text.isdigit():
+        it = d / f"iter_{int(text):07d}"
+    else:
+        raise CheckpointError(f"{tracker}: expected an iteration number or 'release', found {text!r}")
+    if not it.is_dir():
+        raise CheckpointError(f"{tracker}: names iteration {text}, but {it.name}/ is missing")
+    if (it / ".metadata").is_file():
+        return it
+    ranks = sorted(r for r in it.iterdir() if r.is_dir() and r.name.startswith("mp_rank_"))
+    if len(ranks) != 1 or not (ranks[0] / "model_optim_rng.pt").is_file():
+        found = ", ".join(r.name for r in ranks) or "none"
+        raise CheckpointError(
+            f"{it}: expected one mp_rank_00/model_optim_rng.pt (found ranks: {found}); "
+            "tensor/pipeline-parallel shards are not merged: name one file"
+        )
+    return ranks[0] / "model_optim_rng.pt"
 
 
 def _pick_in_dir(d: Path) -> Path:
