@@ -137,6 +137,7 @@ def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any, config: Any = N
         source=ck.path,
         source_format=ck.format,
         container=ck.container,
+        alternatives=list(ck.alternatives),
         stripped_prefix=ck.stripped_prefix,
         produced=plan.output_metas,
         passthrough=list(plan.passthrough),
@@ -310,7 +311,7 @@ def map_state_dict(
     spec = load_spec(spec, vars)
     if spec.unwrap:
         raise CheckpointError(f"spec {spec.name!r} unwraps {'/'.join(spec.unwrap)!r}; pass that inner dict to map_state_dict")
-    from .load import _finish_flat
+    from .load import finish_flat
 
     as_torch = bool(state_dict) and all(type(v).__module__.startswith("torch") for v in state_dict.values())
     if as_torch:  # zero copy: plan on metadata, run recipes as torch ops on the tensors' own device
@@ -319,7 +320,7 @@ def map_state_dict(
         metas, ties = torch_metas(state_dict)
         ck = Checkpoint("<state_dict>", "memory", metas, state_dict.__getitem__)
         ck.storage_ids = {k: f"mem:{i}" for i, g in enumerate(ties) for k in g}
-        ck = _finish_flat(ck, spec.strip_prefix)
+        ck = finish_flat(ck, spec.strip_prefix)
         plan = plan_for(spec, ck)
         report = _report(spec, ck, plan, expect)
         devices = {v.device for v in state_dict.values()}
@@ -340,7 +341,7 @@ def map_state_dict(
             out[planned.name] = t
         return out, report
 
-    ck = _finish_flat(from_state_dict(state_dict), spec.strip_prefix)
+    ck = finish_flat(from_state_dict(state_dict), spec.strip_prefix)
     plan = plan_for(spec, ck)
     report = _report(spec, ck, plan, expect)
     report.assumptions = run_checks(plan, ck.read)
@@ -360,12 +361,16 @@ def map_state_dict(
     return out, report
 
 
-def load_state_dict(path: str | os.PathLike[str], unwrap: tuple[str, ...] | None = None) -> dict[str, Any]:
+def load_state_dict(path: str | os.PathLike[str], unwrap: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Read a checkpoint into a dict of torch tensors, safely (no code from the file runs).
+
+    ``unwrap`` picks the state dict inside the file: ``"model/language_model"`` or
+    ``("model", "language_model")``; None picks the model's (see ``Checkpoint.alternatives``).
 
     Example::
 
         >>> sd = load_state_dict("checkpoint_best.pt")          # fairseq: takes ["model"]
+        >>> ema = load_state_dict("timm_train.pth.tar", unwrap="state_dict_ema")
     """
     from .torch_adapter import to_torch
 

@@ -126,6 +126,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     "path": ck.path,
                     "format": ck.format,
                     "container": ck.container,
+                    "alternatives": ck.alternatives,
                     "stripped_prefix": ck.stripped_prefix,
                     "n_tensors": len(ck.metas),
                     "n_params": sum(m.numel for m in ck.metas.values()),

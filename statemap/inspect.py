@@ -80,6 +80,10 @@ def render_inspect(ck: Checkpoint, rows: list[ModuleRow], console: Any, show_ext
     where = (f" (state dict under {ck.container!r})", "dim") if ck.container else ""
     strip = (f" (prefix {ck.stripped_prefix!r} stripped)", "dim") if ck.stripped_prefix else ""
     console.print(styled((str(ck.path), "bold"), f" {ck.format}", where, strip))
+    if ck.alternatives:
+        console.print(
+            styled(("also in the file: " + ", ".join(map(repr, ck.alternatives)) + " (choose one with --unwrap)", "dim"))
+        )
     console.print(f"{total_t} tensors, {total_p:,} parameters, dtypes: " + ", ".join(f"{k} x{v}" for k, v in dtypes.items()))
     t = Table(show_edge=False)
     t.add_column("module")

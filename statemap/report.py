@@ -119,6 +119,7 @@ class Report:
     output: str = ""
     source_format: str = ""
     container: str = ""
+    alternatives: list[str] = field(default_factory=list)  # other state dicts in the file (EMA ...): pick with unwrap
     stripped_prefix: str = ""
     dry_run: bool = False
     produced: list[TensorMeta] = field(default_factory=list)
@@ -200,6 +201,10 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
     target = report.output or "(memory)"
     where = ("", (f" (from {report.container!r})", "dim")) if report.container else ("",)
     console.print(styled((report.spec or "statemap", "bold"), f": {report.source}", *where, f" -> {target}"))
+    if report.alternatives:
+        console.print(
+            styled(("also in the file: " + ", ".join(map(repr, report.alternatives)) + " (choose one with unwrap)", "dim"))
+        )
     size = f", {report.n_bytes / 1e6:.1f} MB" if report.n_bytes else ""
     console.print(f"{action} {len(report.produced)} tensors{size}" + (f" in {report.seconds:.2f}s" if report.seconds else ""))
     if verbose:

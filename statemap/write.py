@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .dtypes import dtype as lookup_dtype
 from .errors import OutputError
+from .load.safetensors_format import encode_header
 from .meta import TensorMeta
 
 if TYPE_CHECKING:
@@ -190,20 +190,7 @@ def _write_all(f: Any, a: Any, want: TensorMeta, fds: dict[str, int] | None = No
 
 
 # -- safetensors ---------------------------------------------------------------------------
-
-
-def _st_header(metas: Sequence[TensorMeta], metadata: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    pos = 0
-    for m in metas:
-        n = m.nbytes
-        header[m.name] = {"dtype": lookup_dtype(m.dtype).st, "shape": list(m.shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+# the header encoding lives with the format's reader: statemap/load/safetensors_format.py
 
 
 def _write_safetensors(
@@ -216,7 +203,7 @@ def _write_safetensors(
     fds: dict[str, int] = {}
     try:
         with f:
-            f.write(_st_header(metas, metadata))
+            f.write(encode_header(metas, metadata))
             for m in metas:
                 total += _write_all(f, next(arrays), m, fds)
             if fsync:
@@ -323,7 +310,7 @@ def _shard_task(job: tuple[Path, list[TensorMeta], list[int], dict[str, str], bo
     fds: dict[str, int] = {}
     try:
         with open(tmp, "wb", buffering=0) as f:
-            f.write(_st_header(metas, md))
+            f.write(encode_header(metas, md))
             for i, m in zip(idxs, metas):
                 total += _write_all(f, get(i), m, fds)
             if fsync:

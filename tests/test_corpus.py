@@ -36,9 +36,6 @@ def _id(p: Path) -> str:
 
 # file -> (why it fails today, regex the failure message must match: "the documented way").
 KNOWN_GAPS: dict[str, tuple[str, str]] = {
-    "arrays.npz": (".npz is not read", r"zip file has 0 data.pkl entries"),
-    "dcp_gloo2": ("DCP folders are not read", r"directory holds no single checkpoint"),
-    "dcp_single": ("DCP folders are not read", r"directory holds no single checkpoint"),
     "dtypes_all.pt": ("bits/complex/quantized/float8 fnuz/e8m0/float4 dtypes unknown", r"names dtype .*, not a torch dtype"),
     "dtypes_all_legacy.pt": (
         "complex / quantized storages unknown (message names an internal class)",
@@ -46,30 +43,17 @@ KNOWN_GAPS: dict[str, tuple[str, str]] = {
     ),
     "dtypes_all.safetensors": ("C64, F8 fnuz, F8_E8M0, F4 unknown", r"unknown dtype 'C64'"),
     "extra_state_bytesio.pt": ("io.BytesIO (_extra_state) refused", r"refused to load '_io.BytesIO'"),
-    "jit_scripted.pt": ("TorchScript archives are not read", r"holds a TinyNet, not a state dict"),
-    "jit_traced.pt": ("TorchScript archives are not read", r"holds a TinyNet, not a state dict"),
     "lightning.ckpt": ("protocol-2 compat names (omegaconf hparams)", r"refused to load '__builtin__.long'"),
-    "megatron_dist": ("megatron torch_dist folders (DCP + common.pt) are not read", r"common.pt: state dict is empty"),
-    "megatron_legacy.pt": (
-        "model and optimizer tensors listed mixed",
-        r"container '', real loader's model state dict is 'model'",
-    ),
-    "megatron_torch": ("latest_checkpointed_iteration.txt is not followed", r"directory holds no single checkpoint"),
     "numpy_sd_p5.pkl": ("numpy arrays pickled with protocol 5 are dropped", r"no tensors found"),
     "numpy_sd_p5.pt": ("numpy arrays pickled with protocol 5 are dropped", r"no tensors found"),
     "payload_legacy.pt": ("harmless classes refused", r"refused to load 'pathlib.PosixPath'"),
     "payload_p2.pt": ("harmless classes refused", r"refused to load 'pathlib.PosixPath'"),
     "payload_p4.pt": ("harmless classes refused", r"refused to load 'pathlib.PosixPath'"),
     "payload_p5.pt": ("harmless classes refused", r"refused to load 'pathlib.PosixPath'"),
-    "pickled_module.pt": ("a pickled nn.Module is not read", r"holds a TinyNet, not a state dict"),
     "plain_legacy.pt": ("torch.device('cuda', 0) read as a corrupt pickle", r"str\(\) argument 'encoding' must be str"),
     "plain_p2.pt": ("torch.device('cuda', 0) read as a corrupt pickle", r"str\(\) argument 'encoding' must be str"),
     "plain_p4.pt": ("torch.device('cuda', 0) read as a corrupt pickle", r"str\(\) argument 'encoding' must be str"),
     "plain_p5.pt": ("torch.device('cuda', 0) read as a corrupt pickle", r"str\(\) argument 'encoding' must be str"),
-    "yolo_style.pt": (
-        "pickled module in 'model': the optimizer state is shown as the model",
-        r"container '', real loader's model state dict is 'model'",
-    ),
 }
 
 

@@ -50,6 +50,15 @@ class TypedArray:
         return tuple(self.array.shape)
 
 
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor its format reads itself, not as one byte range (DCP shards stitched together)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    read: Callable[[], np.ndarray]
+
+
 class FileReader:
     """Reads tensors with ``pread`` into a buffer of their own: memory in use is the tensor,
     not the file (no whole-file mmap, so address space and RSS stay bounded)."""
@@ -115,6 +124,7 @@ class Checkpoint:
     metas: dict[str, TensorMeta]
     reader: Callable[[str], np.ndarray]
     container: str = ""  # unwrap path used, e.g. "model"
+    alternatives: list[str] = field(default_factory=list)  # other candidates, e.g. ["state_dict_ema"]; pick with unwrap
     stripped_prefix: str = ""  # prefix removed from every key, e.g. "module."
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
     extras: dict[str, Any] = field(default_factory=dict)  # non-tensor content, plain data

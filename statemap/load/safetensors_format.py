@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 from ..dtypes import dtype as lookup_dtype
@@ -106,6 +107,28 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
             f"{path}: header accounts for {pos} data bytes but the file holds {buffer_len} (truncated or padded?)"
         )
     return metas, locs, dict(meta_raw)
+
+
+def encode_header(metas: Sequence[TensorMeta], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length + JSON header for tensors written back to back in ``metas`` order
+    (padded with spaces to a multiple of 8, as the safetensors library pads).
+
+    Example::
+
+        >>> encode_header([TensorMeta("w", (2,), "float32")], {})[8:].rstrip()
+        b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    pos = 0
+    for m in metas:
+        n = m.nbytes
+        header[m.name] = {"dtype": lookup_dtype(m.dtype).st, "shape": list(m.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

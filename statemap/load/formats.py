@@ -1,0 +1,437 @@
+"""Input formats as plugins: one table, each format recognised from its BYTES, not its name.
+
+Every entry of :data:`FORMATS` names a format, how to recognise it from a :class:`Probe` (the
+first bytes, the size, and for zip files the entry names), and how to open it. The extension is
+used only when no format recognises the bytes (so a damaged file still gets its own format's
+error). A file whose bytes are something else entirely (a Git LFS pointer, HTML, gzip, HDF5, GGUF,
+a zip of other files) gets one line saying what it looks like.
+
+==================  ==============================================================================
+format              recognised by
+==================  ==============================================================================
+``dcp``             a directory with ``.metadata`` (torch.distributed.checkpoint)
+``safetensors``     8-byte little-endian header length N <= size, then ``{``
+``torchscript``     zip with ``*/data.pkl`` and ``*/constants.pkl`` or ``*/code/*.py``
+``torch-zip``       zip with one ``*/data.pkl`` (torch.save, torch >= 1.6)
+``npz``             zip whose entries are all ``*.npy`` (numpy savez)
+``torch-legacy``    pickle (0x80, protocol) starting with torch's legacy magic number
+``pickle``          any other pickle (Paddle ``.pdparams``, plain pickles of arrays)
+``flax-msgpack``    a msgpack map (0x81-0x8f, 0xde, 0xdf)
+``index-json``      a JSON object (``*.index.json`` of sharded checkpoints)
+==================  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CheckpointError
+from ..fsutil import check_regular, read_regular
+from ..meta import TensorMeta
+from .build import finish_flat, from_object
+from .checkpoint import ByteTensor, Checkpoint, FileReader
+from .flax_format import pack_msgpack
+from .safetensors_format import encode_header
+from .unpickle import TensorRef
+
+if TYPE_CHECKING:
+    import numpy as np
+
+HEAD = 512
+MAX_INDEX = 64 << 20
+Unwrap = tuple[str, ...] | None
+
+__all__ = ["FORMATS", "Format", "Probe", "detect", "open_path"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What format detection looks at: the first bytes, the size, and a zip's entry names."""
+
+    path: Path
+    head: bytes
+    size: int
+    zip_names: tuple[str, ...] | None  # None: not a readable zip
+
+
+@dataclass(frozen=True)
+class Format:
+    """One input format: its name, how its bytes look, how to open it."""
+
+    name: str
+    description: str
+    suffixes: tuple[str, ...]
+    sniff: Callable[[Probe], bool]
+    open: Callable[[Path, Unwrap, Unwrap], Checkpoint]
+    encode: Callable[..., bytes] | None = None  # the writer's encoder, where statemap writes the format itself
+
+
+def probe(path: Path) -> Probe:
+    check_regular(path, "checkpoint")  # reading the magic bytes of a FIFO would block; /dev/zero never ends
+    with open(path, "rb") as f:
+        head = f.read(HEAD)
+    size = path.stat().st_size
+    names: tuple[str, ...] | None = None
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = tuple(zf.namelist())
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            names = None
+    return Probe(path, head, size, names)
+
+
+# -- sniffers ---------------------------------------------------------------------------------
+
+
+def _is_safetensors(p: Probe) -> bool:
+    if len(p.head) < 10:
+        return False
+    (n,) = struct.unpack("<Q", p.head[:8])
+    return 2 <= n <= p.size - 8 and p.head[8:9] == b"{"
+
+
+def _pkl_roots(p: Probe) -> list[str]:
+    return [n for n in p.zip_names or () if n == "data.pkl" or n.endswith("/data.pkl")]
+
+
+def _is_torchscript(p: Probe) -> bool:
+    from .torchscript import is_torchscript
+
+    return p.zip_names is not None and len(_pkl_roots(p)) == 1 and is_torchscript(p.zip_names)
+
+
+def _is_torch_zip(p: Probe) -> bool:
+    return p.zip_names is not None and len(_pkl_roots(p)) == 1
+
+
+def _is_npz(p: Probe) -> bool:
+    from .npz_format import is_npz
+
+    return p.zip_names is not None and is_npz([n for n in p.zip_names if not n.endswith("/")])
+
+
+def _is_pickle(p: Probe) -> bool:
+    return len(p.head) >= 2 and p.head[0] == 0x80 and 2 <= p.head[1] <= 5
+
+
+def _is_torch_legacy(p: Probe) -> bool:
+    from .torch_format import LEGACY_MAGIC
+
+    return _is_pickle(p) and p.head[2:4] == b"\x8a\x0a" and p.head[4:14] == LEGACY_MAGIC.to_bytes(10, "little")
+
+
+def _is_msgpack(p: Probe) -> bool:
+    """A msgpack map whose first key is a string (flax.serialization writes module names)."""
+    if len(p.head) < 2:
+        return False
+    first, key = p.head[0], (p.head[1] if 0x81 <= p.head[0] <= 0x8F else p.head[3:4] or b"\x00")
+    if not (0x81 <= first <= 0x8F or first in (0xDE, 0xDF)):
+        return False
+    k = key if isinstance(key, int) else key[0]
+    return 0xA0 <= k <= 0xBF or k in (0xD9, 0xDA, 0xDB)
+
+
+def _is_json(p: Probe) -> bool:
+    return p.head.lstrip()[:1] == b"{"
+
+
+# -- openers ----------------------------------------------------------------------------------
+
+
+def _locator(locs: dict[str, ByteTensor | None], path: str) -> Callable[[TensorRef, str], ByteTensor]:
+    from .torch_format import tensor_location
+
+    return lambda ref, name: tensor_location(ref, locs, name, path)
+
+
+def _open_safetensors(p: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
+    from .safetensors_format import read_header
+
+    metas, st_locs, meta = read_header(str(p))
+    files = FileReader()
+    ck = Checkpoint(
+        str(p),
+        "safetensors",
+        metas,
+        lambda k: files.read(st_locs[k]),
+        metadata=meta,
+        locations=st_locs,
+        storage_ids={k: v.storage for k, v in st_locs.items()},
+        closer=files.close,
+    )
+    return finish_flat(ck, strip_prefix)
+
+
+def _open_torch(p: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
+    from .torch_format import is_zip, load_pickle_file, load_zip
+
+    if is_zip(str(p)):
+        obj, locs = load_zip(str(p))
+        fmt = "torch-zip"
+    else:
+        obj, locs, fmt = load_pickle_file(str(p))
+    return from_object(str(p), fmt, obj, _locator(locs, str(p)), unwrap, strip_prefix)
+
+
+def _open_torchscript(p: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
+    from .torch_format import load_zip
+    from .torchscript import declarations, script_state
+
+    obj, locs = load_zip(str(p))
+    with zipfile.ZipFile(p) as zf:
+        pkl = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+        decls = declarations(zf, pkl[0][: -len("data.pkl")], str(p))
+    state = script_state(obj, decls, str(p))
+    return from_object(str(p), "torchscript", state, _locator(locs, str(p)), unwrap, strip_prefix)
+
+
+def _open_npz(p: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
+    from .npz_format import open_npz
+
+    return finish_flat(open_npz(str(p)), strip_prefix)
+
+
+def _open_msgpack(p: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
+    from .flax_format import read_msgpack
+
+    return from_object(str(p), "flax-msgpack", read_msgpack(str(p)), None, unwrap, strip_prefix)
+
+
+def _open_dcp(p: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
+    from .dcp import load_dcp
+
+    return from_object(str(p), "dcp", load_dcp(p), None, unwrap, strip_prefix)
+
+
+def _open_index_json(p: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
+    return finish_flat(_open_index(p), strip_prefix)
+
+
+FORMATS: tuple[Format, ...] = (
+    Format("safetensors", "safetensors (single file)", (".safetensors",), _is_safetensors, _open_safetensors, encode_header),
+    Format(
+        "torchscript",
+        "TorchScript archive (torch.jit.save)",
+        (".jit", ".torchscript"),  # by name only as a fallback: a damaged .pt goes to the torch.save reader
+        _is_torchscript,
+        _open_torchscript,
+    ),
+    Format("torch-zip", "torch.save (zip, torch >= 1.6)", (".pt", ".pth", ".bin", ".ckpt", ".tar"), _is_torch_zip, _open_torch),
+    Format("npz", "numpy .npz (savez / savez_compressed)", (".npz",), _is_npz, _open_npz),
+    Format("torch-legacy", "torch.save (legacy, torch < 1.6)", (".pt", ".pth", ".bin", ".ckpt"), _is_torch_legacy, _open_torch),
+    Format("pickle", "plain pickle of arrays (Paddle .pdparams)", (".pdparams", ".pkl", ".pickle"), _is_pickle, _open_torch),
+    Format("flax-msgpack", "Flax msgpack (flax.serialization)", (".msgpack",), _is_msgpack, _open_msgpack, pack_msgpack),
+    Format("index-json", "sharded checkpoint index (*.index.json)", (".json",), _is_json, _open_index_json),
+)
+DCP = Format("dcp", "torch.distributed.checkpoint folder", (), lambda p: False, _open_dcp)
+
+
+def detect(path: str | os.PathLike[str]) -> Format | None:
+    """The format of a file or folder, from its bytes; None if nothing recognises them.
+
+    Example::
+
+        >>> detect("model.pt").name          # a safetensors file misnamed .pt
+        'safetensors'
+    """
+    p = Path(path)
+    if p.is_dir():
+        return DCP if (p / ".metadata").is_file() else None
+    pr = probe(p)
+    if looks_like(pr) is not None:
+        return None
+    return next((f for f in FORMATS if f.sniff(pr)), None)
+
+
+def looks_like(p: Probe) -> str | None:
+    """What a file that is no checkpoint format seems to be, for the error message (checked
+    before the formats: these magic numbers are unambiguous)."""
+    h = p.head
+    if h.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the file itself (run `git lfs pull`)"
+    if h[:2] == b"\x1f\x8b":
+        return "gzip-compressed data (decompress it first)"
+    if len(h) > 262 and h[257:262] == b"ustar":
+        return "a tar archive (extract it first)"
+    if h[:8] == b"\x89HDF\r\n\x1a\n":
+        return "an HDF5 file (Keras .h5), which statemap does not read"
+    if h[:4] == b"GGUF":
+        return "a GGUF file (llama.cpp), which statemap does not read"
+    if h[:6] == b"\x93NUMPY":
+        return "a single numpy .npy array (save it with np.savez as an .npz)"
+    if h.lstrip()[:1] == b"<":
+        return "an HTML or XML page (a download that returned an error page?)"
+    return None
+
+
+def _other_zip(p: Probe) -> str | None:
+    if p.head[:4] != b"PK\x03\x04" or p.zip_names is None:
+        return None  # not a zip, or a damaged one: let its format's reader say how
+    if any(n == "model.json" or n.endswith("/model.json") for n in p.zip_names):
+        return "a TorchScript archive from torch < 1.4 (model.json), which statemap does not read; re-save it with a newer torch"
+    listed = ", ".join(p.zip_names[:5]) + (", ..." if len(p.zip_names) > 5 else "")
+    return f"a zip archive of other files ({listed})"
+
+
+def open_path(path: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
+    """Open a file or folder with the format its bytes show (the extension only as a fallback)."""
+    if path.is_dir():
+        path = _megatron_latest(path)
+        if (path / ".metadata").is_file():
+            return _open_dcp(path, unwrap, strip_prefix)
+        if path.is_dir():
+            path = _pick_in_dir(path)
+    pr = probe(path)
+    seems = looks_like(pr)
+    if seems is not None:
+        raise CheckpointError(f"{path}: not a checkpoint: looks like {seems}")
+    fmt = next((f for f in FORMATS if f.sniff(pr)), None)
+    if fmt is None:
+        seems = _other_zip(pr)
+        if seems is not None:
+            raise CheckpointError(f"{path}: not a checkpoint: looks like {seems}")
+        # nothing recognises the bytes: a damaged zip goes to the torch.save reader whatever its name,
+        # anything else to the extension's reader, which says what is wrong with them
+        if pr.head[:4] == b"PK\x03\x04":
+            return _open_torch(path, unwrap, strip_prefix)
+        by_name = next((f for f in FORMATS if path.suffix.lower() in f.suffixes), None)
+        if pr.size == 0 and (by_name is None or by_name.name != "safetensors"):
+            raise CheckpointError(f"{path}: file is empty")
+        if by_name is None:
+            names = ", ".join(f.name for f in FORMATS)
+            raise CheckpointError(f"{path}: not a checkpoint format statemap recognises ({names})")
+        fmt = by_name
+    return fmt.open(path, unwrap, strip_prefix)
+
+
+# -- folders and sharded indexes ---------------------------------------------------------------
+
+
+MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def _megatron_latest(d: Path) -> Path:
+    """A Megatron-LM save folder: follow ``latest_checkpointed_iteration.txt`` to ``iter_NNNNNNN``
+    (or ``release``), then its single ``mp_rank_00*/model_optim_rng.pt`` (``--ckpt-format torch``) or
+    the folder itself (``torch_dist``: a DCP folder). Other folders are returned as they are."""
+    tracker = d / MEGATRON_TRACKER
+    if not tracker.is_file():
+        return d
+    text = tracker.read_bytes()[:64].decode("ascii", errors="replace").strip()
+    if text == "release":
+        it = d / "release"
+    elif text.isdigit():
+        it = d / f"iter_{int(text):07d}"
+    else:
+        raise CheckpointError(f"{tracker}: expected an iteration number or 'release', found {text!r}")
+    if not it.is_dir():
+        raise CheckpointError(f"{tracker}: names iteration {text}, but {it.name}/ is missing")
+    if (it / ".metadata").is_file():
+        return it
+    ranks = sorted(r for r in it.iterdir() if r.is_dir() and r.name.startswith("mp_rank_"))
+    if len(ranks) != 1 or not (ranks[0] / "model_optim_rng.pt").is_file():
+        found = ", ".join(r.name for r in ranks) or "none"
+        raise CheckpointError(
+            f"{it}: expected one mp_rank_00/model_optim_rng.pt (found ranks: {found}); "
+            "tensor/pipeline-parallel shards are not merged: name one file"
+        )
+    return ranks[0] / "model_optim_rng.pt"
+
+
+def _pick_in_dir(d: Path) -> Path:
+    for cand in (
+        "model.safetensors.index.json",
+        "model.safetensors",
+        "pytorch_model.bin.index.json",
+        "pytorch_model.bin",
+        "flax_model.msgpack",
+    ):
+        if (d / cand).is_file():
+            return d / cand
+    files = [
+        f
+        for f in sorted(d.iterdir())
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pdparams", ".msgpack", ".npz")
+    ]
+    indexes = [f for f in sorted(d.iterdir()) if f.name.endswith(".index.json")]
+    if len(indexes) == 1:
+        return indexes[0]
+    if len(files) == 1:
+        return files[0]
+    listing = ", ".join(f.name for f in sorted(d.iterdir())[:10]) or "nothing"
+    raise CheckpointError(f"{d}: directory holds no single checkpoint to read (found: {listing}); name the file")
+
+
+def _open_index(p: Path) -> Checkpoint:
+    """Sharded checkpoint: validate the whole index and every shard header before any read."""
+    raw = read_regular(p, MAX_INDEX, "index file")
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{p}: index is not valid JSON: {str(e)[:200]}") from None
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError(f"{p}: index has no 'weight_map' mapping tensor names to shard files")
+    shards: dict[str, list[str]] = {}
+    for tensor, shard in wm.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{p}: weight_map[{tensor!r}] must be a shard file name")
+        if shard.endswith(".index.json"):
+            raise CheckpointError(f"{p}: weight_map[{tensor!r}] = {shard!r} is an index, not a shard file")
+        pp = PurePosixPath(shard)
+        if pp.is_absolute() or ".." in pp.parts or "\\" in shard or os.path.isabs(shard):
+            raise CheckpointError(f"{p}: weight_map[{tensor!r}] = {shard!r} points outside the checkpoint folder; refusing")
+        shards.setdefault(shard, []).append(tensor)
+    for shard in shards:
+        if not (p.parent / shard).is_file():
+            raise CheckpointError(f"{p}: shard {shard!r} is missing (named by {len(shards[shard])} tensors)")
+    metas: dict[str, TensorMeta] = {}
+    readers: dict[str, Checkpoint] = {}
+    owner: dict[str, str] = {}
+    fmt = "safetensors-sharded"
+    for shard in shards:
+        ck = open_path(p.parent / shard, None, ())
+        fmt = "safetensors-sharded" if ck.format == "safetensors" else "torch-sharded"
+        readers[shard] = ck
+        for k in ck.metas:
+            if k in owner:
+                raise CheckpointError(f"{p}: tensor {k!r} is in two shards: {owner[k]!r} and {shard!r}")
+            owner[k] = shard
+    for shard, listed in shards.items():
+        for k in readers[shard].metas:
+            if wm.get(k) != shard:
+                raise CheckpointError(f"{p}: shard {shard!r} holds {k!r}, which the index maps to {wm.get(k)!r}")
+        for k in listed:
+            if k not in readers[shard].metas:
+                raise CheckpointError(f"{p}: index maps {k!r} to {shard!r}, but that shard does not hold it")
+    for k in wm:  # index order
+        metas[k] = readers[owner[k]].metas[k]
+
+    def read(k: str) -> np.ndarray:
+        return readers[owner[k]].read(k)
+
+    def close() -> None:
+        for r in readers.values():
+            r.close()
+
+    locations = {k: v for r in readers.values() for k, v in r.locations.items()}
+    storage_ids = {k: v for r in readers.values() for k, v in r.storage_ids.items()}
+    meta: Any = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    return Checkpoint(
+        str(p),
+        fmt,
+        metas,
+        read,
+        metadata={str(k): str(v) for k, v in meta.items()},
+        locations=locations,
+        storage_ids=storage_ids,
+        closer=close,
+    )
