@@ -17,6 +17,8 @@ the handful of constructors below, which build inert data:
 
 from __future__ import annotations
 
+import _compat_pickle
+import builtins
 import collections
 import io
 import pickle
@@ -404,24 +406,74 @@ def _ordered_dict(*args: Any) -> collections.OrderedDict[Any, Any]:
     return collections.OrderedDict(*args)
 
 
+class _Marker:
+    """An inert stand-in for a name that is only ever an argument (``builtins.object``)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafeCheckpointError(f"refused to call {self.what!r}: statemap never runs code from a checkpoint")
+
+    def __repr__(self) -> str:
+        return f"<{self.what}>"
+
+
+_OBJECT_BASE = _Marker("builtins.object")
+
+
 class _TorchDtype(str):
     """A torch dtype named in a pickle (``torch.float32``), kept as its name."""
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """Unpickler with an allowlist; see the module docstring."""
+def compat_name(module: str, name: str, proto: int) -> tuple[str, str]:
+    """Python 2 names -> Python 3 names, exactly as ``pickle.Unpickler.find_class`` maps them
+    (``_compat_pickle``, for protocols < 3): ``__builtin__.long`` -> ``builtins.int``, ..."""
+    if proto < 3:
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            return _compat_pickle.NAME_MAPPING[(module, name)]
+        if module in _compat_pickle.IMPORT_MAPPING:
+            return _compat_pickle.IMPORT_MAPPING[module], name
+    return module, name
+
+
+def _is_builtin_exception(name: str) -> bool:
+    obj = builtins.__dict__.get(name)
+    return isinstance(obj, type) and issubclass(obj, BaseException)
+
+
+class SafeUnpickler(pickle._Unpickler):
+    """Unpickler with an allowlist; see the module docstring.
+
+    Built on the pure-Python unpickler (its memo is a dict, and every opcode can be checked)."""
 
     def __init__(self, file: Any, source: str, storage_dtype_hook: Any = None) -> None:
         super().__init__(file, encoding="latin1")
         self.source = source
         self.storages: dict[str, StorageRef] = {}
 
-    def find_class(self, module: str, name: str) -> Any:  # noqa: C901 - one table, read top-down
+    def find_class(self, module: str, name: str) -> Any:
+        written = f"{module}.{name}"
+        module, name = compat_name(module, name, self.proto)
+        try:
+            return self._find(module, name)
+        except UnsafeCheckpointError:
+            if written != f"{module}.{name}":
+                raise UnsafeCheckpointError(
+                    f"{self.source}: refused to load {written!r}: statemap never runs code from a checkpoint"
+                ) from None
+            raise
+
+    def _find(self, module: str, name: str) -> Any:  # noqa: C901 - one table, read top-down
         full = f"{module}.{name}"
         root = module.split(".")[0]
-        if module in ("builtins", "__builtin__"):
+        if module == "builtins":
             if name in SAFE_BUILTINS:
                 return SAFE_BUILTINS[name]
+            if _is_builtin_exception(name):
+                return opaque_type(module, name)
+            if name == "object":  # the base class argument of copyreg._reconstructor (protocols 0 and 1)
+                return _OBJECT_BASE
             raise UnsafeCheckpointError(f"{self.source}: refused to load {full!r}: statemap never runs code from a checkpoint")
         if any(module == d or module.startswith(d + ".") for d in DENY_MODULES) or name.startswith("__"):
             raise UnsafeCheckpointError(f"{self.source}: refused to load {full!r}: statemap never runs code from a checkpoint")
