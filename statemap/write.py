@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .dtypes import dtype as lookup_dtype
+from .dtypes import st_shape
 from .errors import OutputError
 from .meta import TensorMeta
 
@@ -199,7 +200,8 @@ def _st_header(metas: Sequence[TensorMeta], metadata: dict[str, str]) -> bytes:
     pos = 0
     for m in metas:
         n = m.nbytes
-        header[m.name] = {"dtype": lookup_dtype(m.dtype).st, "shape": list(m.shape), "data_offsets": [pos, pos + n]}
+        dt = lookup_dtype(m.dtype)
+        header[m.name] = {"dtype": dt.st, "shape": list(st_shape(dt, m.shape)), "data_offsets": [pos, pos + n]}
         pos += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)

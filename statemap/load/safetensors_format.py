@@ -14,6 +14,7 @@ import struct
 from typing import Any
 
 from ..dtypes import dtype as lookup_dtype
+from ..dtypes import torch_shape
 from ..errors import CheckpointError
 from ..meta import TensorMeta
 from .checkpoint import ByteTensor
@@ -79,12 +80,16 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
         if not (isinstance(off, list) and len(off) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in off)):
             raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {off!r} must be two integers")
         begin, end = off
+        try:
+            shape = list(torch_shape(dt, tuple(shape)))  # F4 / F6 count packed values; torch counts bytes
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
         need = math.prod(shape) * dt.itemsize
         if not 0 <= begin <= end:
             raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {off} are out of order")
         if end - begin != need:
             raise CheckpointError(
-                f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes but {dt.st} x {shape} needs {need}"
+                f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes but {dt.st_name} x {info['shape']} needs {need}"
             )
         if end > buffer_len:
             raise CheckpointError(
