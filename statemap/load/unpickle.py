@@ -756,9 +756,7 @@ class _Source:
 
     def read(self, n: int = -1) -> bytes:
         if n < 0 or n > self.remaining():
-            raise CheckpointError(
-                f"pickle asks for {n} bytes at byte {self.f.tell()}; only {self.remaining()} remain (truncated or corrupt)"
-            )
+            raise CheckpointError(f"pickle asks for {n} bytes; only {self.remaining()} remain (truncated or corrupt)")
         return bytes(self.f.read(n))
 
     def readline(self) -> bytes:
@@ -783,6 +781,14 @@ class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def __init__(self, file: Any, source: str, storage_dtype_hook: Any = None) -> None:
+        # A pickle in memory is read as one frame (C-speed reads; short reads are errors);
+        # a file is read through _Source, which checks each length against what is left.
+        self._whole: io.BytesIO | None = None
+        self._whole_len = 0
+        if isinstance(file, (bytes, bytearray, memoryview)):
+            self._whole = io.BytesIO(file)
+            self._whole_len = len(file)
+            file = io.BytesIO(b"")
         self._src = _Source(file)
         super().__init__(self._src, encoding="latin1")
         self.source = source
@@ -796,6 +802,10 @@ class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         self.read = self._unframer.read
         self.readinto = self._unframer.readinto
         self.readline = self._unframer.readline
+        if self._whole is not None:  # C-speed reads; a short read always ends in EOFError at the next opcode
+            self.read = self._whole.read
+            self.readinto = self._whole.readinto
+            self.readline = self._whole.readline
         self.metastack: list[Any] = []
         self.stack: list[Any] = []
         self.append = self.stack.append
@@ -815,6 +825,8 @@ class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         raise CheckpointError(f"pickle runs more than {MAX_OPS} opcodes; refusing")
 
     def position(self) -> int:
+        if self._whole is not None:
+            return self._whole.tell()
         return self._src.f.tell() - self._src.start
 
     # -- names -------------------------------------------------------------------------------------
@@ -965,9 +977,19 @@ class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     # -- sizes -------------------------------------------------------------------------------------
 
     def _avail(self) -> int:
+        if self._whole is not None:
+            return self._whole_len - self._whole.tell()
         frame = self._unframer.current_frame
-        in_frame = len(frame.getbuffer()) - frame.tell() if frame is not None else 0
-        return self._src.remaining() + in_frame
+        if frame is None:
+            return self._src.remaining()
+        return self._src.remaining() + len(frame.getvalue()) - frame.tell()
+
+    def load_frame(self) -> None:
+        (n,) = struct.unpack("<Q", self.read(8))
+        if n > self._avail():
+            raise CheckpointError(f"pickle frame of {n} bytes; only {self._avail()} remain (truncated or corrupt)")
+        if self._whole is None:  # frames inside an in-memory pickle are already in the one frame
+            self._unframer.load_frame(n)
 
     def load_bytearray8(self) -> None:
         (n,) = struct.unpack("<Q", self.read(8))
@@ -1033,6 +1055,7 @@ for _op, _meth in (
     (pickle.OBJ, "load_obj"),
     (pickle.BUILD, "load_build"),
     (pickle.BYTEARRAY8, "load_bytearray8"),
+    (pickle.FRAME, "load_frame"),
     (pickle.NEXT_BUFFER, "load_next_buffer"),
     (pickle.READONLY_BUFFER, "load_readonly_buffer"),
     (pickle.LONG1, "load_long1"),
@@ -1078,8 +1101,7 @@ def safe_load(data: bytes | Any, source: str) -> tuple[Any, dict[str, StorageRef
 
         >>> obj, storages = safe_load(open("model.pt.data.pkl", "rb").read(), "model.pt")
     """
-    f = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    up = SafeUnpickler(f, source)
+    up = SafeUnpickler(data, source)
     try:
         obj = up.load()
         obj = finish(obj, up.refused)
