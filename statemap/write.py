@@ -201,6 +201,10 @@ def _st_header(metas: Sequence[TensorMeta], metadata: dict[str, str]) -> bytes:
     for m in metas:
         n = m.nbytes
         dt = lookup_dtype(m.dtype)
+        if not dt.st_name:
+            raise OutputError(
+                f"tensor {m.name!r} is {dt.name}, which safetensors cannot hold; cast it (op 'cast') or write a .pt file"
+            )
         header[m.name] = {"dtype": dt.st, "shape": list(st_shape(dt, m.shape)), "data_offsets": [pos, pos + n]}
         pos += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")

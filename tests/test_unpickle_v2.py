@@ -298,3 +298,267 @@ def test_bad_inputs_one_clear_error(tmp_path, name, payload, message):
     assert str(path) in text and "\n" not in text and len(text) < 500, text
     for internal in ("statemap.", "<class", "_NpArray", "_Refused", "_StorageType", "Opaque", "_rebuild_tensor("):
         assert internal not in text, text
+
+
+# -- bounds that must NOT refuse: memo indexes, budgets, shared containers -------------------------
+
+
+@pytest.mark.parametrize("index", [2**26, 1_170_000_000, 2**32 - 1])
+def test_huge_memo_index_costs_one_entry(tmp_path, index):
+    """C's unpickler sizes its memo array by the index (1 GiB / ~19 GB); ours is a dict."""
+    import tracemalloc
+
+    data = b"\x80\x02}" + _s("w") + _s("v") + b"r" + struct.pack("<I", index) + b"s."  # LONG_BINPUT
+    tracemalloc.start()
+    obj, _ = safe_load(data, "x.pkl")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert obj == {"w": "v"} and peak < 1 << 20
+
+
+def test_opcode_budget(monkeypatch):
+    from statemap.load import unpickle
+
+    data = b"\x80\x02]" + b"(" + b"N" * 5000 + b"e."
+    assert len(safe_load(data, "x.pkl")[0]) == 5000
+    monkeypatch.setattr(unpickle, "MAX_OPS", 1000)
+    with pytest.raises(CheckpointError, match=r"x\.pkl: pickle runs more than 1000 opcodes"):
+        safe_load(data, "x.pkl")
+
+
+def test_truncated_in_memory_pickle():
+    with pytest.raises(CheckpointError, match=r"x\.pkl: corrupt or unsupported pickle at byte 10: EOFError"):
+        safe_load(b"\x80\x03B\xff\xff\xff\x7fabc", "x.pkl")
+
+
+def test_zip_entry_count_and_decompressed_size_bounds(tmp_path, monkeypatch):
+    from statemap.load import torch_format
+
+    ok = _zip_with(tmp_path, "deflated.pt", method=8)  # deflate data.pkl: other zip tools write this; read
+    with open_checkpoint(ok) as ck:
+        assert ck.read("w").tolist() == [0.0, 1.0, 2.0, 3.0]
+    monkeypatch.setattr(torch_format, "MAX_DECOMPRESSED", 100)
+    with pytest.raises(CheckpointError, match=r"data\.pkl' is \d+ bytes; refusing \(limit 100\)"):
+        open_checkpoint(ok)
+    monkeypatch.setattr(torch_format, "MAX_ZIP_ENTRIES", 3)
+    with pytest.raises(CheckpointError, match=r"zip file lists \d+ entries \(limit 3\)"):
+        open_checkpoint(ok)
+
+
+def test_shared_containers_and_cycles_walk_once():
+    """A DAG within the bound (20**4 = 160,000 leaves) and a cycle: finish and to_plain terminate."""
+    out = b"\x80\x02]K\x01ar\x00\x00\x00\x00"
+    for lv in range(1, 5):
+        out += b"](" + (b"j" + struct.pack("<I", lv - 1)) * 20 + b"er" + struct.pack("<I", lv)
+    obj, _ = safe_load(out + b".", "x.pkl")
+    assert len(obj) == 20 and obj[0] is obj[1]
+    cyc = b"\x80\x02}r\x00\x00\x00\x00" + _s("self") + b"j\x00\x00\x00\x00s."  # d = {}; d['self'] = d
+    d, _ = safe_load(cyc, "x.pkl")
+    assert d["self"] is d and to_plain(d) == {"self": "<cycle>"}
+
+
+# -- 2. known-harmless classes come back as inert placeholders --------------------------------------
+
+
+class _Color(__import__("enum").Enum):
+    RED = 1
+
+
+def _harmless_objects() -> dict:
+    import collections
+    import datetime
+    import functools
+    import io
+    import pathlib
+    import types
+
+    return {
+        "partial": functools.partial(json.dumps, 1, indent=2),
+        "path": pathlib.PosixPath("/data/run1/ckpt.pt"),
+        "wpath": pathlib.PureWindowsPath("C:/data/x"),
+        "extra_state": io.BytesIO(b"transformer-engine fp8 meta"),
+        "ns": types.SimpleNamespace(lr=0.1, name="adam"),
+        "rng": np.random.RandomState(0),
+        "when": datetime.datetime(2024, 1, 2, 3, 4, 5, 6),
+        "day": datetime.date(2020, 5, 6),
+        "enum": _Color.RED,
+        "dd": collections.defaultdict(list, {"a": [1]}),
+        "dq": collections.deque([1, 2]),
+        "counts": collections.Counter("aab"),
+        "device": torch.device("cuda", 0),
+        "cpu": torch.device("cpu"),
+        "size": torch.Size([2, 3]),
+        "dtype": torch.bfloat16,
+        "err": ValueError("bad"),
+    }
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_harmless_classes_are_placeholders(tmp_path, protocol):
+    objs = _harmless_objects()
+    path = tmp_path / "h.pt"
+    model = {"w": torch.randn(2, 3)}
+    torch.save({"model": model, "extra": objs}, path, pickle_protocol=protocol)
+    back = torch.load(path, weights_only=False)  # our own file
+    _assert_same_tensors(path, back["model"])
+    with open_checkpoint(path) as ck:
+        got = ck.extras["extra"]
+    ref = back["extra"]
+    assert got["partial"] == {"partial": "json.dumps", "args": [1], "keywords": {"indent": 2}}
+    assert got["path"] == str(ref["path"]) and got["wpath"] == str(ref["wpath"])
+    assert got["extra_state"] == ref["extra_state"].getvalue()
+    assert got["ns"] == vars(ref["ns"])
+    assert got["rng"]["state"]["pos"] == ref["rng"].get_state(legacy=False)["state"]["pos"]
+    assert got["when"] == ref["when"].isoformat() and got["day"] == ref["day"].isoformat()
+    assert got["enum"].endswith("_Color(1)")
+    assert got["dd"] == dict(ref["dd"]) and got["dq"] == list(ref["dq"]) and got["counts"] == dict(ref["counts"])
+    assert got["device"] == str(ref["device"]) == "cuda:0" and got["cpu"] == "cpu"
+    assert got["size"] == list(ref["size"]) and got["dtype"] == "bfloat16"
+    assert "ValueError" in str(got["err"])
+
+
+def test_placeholders_are_never_called_or_imported(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    from statemap.load.unpickle import Opaque
+
+    path = tmp_path / "h.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": _harmless_objects()}, path)
+    with zipfile.ZipFile(path) as z:
+        raw, _ = safe_load(z.read("h/data.pkl"), str(path))
+    for k in ("partial", "path", "extra_state", "ns", "rng", "when", "enum", "dd", "dq", "err"):
+        assert isinstance(raw["extra"][k], Opaque), k  # a record, not the real class
+    code = "import sys, statemap; statemap.open_checkpoint(sys.argv[1]); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"  # torch itself was not imported to read a torch file
+
+
+# -- 3. every dtype torch and safetensors define ------------------------------------------------------
+
+
+def _torch_dtypes() -> list:
+    return sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+
+
+def test_every_torch_dtype_is_known_with_its_itemsize():
+    from statemap.dtypes import dtype
+
+    names = []
+    for d in _torch_dtypes():
+        name = str(d).removeprefix("torch.")
+        assert dtype(name).itemsize == d.itemsize, name
+        names.append(name)
+    assert len(names) >= 45  # complex32/64/128, float8 x5, float4, bits, quantized, sub-byte ints ...
+
+
+def _sample(d, n: int = 6):
+    if d.is_complex:
+        return torch.arange(n, dtype=torch.float32).to(d) * (1 + 2j)
+    if d == torch.bool:
+        return torch.arange(n) % 2 == 0
+    if d.is_floating_point and d.itemsize > 1:
+        return torch.linspace(-2, 3, n).to(d)
+    return torch.arange(7, 7 + n * d.itemsize, dtype=torch.uint8).view(d)  # raw bits for 1-byte / exotic types
+
+
+def test_torch_save_of_every_savable_dtype(tmp_path):
+    model = {}
+    for d in _torch_dtypes():
+        try:
+            t = _sample(d)
+            torch.save({"t": t}, tmp_path / "probe.pt")
+        except Exception:  # int1..int7, uint1..uint7: torch names them but cannot save them
+            continue
+        model[str(d).removeprefix("torch.")] = t
+    assert {
+        "complex32",
+        "complex64",
+        "complex128",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+        "qint8",
+    } <= set(model)
+    path = tmp_path / "all.pt"
+    torch.save({"model": model}, path)
+    back = torch.load(path, weights_only=False)["model"]
+    with open_checkpoint(path) as ck:
+        for k, t in back.items():
+            assert ck.metas[k].dtype == k and ck.metas[k].shape == tuple(t.shape), k
+            assert np.array(ck.read(k)).tobytes() == t.contiguous().view(torch.uint8).numpy().tobytes(), k
+    # the comparison can fail: a different tensor has different bytes
+    assert _sample(torch.float32).numpy().tobytes() != (_sample(torch.float32) + 1).numpy().tobytes()
+
+
+def test_every_safetensors_dtype(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from statemap.cli import main
+
+    names = [
+        "C64",
+        "F8_E4M3FNUZ",
+        "F8_E5M2FNUZ",
+        "F8_E8M0",
+        "F4",
+        "F8_E4M3",
+        "F8_E5M2",
+        "BF16",
+        "U16",
+        "U32",
+        "U64",
+        "BOOL",
+        "F64",
+    ]
+    from statemap.dtypes import dtype
+
+    tensors = {n: _sample(getattr(torch, dtype(n).name), 8).reshape(2, 4) for n in names}
+    src = tmp_path / "all.safetensors"
+    save_file(tensors, src)
+    header = json.loads(src.read_bytes()[8 : 8 + struct.unpack("<Q", src.read_bytes()[:8])[0]])
+    assert header["F4"]["shape"] == [2, 8] and header["C64"]["dtype"] == "C64"  # F4 counts 4-bit values
+    ref = load_file(src)
+    with open_checkpoint(src) as ck:
+        for k, t in ref.items():
+            assert ck.metas[k].shape == tuple(t.shape) and ck.metas[k].dtype == str(t.dtype).removeprefix("torch."), k
+            assert np.array(ck.read(k)).tobytes() == t.contiguous().view(torch.uint8).numpy().tobytes(), k
+    # written back by statemap: safetensors reads the same tensors (F4 shapes doubled again)
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: t\nversion: 1\nrules:\n  - keep: '{k:path}'\n")
+    out = tmp_path / "out.safetensors"
+    assert main(["apply", str(spec), str(src), str(out)]) == 0
+    again = load_file(out)
+    for k, t in ref.items():
+        assert again[k].dtype == t.dtype and torch.equal(again[k].view(torch.uint8), t.view(torch.uint8)), k
+
+
+def test_types_safetensors_lacks_are_refused_clearly(tmp_path, capsys):
+    from statemap.cli import main
+
+    src = tmp_path / "c.pt"
+    torch.save({"z": torch.ones(2, dtype=torch.complex128)}, src)
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: t\nversion: 1\nrules:\n  - keep: '{k:path}'\n")
+    assert main(["apply", str(spec), str(src), str(tmp_path / "o.safetensors")]) == 2
+    assert "tensor 'z' is complex128, which safetensors cannot hold" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_packed_shapes():
+    from statemap.dtypes import StatemapError, dtype, st_shape, torch_shape
+
+    f4, f6 = dtype("F4"), dtype("F6_E2M3")
+    assert (f4.name, f4.itemsize, f4.per_item) == ("float4_e2m1fn_x2", 1, 2)
+    assert (f6.itemsize, f6.per_item, f6.np.itemsize) == (3, 4, 3)
+    assert st_shape(f4, (3, 8)) == (3, 16) and torch_shape(f4, (3, 16)) == (3, 8)
+    assert torch_shape(f6, (2, 8)) == (2, 2)
+    with pytest.raises(StatemapError, match=r"F4 shape \[3\]: the last dimension must be a multiple of 2"):
+        torch_shape(f4, (3,))
+    with pytest.raises(StatemapError, match=r"safetensors has no qint8 type"):
+        dtype("qint8").st  # noqa: B018
+    with pytest.raises(StatemapError, match=r"unknown dtype 'x{40}\.\.\.'"):
+        dtype("x" * 5000)
