@@ -562,3 +562,140 @@ def test_packed_shapes():
         dtype("qint8").st  # noqa: B018
     with pytest.raises(StatemapError, match=r"unknown dtype 'x{40}\.\.\.'"):
         dtype("x" * 5000)
+
+
+# -- 4. numpy arrays of any protocol ---------------------------------------------------------------------
+
+
+def _np_model() -> dict:
+    return {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.array([1, -2], dtype=np.int64),
+        "h": np.linspace(0, 1, 4).astype(np.float16),
+        "m": np.array([True, False]),
+        "f": np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+        "be": np.arange(3, dtype=">f4"),
+        "c": np.array([1 + 2j], dtype=np.complex64),
+    }
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_numpy_arrays_in_torch_save_are_tensors(tmp_path, protocol):
+    path = tmp_path / f"np{protocol}.pt"
+    torch.save({"model": _np_model()}, path, pickle_protocol=protocol)
+    back = torch.load(path, weights_only=False)["model"]  # our own file
+    with open_checkpoint(path) as ck:
+        assert set(ck.metas) == set(back) and not ck.skipped  # nothing dropped
+        for k, a in back.items():
+            assert ck.metas[k].shape == a.shape
+            got = np.asarray(ck.read(k))
+            assert got.dtype == a.dtype.newbyteorder("<") and np.array_equal(got, a), k
+    assert not np.array_equal(back["a"], back["a"] + 1)  # the comparison can fail
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_plain_numpy_pickles(tmp_path, protocol):
+    """.pdparams-style plain pickles; protocol 5 puts the bytes in-band (BYTEARRAY8 + _frombuffer)."""
+    path = tmp_path / "m.pdparams"
+    model = _np_model()
+    data = pickle.dumps(model, protocol=protocol)
+    if protocol == 5:
+        assert b"_frombuffer" in data and b"\x96" in data
+    path.write_bytes(data)
+    with open_checkpoint(path) as ck:
+        assert set(ck.metas) == set(model)
+        for k, a in model.items():
+            assert np.array_equal(np.asarray(ck.read(k)), a), k
+
+
+def test_numpy_1_names_read_too(tmp_path):
+    data = pickle.dumps({"w": np.arange(3, dtype=np.float32)}, protocol=2).replace(b"numpy._core", b"numpy.core")
+    assert b"numpy.core.multiarray" in data
+    obj, _ = safe_load(data, "x.pkl")
+    assert obj["w"].tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_numpy_string_and_object_arrays_are_kept_as_data(tmp_path, protocol):
+    path = tmp_path / "s.pt"
+    names = np.array(["enc", "dec"])
+    torch.save(
+        {
+            "model": {"w": torch.ones(2), "names": names},
+            "vocab": names,
+            "objs": np.array([1, "x"], dtype=object),
+            "s": np.str_("hi"),
+        },
+        path,
+        pickle_protocol=protocol,
+    )
+    with open_checkpoint(path) as ck:
+        assert list(ck.metas) == ["w"] and ck.skipped == ["names"]  # listed, not silently dropped, not refused
+        assert ck.extras["vocab"] == ["enc", "dec"] and ck.extras["objs"] == [1, "x"] and ck.extras["s"] == "hi"
+
+
+def test_numpy_scalars_and_rng_state(tmp_path):
+    data = pickle.dumps({"x": np.float32(1.5), "n": np.int64(7), "rng": np.random.RandomState(3)}, protocol=4)
+    obj, _ = safe_load(data, "x.pkl")
+    plain = to_plain(obj)
+    assert plain["x"] == 1.5 and plain["n"] == 7
+    key = np.random.RandomState(3).get_state(legacy=False)["state"]["key"]
+    assert np.array_equal(plain["rng"]["state"]["key"], key)
+
+
+def test_out_of_band_buffers_are_refused_clearly(tmp_path):
+    data = pickle.dumps({"w": np.arange(4, dtype=np.float32)}, protocol=5, buffer_callback=lambda b: False)
+    assert b"\x97" in data  # NEXT_BUFFER
+    (tmp_path / "oob.pkl").write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"oob\.pkl: the pickle refers to an out-of-band buffer .* re-save it in-band"):
+        open_checkpoint(tmp_path / "oob.pkl")
+
+
+# -- anything torch.load(weights_only=True) reads, statemap reads ----------------------------------------
+
+
+def _weights_only_payloads() -> dict:
+    import collections
+
+    base = torch.randn(4, 5)
+    sd = collections.OrderedDict(w=base, b=torch.arange(3), view=base[1:3, ::2], t=base.t(), e=torch.zeros(1).expand(4))
+    sd._metadata = collections.OrderedDict({"": {"version": 1}})  # what nn.Module.state_dict() carries
+    return {
+        "state_dict": sd,
+        "wrapped": {"model": sd, "epoch": 3, "best": 0.5, "name": "run", "flags": (True, None), "ids": {1, 2}, "raw": b"\x00"},
+        "typed": {
+            "model": {"x": torch.ones(2)},
+            "dtype": torch.float16,
+            "size": torch.Size([2]),
+            "device": torch.device("cuda", 1),
+        },
+        "dtypes": {
+            "model": {str(d): _sample(d) for d in (torch.bfloat16, torch.complex64, torch.float8_e5m2, torch.uint16, torch.bool)}
+        },
+        "params": {
+            "model": {"p": torch.nn.Parameter(torch.ones(3)), "q": torch.nn.Parameter(torch.ones(2), requires_grad=False)}
+        },
+        "optim": {"model": {"w": base}, "optimizer": torch.optim.Adam([torch.nn.Parameter(torch.ones(2))]).state_dict()},
+        "big_int": {"model": {"w": base}, "seed": 2**70, "neg": -(2**65)},
+    }
+
+
+@pytest.mark.parametrize("fmt", ["p2", "p4", "p5", "legacy"])
+def test_everything_weights_only_reads_statemap_reads(tmp_path, fmt):
+    read = 0
+    for name, obj in _weights_only_payloads().items():
+        path = tmp_path / f"{name}.pt"
+        if fmt == "legacy":
+            torch.save(obj, path, _use_new_zipfile_serialization=False)
+        else:
+            torch.save(obj, path, pickle_protocol=int(fmt[1]))
+        try:
+            ref = torch.load(path, weights_only=True)
+        except Exception:
+            continue
+        read += 1
+        model = ref["model"] if "model" in ref else ref
+        model = {k: (v.data if isinstance(v, torch.nn.Parameter) else v) for k, v in model.items()}
+        _assert_same_tensors(path, model)
+    if fmt == "p2":  # torch.save's default protocol: torch reads every payload here, and so must we (not vacuous)
+        assert read == len(_weights_only_payloads())
