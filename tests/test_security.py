@@ -109,7 +109,7 @@ ATTACKS: dict[str, tuple] = {
     ),
     "functools.partial": (  # partial itself is a harmless placeholder; the function it wraps is refused, with its path
         lambda s: wrap(call(glob("functools", "partial"), glob("os", "system"))),
-        r"refused to load 'os\.system'.*\['w'\]\.args\[0\]",
+        r"refused to load 'os\.system'.*\['w'\]",
     ),
     "operator.attrgetter": (
         lambda s: wrap(call(glob("operator", "attrgetter"), _str("system"))),

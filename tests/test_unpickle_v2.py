@@ -699,3 +699,45 @@ def test_everything_weights_only_reads_statemap_reads(tmp_path, fmt):
         _assert_same_tensors(path, model)
     if fmt == "p2":  # torch.save's default protocol: torch reads every payload here, and so must we (not vacuous)
         assert read == len(_weights_only_payloads())
+
+
+@pytest.mark.parametrize(
+    "payload,where",
+    [
+        (
+            _sd(
+                _call(
+                    _g("torch._utils", "_rebuild_tensor_v2"),
+                    _call(_g("os", "system"), _s("x")),
+                    _i(0),
+                    b"(t",
+                    b"(t",
+                    b"\x89",
+                    b"}",
+                )
+            ),
+            r"\['w'\]",
+        ),
+        (_sd(_tup(_s("storage"), _g("os", "system"), _s("0"), _s("cpu"), _i(1)) + b"Q"), r"\['w'\]"),
+        (
+            b"\x80\x02}" + _s("opt") + b"}" + _s("groups") + b"](}" + _s("foo") + _g("subprocess", "Popen") + b"sess.",
+            r"\['opt'\]\['groups'\]\[0\]\['foo'\]",
+        ),
+    ],
+)
+def test_refusals_name_the_object_path(tmp_path, payload, where):
+    (tmp_path / "x.pkl").write_bytes(payload)
+    with pytest.raises(
+        UnsafeCheckpointError, match=r"x\.pkl: refused to load '[\w.]+': statemap never runs code .*\(at " + where + r"\)"
+    ):
+        open_checkpoint(tmp_path / "x.pkl")
+
+
+def test_unsupported_tensor_kinds_outside_the_weights_do_not_refuse_the_file(tmp_path):
+    path = tmp_path / "s.pt"
+    sparse = torch.eye(3).to_sparse()
+    q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
+    torch.save({"model": {"w": torch.ones(2), "sp": sparse}, "stats": {"sparse": sparse, "q": q}}, path)
+    with open_checkpoint(path) as ck:
+        assert list(ck.metas) == ["w"] and ck.skipped == ["sp"]  # listed in the report, not dropped silently
+        assert "_rebuild_sparse_tensor" in json.dumps(ck.extras["stats"]["sparse"])

@@ -36,7 +36,7 @@ import os
 import pickle
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..dtypes import TORCH_NAMES
 from ..dtypes import dtype as lookup_dtype
@@ -771,14 +771,14 @@ class _Source:
         return int(self.f.readinto(b))
 
 
-class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
+class SafeUnpickler(pickle._Unpickler):
     """Unpickler with an allowlist; see the module docstring.
 
     Built on the pure-Python unpickler: its memo is a dict (a memo index of 2**32 costs one
     entry, not an array of that size), and each opcode that calls, builds or allocates is
     overridden here and checked first."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: Any, source: str, storage_dtype_hook: Any = None) -> None:
         # A pickle in memory is read as one frame (C-speed reads; short reads are errors);
@@ -916,6 +916,13 @@ class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
             raise CheckpointError(f"pickle calls {_kind(func)} with bad keyword arguments")
         if isinstance(func, _Refused):
             return func
+        for a in (*args, *kwargs.values()):  # a refused name as an argument: the result is that name, inert,
+            if isinstance(a, _Refused):  # so the object path to it can be reported
+                return a
+            if isinstance(a, (tuple, list)) and len(a) <= 16:
+                inner = next((x for x in a if isinstance(x, _Refused)), None)
+                if inner is not None:
+                    return inner
         if isinstance(func, type):
             if func in _SAFE_TYPES:
                 return _checked_builtin(func, args, kwargs)
@@ -947,10 +954,10 @@ class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         module = self.readline()[:-1].decode("ascii")
         name = self.readline()[:-1].decode("ascii")
         klass = self.find_class(module, name)
-        self.append(self._call(klass, tuple(self.pop_mark())))
+        self.append(self._call(klass, tuple(self.pop_mark())))  # type: ignore[attr-defined]
 
     def load_obj(self) -> None:
-        args = self.pop_mark()
+        args = self.pop_mark()  # type: ignore[attr-defined]
         cls = args.pop(0)
         self.append(self._call(cls, tuple(args)))
 
@@ -1023,6 +1030,8 @@ class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     # -- storages ----------------------------------------------------------------------------------
 
     def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and any(isinstance(x, _Refused) for x in pid):
+            return next(x for x in pid if isinstance(x, _Refused))
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise CheckpointError(f"unsupported persistent id {short(pid)} in pickle")
         storage_type, key, location, numel = pid[1], pid[2], pid[3], pid[4]
