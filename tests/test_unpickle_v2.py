@@ -5,9 +5,11 @@ against ``torch.load(weights_only=False)`` on files this test generated itself."
 from __future__ import annotations
 
 import _compat_pickle
+import functools
 import json
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -741,3 +743,43 @@ def test_unsupported_tensor_kinds_outside_the_weights_do_not_refuse_the_file(tmp
     with open_checkpoint(path) as ck:
         assert list(ck.metas) == ["w"] and ck.skipped == ["sp"]  # listed in the report, not dropped silently
         assert "_rebuild_sparse_tensor" in json.dumps(ck.extras["stats"]["sparse"])
+
+
+def test_quantized_tensors_read_as_their_int_representation(tmp_path):
+    path = tmp_path / "q.pt"
+    model = {
+        "qt": torch.quantize_per_tensor(torch.linspace(-1, 1, 6).reshape(2, 3), 0.05, 3, torch.qint8),
+        "qu": torch.quantize_per_tensor(torch.linspace(0, 1, 4), 0.1, 2, torch.quint8),
+        "qc": torch.quantize_per_channel(torch.randn(2, 3), torch.tensor([0.1, 0.2]), torch.tensor([0, 1]), 0, torch.qint8),
+        "q32": torch.quantize_per_tensor(torch.linspace(-1, 1, 3), 0.01, 0, torch.qint32),
+    }
+    torch.save({"model": model}, path)
+    back = torch.load(path, weights_only=False)["model"]  # our own file
+    with open_checkpoint(path) as ck:
+        for k, q in back.items():
+            assert ck.metas[k].dtype == str(q.dtype).removeprefix("torch.") and ck.metas[k].shape == tuple(q.shape), k
+            assert np.array_equal(np.asarray(ck.read(k)), q.int_repr().numpy()), k
+    with zipfile.ZipFile(path) as z:
+        raw, _ = safe_load(z.read("q/data.pkl"), str(path))
+    assert raw["model"]["qt"].quantizer == ("torch.per_tensor_affine", 0.05, 3)  # recorded, not dropped
+
+
+def test_no_internal_object_leaves_the_unpickler(tmp_path):
+    import http
+
+    path = tmp_path / "x.pt"
+    extra = {
+        "np_dtype": np.dtype("float16"),
+        "size_type": torch.Size,
+        "storage_type": torch.FloatStorage,
+        "status": http.HTTPStatus.OK,
+        "fn": functools.partial(max, default=0),  # a builtin as a partial's function: data, never called
+    }
+    torch.save({"model": {"w": torch.ones(1)}, "extra": extra}, path)
+    with open_checkpoint(path) as ck:
+        text = json.dumps(ck.extras, default=str)
+        got = ck.extras["extra"]
+    assert got["np_dtype"] == "float16" and got["status"] == "http.HTTPStatus(200)"
+    assert got["fn"] == {"partial": "builtins.max", "args": [], "keywords": {"default": 0}}
+    for internal in ("statemap", "<class", "object at", "_Np", "_Storage", "_torch_size"):
+        assert internal not in text, text

@@ -212,6 +212,15 @@ HARMLESS = {
     ("numpy.random._pickle", "__bit_generator_ctor"),
     ("numpy.random._pickle", "__generator_ctor"),
     ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
+    # enums and records of network / process modules, as they appear in configs
+    ("http", "HTTPStatus"),
+    ("http", "HTTPMethod"),
+    ("signal", "Signals"),
+    ("signal", "Handlers"),
+    ("socket", "AddressFamily"),
+    ("socket", "SocketKind"),
+    ("urllib.parse", "ParseResult"),
+    ("urllib.parse", "SplitResult"),
 }
 
 
@@ -235,6 +244,9 @@ class TensorRef:
     stride: tuple[int, ...]
     requires_grad: bool = False
     dtype: str = ""  # element type; differs from the storage's for _rebuild_tensor_v3 (byte storages)
+    quantizer: tuple[
+        Any, ...
+    ] = ()  # quantized tensors: (qscheme, scale(s), zero point(s)[, axis]); values are the int representation
 
     @property
     def element_dtype(self) -> str:
@@ -421,6 +433,21 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_
     shape, strides = _ints(size, "size"), _ints(stride, "stride")
     check_view(shape, strides, offset, st.numel, lookup_dtype(st.dtype).itemsize)
     return TensorRef(st, offset, shape, strides, bool(requires_grad))
+
+
+def _rebuild_qtensor(
+    storage: Any, offset: Any, size: Any, stride: Any, quantizer: Any, requires_grad: Any = False, *_: Any
+) -> Any:
+    """A quantized tensor: its bytes are the int representation (``int_repr()``); the quantizer is recorded."""
+    st = _as_storage(storage)
+    if not isinstance(quantizer, tuple) or not quantizer:
+        raise CheckpointError("quantized tensor without quantizer parameters")
+    if st.dtype in ("quint4x2", "quint2x4"):  # several values per byte: no array of the tensor's shape holds them
+        return opaque_type("torch._utils", "_rebuild_qtensor")(st.dtype, size, stride, quantizer)
+    ref = _rebuild_tensor(st, offset, size, stride, requires_grad)
+    scheme = quantizer[0]
+    name = f"torch.{scheme._name}" if isinstance(scheme, type) and issubclass(scheme, Opaque) else short(scheme)
+    return TensorRef(st, ref.offset, ref.shape, ref.stride, ref.requires_grad, "", (name, *quantizer[1:]))
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = False, *_: Any) -> Any:
@@ -705,6 +732,7 @@ _OUR_CALLABLES = frozenset(
         _rebuild_parameter,
         _rebuild_from_type_v2,
         _rebuild_device_tensor_from_numpy,
+        _rebuild_qtensor,
         _torch_device,
         _torch_size,
         _np_reconstruct,
@@ -852,7 +880,9 @@ class SafeUnpickler(pickle._Unpickler):
                 return opaque_type(module, name)
             if name == "object":  # the base class argument of copyreg._reconstructor (protocols 0 and 1)
                 return _OBJECT_BASE
-            return _Refused(full)
+            if name in DENY_BUILTINS or name.startswith("_") or "." in name:
+                return _Refused(full)
+            return opaque_type(module, name)  # max, len, sorted ... as data (a partial's function): inert, never called
         if any(module == d or module.startswith(d + ".") for d in DENY_MODULES) or name.startswith("__"):
             if module == "copyreg" and name in ("__newobj__", "__newobj_ex__"):
                 return _newobj
@@ -886,6 +916,8 @@ class SafeUnpickler(pickle._Unpickler):
             return _rebuild_tensor_v3
         if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
             return _rebuild_parameter
+        if module == "torch._utils" and name == "_rebuild_qtensor":
+            return _rebuild_qtensor
         if module == "torch._utils" and name == "_rebuild_device_tensor_from_numpy":
             return _rebuild_device_tensor_from_numpy
         if module == "torch._tensor" and name == "_rebuild_from_type_v2":
@@ -1195,6 +1227,8 @@ def finish(obj: Any, refused: list[_Refused] | None = None) -> Any:
             if not hasattr(v, "value"):
                 raise CheckpointError("numpy array without data in pickle")
             return v.value
+        if isinstance(v, _INTERNAL_TYPES) or (callable(v) and not isinstance(v, type) and v in _OUR_CALLABLES):
+            return _as_data(v)  # no internal object leaves the unpickler
         if isinstance(v, _Refused):
             raise _RefusedFound(v.written, _path(parent, owner, step))
         if isinstance(v, (dict, list, Opaque, set, frozenset)) and id(v) not in seen:
@@ -1206,7 +1240,7 @@ def finish(obj: Any, refused: list[_Refused] | None = None) -> Any:
             if id(v) not in seen:
                 parent.setdefault(id(v), (owner, step))
                 seen.add(id(v))
-                if any(isinstance(x, (_NpArray, _Refused)) for x in v):
+                if any(isinstance(x, (_NpArray, _Refused, *_INTERNAL_TYPES)) or callable(x) for x in v):
                     new = tuple(fix(x, id(v), f"[{i}]") for i, x in enumerate(v))
                     rebuilt[id(v)] = new
                     return new
@@ -1246,6 +1280,27 @@ def finish(obj: Any, refused: list[_Refused] | None = None) -> Any:
         raise _RefusedFound(refused[0].written, "a value the file builds but does not keep")
     _check_shape(top)
     return top
+
+
+_INTERNAL_TYPES = (_NpDtype, _StorageType, _Marker, StorageRef)
+
+
+def _as_data(v: Any) -> Any:
+    """Internal stand-ins found as plain values (a numpy dtype, a storage type, ``torch.Size`` itself ...) -> text."""
+    if isinstance(v, _NpDtype):
+        try:
+            import numpy as np
+
+            return str(np.dtype(v.spec)) if not v.structured else v.spec
+        except TypeError:
+            return v.spec
+    if isinstance(v, _StorageType):
+        return f"torch storage type ({v.dtype})"
+    if isinstance(v, _Marker):
+        return v.what
+    if isinstance(v, StorageRef):
+        return f"<torch storage of {v.numel} {v.dtype}>"
+    return _callable_name(v)
 
 
 def _path(parent: dict[int, tuple[int, str]], owner: int, step: str) -> str:
