@@ -783,3 +783,20 @@ def test_no_internal_object_leaves_the_unpickler(tmp_path):
     assert got["fn"] == {"partial": "builtins.max", "args": [], "keywords": {"default": 0}}
     for internal in ("statemap", "<class", "object at", "_Np", "_Storage", "_torch_size"):
         assert internal not in text, text
+
+
+def test_text_line_and_data_pkl_bounds(tmp_path, monkeypatch):
+    from statemap.load import torch_format, unpickle
+
+    path = tmp_path / "p0.pkl"
+    path.write_bytes(pickle.dumps({"w": np.zeros(2, dtype=np.float32), "name": "x" * 300}, protocol=0))
+    with open_checkpoint(path) as ck:
+        assert list(ck.metas) == ["w"]
+    monkeypatch.setattr(unpickle, "MAX_LINE", 100)
+    with pytest.raises(CheckpointError, match=r"p0\.pkl: pickle text line longer than 100 bytes"):
+        open_checkpoint(path)
+    zpath = tmp_path / "m.pt"
+    torch.save({"w": torch.zeros(2)}, zpath)
+    monkeypatch.setattr(torch_format, "MAX_PICKLE", 10)
+    with pytest.raises(CheckpointError, match=r"m\.pt: entry 'm/data\.pkl' is \d+ bytes; refusing \(limit 10\)"):
+        open_checkpoint(zpath)

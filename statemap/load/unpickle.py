@@ -617,18 +617,19 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
 
 
 def _reconstructor(cls: Any, base: Any = None, state: Any = None) -> Any:
+    """``copyreg._reconstructor`` (protocols 0 and 1): a placeholder of ``cls``; never the real class."""
     if isinstance(cls, type) and issubclass(cls, Opaque):
         return cls()
-    if cls in (collections.OrderedDict, dict):
-        return cls()
-    raise CheckpointError(f"refused copyreg._reconstructor for {_kind(cls)}")
+    if cls is dict or cls is _ordered_dict:
+        return collections.OrderedDict() if cls is _ordered_dict else {}
+    return opaque_type("copyreg", "_reconstructor")(_as_data(cls) if callable(cls) else short(cls))
 
 
 def _newobj(cls: Any, *args: Any) -> Any:
-    """``copyreg.__newobj__``: only placeholder classes."""
+    """``copyreg.__newobj__``: a placeholder of ``cls``."""
     if isinstance(cls, type) and issubclass(cls, Opaque):
         return cls(*args)
-    raise CheckpointError(f"refused copyreg.__newobj__ for {_kind(cls)}")
+    return opaque_type("copyreg", "__newobj__")(_as_data(cls) if callable(cls) else short(cls), *args)
 
 
 def _ordered_dict(*args: Any) -> collections.OrderedDict[Any, Any]:
