@@ -1172,6 +1172,7 @@ def safe_load(data: bytes | Any, source: str) -> tuple[Any, dict[str, StorageRef
         UnicodeDecodeError,
         OverflowError,
         struct.error,
+        SystemError,  # numpy on invalid unicode code points in a string array
     ) as e:
         if up.refused:
             raise _unsafe(source, up.refused[0]) from None
