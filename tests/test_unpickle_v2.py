@@ -247,6 +247,19 @@ BAD: list[tuple[str, Any, str]] = [
         ),
         r"numpy array shape .* out of bounds",
     ),
+    (
+        "string array with an invalid code point",
+        _sd(
+            _call(
+                _g("numpy._core.numeric", "_frombuffer"),
+                b"C\x04\xff\xff\xff\xff",
+                _call(_g("numpy", "dtype"), _s("U1")),
+                b"(K\x01t",
+                _s("C"),
+            )
+        ),
+        r"corrupt or unsupported pickle at byte \d+: SystemError",
+    ),
     ("truncated BINBYTES claim", b"\x80\x03B\xff\xff\xff\x7f" + b"abc", r"pickle asks for 2147483647 bytes; only 3 remain"),
     ("frame past the end", b"\x80\x04\x95" + struct.pack("<Q", 2**40) + b"N.", r"pickle frame of 1099511627776 bytes"),
     ("os.system deep inside", None, r"refused to load 'posix\.system'.*\['optimizer'\]\['param_groups'\]\[0\]\['foo'\]"),
