@@ -36,6 +36,7 @@ import os
 import pickle
 import struct
 from dataclasses import dataclass
+from types import FunctionType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..dtypes import TORCH_NAMES
@@ -939,35 +940,39 @@ class SafeUnpickler(pickle._Unpickler):
     # -- calls: the one gate -----------------------------------------------------------------------
 
     def _call(self, func: Any, args: Any, kwargs: Any = None) -> Any:
-        if not isinstance(args, tuple):
-            if isinstance(args, list):
+        if type(args) is not tuple:
+            if isinstance(args, (tuple, list)):
                 args = tuple(args)
             else:
                 raise CheckpointError(f"pickle calls {_kind(func)} with {_kind(args)} instead of an argument tuple")
-        kwargs = kwargs or {}
-        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-            raise CheckpointError(f"pickle calls {_kind(func)} with bad keyword arguments")
-        if isinstance(func, _Refused):
-            return func
-        for a in (*args, *kwargs.values()):  # a refused name as an argument: the result is that name, inert,
-            if isinstance(a, _Refused):  # so the object path to it can be reported
-                return a
-            if isinstance(a, (tuple, list)) and len(a) <= 16:
-                inner = next((x for x in a if isinstance(x, _Refused)), None)
-                if inner is not None:
-                    return inner
-        if isinstance(func, type):
+        if kwargs:
+            if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+                raise CheckpointError(f"pickle calls {_kind(func)} with bad keyword arguments")
+        else:
+            kwargs = {}
+        if self.refused:  # only then can a refused marker be anywhere
+            if isinstance(func, _Refused):
+                return func
+            for a in (*args, *kwargs.values()):  # a refused name as an argument: the result is that name, inert,
+                if isinstance(a, _Refused):  # so the object path to it can be reported
+                    return a
+                if isinstance(a, (tuple, list)) and len(a) <= 16:
+                    inner = next((x for x in a if isinstance(x, _Refused)), None)
+                    if inner is not None:
+                        return inner
+        if type(func) is FunctionType:
+            if func in _OUR_CALLABLES:
+                try:
+                    return func(*args, **kwargs)
+                except TypeError:
+                    raise CheckpointError(f"pickle calls {_callable_name(func)} with {len(args)} arguments") from None
+        elif isinstance(func, type):
             if func in _SAFE_TYPES:
                 return _checked_builtin(func, args, kwargs)
             if issubclass(func, Opaque):
                 return func(*args, **kwargs)
-            if func is _NpArray and not args and not kwargs:
-                return _NpArray()
-        elif func in _OUR_CALLABLES or isinstance(func, (_StorageType, _Marker)):
-            try:
-                return func(*args, **kwargs)
-            except TypeError:
-                raise CheckpointError(f"pickle calls {_callable_name(func)} with {len(args)} arguments") from None
+        elif isinstance(func, (_StorageType, _Marker)):
+            return func(*args, **kwargs)
         raise CheckpointError(f"pickle calls {_kind(func)}, which is data, not a constructor")
 
     def load_reduce(self) -> None:
@@ -1063,7 +1068,7 @@ class SafeUnpickler(pickle._Unpickler):
     # -- storages ----------------------------------------------------------------------------------
 
     def persistent_load(self, pid: Any) -> Any:
-        if isinstance(pid, tuple) and any(isinstance(x, _Refused) for x in pid):
+        if self.refused and isinstance(pid, tuple) and any(isinstance(x, _Refused) for x in pid):
             return next(x for x in pid if isinstance(x, _Refused))
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise CheckpointError(f"unsupported persistent id {short(pid)} in pickle")
@@ -1219,12 +1224,12 @@ def finish(obj: Any, refused: list[_Refused] | None = None) -> Any:
     """Replace numpy stand-ins by arrays, in place, walking each container once (pickles may hold
     cycles and shared containers); check the graph's depth and expanded size; find refused names."""
     seen: set[int] = set()
-    parent: dict[int, tuple[int, str]] = {}
+    parent: dict[int, tuple[int, Any]] = {}  # id -> (owner id, step); steps are formatted only for a message
     rebuilt: dict[int, tuple[Any, ...]] = {}  # tuples holding numpy stand-ins, rebuilt once
     stack: list[Any] = []
     budget = MAX_OPS
 
-    def fix(v: Any, owner: int, step: str) -> Any:
+    def fix(v: Any, owner: int, step: Any) -> Any:
         if isinstance(v, _NpArray):
             if not hasattr(v, "value"):
                 raise CheckpointError("numpy array without data in pickle")
@@ -1243,14 +1248,14 @@ def finish(obj: Any, refused: list[_Refused] | None = None) -> Any:
                 parent.setdefault(id(v), (owner, step))
                 seen.add(id(v))
                 if any(isinstance(x, (_NpArray, _Refused, *_INTERNAL_TYPES)) or callable(x) for x in v):
-                    new = tuple(fix(x, id(v), f"[{i}]") for i, x in enumerate(v))
+                    new = tuple(fix(x, id(v), i) for i, x in enumerate(v))
                     rebuilt[id(v)] = new
                     return new
                 for i, x in enumerate(v):
-                    fix(x, id(v), f"[{i}]")
+                    fix(x, id(v), i)
         return v
 
-    top = fix(obj, 0, "")
+    top = fix(obj, 0, None)
     while stack:
         budget -= 1
         if budget < 0:
@@ -1262,22 +1267,22 @@ def finish(obj: Any, refused: list[_Refused] | None = None) -> Any:
         me = id(cur)
         if isinstance(cur, dict):
             for k in list(cur):
-                cur[k] = fix(cur[k], me, f"[{_key(k)}]")
+                cur[k] = fix(cur[k], me, k)
         elif isinstance(cur, list):
             for i, v in enumerate(cur):
-                cur[i] = fix(v, me, f"[{i}]")
+                cur[i] = fix(v, me, i)
         elif isinstance(cur, (set, frozenset)):
             for v in cur:
-                fix(v, me, "{}")
+                fix(v, me, _SET_MEMBER)
         elif isinstance(cur, Opaque):
             d = cur.__dict__
-            d["args"] = tuple(fix(v, me, f".args[{i}]") for i, v in enumerate(d["args"]))
+            d["args"] = tuple(fix(v, me, (".args", i)) for i, v in enumerate(d["args"]))
             for k in list(d["kwargs"]):
-                d["kwargs"][k] = fix(d["kwargs"][k], me, f".{k}")
-            d["state"] = fix(d["state"], me, ".state")
+                d["kwargs"][k] = fix(d["kwargs"][k], me, (".", k))
+            d["state"] = fix(d["state"], me, (".state",))
             for k in list(d["items"]):
-                d["items"][k] = fix(d["items"][k], me, f"[{_key(k)}]")
-            d["list"][:] = [fix(v, me, f"[{i}]") for i, v in enumerate(d["list"])]
+                d["items"][k] = fix(d["items"][k], me, k)
+            d["list"][:] = [fix(v, me, i) for i, v in enumerate(d["list"])]
     if refused:  # named, but not reachable from the object
         raise _RefusedFound(refused[0].written, "a value the file builds but does not keep")
     _check_shape(top)
@@ -1305,13 +1310,28 @@ def _as_data(v: Any) -> Any:
     return _callable_name(v)
 
 
-def _path(parent: dict[int, tuple[int, str]], owner: int, step: str) -> str:
-    steps = [step]
+_SET_MEMBER = object()
+
+
+def _step_text(step: Any) -> str:
+    if step is None:
+        return ""
+    if step is _SET_MEMBER:
+        return "{...}"
+    if isinstance(step, tuple):  # a placeholder's field: (".args", i), (".", keyword), (".state",)
+        if step[0] == ".args":
+            return f".args[{step[1]}]"
+        return f".{step[1]}" if step[0] == "." else step[0]
+    return f"[{_key(step)}]"
+
+
+def _path(parent: dict[int, tuple[int, Any]], owner: int, step: Any) -> str:
+    steps = [_step_text(step)]
     seen = set()
     while owner in parent and owner not in seen and len(steps) < 64:
         seen.add(owner)
         owner, s = parent[owner]
-        steps.append(s)
+        steps.append(_step_text(s))
     return "".join(reversed(steps)) or "the top level"
 
 
