@@ -813,3 +813,25 @@ def test_text_line_and_data_pkl_bounds(tmp_path, monkeypatch):
     monkeypatch.setattr(torch_format, "MAX_PICKLE", 10)
     with pytest.raises(CheckpointError, match=r"m\.pt: entry 'm/data\.pkl' is \d+ bytes; refusing \(limit 10\)"):
         open_checkpoint(zpath)
+
+
+def test_safetensors_f6_packs_four_values_in_three_bytes(tmp_path):
+    """No torch dtype and no writer for F6 in safetensors' Python API: a raw file (spec: 6 bits per value)."""
+    from statemap.cli import main
+
+    data = bytes(range(24))  # [2, 16] F6 values = 2 * 16 * 6 / 8 = 24 bytes
+    head = json.dumps({"f6": {"dtype": "F6_E3M2", "shape": [2, 16], "data_offsets": [0, 24]}}).encode()
+    head += b" " * (-len(head) % 8)
+    src = tmp_path / "f6.safetensors"
+    src.write_bytes(struct.pack("<Q", len(head)) + head + data)
+    with open_checkpoint(src) as ck:
+        assert ck.metas["f6"].dtype == "float6_e3m2fn_x4" and ck.metas["f6"].shape == (2, 4)
+        assert np.asarray(ck.read("f6")).tobytes() == data
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: t\nversion: 1\nrules:\n  - keep: '{k:path}'\n")
+    out = tmp_path / "o.safetensors"
+    assert main(["apply", str(spec), str(src), str(out)]) == 0
+    raw = out.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert json.loads(raw[8 : 8 + n])["f6"] == {"dtype": "F6_E3M2", "shape": [2, 16], "data_offsets": [0, 24]}
+    assert raw[8 + n :] == data
