@@ -19,11 +19,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DType:
+    """One element type. ``itemsize`` is the bytes of one torch element; ``bits`` the width of one
+    safetensors element (differs only for packed types: safetensors ``F4`` counts 4-bit values,
+    torch ``float4_e2m1fn_x2`` counts bytes holding two of them)."""
+
     name: str  # torch spelling: "float32", "bfloat16", ...
-    st: str  # safetensors spelling: "F32", "BF16", ...
+    st_name: str  # safetensors spelling: "F32", "BF16", ...; "" when safetensors has none
     storage: str  # numpy dtype the bytes are held in
-    kind: str  # "float", "int", "uint", "bool"
+    kind: str  # "float", "int", "uint", "bool", "complex", "bits", "quantized"
     itemsize: int
+    bits: int = 0  # bits of one safetensors element; 0 = itemsize * 8
+    is_native: bool = False  # numpy computes with it directly (not a bit container)
 
     @property
     def np(self) -> Any:
@@ -34,28 +40,69 @@ class DType:
     @property
     def native(self) -> bool:
         """True when numpy computes with this type directly (not a bit container)."""
-        return self.name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+        return self.is_native
+
+    @property
+    def st(self) -> str:
+        """The safetensors name; an error for types safetensors cannot hold (complex128, qint8, ...)."""
+        if not self.st_name:
+            raise StatemapError(f"safetensors has no {self.name} type; cast it (op 'cast') or write a .pt file")
+        return self.st_name
+
+    @property
+    def per_item(self) -> int:
+        """Safetensors elements per torch element: 2 for float4_e2m1fn_x2, 4 for the float6 x4 packs, else 1."""
+        return self.itemsize * 8 // self.bits if self.bits else 1
 
 
+def _d(name: str, st: str, storage: str, kind: str, itemsize: int, bits: int = 0, native: bool = False) -> DType:
+    return DType(name, st, storage, kind, itemsize, bits, native)
+
+
+# Every dtype torch 2.13 defines, and every safetensors dtype. Types numpy lacks travel as
+# unsigned integers (or raw bytes) of the same width.
 _ALL = [
-    DType("float64", "F64", "<f8", "float", 8),
-    DType("float32", "F32", "<f4", "float", 4),
-    DType("float16", "F16", "<f2", "float", 2),
-    DType("bfloat16", "BF16", "<u2", "float", 2),
-    DType("float8_e4m3fn", "F8_E4M3", "u1", "float", 1),
-    DType("float8_e5m2", "F8_E5M2", "u1", "float", 1),
-    DType("int64", "I64", "<i8", "int", 8),
-    DType("int32", "I32", "<i4", "int", 4),
-    DType("int16", "I16", "<i2", "int", 2),
-    DType("int8", "I8", "i1", "int", 1),
-    DType("uint64", "U64", "<u8", "uint", 8),
-    DType("uint32", "U32", "<u4", "uint", 4),
-    DType("uint16", "U16", "<u2", "uint", 2),
-    DType("uint8", "U8", "u1", "uint", 1),
-    DType("bool", "BOOL", "?", "bool", 1),
+    _d("float64", "F64", "<f8", "float", 8, native=True),
+    _d("float32", "F32", "<f4", "float", 4, native=True),
+    _d("float16", "F16", "<f2", "float", 2, native=True),
+    _d("bfloat16", "BF16", "<u2", "float", 2),
+    _d("float8_e4m3fn", "F8_E4M3", "u1", "float", 1),
+    _d("float8_e5m2", "F8_E5M2", "u1", "float", 1),
+    _d("float8_e4m3fnuz", "F8_E4M3FNUZ", "u1", "float", 1),
+    _d("float8_e5m2fnuz", "F8_E5M2FNUZ", "u1", "float", 1),
+    _d("float8_e8m0fnu", "F8_E8M0", "u1", "float", 1),
+    _d("float4_e2m1fn_x2", "F4", "u1", "float", 1, bits=4),
+    # safetensors F6 types have no torch dtype: 4 values packed in 3 bytes
+    _d("float6_e2m3fn_x4", "F6_E2M3", "V3", "float", 3, bits=6),
+    _d("float6_e3m2fn_x4", "F6_E3M2", "V3", "float", 3, bits=6),
+    _d("complex128", "", "<c16", "complex", 16, native=True),
+    _d("complex64", "C64", "<c8", "complex", 8, native=True),
+    _d("complex32", "", "<u4", "complex", 4),
+    _d("int64", "I64", "<i8", "int", 8, native=True),
+    _d("int32", "I32", "<i4", "int", 4, native=True),
+    _d("int16", "I16", "<i2", "int", 2, native=True),
+    _d("int8", "I8", "i1", "int", 1, native=True),
+    _d("uint64", "U64", "<u8", "uint", 8, native=True),
+    _d("uint32", "U32", "<u4", "uint", 4, native=True),
+    _d("uint16", "U16", "<u2", "uint", 2, native=True),
+    _d("uint8", "U8", "u1", "uint", 1, native=True),
+    _d("bool", "BOOL", "?", "bool", 1, native=True),
+    _d("bits8", "", "u1", "bits", 1),
+    _d("bits16", "", "<u2", "bits", 2),
+    _d("bits1x8", "", "u1", "bits", 1),
+    _d("bits2x4", "", "u1", "bits", 1),
+    _d("bits4x2", "", "u1", "bits", 1),
+    _d("qint8", "", "i1", "quantized", 1),
+    _d("quint8", "", "u1", "quantized", 1),
+    _d("qint32", "", "<i4", "quantized", 4),
+    _d("quint4x2", "", "u1", "quantized", 1),
+    _d("quint2x4", "", "u1", "quantized", 1),
+    # sub-byte integers: torch names them (one per byte) but cannot save them yet
+    *(_d(f"int{n}", "", "i1", "int", 1) for n in range(1, 8)),
+    *(_d(f"uint{n}", "", "u1", "uint", 1) for n in range(1, 8)),
 ]
 _BY_NAME = {d.name: d for d in _ALL}
-_BY_ST = {d.st: d for d in _ALL}
+_BY_ST = {d.st_name: d for d in _ALL if d.st_name}
 _ALIASES = {
     "float": "float32",
     "fp32": "float32",
@@ -68,12 +115,19 @@ _ALIASES = {
     "fp64": "float64",
     "long": "int64",
     "int": "int32",
+    "short": "int16",
+    "cfloat": "complex64",
+    "cdouble": "complex128",
+    "chalf": "complex32",
+    "bit": "uint1",
 }
 # numpy type codes -> our name, for arrays that arrive as numpy (Paddle, Flax, user dicts)
 _FROM_NUMPY = {
     "f8": "float64",
     "f4": "float32",
     "f2": "float16",
+    "c16": "complex128",
+    "c8": "complex64",
     "i8": "int64",
     "i4": "int32",
     "i2": "int16",
@@ -86,11 +140,12 @@ _FROM_NUMPY = {
 }
 
 NAMES = tuple(d.name for d in _ALL)
+TORCH_NAMES = frozenset(n for n in NAMES if not n.startswith("float6")) | {a for a in _ALIASES if a.isalpha()}
 
 
 def dtype(name: str) -> DType:
     """Look a type up by torch name, safetensors name or common alias."""
-    key = str(name).strip()
+    key = name.strip() if isinstance(name, str) else str(name)[:80].strip()
     key = key.removeprefix("torch.")
     if key in _BY_NAME:
         return _BY_NAME[key]
@@ -98,7 +153,32 @@ def dtype(name: str) -> DType:
         return _BY_ST[key]
     if key.lower() in _ALIASES:
         return _BY_NAME[_ALIASES[key.lower()]]
-    raise StatemapError(f"unknown dtype {name!r}; known: {', '.join(NAMES)}")
+    shown = key[:40] + ("..." if len(key) > 40 else "")
+    raise StatemapError(f"unknown dtype {shown!r}; known: {', '.join(NAMES[:24])}, ...")
+
+
+def st_shape(dt: DType, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A torch shape -> the shape safetensors writes (packed types count their sub-byte values).
+
+    Example::
+
+        >>> st_shape(dtype("float4_e2m1fn_x2"), (3, 8))
+        (3, 16)
+    """
+    if dt.per_item == 1:
+        return tuple(shape)
+    if not shape:
+        raise StatemapError(f"a scalar {dt.name} has no safetensors shape")
+    return (*shape[:-1], shape[-1] * dt.per_item)
+
+
+def torch_shape(dt: DType, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A safetensors shape -> the torch shape (inverse of :func:`st_shape`); error if it does not divide."""
+    if dt.per_item == 1:
+        return tuple(shape)
+    if not shape or shape[-1] % dt.per_item:
+        raise StatemapError(f"{dt.st_name} shape {list(shape)}: the last dimension must be a multiple of {dt.per_item}")
+    return (*shape[:-1], shape[-1] // dt.per_item)
 
 
 def from_numpy(dt: Any) -> DType:

@@ -25,7 +25,7 @@ def to_numpy(t: Any) -> tuple[np.ndarray, str]:
     if dt.name == "bfloat16":
         return t.view(torch.int16).numpy().view(np.uint16), dt.name
     if not dt.native:
-        return t.view(torch.uint8).numpy(), dt.name
+        return t.view(torch.uint8).numpy().view(dt.np), dt.name
     return t.numpy(), dt.name
 
 

@@ -107,9 +107,9 @@ ATTACKS: dict[str, tuple] = {
         lambda s: wrap(call(glob("_pickle", "loads"), b"C\x05" + b"\x80\x02N.")),
         r"refused to load '_pickle\.loads'",
     ),
-    "functools.partial": (
+    "functools.partial": (  # partial itself is a harmless placeholder; the function it wraps is refused, with its path
         lambda s: wrap(call(glob("functools", "partial"), glob("os", "system"))),
-        r"refused to load 'functools\.partial'",
+        r"refused to load 'os\.system'.*\['w'\]",
     ),
     "operator.attrgetter": (
         lambda s: wrap(call(glob("operator", "attrgetter"), _str("system"))),
@@ -136,7 +136,7 @@ ATTACKS: dict[str, tuple] = {
                 glob("torch._utils", "_rebuild_tensor_v2"), _str("not a storage"), b"K\x00", b"(K\x01t", b"(K\x01t", b"\x89", b"}"
             )
         ),
-        r"tensor rebuild got str instead of a storage",
+        r"tensor rebuild got a str instead of a storage",
     ),
     "torch rebuild_from_type with eval": (
         lambda s: wrap(
@@ -387,7 +387,8 @@ MALFORMED = [
     ("notdict.pt", lambda t: pickle.dumps([1, 2, 3]), r"holds a list, not a state dict"),
     ("strings.pt", lambda t: pickle.dumps({"a": "x", "b": 3}), r"no tensors found \(top-level keys: a, b\)"),
     ("emptydict.pt", lambda t: pickle.dumps({}), r"state dict is empty"),
-    ("objarray.pdparams", lambda t: _np_object_array(), r"numpy arrays of type 'O8' are not tensors"),
+    # object arrays are kept as data (unpickler v2), never a tensor and never a reason to refuse the file
+    ("objarray.pdparams", lambda t: _np_object_array(), r"no tensors found \(top-level keys: w\)"),
     ("deep.pt", lambda t: b"\x80\x02" + b"]" * 100000 + b".", r"nests too deeply|corrupt or unsupported pickle|not a state dict"),
 ]
 

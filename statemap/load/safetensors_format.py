@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..dtypes import dtype as lookup_dtype
-from ..errors import CheckpointError
+from ..dtypes import st_shape, torch_shape
+from ..errors import CheckpointError, OutputError
 from ..meta import TensorMeta
 from .checkpoint import ByteTensor
 
@@ -80,12 +81,16 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
         if not (isinstance(off, list) and len(off) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in off)):
             raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {off!r} must be two integers")
         begin, end = off
+        try:
+            shape = list(torch_shape(dt, tuple(shape)))  # F4 / F6 count packed values; torch counts bytes
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
         need = math.prod(shape) * dt.itemsize
         if not 0 <= begin <= end:
             raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {off} are out of order")
         if end - begin != need:
             raise CheckpointError(
-                f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes but {dt.st} x {shape} needs {need}"
+                f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes but {dt.st_name} x {info['shape']} needs {need}"
             )
         if end > buffer_len:
             raise CheckpointError(
@@ -124,7 +129,12 @@ def encode_header(metas: Sequence[TensorMeta], metadata: dict[str, str]) -> byte
     pos = 0
     for m in metas:
         n = m.nbytes
-        header[m.name] = {"dtype": lookup_dtype(m.dtype).st, "shape": list(m.shape), "data_offsets": [pos, pos + n]}
+        dt = lookup_dtype(m.dtype)
+        if not dt.st_name:
+            raise OutputError(
+                f"tensor {m.name!r} is {dt.name}, which safetensors cannot hold; cast it (op 'cast') or write a .pt file"
+            )
+        header[m.name] = {"dtype": dt.st, "shape": list(st_shape(dt, m.shape)), "data_offsets": [pos, pos + n]}
         pos += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)

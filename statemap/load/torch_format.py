@@ -20,8 +20,12 @@ from .checkpoint import ByteTensor
 from .unpickle import StorageRef, TensorRef, safe_load
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-MAX_PICKLE = 2 << 30  # the object pickle itself (not tensor data)
+MAX_PICKLE = 2 << 30  # the object pickle itself, stored (not tensor data)
+MAX_DECOMPRESSED = 256 << 20  # a deflate-compressed entry we read (torch writes them stored; other zip tools may not)
 MAX_RATIO = 200  # compressed zip entries: refuse ratios above this (zip bombs)
+MAX_ZIP_ENTRIES = 1_000_000  # entries of the central directory, checked before it is parsed
+MAX_BYTEORDER = 16  # the `byteorder` entry ("little")
+READ_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # bzip2 / lzma entries are refused
 
 
 def is_zip(path: str) -> bool:
@@ -31,10 +35,11 @@ def is_zip(path: str) -> bool:
 
 def load_zip(path: str) -> tuple[Any, dict[str, ByteTensor | None]]:
     """Return (object with TensorRefs, storage key -> byte location)."""
+    _check_entry_count(path)
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable torch zip file: {e}") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable torch zip file: {str(e)[:200]}") from None
     with zf:
         names = zf.namelist()
         pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
@@ -42,16 +47,13 @@ def load_zip(path: str) -> tuple[Any, dict[str, ByteTensor | None]]:
             raise CheckpointError(f"{path}: zip file has {len(pkl)} data.pkl entries; not a torch checkpoint")
         root = pkl[0][: -len("data.pkl")]
         byteorder = root + "byteorder"
-        if byteorder in names and zf.read(byteorder).strip() not in (b"little", b""):
-            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
-        info = zf.getinfo(pkl[0])
-        _check_entry(path, info)
-        if info.file_size > MAX_PICKLE:
-            raise CheckpointError(f"{path}: data.pkl is {info.file_size} bytes; refusing (limit {MAX_PICKLE})")
-        try:
-            data = zf.read(pkl[0])
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise CheckpointError(f"{path}: cannot read data.pkl: {e} (truncated?)") from None
+        if byteorder in names:
+            order = _read_entry(path, zf, byteorder, MAX_BYTEORDER).strip()
+            if order == b"big":
+                raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+            if order not in (b"little", b""):
+                raise CheckpointError(f"{path}: byteorder entry says {order[:16]!r}; expected 'little'")
+        data = _read_entry(path, zf, pkl[0], MAX_PICKLE)
         obj, storages = safe_load(data, path)
         size = os.path.getsize(path)
         locs: dict[str, ByteTensor | None] = {}
@@ -81,12 +83,45 @@ def load_zip(path: str) -> tuple[Any, dict[str, ByteTensor | None]]:
     return obj, locs
 
 
-def _check_entry(path: str, info: zipfile.ZipInfo) -> None:
-    if info.compress_type != zipfile.ZIP_STORED and info.compress_size and info.file_size / info.compress_size > MAX_RATIO:
+def _check_entry_count(path: str) -> None:
+    """The central directory's entry count, from its end record, before zipfile parses it all."""
+    try:
+        with open(path, "rb") as f:
+            end = zipfile._EndRecData(f)  # type: ignore[attr-defined]  # stdlib: handles zip64
+    except (OSError, struct.error, ValueError, EOFError):
+        return  # zipfile reports the damage
+    if end and end[zipfile._ECD_ENTRIES_TOTAL] > MAX_ZIP_ENTRIES:  # type: ignore[attr-defined]
         raise CheckpointError(
-            f"{path}: entry {info.filename!r} expands {info.compress_size} -> {info.file_size} bytes "
-            f"(ratio > {MAX_RATIO}); refusing a likely zip bomb"
+            f"{path}: zip file lists {end[zipfile._ECD_ENTRIES_TOTAL]} entries (limit {MAX_ZIP_ENTRIES}); refusing"  # type: ignore[attr-defined]
         )
+
+
+def _check_entry(path: str, info: zipfile.ZipInfo, limit: int = MAX_PICKLE) -> None:
+    """An entry we will decompress: method stored or deflate, size and ratio bounded before reading."""
+    name = info.filename[:80]
+    if info.compress_type not in READ_METHODS:
+        raise CheckpointError(
+            f"{path}: entry {name!r} uses zip compression method {info.compress_type}; torch writes stored entries "
+            "(only stored and deflate are read)"
+        )
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        limit = min(limit, MAX_DECOMPRESSED)
+        if info.compress_size and info.file_size / info.compress_size > MAX_RATIO:
+            raise CheckpointError(
+                f"{path}: entry {name!r} expands {info.compress_size} -> {info.file_size} bytes "
+                f"(ratio > {MAX_RATIO}); refusing a likely zip bomb"
+            )
+    if info.file_size > limit:
+        raise CheckpointError(f"{path}: entry {name!r} is {info.file_size} bytes; refusing (limit {limit})")
+
+
+def _read_entry(path: str, zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    info = zf.getinfo(name)
+    _check_entry(path, info, limit)
+    try:
+        return zf.read(info)  # zipfile stops at the declared (checked) size and verifies the CRC
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: cannot read {name[:80]!r}: {str(e)[:200]} (truncated or corrupt?)") from None
 
 
 def load_pickle_file(path: str) -> tuple[Any, dict[str, ByteTensor | None], str]:
@@ -94,7 +129,7 @@ def load_pickle_file(path: str) -> tuple[Any, dict[str, ByteTensor | None], str]
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         first, _ = safe_load(f, path)
-        if first != LEGACY_MAGIC:
+        if not (isinstance(first, int) and first == LEGACY_MAGIC):
             return first, {}, "pickle"
         protocol, _ = safe_load(f, path)
         if protocol != 1001:
