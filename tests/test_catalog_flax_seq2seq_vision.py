@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flax_variants import ShapeView, anchor_pt_to_flax, bitwise_diff, flat, unflat
+from flax_variants import ShapeView, anchor_pt_to_flax, bits, bitwise_diff, flat, unflat
 
 import statemap
 
@@ -105,12 +105,12 @@ VARIANTS = [
     V("T5ForConditionalGeneration", "s", **UNTIED),
     V("T5Model", "s", vars=BARE),
     V("T5Model", "m", vars=BARE, **V11),
-    V("T5EncoderModel", "s", vars=BARE),
-    V("T5EncoderModel", "m", vars=BARE),
+    V("T5EncoderModel", "s"),
+    V("T5EncoderModel", "m"),
     V("MT5ForConditionalGeneration", "s"),  # MT5Config: untied lm_head and gated-gelu by default
     V("MT5ForConditionalGeneration", "m"),
     V("MT5Model", "s", vars=BARE),
-    V("MT5EncoderModel", "m", vars=BARE),
+    V("MT5EncoderModel", "m"),
     V("BartForConditionalGeneration", "s"),
     V("BartForConditionalGeneration", "m"),
     V("BartForConditionalGeneration", "s", **UNTIED),
@@ -417,3 +417,208 @@ def test_pt_to_flax_outputs_and_round_trip(case, tmp_path):
     report = statemap.convert(f"{v.family}-flax-to-pt", _pt2fx(case), back, vars=dict(v.vars))
     assert report.passthrough == [] and report.dropped == []
     _assert_bitwise(statemap.load_state_dict(back), case.pt.state_dict(), "PT -> Flax -> PT")
+
+
+# -- tied heads: verified, never assumed -----------------------------------------------------------------
+
+
+def _variant(cls: str, **over: Any) -> Variant:
+    """The first variant in VARIANTS of this class with exactly these config overrides."""
+    return next(v for v in VARIANTS if v.cls == cls and dict(v.over) == over)
+
+
+def _untie(sd: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """A state_dict in which `key` is its own tensor, with other values than its former tie partner."""
+    out = dict(sd)
+    out[key] = sd[key].clone() + 0.5
+    return out
+
+
+@pytest.mark.parametrize(
+    "cls, shared", [("T5ForConditionalGeneration", "shared.weight"), ("MBartForConditionalGeneration", "model.shared.weight")]
+)
+def test_in_memory_tied_lm_head_is_dropped_and_untied_one_kept(cls, shared):
+    """tied_to reads the tie off the state_dict: a tied lm_head is dropped, the same model with its head
+    untied (other values) gets lm_head.kernel, bitwise the anchor's; the untied Flax model uses it."""
+    v = _variant(cls)
+    case = _CASES.get(v.id) or pytest.skip("runs after the matrix (shares its models)")
+    sd = case.pt.state_dict()
+    new, report = statemap.map_state_dict(f"{v.family}-pt-to-flax", sd)
+    assert "lm_head.weight" in report.dropped and "lm_head.kernel" not in new
+    untied = _untie(sd, "lm_head.weight")
+    new, report = statemap.map_state_dict(f"{v.family}-pt-to-flax", untied)
+    assert "lm_head.weight" not in report.dropped
+    assert bits(new["lm_head.kernel"]) == bits(untied["lm_head.weight"].T.contiguous())
+    assert bits(new[shared.replace("weight", "embedding")]) == bits(sd[shared])
+
+
+@pytest.mark.parametrize(
+    "cls, embed, shared",
+    [
+        ("T5ForConditionalGeneration", "encoder.embed_tokens.weight", "shared.weight"),
+        ("BartForConditionalGeneration", "model.decoder.embed_tokens.weight", "model.shared.weight"),
+        ("MBartForConditionalGeneration", "model.encoder.embed_tokens.weight", "model.shared.weight"),
+    ],
+)
+def test_untied_embed_tokens_fail_the_catalog_spec_and_write_nothing(cls, embed, shared, tmp_path):
+    """The catalog pt-to-flax specs drop embed_tokens ASSUMING they equal shared.weight (Flax has one
+    embedding): a checkpoint where they differ fails with one line naming both keys; no file appears."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    v = _variant(cls)
+    sd = _untie(_pt_model(v).state_dict(), embed)
+    src = tmp_path / "untied.safetensors"
+    save_file({k: t.contiguous() for k, t in _dedupe(sd).items()}, src)
+    out = tmp_path / "flax_model.msgpack"
+    with pytest.raises(statemap.StatemapError) as e:
+        statemap.convert(f"{v.family}-pt-to-flax", src, out)
+    msg = str(e.value)
+    assert embed in msg and shared in msg and "\n" not in msg, msg
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
+    with pytest.raises(statemap.StatemapError, match=embed.replace(".", r"\.")):
+        statemap.map_state_dict(f"{v.family}-pt-to-flax", sd)
+
+
+@pytest.mark.parametrize("cls", ["T5ForConditionalGeneration", "BartForConditionalGeneration", "MBartForConditionalGeneration"])
+def test_untied_lm_head_under_a_spec_assuming_tying_fails_and_writes_nothing(cls, tmp_path):
+    """A spec that can only hold a tied head (Flax without lm_head) says so with `assume: {equal: ...}`:
+    an untied checkpoint (T5 v1.1 / BART with tie_word_embeddings=False, saved by save_pretrained)
+    fails naming lm_head.weight and the embedding, instead of converting with the head lost."""
+    import yaml
+
+    v = _variant(cls, **(V11 if cls.startswith("T5") else UNTIED))
+    shared = "shared.weight" if v.family == "t5" else "model.shared.weight"
+    raw = yaml.safe_load((MAPPINGS / f"{v.family}-pt-to-flax.yaml").read_text())
+    rules = [r for r in raw["rules"] if "lm_head.weight" not in str(r)]
+    raw["rules"] = [{"drop": {"from": "lm_head.weight", "assume": {"equal": shared}}}, *rules]
+    pt = _pt_model(v)
+    pt.save_pretrained(tmp_path / "pt", safe_serialization=True)
+    out = tmp_path / "flax_model.msgpack"
+    with pytest.raises(statemap.StatemapError) as e:
+        statemap.convert(raw, tmp_path / "pt" / "model.safetensors", out)
+    msg = str(e.value)
+    assert "lm_head.weight" in msg and shared in msg and "\n" not in msg, msg
+    assert not out.exists()
+    # the catalog spec maps the same file, head included
+    statemap.convert(f"{v.family}-pt-to-flax", tmp_path / "pt" / "model.safetensors", out)
+    assert bits(_read_msgpack(out)["lm_head.kernel"]) == bits(pt.lm_head.weight.detach().T.contiguous())
+
+
+def _dedupe(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Tied tensors as separate equal copies (what a saver that writes every key produces)."""
+    return {k: t.clone() for k, t in sd.items()}
+
+
+# -- details and negative checks ----------------------------------------------------------------------
+
+MAPPINGS = Path(statemap.__file__).resolve().parent.parent / "mappings"
+
+
+def test_separate_equal_copies_of_tied_weights_map_like_the_file(tmp_path):
+    """A checkpoint with every tied name as its own (equal) tensor: embed_tokens are dropped after a
+    byte comparison; the untie-able lm_head becomes lm_head.kernel (an extra key a tied Flax model ignores)."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    v = _variant("T5ForConditionalGeneration")
+    sd = _pt_model(v).state_dict()
+    save_file({k: t.contiguous() for k, t in _dedupe(sd).items()}, tmp_path / "all.safetensors")
+    new, report = statemap.map_state_dict("t5-pt-to-flax", statemap.load_state_dict(tmp_path / "all.safetensors"))
+    assert set(report.dropped) == {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+    assert bits(new["lm_head.kernel"]) == bits(sd["lm_head.weight"].T.contiguous())
+
+
+def test_flax_to_pt_ties_one_storage_in_a_pt_file(tmp_path):
+    """bart-flax-to-pt into a .pt file: the four tied names are one storage, as in the PyTorch model."""
+    import torch
+
+    v = _variant("BartForConditionalGeneration")
+    _need_flax()
+    model = _classes(v)[1](_config(v), _do_init=False)
+    shapes = {k: tuple(x.shape) for k, x in flat(model.params_shape_tree).items()}
+    src = tmp_path / "flax" / "flax_model.msgpack"
+    model.save_pretrained(src.parent, params=unflat(_random_params(shapes)))
+    report = statemap.convert("bart-flax-to-pt", src, tmp_path / "bart.pt")
+    tied = ["model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"]
+    assert [sorted(g) for g in report.tied] == [sorted(tied)]
+    sd = torch.load(tmp_path / "bart.pt", weights_only=True)
+    assert len({sd[k].untyped_storage().data_ptr() for k in tied}) == 1
+
+
+def test_negative_checks(tmp_path):
+    """The comparisons can fail: H and W swapped in the conv permute (ViT), a square q kernel left
+    untransposed (T5): the anchor comparison names the key, and the outputs move by > 1e-3."""
+    import yaml
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    _need_flax()
+    v = _variant("ViTForImageClassification")
+    model = _classes(v)[1](_config(v), _do_init=False)
+    params = _random_params({k: tuple(x.shape) for k, x in flat(model.params_shape_tree).items()})
+    raw = yaml.safe_load((MAPPINGS / "vit-flax-to-pt.yaml").read_text())
+    for rule in raw["rules"]:
+        if "permute" in rule:
+            rule["permute"]["dims"] = [3, 2, 1, 0]
+    wrong, _ = statemap.map_state_dict(raw, params)
+    anchor = _classes(v)[0](_config(v)).eval()
+    load_flax_weights_in_pytorch_model(anchor, unflat(params))
+    assert bitwise_diff(wrong, anchor.state_dict()) == ["differs vit.embeddings.patch_embeddings.projection.weight"]
+    pt = _classes(v)[0](_config(v)).eval()
+    pt.load_state_dict({k: np_to_torch(x) for k, x in wrong.items()}, strict=True)
+    assert _max_diff(_run_pt(v, pt), _run_flax(v, model, params)) > 1e-3
+
+    v = _variant("T5ForConditionalGeneration")
+    pt = _pt_model(v)
+    new, _ = statemap.map_state_dict("t5-pt-to-flax", pt.state_dict())
+    want, _ = anchor_pt_to_flax(pt.state_dict(), _classes(v)[1](_config(v), _do_init=False))
+    q = "encoder.block.0.layer.0.SelfAttention.q.kernel"
+    new[q] = new[q].T.contiguous()
+    assert bitwise_diff(new, want) == [f"differs {q}"]
+    back, _ = statemap.map_state_dict("t5-flax-to-pt", new)
+    wrong = _classes(v)[0](_config(v)).eval()
+    wrong.load_state_dict(back, strict=True)
+    assert _max_diff(_run_pt(v, wrong), _run_pt(v, pt)) > 1e-3
+
+
+def np_to_torch(x: Any) -> Any:
+    import torch
+
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+# -- streaming fixtures: the native source file of every spec ------------------------------------------
+# untied heads and mBART's layer_norm, so the streamed path runs the conditional rules too
+STREAMING_VARIANTS = {
+    "t5": V("T5ForConditionalGeneration", "s", **V11),
+    "bart": V("MBartForConditionalGeneration", "m", **UNTIED),
+    "clip": V("CLIPModel", "s"),
+    "vit": V("ViTForImageClassification", "s"),
+}
+
+
+def _streaming_pt(family: str):
+    def fn(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+        pytest.importorskip("transformers")
+        _pt_model(STREAMING_VARIANTS[family]).save_pretrained(tmp_path / "pt", safe_serialization=True)
+        return tmp_path / "pt" / "model.safetensors", {}
+
+    return fn
+
+
+def _streaming_flax(family: str):
+    def fn(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+        _need_flax()
+        v = STREAMING_VARIANTS[family]
+        model = _classes(v)[1](_config(v), _do_init=False)
+        params = _random_params({k: tuple(x.shape) for k, x in flat(model.params_shape_tree).items()})
+        model.save_pretrained(tmp_path / "flax", params=unflat(params))
+        return tmp_path / "flax" / "flax_model.msgpack", {}
+
+    return fn
+
+
+STREAMING_FIXTURES = {
+    **{f"{f}-pt-to-flax": _streaming_pt(f) for f in STREAMING_VARIANTS},
+    **{f"{f}-flax-to-pt": _streaming_flax(f) for f in STREAMING_VARIANTS},
+}
