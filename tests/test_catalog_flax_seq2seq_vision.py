@@ -520,6 +520,17 @@ def _dedupe(sd: Mapping[str, Any]) -> dict[str, Any]:
 
 # -- details and negative checks ----------------------------------------------------------------------
 
+SPECS = [f"{f}-{d}" for f in ("t5", "bart", "clip", "vit") for d in ("pt-to-flax", "flax-to-pt")]
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_no_unverified_optional_drop(name):
+    """A drop in these specs is either verified (assume: / when:) or of a constant buffer (position_ids)."""
+    for rule in statemap.load_spec(name).rules:
+        if rule.op == "drop" and rule.optional:
+            assert rule.assume or rule.when or str(rule.sources[0]).endswith("position_ids"), rule.label
+
+
 MAPPINGS = Path(statemap.__file__).resolve().parent.parent / "mappings"
 
 
