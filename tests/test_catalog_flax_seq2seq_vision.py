@@ -565,6 +565,26 @@ def test_flax_to_pt_ties_one_storage_in_a_pt_file(tmp_path):
     assert len({sd[k].untyped_storage().data_ptr() for k in tied}) == 1
 
 
+def test_t5_lm_head_var_wrong_setting_is_loud(tmp_path):
+    """FlaxT5Model and a tied FlaxT5ForConditionalGeneration hold the same params; var lm_head picks the
+    target. The wrong setting fails a strict load naming lm_head.weight, both ways (never silent)."""
+    import torch
+
+    _need_flax()
+    v = _variant("T5Model")
+    model = _classes(v)[1](_config(v), _do_init=False)
+    params = _random_params({k: tuple(x.shape) for k, x in flat(model.params_shape_tree).items()})
+    with_head, _ = statemap.map_state_dict("t5-flax-to-pt", params)  # default lm_head=1
+    with pytest.raises(RuntimeError, match="Unexpected key.*lm_head.weight"):
+        _classes(v)[0](_config(v)).load_state_dict({k: np_to_torch(x) for k, x in with_head.items()}, strict=True)
+    without, _ = statemap.map_state_dict("t5-flax-to-pt", params, vars={"lm_head": 0})
+    cg = _variant("T5ForConditionalGeneration")
+    with pytest.raises(RuntimeError, match="Missing key.*lm_head.weight"):
+        _classes(cg)[0](_config(cg)).load_state_dict({k: np_to_torch(x) for k, x in without.items()}, strict=True)
+    assert set(with_head) - set(without) == {"lm_head.weight"}
+    assert torch.equal(np_to_torch(with_head["lm_head.weight"]), np_to_torch(with_head["shared.weight"]))
+
+
 def test_negative_checks(tmp_path):
     """The comparisons can fail: H and W swapped in the conv permute (ViT), a square q kernel left
     untransposed (T5): the anchor comparison names the key, and the outputs move by > 1e-3."""
