@@ -16,8 +16,8 @@ For each variant:
   `from_pretrained` ignores with a warning; statemap leaves them out (verified tied), and the test checks
   that every such anchor-only key comes from a PyTorch key that shares storage with a kept one.
 - Flax -> PT: a Flax param tree of random values (the model's exact structure), saved by the Flax
-  model's `save_pretrained` (flax_model.msgpack), goes through statemap; the result equals, bitwise and
-  key for key, the `state_dict()` of a PyTorch model after `load_flax_weights_in_pytorch_model`, and it
+  model's `save_pretrained` (flax_model.msgpack) and also passed in memory (flat numpy dict), goes
+  through statemap; the result equals, bitwise and key for key, the `state_dict()` of a PyTorch model after `load_flax_weights_in_pytorch_model`, and it
   loads with `strict=True`.
 - Outputs: the Flax model on statemap's params vs the PyTorch model, and the PyTorch model on
   statemap's state dict vs the Flax model: max abs diff <= 1e-4 (fp32, matmul precision "highest").
@@ -400,6 +400,8 @@ def test_flax_to_pt_equals_transformers(case, tmp_path):
     anchor = _classes(v)[0](_config(v), **dict(v.kwargs)).eval()
     load_flax_weights_in_pytorch_model(anchor, unflat(case.fx_params))
     _assert_bitwise(got, anchor.state_dict(), f"{v.family}-flax-to-pt")
+    in_memory, _ = statemap.map_state_dict(f"{v.family}-flax-to-pt", case.fx_params, vars=dict(v.vars))  # flat numpy params
+    _assert_bitwise(in_memory, anchor.state_dict(), f"{v.family}-flax-to-pt in memory")
 
     pt = _classes(v)[0](_config(v), **dict(v.kwargs)).eval()
     pt.load_state_dict(got, strict=True)
