@@ -284,7 +284,7 @@ def _random_params(shapes: Mapping[str, tuple[int, ...]], seed: int = 2) -> dict
             x = 0.5 * noise
         else:
             x = 0.1 * noise
-        out[k] = x.astype(np.float32)
+        out[k] = np.asarray(x, dtype=np.float32)  # 0-d (logit_scale) stays an array, not a numpy scalar
     return out
 
 
