@@ -229,7 +229,9 @@ def _restore_copy(rule: Rule, other: Template, when_absent: bool) -> list[dict[s
     """The reverse of dropping a key known to equal ``other``: tie ``other`` back to the key."""
     src = rule.sources[0]
     if src.is_regex or set(src.captures) - other.names:
-        raise _NotInvertible(f"the dropped key's captures are not all in {other.text!r}, so the key cannot be rebuilt")
+        raise _NotInvertible(
+            f"the dropped key's captures are not all in {other.text!r}, so the key cannot be rebuilt; declare `inverse:`"
+        )
     key = _pattern_as_template(src.text)
     fields: dict[str, Any] = {"from": other.text, "to": [other.text, key]}
     if when_absent:

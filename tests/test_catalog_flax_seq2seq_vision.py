@@ -1,38 +1,54 @@
-"""The `flax_seq2seq_vision` family: Hugging Face PyTorch <-> Flax for T5, BART, CLIP and ViT.
+"""The `flax_seq2seq_vision` family: Hugging Face PyTorch <-> Flax for T5 / mT5, BART / mBART, CLIP and ViT,
+against transformers' own PyTorch <-> Flax converter.
 
-No committed fixtures: both implementations (transformers 4.57.6 PyTorch and Flax classes, jax,
-flax) run here. Each source is built from a tiny config (d_model 32, 2 layers, 4 heads, vocab 99;
-images 32 px, patch 8), EVERY weight is perturbed (so zero biases, unit LayerNorms, tied or
-swapped tensors cannot hide), and it is saved in its NATIVE container by the real library:
-PyTorch `save_pretrained(safe_serialization=True)` (model.safetensors, tied duplicates left out)
-or Flax `save_pretrained` (flax_model.msgpack). statemap.convert writes the other side's native
-file; the real loader reads it back:
+No committed fixtures: both implementations (transformers 4.57.6 PyTorch and Flax classes, jax, flax) run
+here. The variants come from one list, VARIANTS (adding one is one line): every task head transformers has
+a Flax class for, two sizes, tied and untied word embeddings where the family has that option (T5 original,
+T5 v1.1 gated-gelu with an untied lm_head, mT5; BART, mBART with its extra encoder/decoder layer_norm).
+For each variant:
 
-- Flax targets: `FlaxXxx.from_pretrained(dir)` (flax.serialization reads statemap's msgpack), and
-  the file's param tree must equal a fresh model's key set and shapes: nothing is newly
-  initialized and nothing is ignored;
-- PyTorch targets: `load_state_dict(statemap.load_state_dict(out), strict=True)`.
+- PT -> Flax: the PyTorch model's `state_dict()` (in memory: tied tensors are one object) AND its
+  `save_pretrained` model.safetensors (tied copies left out) go through statemap; the result is BITWISE
+  equal to `transformers.modeling_flax_pytorch_utils.convert_pytorch_state_dict_to_flax` (the file through
+  `load_pytorch_checkpoint_in_flax_state_dict`) on every key of the Flax model's params, and statemap
+  writes exactly that key set. The anchor also emits "unexpected" keys for the in-memory tied copies
+  (encoder.embed_tokens.weight -> ...kernel, a tied lm_head.weight -> lm_head.kernel), which
+  `from_pretrained` ignores with a warning; statemap leaves them out (verified tied), and the test checks
+  that every such anchor-only key comes from a PyTorch key that shares storage with a kept one.
+- Flax -> PT: a Flax param tree of random values (the model's exact structure), saved by the Flax
+  model's `save_pretrained` (flax_model.msgpack) and also passed in memory (flat numpy dict), goes
+  through statemap; the result equals, bitwise and key for key, the `state_dict()` of a PyTorch model after `load_flax_weights_in_pytorch_model`, and it
+  loads with `strict=True`.
+- Outputs: the Flax model on statemap's params vs the PyTorch model, and the PyTorch model on
+  statemap's state dict vs the Flax model: max abs diff <= 1e-4 (fp32, matmul precision "highest").
+- PT -> Flax -> PT is bitwise against the full PyTorch state_dict (tied copies included).
 
-Outputs on fixed inputs are compared (max abs diff <= 1e-5, fp32), PT -> Flax -> PT is bitwise
-against the full PyTorch state_dict (tied copies included), and negative checks show the
-comparisons fail on a wrong mapping.
+Every weight is random (PyTorch: init + noise; Flax: fresh noise), so zero biases, unit norms and tied or
+swapped tensors cannot hide. The anchor functions read only the Flax model's param *structure*
+(`flax_model.params` for key set and shapes, `base_model_prefix`): they get the real class's prefix and
+a param tree of the real structure (jax.eval_shape of the model's own init), which avoids one slow eager
+init per variant.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from flax_variants import ShapeView, anchor_pt_to_flax, bits, bitwise_diff, flat, unflat
 
 import statemap
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-TOL = 1e-5
+TOL = 1e-4
+
+pytestmark = pytest.mark.flax
 
 
 def _need_flax() -> Any:
@@ -43,115 +59,203 @@ def _need_flax() -> Any:
     return jax
 
 
-# -- tiny configs and fixed inputs -----------------------------------------------------------------
+# -- the variant matrix ---------------------------------------------------------------------------------
 
 
-def _config(family: str, **over: Any) -> Any:
+@dataclass(frozen=True)
+class Variant:
+    """One PyTorch class + config; the Flax class is `"Flax" + cls`."""
+
+    cls: str  # PyTorch class name in transformers, e.g. "T5ForConditionalGeneration"
+    size: str  # "s" | "m" (see _config)
+    over: tuple[tuple[str, Any], ...] = ()  # config overrides
+    kwargs: tuple[tuple[str, Any], ...] = ()  # model constructor kwargs (both classes)
+    vars: tuple[tuple[str, Any], ...] = ()  # --set for the flax-to-pt spec
+
+    @property
+    def arch(self) -> str:
+        for a in ("MT5", "T5", "MBart", "Bart", "CLIP", "ViT"):
+            if self.cls.startswith(a):
+                return a.lower()
+        raise AssertionError(self.cls)
+
+    @property
+    def family(self) -> str:  # the catalog spec family: mT5 uses the t5 specs, mBART the bart specs
+        return {"mt5": "t5", "mbart": "bart"}.get(self.arch, self.arch)
+
+    @property
+    def id(self) -> str:
+        extra = [f"{k}={v}" for k, v in self.over + self.kwargs]
+        return "-".join([self.cls, self.size, *extra]).replace("tie_word_embeddings=False", "untied")
+
+
+def V(cls: str, size: str, *, kwargs: dict[str, Any] | None = None, vars: dict[str, Any] | None = None, **over: Any) -> Variant:
+    return Variant(cls, size, tuple(over.items()), tuple((kwargs or {}).items()), tuple((vars or {}).items()))
+
+
+UNTIED = {"tie_word_embeddings": False}
+V11 = {"tie_word_embeddings": False, "feed_forward_proj": "gated-gelu"}  # T5 v1.1 / flan-t5
+BARE = {"lm_head": 0}  # t5-flax-to-pt: the PyTorch target has no lm_head (T5Model / T5EncoderModel)
+
+VARIANTS = [
+    V("T5ForConditionalGeneration", "s"),
+    V("T5ForConditionalGeneration", "m"),
+    V("T5ForConditionalGeneration", "s", **V11),
+    V("T5ForConditionalGeneration", "m", **V11),
+    V("T5ForConditionalGeneration", "s", **UNTIED),
+    V("T5Model", "s", vars=BARE),
+    V("T5Model", "m", vars=BARE, **V11),
+    V("T5EncoderModel", "s"),
+    V("T5EncoderModel", "m"),
+    V("MT5ForConditionalGeneration", "s"),  # MT5Config: untied lm_head and gated-gelu by default
+    V("MT5ForConditionalGeneration", "m"),
+    V("MT5Model", "s", vars=BARE),
+    V("MT5EncoderModel", "m"),
+    V("BartForConditionalGeneration", "s"),
+    V("BartForConditionalGeneration", "m"),
+    V("BartForConditionalGeneration", "s", **UNTIED),
+    V("BartForConditionalGeneration", "m", **UNTIED),
+    V("BartForSequenceClassification", "s"),
+    V("BartForSequenceClassification", "m"),
+    V("BartForQuestionAnswering", "s"),
+    V("BartForQuestionAnswering", "m"),
+    V("BartModel", "s"),
+    V("BartModel", "m"),
+    V("MBartForConditionalGeneration", "s"),
+    V("MBartForConditionalGeneration", "m", **UNTIED),
+    V("MBartForSequenceClassification", "s"),
+    V("MBartForSequenceClassification", "m"),
+    V("MBartForQuestionAnswering", "s"),
+    V("MBartForQuestionAnswering", "m"),
+    V("MBartModel", "s"),
+    V("MBartModel", "m"),
+    V("CLIPModel", "s"),
+    V("CLIPModel", "m"),
+    V("CLIPTextModel", "s"),
+    V("CLIPTextModel", "m"),
+    V("CLIPVisionModel", "s"),
+    V("CLIPVisionModel", "m"),
+    V("CLIPTextModelWithProjection", "s"),
+    V("CLIPTextModelWithProjection", "m"),
+    V("ViTForImageClassification", "s"),
+    V("ViTForImageClassification", "m"),
+    V("ViTModel", "s"),
+    V("ViTModel", "m", kwargs={"add_pooling_layer": False}),
+]
+IDS = [v.id for v in VARIANTS]
+assert len(set(IDS)) == len(IDS), "two variants with one id"
+
+# d_model, layers, heads, ffn, vocab, image size (patch 8)
+SIZES = {"s": (16, 1, 2, 20, 67, 16), "m": (32, 2, 4, 37, 99, 32)}
+
+
+def _config(v: Variant) -> Any:
     import transformers as T
 
-    if family == "t5":
-        return T.T5Config(**{
-            **dict(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0),
-            **over,
-        })  # fmt: skip
-    if family == "bart":
-        return T.BartConfig(
-            vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
-        )  # fmt: skip
-    if family == "clip":
-        return T.CLIPConfig(
-            text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                             num_attention_heads=4, max_position_embeddings=16),
-            vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                               image_size=32, patch_size=8),
-            projection_dim=16,
-        )  # fmt: skip
-    if family == "vit":
-        return T.ViTConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32,
-            patch_size=8, num_labels=5, layer_norm_eps=1e-6,
-        )  # fmt: skip
-    raise AssertionError(family)
+    d, n, h, ffn, vocab, img = SIZES[v.size]
+    over = dict(v.over)
+    if v.arch in ("t5", "mt5"):
+        cls = T.MT5Config if v.arch == "mt5" else T.T5Config
+        base = dict(vocab_size=vocab, d_model=d, d_kv=d // h, d_ff=ffn, num_layers=n, num_decoder_layers=n, num_heads=h,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0)  # fmt: skip
+        return cls(**{**base, **over})
+    if v.arch in ("bart", "mbart"):
+        cls = T.MBartConfig if v.arch == "mbart" else T.BartConfig
+        base = dict(vocab_size=vocab, d_model=d, encoder_layers=n, decoder_layers=n, encoder_attention_heads=h,
+                    decoder_attention_heads=h, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, max_position_embeddings=32,
+                    num_labels=3)  # fmt: skip
+        return cls(**{**base, **over})
+    text = dict(vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=n, num_attention_heads=h,
+                max_position_embeddings=16)  # fmt: skip
+    vision = dict(hidden_size=d, intermediate_size=ffn, num_hidden_layers=n, num_attention_heads=h, image_size=img, patch_size=8)
+    if v.cls == "CLIPModel":
+        return T.CLIPConfig(text_config=text, vision_config=vision, projection_dim=d // 2, **over)
+    if v.cls.startswith("CLIPText"):
+        return T.CLIPTextConfig(**text, projection_dim=d // 2, **over)
+    if v.cls.startswith("CLIPVision"):
+        return T.CLIPVisionConfig(**vision, projection_dim=d // 2, **over)
+    return T.ViTConfig(**vision, num_labels=5, layer_norm_eps=1e-6, **over)
 
 
-def _classes(family: str) -> tuple[Any, Any]:
+def _classes(v: Variant) -> tuple[Any, Any]:
     import transformers as T
 
-    return {
-        "t5": (T.T5ForConditionalGeneration, T.FlaxT5ForConditionalGeneration),
-        "bart": (T.BartForConditionalGeneration, T.FlaxBartForConditionalGeneration),
-        "clip": (T.CLIPModel, T.FlaxCLIPModel),
-        "vit": (T.ViTForImageClassification, T.FlaxViTForImageClassification),
-    }[family]
+    return getattr(T, v.cls), getattr(T, "Flax" + v.cls)
 
 
-def _inputs(family: str) -> dict[str, np.ndarray]:
+def _inputs(v: Variant) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(7)
-    if family in ("t5", "bart"):
-        ids = rng.integers(3, 99, size=(2, 7)).astype(np.int64)
-        ids[:, -1] = 2  # eos
-        dec = rng.integers(3, 99, size=(2, 5)).astype(np.int64)
-        dec[:, 0] = 0 if family == "t5" else 2  # decoder_start_token_id
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "decoder_input_ids": dec}
-    pixels = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
-    if family == "vit":
+    vocab, img = SIZES[v.size][4], SIZES[v.size][5]
+    if v.family in ("t5", "bart"):
+        ids = rng.integers(3, vocab, size=(2, 7)).astype(np.int64)
+        ids[:, -1] = 2  # eos (BART's classification head pools the last eos)
+        kw = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if v.cls.endswith(("ForConditionalGeneration", "Model")) and "Encoder" not in v.cls:
+            dec = rng.integers(3, vocab, size=(2, 5)).astype(np.int64)
+            dec[:, 0] = 0 if v.family == "t5" else 2  # decoder_start_token_id
+            kw["decoder_input_ids"] = dec
+        return kw
+    pixels = rng.standard_normal((2, 3, img, img)).astype(np.float32)
+    if v.family == "vit" or "Vision" in v.cls:
         return {"pixel_values": pixels}
-    ids = rng.integers(3, 90, size=(2, 7)).astype(np.int64)
-    ids[0, 4], ids[1, 6] = 98, 98  # the pooled (eos) position: the largest id, once per row
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": pixels}
+    ids = rng.integers(3, vocab - 1, size=(2, 7)).astype(np.int64)
+    ids[0, 4], ids[1, 6] = vocab - 1, vocab - 1  # CLIP pools at the largest id (eos), once per row
+    kw = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    return {**kw, "pixel_values": pixels} if v.cls == "CLIPModel" else kw
 
 
-def _outputs(family: str, out: Any) -> dict[str, np.ndarray]:
-    if family in ("t5", "bart"):
-        names = {"logits": out.logits}
-    elif family == "clip":
-        names = {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits_per_image": out.logits_per_image}
-    else:
-        names = {"logits": out.logits, "last_encoder_hidden_state": out.hidden_states[-1]}
-    return {k: np.asarray(v.detach().numpy() if hasattr(v, "detach") else v, dtype=np.float32) for k, v in names.items()}
+def _arrays(out: Any) -> dict[str, np.ndarray]:
+    """The array fields of a ModelOutput (PyTorch or Flax), as float32 numpy."""
+    got = {}
+    for k in out.keys():
+        x = out[k]
+        if hasattr(x, "detach"):
+            x = x.detach().numpy()
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            got[k] = np.asarray(x, dtype=np.float32)
+    return got
 
 
-def _run_pt(family: str, model: Any) -> dict[str, np.ndarray]:
+def _run_pt(v: Variant, model: Any) -> dict[str, np.ndarray]:
     import torch
 
-    kw = {k: torch.from_numpy(v) for k, v in _inputs(family).items()}
     with torch.no_grad():
-        return _outputs(family, model(**kw, output_hidden_states=family == "vit"))
+        return _arrays(model(**{k: torch.from_numpy(x) for k, x in _inputs(v).items()}))
 
 
-_JITTED: dict[str, Any] = {}
+def _run_flax(v: Variant, model: Any, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The Flax model's own __call__, eagerly: jax caches each primitive's compile by shape, so variants
+    of one family and size reuse them (one jax.jit per variant costs more here)."""
+    kw = {k: (x.astype(np.int32) if x.dtype == np.int64 else x) for k, x in _inputs(v).items()}
+    return _arrays(model(**kw, params=unflat(params)))
 
 
-def _run_flax(family: str, model: Any, params: Any) -> dict[str, np.ndarray]:
-    """The Flax model's own __call__ under jax.jit (one compile per family: ~4x faster than eager)."""
-    import jax
-
-    if family not in _JITTED:  # same class and config for every call: the compiled forward is reused
-        _JITTED[family] = jax.jit(lambda p, kw: model(**kw, params=p, output_hidden_states=family == "vit"))
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    params = unflatten_dict({k: jax.numpy.asarray(v) for k, v in flatten_dict(params).items()})  # plain dict: one trace
-    kw = {k: (v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in _inputs(family).items()}
-    return _outputs(family, _JITTED[family](params, kw))
+_HEAD_OUTPUT = {"ForConditionalGeneration": "logits", "ForSequenceClassification": "logits", "ForQuestionAnswering": "start_logits",
+                "ForImageClassification": "logits", "CLIPModel": "logits_per_image", "WithProjection": "text_embeds"}  # fmt: skip
 
 
 def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    assert a.keys() == b.keys()
-    for k in a:
+    """Max abs diff over every array output both frameworks return (the head's own output among them)."""
+    common = a.keys() & b.keys()
+    assert common & ({"last_hidden_state", *_HEAD_OUTPUT.values()}), (a.keys(), b.keys())
+    for k in common:
         assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)
-    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    return max(float(np.abs(a[k] - b[k]).max()) for k in common)
 
 
-# -- building and saving the sources in their native containers -------------------------------------
+def _assert_bitwise(got: Mapping[str, Any], want: Mapping[str, Any], what: str) -> None:
+    bad = bitwise_diff(got, want)
+    assert not bad, f"{what}: {bad[:6]}"
 
 
-def _pt_model(family: str) -> Any:
+# -- building the sources -------------------------------------------------------------------------------
+
+
+def _pt_model(v: Variant) -> Any:
     import torch
 
     torch.manual_seed(0)
-    model = _classes(family)[0](_config(family)).eval()
+    model = _classes(v)[0](_config(v), **dict(v.kwargs)).eval()
     g = torch.Generator().manual_seed(1)
     seen = set()
     with torch.no_grad():
@@ -162,280 +266,400 @@ def _pt_model(family: str) -> Any:
     return model
 
 
-def _save_pt(family: str, d: Path) -> tuple[Path, Any]:
-    model = _pt_model(family)
-    model.save_pretrained(d, safe_serialization=True)
-    return d / "model.safetensors", model
-
-
-def _random_params(family: str, seed: int = 2) -> tuple[Any, Any]:
-    """A Flax model (no init run) and a full param tree of random values in its exact structure.
-
-    The tree comes from jax.eval_shape of the model's own init_weights (cheap: no compile); every
-    leaf gets fresh random values: LayerNorm scales 1 + noise, kernels ~ 1/sqrt(fan_in), the rest
-    (biases, embeddings, cls/class tokens, final_logits_bias, logit_scale) nonzero noise.
-    """
-    jax = _need_flax()
-    from flax.traverse_util import unflatten_dict
-
-    model = _classes(family)[1](_config(family), _do_init=False)
+def _random_params(shapes: Mapping[str, tuple[int, ...]], seed: int = 2) -> dict[str, np.ndarray]:
+    """Fresh random values in the Flax model's exact structure: norm scales 1 + noise, kernels ~ 1/sqrt(fan_in),
+    embeddings and everything else (biases, tokens, final_logits_bias, logit_scale) nonzero noise."""
     rng = np.random.default_rng(seed)
-    flat = {}
-    for k, sd in _fresh_flax_keys(family).items():
-        noise = rng.standard_normal(sd).astype(np.float32)
-        name = k.rsplit(".", 1)[-1]
-        if name == "scale" or k.endswith("layer_norm.weight"):  # LayerNorm / T5LayerNorm
-            v = 1 + 0.1 * noise
+    out = {}
+    for k, shape in shapes.items():
+        noise = rng.standard_normal(shape).astype(np.float32)
+        parent, name = (["", *k.split(".")])[-2:]
+        if name == "scale" or (name == "weight" and "norm" in parent):  # LayerNorm / T5LayerNorm
+            x = 1 + 0.1 * noise
         elif name == "kernel":
-            v = noise / np.sqrt(np.prod(sd[:-1]))
+            x = noise / np.sqrt(np.prod(shape[:-1]))
         elif name == "logit_scale":
-            v = np.float32(np.log(1 / 0.07)) + 0.1 * noise
+            x = np.float32(np.log(1 / 0.07)) + 0.1 * noise
         elif name == "embedding":
-            v = 0.5 * noise
+            x = 0.5 * noise
         else:
-            v = 0.1 * noise
-        flat[tuple(k.split("."))] = jax.numpy.asarray(v.astype(np.float32))
-    return model, unflatten_dict(flat)
+            x = 0.1 * noise
+        out[k] = np.asarray(x, dtype=np.float32)  # 0-d (logit_scale) stays an array, not a numpy scalar
+    return out
 
 
-def _save_flax(family: str, d: Path) -> tuple[Path, Any, Any]:
-    model, params = _random_params(family)
-    model.save_pretrained(d, params=params)  # flax_model.msgpack (flax.serialization) + config.json
-    return d / "flax_model.msgpack", model, params
-
-
-def _flat_msgpack(path: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a msgpack as flax itself reads it."""
+def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
+    """A flax_model.msgpack as flax itself reads it, flattened."""
     from flax.serialization import msgpack_restore
-    from flax.traverse_util import flatten_dict
 
-    return {k: tuple(np.shape(v)) for k, v in flatten_dict(msgpack_restore(path.read_bytes()), sep=".").items()}
-
-
-def _fresh_flax_keys(family: str, config: Any = None) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the params a fresh Flax model initializes (eval_shape: nothing computed)."""
-    import jax
-    from flax.traverse_util import flatten_dict
-
-    model = _classes(family)[1](config or _config(family), _do_init=False)
-    shapes = jax.eval_shape(lambda r: model.init_weights(r, model.input_shape), jax.random.PRNGKey(0))
-    return {k: tuple(v.shape) for k, v in flatten_dict(shapes, sep=".").items()}
+    return flat(msgpack_restore(path.read_bytes()))
 
 
-# -- the per-family cases -----------------------------------------------------------------------------
-
-FAMILIES = ["t5", "bart", "clip", "vit"]
-
-
-@pytest.fixture(scope="module")
-def pt_to_flax(tmp_path_factory) -> dict[str, dict[str, Any]]:
-    """Lazily: per family, PT source saved -> converted to flax_model.msgpack -> Flax from_pretrained."""
-    cache: dict[str, dict[str, Any]] = {}
-
-    def get(family: str) -> dict[str, Any]:
-        if family not in cache:
-            _need_flax()
-            root = tmp_path_factory.mktemp(f"{family}_pt2fx")
-            src, pt = _save_pt(family, root / "pt")
-            out_dir = root / "flax"
-            out_dir.mkdir()
-            report = statemap.convert(f"{family}-pt-to-flax", src, out_dir / "flax_model.msgpack")
-            shutil.copy(root / "pt" / "config.json", out_dir / "config.json")
-            # the real loader (flax.serialization.from_bytes); _do_init=False: no random init to
-            # fill gaps, so a missing param shows up in the key-set check below
-            fx, params = _classes(family)[1].from_pretrained(out_dir, _do_init=False)
-            cache[family] = {
-                "root": root, "src": src, "pt": pt, "out": out_dir / "flax_model.msgpack",
-                "flax": fx, "params": params, "report": report,
-            }  # fmt: skip
-        return cache[family]
-
-    return get
+def _tied_duplicates(sd: Mapping[str, Any]) -> set[str]:
+    """Keys of a PyTorch state_dict that share storage with an earlier key (tied copies)."""
+    first: dict[tuple[int, int], str] = {}
+    dups = set()
+    for k, t in sd.items():
+        sig = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if sig in first:
+            dups.add(k)
+        else:
+            first[sig] = k
+    return dups
 
 
-@pytest.mark.flax
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pt_to_flax_outputs_match(family, pt_to_flax):
-    from flax.traverse_util import flatten_dict
+@dataclass
+class Case:
+    """One variant's sources, built once per module and shared by its tests."""
 
-    case = pt_to_flax(family)
-    assert case["report"].passthrough == []
-    written = _flat_msgpack(case["out"])
-    fresh = _fresh_flax_keys(family)
-    assert written == fresh  # same params, same shapes: from_pretrained initialized nothing, ignored nothing
-    loaded = flatten_dict(case["params"], sep=".")
-    assert {k: tuple(v.shape) for k, v in loaded.items()} == fresh
-    diff = _max_diff(_run_flax(family, case["flax"], case["params"]), _run_pt(family, case["pt"]))
-    print(f"{family}-pt-to-flax max abs diff {diff:.3g}")
+    v: Variant
+    root: Path
+    pt: Any  # the PyTorch source model (perturbed)
+    src: Path  # its save_pretrained model.safetensors
+    fx: Any  # the Flax model (_do_init=False: params are passed in)
+    shapes: dict[str, tuple[int, ...]]  # the Flax model's param keys and shapes
+    fx_params: dict[str, np.ndarray]  # random Flax params ...
+    fx_src: Path  # ... saved by the Flax model's save_pretrained (flax_model.msgpack)
+    pt2fx: Path | None = None  # statemap's PT -> Flax output from src
+
+
+_CASES: dict[str, Case] = {}
+
+
+@pytest.fixture
+def case(request, tmp_path_factory) -> Case:
+    v: Variant = request.param
+    if v.id not in _CASES:
+        _need_flax()
+        root = tmp_path_factory.mktemp(v.id[:60])
+        pt = _pt_model(v)
+        pt.save_pretrained(root / "pt", safe_serialization=True)
+        fx = _classes(v)[1](_config(v), _do_init=False, **dict(v.kwargs))
+        shapes = {k: tuple(x.shape) for k, x in flat(fx.params_shape_tree).items()}
+        params = _random_params(shapes)
+        fx.save_pretrained(root / "flax", params=unflat(params))  # flax.serialization msgpack + config.json
+        _CASES[v.id] = Case(
+            v, root, pt, root / "pt" / "model.safetensors", fx, shapes, params, root / "flax" / "flax_model.msgpack"
+        )
+    return _CASES[v.id]
+
+
+by_variant = pytest.mark.parametrize("case", VARIANTS, ids=IDS, indirect=True)
+
+
+def _pt2fx(case: Case) -> Path:
+    if case.pt2fx is None:
+        out = case.root / "pt2fx" / "flax_model.msgpack"
+        out.parent.mkdir()
+        report = statemap.convert(f"{case.v.family}-pt-to-flax", case.src, out)
+        assert report.passthrough == []
+        case.pt2fx = out
+    return case.pt2fx
+
+
+# -- the matrix -----------------------------------------------------------------------------------------
+
+
+@by_variant
+def test_pt_to_flax_equals_transformers(case):
+    """statemap PT -> Flax == convert_pytorch_state_dict_to_flax, bitwise, from the file and from memory."""
+    from transformers.modeling_flax_pytorch_utils import load_pytorch_checkpoint_in_flax_state_dict
+
+    v, view = case.v, ShapeView(case.fx.params_shape_tree, case.fx.base_model_prefix)
+    # 1. the save_pretrained file (tied copies left out), read by each side's own file reader
+    got = _read_msgpack(_pt2fx(case))
+    want = flat(load_pytorch_checkpoint_in_flax_state_dict(view, str(case.src), is_sharded=False))
+    assert set(want) == set(case.shapes), "from the file the anchor writes exactly the Flax model's keys"
+    _assert_bitwise(got, want, f"{v.family}-pt-to-flax on model.safetensors")
+
+    # 2. the in-memory state_dict() (tied tensors are one object)
+    sd = case.pt.state_dict()
+    new, report = statemap.map_state_dict(f"{v.family}-pt-to-flax", sd)
+    want, extra = anchor_pt_to_flax(sd, case.fx)
+    tied = _tied_duplicates(sd)
+    # the anchor's "unexpected" keys (ignored by from_pretrained) come from tied copies only; statemap drops those
+    assert {k.rsplit(".", 1)[0] for k in extra} == {k.rsplit(".", 1)[0] for k in tied}, (sorted(extra), sorted(tied))
+    assert set(report.dropped) == tied
+    _assert_bitwise(new, want, f"{v.family}-pt-to-flax on state_dict()")
+
+
+@by_variant
+def test_flax_to_pt_equals_transformers(case, tmp_path):
+    """statemap Flax -> PT == what load_flax_weights_in_pytorch_model puts into the PyTorch model, bitwise;
+    the PyTorch model on it (strict load) gives the Flax model's outputs."""
+    import torch
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    v = case.v
+    out = tmp_path / "model.safetensors"
+    report = statemap.convert(f"{v.family}-flax-to-pt", case.fx_src, out, vars=dict(v.vars))
+    assert report.passthrough == [] and report.dropped == []
+    got = statemap.load_state_dict(out)
+
+    torch.manual_seed(12345)  # a key the anchor does not fill keeps this init and shows up as a mismatch
+    anchor = _classes(v)[0](_config(v), **dict(v.kwargs)).eval()
+    load_flax_weights_in_pytorch_model(anchor, unflat(case.fx_params))
+    _assert_bitwise(got, anchor.state_dict(), f"{v.family}-flax-to-pt")
+    in_memory, _ = statemap.map_state_dict(f"{v.family}-flax-to-pt", case.fx_params, vars=dict(v.vars))  # flat numpy params
+    _assert_bitwise(in_memory, anchor.state_dict(), f"{v.family}-flax-to-pt in memory")
+
+    pt = _classes(v)[0](_config(v), **dict(v.kwargs)).eval()
+    pt.load_state_dict(got, strict=True)
+    want = next((o for suffix, o in _HEAD_OUTPUT.items() if v.cls.endswith(suffix)), "last_hidden_state")
+    pt_out = _run_pt(v, pt)
+    assert want in pt_out, (v.cls, sorted(pt_out))
+    diff = _max_diff(pt_out, _run_flax(v, case.fx, case.fx_params))
+    print(f"{v.id} flax-to-pt outputs max abs diff {diff:.3g}")
     assert diff <= TOL
 
 
-@pytest.mark.flax
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pt_to_flax_to_pt_is_bitwise(family, pt_to_flax, tmp_path):
-    """PT file -> Flax msgpack -> PT: every key of the full PyTorch state_dict (tied copies too)."""
-    case = pt_to_flax(family)
-    back = tmp_path / "model.safetensors"
-    report = statemap.convert(f"{family}-flax-to-pt", case["out"], back)
-    assert report.passthrough == [] and report.dropped == []
-    got = statemap.load_state_dict(back)
-    want = case["pt"].state_dict()
-    assert set(got) == set(want)
-    for k, v in want.items():
-        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
-        assert np.array_equal(got[k].numpy().reshape(-1).view(np.uint8), v.numpy().reshape(-1).view(np.uint8)), k
-    # the saved PT file left the tied copies out; every key it had survives the round trip
-    src = statemap.load_state_dict(case["src"])
-    assert set(src) <= set(got)
-
-
-@pytest.mark.flax
-@pytest.mark.parametrize("family", FAMILIES)
-def test_flax_to_pt_outputs_match(family, tmp_path):
-    src, fx, params = _save_flax(family, tmp_path / "flax")
-    out = tmp_path / "pt" / "model.safetensors"
-    out.parent.mkdir()
-    report = statemap.convert(f"{family}-flax-to-pt", src, out)
-    assert report.passthrough == [] and report.dropped == []
-    pt = _classes(family)[0](_config(family)).eval()
-    pt.load_state_dict(statemap.load_state_dict(out), strict=True)
-    diff = _max_diff(_run_pt(family, pt), _run_flax(family, fx, params))
-    print(f"{family}-flax-to-pt max abs diff {diff:.3g}")
+@by_variant
+def test_pt_to_flax_outputs_and_round_trip(case, tmp_path):
+    """The Flax model on statemap's params gives the PyTorch outputs; PT -> Flax -> PT is bitwise."""
+    v = case.v
+    params = _read_msgpack(_pt2fx(case))
+    assert {k: tuple(x.shape) for k, x in params.items()} == case.shapes
+    diff = _max_diff(_run_flax(v, case.fx, params), _run_pt(v, case.pt))
+    print(f"{v.id} pt-to-flax outputs max abs diff {diff:.3g}")
     assert diff <= TOL
+
+    back = tmp_path / "back.safetensors"
+    report = statemap.convert(f"{v.family}-flax-to-pt", _pt2fx(case), back, vars=dict(v.vars))
+    assert report.passthrough == [] and report.dropped == []
+    _assert_bitwise(statemap.load_state_dict(back), case.pt.state_dict(), "PT -> Flax -> PT")
+
+
+# -- tied heads: verified, never assumed -----------------------------------------------------------------
+
+
+def _variant(cls: str, **over: Any) -> Variant:
+    """The first variant in VARIANTS of this class with exactly these config overrides."""
+    return next(v for v in VARIANTS if v.cls == cls and dict(v.over) == over)
+
+
+def _untie(sd: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """A state_dict in which `key` is its own tensor, with other values than its former tie partner."""
+    out = dict(sd)
+    out[key] = sd[key].clone() + 0.5
+    return out
+
+
+@pytest.mark.parametrize(
+    "cls, shared", [("T5ForConditionalGeneration", "shared.weight"), ("MBartForConditionalGeneration", "model.shared.weight")]
+)
+def test_in_memory_tied_lm_head_is_dropped_and_untied_one_kept(cls, shared):
+    """tied_to reads the tie off the state_dict: a tied lm_head is dropped, the same model with its head
+    untied (other values) gets lm_head.kernel, bitwise the anchor's; the untied Flax model uses it."""
+    pytest.importorskip("transformers")
+    v = _variant(cls)
+    sd = _pt_model(v).state_dict()
+    new, report = statemap.map_state_dict(f"{v.family}-pt-to-flax", sd)
+    assert "lm_head.weight" in report.dropped and "lm_head.kernel" not in new
+    untied = _untie(sd, "lm_head.weight")
+    new, report = statemap.map_state_dict(f"{v.family}-pt-to-flax", untied)
+    assert "lm_head.weight" not in report.dropped
+    assert bits(new["lm_head.kernel"]) == bits(untied["lm_head.weight"].T.contiguous())
+    assert bits(new[shared.replace("weight", "embedding")]) == bits(sd[shared])
+
+
+@pytest.mark.parametrize(
+    "cls, embed, shared",
+    [
+        ("T5ForConditionalGeneration", "encoder.embed_tokens.weight", "shared.weight"),
+        ("BartForConditionalGeneration", "model.decoder.embed_tokens.weight", "model.shared.weight"),
+        ("MBartForConditionalGeneration", "model.encoder.embed_tokens.weight", "model.shared.weight"),
+    ],
+)
+def test_untied_embed_tokens_fail_the_catalog_spec_and_write_nothing(cls, embed, shared, tmp_path):
+    """The catalog pt-to-flax specs drop embed_tokens ASSUMING they equal shared.weight (Flax has one
+    embedding): a checkpoint where they differ fails with one line naming both keys; no file appears."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    v = _variant(cls)
+    sd = _untie(_pt_model(v).state_dict(), embed)
+    src = tmp_path / "untied.safetensors"
+    save_file({k: t.contiguous() for k, t in _dedupe(sd).items()}, src)
+    out = tmp_path / "flax_model.msgpack"
+    with pytest.raises(statemap.StatemapError) as e:
+        statemap.convert(f"{v.family}-pt-to-flax", src, out)
+    msg = str(e.value)
+    assert embed in msg and shared in msg and "\n" not in msg, msg
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
+    with pytest.raises(statemap.StatemapError, match=embed.replace(".", r"\.")):
+        statemap.map_state_dict(f"{v.family}-pt-to-flax", sd)
+
+
+@pytest.mark.parametrize("cls", ["T5ForConditionalGeneration", "BartForConditionalGeneration", "MBartForConditionalGeneration"])
+def test_untied_lm_head_under_a_spec_assuming_tying_fails_and_writes_nothing(cls, tmp_path):
+    """A spec that can only hold a tied head (Flax without lm_head) says so with `assume: {equal: ...}`:
+    an untied checkpoint (T5 v1.1 / BART with tie_word_embeddings=False, saved by save_pretrained)
+    fails naming lm_head.weight and the embedding, instead of converting with the head lost."""
+    import yaml
+
+    v = _variant(cls, **(V11 if cls.startswith("T5") else UNTIED))
+    shared = "shared.weight" if v.family == "t5" else "model.shared.weight"
+    raw = yaml.safe_load((MAPPINGS / f"{v.family}-pt-to-flax.yaml").read_text())
+    rules = [r for r in raw["rules"] if "lm_head.weight" not in str(r)]
+    raw["rules"] = [{"drop": {"from": "lm_head.weight", "assume": {"equal": shared}}}, *rules]
+    pt = _pt_model(v)
+    pt.save_pretrained(tmp_path / "pt", safe_serialization=True)
+    out = tmp_path / "flax_model.msgpack"
+    with pytest.raises(statemap.StatemapError) as e:
+        statemap.convert(raw, tmp_path / "pt" / "model.safetensors", out)
+    msg = str(e.value)
+    assert "lm_head.weight" in msg and shared in msg and "\n" not in msg, msg
+    assert not out.exists()
+    # the catalog spec maps the same file, head included
+    statemap.convert(f"{v.family}-pt-to-flax", tmp_path / "pt" / "model.safetensors", out)
+    assert bits(_read_msgpack(out)["lm_head.kernel"]) == bits(pt.lm_head.weight.detach().T.contiguous())
+
+
+def _dedupe(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Tied tensors as separate equal copies (what a saver that writes every key produces)."""
+    return {k: t.clone() for k, t in sd.items()}
 
 
 # -- details and negative checks ----------------------------------------------------------------------
 
+SPECS = [f"{f}-{d}" for f in ("t5", "bart", "clip", "vit") for d in ("pt-to-flax", "flax-to-pt")]
 
-@pytest.mark.flax
-def test_tied_embeddings_and_final_logits_bias(pt_to_flax, tmp_path):
-    """BART: Flax keeps final_logits_bias as a top-level param, and no embed_tokens / lm_head;
-    flax -> pt writes one tensor for all four tied names (a .pt output shares one storage)."""
-    case = pt_to_flax("bart")
-    written = _flat_msgpack(case["out"])
-    assert written["final_logits_bias"] == (1, 99)
-    assert not any("embed_tokens" in k or k.startswith("lm_head") for k in written)
-    assert set(case["report"].dropped) == set()  # save_pretrained had already left the tied copies out
-    back = tmp_path / "bart.pt"
-    report = statemap.convert("bart-flax-to-pt", case["out"], back)
-    assert [sorted(g) for g in report.tied] == [
-        sorted(
-            ["model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"]
-        )
-    ]
+
+@pytest.mark.parametrize("name", SPECS)
+def test_no_unverified_optional_drop(name):
+    """A drop in these specs is either verified (assume: / when:) or of a constant buffer (position_ids)."""
+    for rule in statemap.load_spec(name).rules:
+        if rule.op == "drop" and rule.optional:
+            assert rule.assume or rule.when or str(rule.sources[0]).endswith("position_ids"), rule.label
+
+
+MAPPINGS = Path(statemap.__file__).resolve().parent.parent / "mappings"
+
+
+def test_separate_equal_copies_of_tied_weights_map_like_the_file(tmp_path):
+    """A checkpoint with every tied name as its own (equal) tensor: embed_tokens are dropped after a
+    byte comparison; the untie-able lm_head becomes lm_head.kernel (an extra key a tied Flax model ignores)."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    v = _variant("T5ForConditionalGeneration")
+    sd = _pt_model(v).state_dict()
+    save_file({k: t.contiguous() for k, t in _dedupe(sd).items()}, tmp_path / "all.safetensors")
+    new, report = statemap.map_state_dict("t5-pt-to-flax", statemap.load_state_dict(tmp_path / "all.safetensors"))
+    assert set(report.dropped) == {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+    assert bits(new["lm_head.kernel"]) == bits(sd["lm_head.weight"].T.contiguous())
+
+
+def test_flax_to_pt_ties_one_storage_in_a_pt_file(tmp_path):
+    """bart-flax-to-pt into a .pt file: the four tied names are one storage, as in the PyTorch model."""
     import torch
 
-    sd = torch.load(back, weights_only=True)
-    ptrs = {
-        sd[k].untyped_storage().data_ptr() for k in ("model.shared.weight", "model.encoder.embed_tokens.weight", "lm_head.weight")
-    }
-    assert len(ptrs) == 1
-
-
-@pytest.mark.flax
-def test_in_memory_state_dict_drops_tied_copies():
-    """A full T5 state_dict() (tied copies present) maps too: embed_tokens are dropped; lm_head.weight
-    (present in memory even when tied) becomes lm_head.kernel, which a tied Flax model does not use."""
-    model = _pt_model("t5")
-    new, report = statemap.map_state_dict("t5-pt-to-flax", model.state_dict())
-    assert set(report.dropped) == {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
-    assert set(new) - set(_fresh_flax_keys("t5")) == {"lm_head.kernel"}
-
-
-@pytest.mark.flax
-def test_untied_t5_lm_head_maps_to_kernel(tmp_path):
-    """tie_word_embeddings=False (T5 v1.1 / flan-t5, gated-gelu): save_pretrained writes lm_head.weight,
-    Flax has lm_head.kernel and DenseReluDense.wi_0 / wi_1; the spec's optional rule covers it."""
-    import transformers as T
-
-    cfg = _config("t5", tie_word_embeddings=False, feed_forward_proj="gated-gelu")
-    assert not cfg.tie_word_embeddings and cfg.is_gated_act
-    T.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "pt", safe_serialization=True)
+    v = _variant("BartForConditionalGeneration")
     _need_flax()
-    statemap.convert("t5-pt-to-flax", tmp_path / "pt" / "model.safetensors", tmp_path / "flax_model.msgpack")
-    fresh = _fresh_flax_keys("t5", cfg)
-    assert "lm_head.kernel" in fresh and "encoder.block.0.layer.1.DenseReluDense.wi_1.kernel" in fresh
-    assert _flat_msgpack(tmp_path / "flax_model.msgpack") == fresh
-    # and the reverse spec refuses the untied head instead of silently dropping it
-    with pytest.raises(statemap.StatemapError, match="lm_head.kernel"):
-        statemap.convert("t5-flax-to-pt", tmp_path / "flax_model.msgpack", tmp_path / "back.safetensors")
+    model = _classes(v)[1](_config(v), _do_init=False)
+    shapes = {k: tuple(x.shape) for k, x in flat(model.params_shape_tree).items()}
+    src = tmp_path / "flax" / "flax_model.msgpack"
+    model.save_pretrained(src.parent, params=unflat(_random_params(shapes)))
+    report = statemap.convert("bart-flax-to-pt", src, tmp_path / "bart.pt")
+    tied = ["model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"]
+    assert [sorted(g) for g in report.tied] == [sorted(tied)]
+    sd = torch.load(tmp_path / "bart.pt", weights_only=True)
+    assert len({sd[k].untyped_storage().data_ptr() for k in tied}) == 1
 
 
-@pytest.mark.flax
-def test_negative_checks(pt_to_flax, tmp_path):
-    """The comparisons can fail: H and W swapped in the conv permute (ViT), q kernel not transposed (T5)."""
+def test_t5_lm_head_var_wrong_setting_is_loud(tmp_path):
+    """FlaxT5Model and a tied FlaxT5ForConditionalGeneration hold the same params; var lm_head picks the
+    target. The wrong setting fails a strict load naming lm_head.weight, both ways (never silent)."""
+    import torch
+
+    _need_flax()
+    v = _variant("T5Model")
+    model = _classes(v)[1](_config(v), _do_init=False)
+    params = _random_params({k: tuple(x.shape) for k, x in flat(model.params_shape_tree).items()})
+    with_head, _ = statemap.map_state_dict("t5-flax-to-pt", params)  # default lm_head=1
+    with pytest.raises(RuntimeError, match="Unexpected key.*lm_head.weight"):
+        _classes(v)[0](_config(v)).load_state_dict({k: np_to_torch(x) for k, x in with_head.items()}, strict=True)
+    without, _ = statemap.map_state_dict("t5-flax-to-pt", params, vars={"lm_head": 0})
+    cg = _variant("T5ForConditionalGeneration")
+    with pytest.raises(RuntimeError, match="Missing key.*lm_head.weight"):
+        _classes(cg)[0](_config(cg)).load_state_dict({k: np_to_torch(x) for k, x in without.items()}, strict=True)
+    assert set(with_head) - set(without) == {"lm_head.weight"}
+    assert torch.equal(np_to_torch(with_head["lm_head.weight"]), np_to_torch(with_head["shared.weight"]))
+
+
+def test_negative_checks(tmp_path):
+    """The comparisons can fail: H and W swapped in the conv permute (ViT), a square q kernel left
+    untransposed (T5): the anchor comparison names the key, and the outputs move by > 1e-3."""
     import yaml
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
-    mappings = Path(statemap.__file__).resolve().parent.parent / "mappings"
-    # ViT flax -> pt with [3, 2, 1, 0]: shapes agree, the patches are read transposed
-    src, fx, params = _save_flax("vit", tmp_path / "vit")
-    raw = yaml.safe_load((mappings / "vit-flax-to-pt.yaml").read_text())
+    _need_flax()
+    v = _variant("ViTForImageClassification")
+    model = _classes(v)[1](_config(v), _do_init=False)
+    params = _random_params({k: tuple(x.shape) for k, x in flat(model.params_shape_tree).items()})
+    raw = yaml.safe_load((MAPPINGS / "vit-flax-to-pt.yaml").read_text())
     for rule in raw["rules"]:
         if "permute" in rule:
             rule["permute"]["dims"] = [3, 2, 1, 0]
-    new, _ = statemap.map_state_dict(raw, statemap.load_state_dict(src))
-    pt = _classes("vit")[0](_config("vit")).eval()
-    pt.load_state_dict(new, strict=True)
-    assert _max_diff(_run_pt("vit", pt), _run_flax("vit", fx, params)) > 1e-3
-    # T5 pt -> flax with the self-attention q kept as [out, in]: square, so it loads, but it is wrong
-    case = pt_to_flax("t5")
-    flat = statemap.load_state_dict(case["out"])
-    for k in [k for k in flat if k.endswith("SelfAttention.q.kernel")]:
-        flat[k] = flat[k].T.contiguous()
-    back, _ = statemap.map_state_dict("t5-flax-to-pt", flat)
-    pt = _classes("t5")[0](_config("t5")).eval()
-    pt.load_state_dict(back, strict=True)
-    assert _max_diff(_run_pt("t5", pt), _run_pt("t5", case["pt"])) > 1e-3
+    wrong, _ = statemap.map_state_dict(raw, params)
+    anchor = _classes(v)[0](_config(v)).eval()
+    load_flax_weights_in_pytorch_model(anchor, unflat(params))
+    assert bitwise_diff(wrong, anchor.state_dict()) == ["differs vit.embeddings.patch_embeddings.projection.weight"]
+    pt = _classes(v)[0](_config(v)).eval()
+    pt.load_state_dict({k: np_to_torch(x) for k, x in wrong.items()}, strict=True)
+    assert _max_diff(_run_pt(v, pt), _run_flax(v, model, params)) > 1e-3
+
+    v = _variant("T5ForConditionalGeneration")
+    pt = _pt_model(v)
+    new, _ = statemap.map_state_dict("t5-pt-to-flax", pt.state_dict())
+    want, _ = anchor_pt_to_flax(pt.state_dict(), _classes(v)[1](_config(v), _do_init=False))
+    q = "encoder.block.0.layer.0.SelfAttention.q.kernel"
+    new[q] = new[q].T.contiguous()
+    assert bitwise_diff(new, want) == [f"differs {q}"]
+    back, _ = statemap.map_state_dict("t5-flax-to-pt", new)
+    wrong = _classes(v)[0](_config(v)).eval()
+    wrong.load_state_dict(back, strict=True)
+    assert _max_diff(_run_pt(v, wrong), _run_pt(v, pt)) > 1e-3
 
 
-def test_vit_model_with_pooler_maps_both_ways():
-    """ViTModel (no vit. prefix, pooler.dense) -> FlaxViTModel key set and shapes, and back bitwise."""
-    pytest.importorskip("transformers")
+def np_to_torch(x: Any) -> Any:
     import torch
-    import transformers as T
 
-    torch.manual_seed(0)
-    pt = T.ViTModel(_config("vit"))
-    new, report = statemap.map_state_dict("vit-pt-to-flax", pt.state_dict())
-    assert "pooler.dense.kernel" in new and "layernorm.scale" in new and "embeddings.cls_token" in new
-    assert tuple(new["embeddings.patch_embeddings.projection.kernel"].shape) == (8, 8, 3, 32)
-    back, _ = statemap.map_state_dict("vit-flax-to-pt", new)
-    assert set(back) == set(pt.state_dict())
-    for k, v in pt.state_dict().items():
-        assert torch.equal(back[k], v), k
-    try:
-        _need_flax()
-    except pytest.skip.Exception:
-        return
-    import jax
-    from flax.traverse_util import flatten_dict
-
-    fx = T.FlaxViTModel(_config("vit"), _do_init=False)
-    shapes = jax.eval_shape(lambda r: fx.init_weights(r, fx.input_shape), jax.random.PRNGKey(0))
-    assert {k: tuple(v.shape) for k, v in flatten_dict(shapes, sep=".").items()} == {k: tuple(v.shape) for k, v in new.items()}
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
 
 
 # -- streaming fixtures: the native source file of every spec ------------------------------------------
+# untied heads and mBART's layer_norm, so the streamed path runs the conditional rules too
+STREAMING_VARIANTS = {
+    "t5": V("T5ForConditionalGeneration", "s", **V11),
+    "bart": V("MBartForConditionalGeneration", "m", **UNTIED),
+    "clip": V("CLIPModel", "s"),
+    "vit": V("ViTForImageClassification", "s"),
+}
 
 
 def _streaming_pt(family: str):
     def fn(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
         pytest.importorskip("transformers")
-        path, _ = _save_pt(family, tmp_path / f"{family}_pt")
-        return path, {}
+        _pt_model(STREAMING_VARIANTS[family]).save_pretrained(tmp_path / "pt", safe_serialization=True)
+        return tmp_path / "pt" / "model.safetensors", {}
 
     return fn
 
 
 def _streaming_flax(family: str):
     def fn(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
-        path, _, _ = _save_flax(family, tmp_path / f"{family}_flax")
-        return path, {}
+        _need_flax()
+        v = STREAMING_VARIANTS[family]
+        model = _classes(v)[1](_config(v), _do_init=False)
+        params = _random_params({k: tuple(x.shape) for k, x in flat(model.params_shape_tree).items()})
+        model.save_pretrained(tmp_path / "flax", params=unflat(params))
+        return tmp_path / "flax" / "flax_model.msgpack", {}
 
     return fn
 
 
 STREAMING_FIXTURES = {
-    **{f"{f}-pt-to-flax": _streaming_pt(f) for f in FAMILIES},
-    **{f"{f}-flax-to-pt": _streaming_flax(f) for f in FAMILIES},
+    **{f"{f}-pt-to-flax": _streaming_pt(f) for f in STREAMING_VARIANTS},
+    **{f"{f}-flax-to-pt": _streaming_flax(f) for f in STREAMING_VARIANTS},
 }
