@@ -1,455 +1,521 @@
-"""The `flax_encoders` family: Hugging Face PyTorch <-> Flax for BERT, ALBERT, XLM-R and GPT-2.
+"""The `flax_encoders` family: Hugging Face PyTorch <-> Flax for BERT, ALBERT, XLM-R, RoBERTa, GPT-2.
 
-Both sides are the real transformers 4.57.6 implementations (torch and jax/flax run here), so
-nothing is committed: each source is built at test time from a tiny config (hidden 32, 2 layers,
-4 heads, intermediate 37, vocab 99, 64 positions), every weight is perturbed (torch:
-``p.add_(randn * 0.02)``; Flax: a tree_map adding numpy noise: Flax zero-inits the MLM bias and
-LayerNorm to 1/0), and saved in its NATIVE container with the library's own save path:
+A variant MATRIX, generated from the list ``HEADS`` x ``SIZES`` x tie (adding a variant is one
+line): every task head transformers 4.57.6 has in both frameworks (bare model, MLM / LM head,
+sequence classification, token classification, question answering; GPT-2: bare model and LM head,
+plus the PyTorch-only GPT2ForSequenceClassification), two tiny sizes, and for the heads with an
+output projection tied to the word embeddings both ``tie_word_embeddings=True`` and ``False``.
 
-- PyTorch: ``XxxForMaskedLM.save_pretrained(dir, safe_serialization=True)`` -> model.safetensors
-  (the tied decoder / lm_head left out, as save_pretrained does) + config.json;
-- Flax: ``FlaxXxxForMaskedLM.save_pretrained(dir)`` -> flax_model.msgpack + config.json.
+Per variant, with the real transformers PyTorch and Flax classes (nothing committed; every weight
+perturbed so zero biases / unit LayerNorms / tied copies cannot hide):
 
-Per spec: ``statemap.convert(spec, native source file, out/<native target file name>)``; a Flax
-target is loaded with the real ``FlaxXxx.from_pretrained(out, _do_init=False)`` (flax.serialization:
-proves the file is a valid Flax file) after its key set is checked against a fresh model's param
-tree (so no weight is silently re-initialized); a PyTorch target with
-``load_state_dict(..., strict=True)`` (and ``from_pretrained``).
-Outputs (MLM / LM logits on fixed ids, with padding for the encoders) are compared with the
-source model's: max abs diff <= 1e-5 in fp32. PT -> Flax -> PT and Flax -> PT -> Flax are bitwise.
+- PT -> Flax: statemap's output, from BOTH inputs users have (``save_pretrained`` safetensors, where
+  tied copies are left out, and ``state_dict()`` in memory, where tied tensors are one object), is
+  BITWISE equal to transformers' ``convert_pytorch_state_dict_to_flax`` on the Flax model's param
+  keys, and has exactly those keys. The anchor's extra keys (it also returns keys the Flax model
+  has no parameter for, which ``from_pretrained`` discards with a warning) must be exactly the
+  tied decoder names (see tests/flax_variants.py). Flax outputs with statemap's params vs the
+  PyTorch outputs: max abs diff <= 1e-4 (measured ~1e-7).
+- Flax -> PT: the source is a native Flax file (``FlaxXxx.save_pretrained(params=...)``,
+  flax_model.msgpack) holding params no PyTorch model had (the anchor's params + noise); statemap's
+  output (from the file and from the flat params in memory) is BITWISE equal to the state_dict()
+  of a PyTorch model ``load_flax_weights_in_pytorch_model`` filled, key set included; it loads with
+  ``load_state_dict(strict=True)`` and its outputs match the Flax model's (<= 1e-4).
+- PT -> Flax -> PT is bitwise on the full ``state_dict()`` (tied names included).
+
+Negative checks: an untied head under a spec that ASSUMES tying fails naming both keys and writes
+nothing; swapping a LayerNorm's scale and bias moves the outputs past the tolerance; GPT-2's Conv1D
+kernels must be transposed.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from flax_variants import (
+    anchor_flax_to_pt,
+    anchor_pt_to_flax,
+    bitwise_diff,
+    bits,
+    flat,
+    flax_model_and_shapes,
+    flax_outputs,
+    max_diff,
+    perturbed_flax_params,
+    perturbed_pt_model,
+    pt_outputs,
+    unflat,
+)
 
 import statemap
-from statemap.load import open_checkpoint
 
-TOL = 1e-5
+TOL = 1e-4
 pytestmark = pytest.mark.flax
 
-# fixed inputs: 2 x 12 ids in [3, 99) (clear of pad/bos/eos ids); row 1 is padded for the encoders
-IDS = (np.arange(24, dtype=np.int64).reshape(2, 12) * 37 + 5) % 96 + 3
-MASK = np.ones((2, 12), dtype=np.int64)
-MASK[1, 9:] = 0
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # load_flax_weights_in_pytorch_model logs per call
+
+# --------------------------------------------------------------------------------------------
+# the matrix: one line per head, one line per size
+
+# (spec family, PyTorch class, Flax class or None, the output projection can be tied to the embeddings)
+HEADS: list[tuple[str, str, str | None, bool]] = [
+    ("bert", "BertModel", "FlaxBertModel", False),
+    ("bert", "BertForMaskedLM", "FlaxBertForMaskedLM", True),
+    ("bert", "BertForSequenceClassification", "FlaxBertForSequenceClassification", False),
+    ("bert", "BertForTokenClassification", "FlaxBertForTokenClassification", False),
+    ("bert", "BertForQuestionAnswering", "FlaxBertForQuestionAnswering", False),
+    ("albert", "AlbertModel", "FlaxAlbertModel", False),
+    ("albert", "AlbertForMaskedLM", "FlaxAlbertForMaskedLM", True),
+    ("albert", "AlbertForSequenceClassification", "FlaxAlbertForSequenceClassification", False),
+    ("albert", "AlbertForTokenClassification", "FlaxAlbertForTokenClassification", False),
+    ("albert", "AlbertForQuestionAnswering", "FlaxAlbertForQuestionAnswering", False),
+    ("xlmr", "XLMRobertaModel", "FlaxXLMRobertaModel", False),
+    ("xlmr", "XLMRobertaForMaskedLM", "FlaxXLMRobertaForMaskedLM", True),
+    ("xlmr", "XLMRobertaForSequenceClassification", "FlaxXLMRobertaForSequenceClassification", False),
+    ("xlmr", "XLMRobertaForTokenClassification", "FlaxXLMRobertaForTokenClassification", False),
+    ("xlmr", "XLMRobertaForQuestionAnswering", "FlaxXLMRobertaForQuestionAnswering", False),
+    ("xlmr", "RobertaModel", "FlaxRobertaModel", False),  # RoBERTa: the xlmr-* specs (same layout)
+    ("xlmr", "RobertaForMaskedLM", "FlaxRobertaForMaskedLM", True),
+    ("xlmr", "RobertaForSequenceClassification", "FlaxRobertaForSequenceClassification", False),
+    ("xlmr", "RobertaForTokenClassification", "FlaxRobertaForTokenClassification", False),
+    ("xlmr", "RobertaForQuestionAnswering", "FlaxRobertaForQuestionAnswering", False),
+    ("gpt2", "GPT2Model", "FlaxGPT2Model", False),
+    ("gpt2", "GPT2LMHeadModel", "FlaxGPT2LMHeadModel", True),
+    ("gpt2", "GPT2ForSequenceClassification", None, False),  # no Flax class in transformers 4.57.6
+]
+
+# tiny sizes: they differ in layers, hidden, heads, intermediate and vocab
+SIZES: dict[str, dict[str, int]] = {
+    "s1": dict(hidden=32, layers=2, heads=4, inner=37, vocab=99),
+    "s2": dict(hidden=24, layers=3, heads=2, inner=20, vocab=67),
+}
 
 
 @dataclass(frozen=True)
-class Family:
-    name: str
+class Variant:
+    family: str  # the catalog specs used: {family}-pt-to-flax / {family}-flax-to-pt
     pt_cls: str
-    flax_cls: str
-    config: Callable[[], Any]
-    pad_id: int | None  # None: no padding / attention mask (GPT-2)
-    # two same-shaped params (a LayerNorm's scale and bias), swapped in the negative check
-    swap: tuple[str, str]
+    flax_cls: str | None
+    size: str
+    tied: bool
+    lm: bool = field(default=False)  # has an output projection tied (or not) to the embeddings
+
+    @property
+    def id(self) -> str:
+        tie = ("-tied" if self.tied else "-untied") if self.lm else ""
+        return f"{self.pt_cls}-{self.size}{tie}"
+
+    def config(self) -> Any:
+        return make_config(self.pt_cls, self.size, self.tied)
 
 
-def _bert_config():
-    from transformers import BertConfig
-
-    return BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        vocab_size=99,
-        max_position_embeddings=64,
-    )
+VARIANTS = [
+    Variant(fam, pt, fx, size, tied, lm)
+    for fam, pt, fx, lm in HEADS
+    for size in SIZES
+    for tied in ((True, False) if lm else (True,))
+]
+FLAX_VARIANTS = [v for v in VARIANTS if v.flax_cls is not None]
 
 
-def _albert_config():
-    from transformers import AlbertConfig
+def make_config(pt_cls: str, size: str, tied: bool = True) -> Any:
+    import transformers as T
 
-    # embedding_size != hidden_size (the embedding_hidden_mapping_in projection is not square);
-    # two layer groups, so albert_layer_groups.{0,1} both map
-    return AlbertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        vocab_size=99,
-        max_position_embeddings=64,
-        embedding_size=16,
-        num_hidden_groups=2,
-        inner_group_num=1,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-
-
-def _xlmr_config():
-    from transformers import XLMRobertaConfig
-
-    # XLM-R facts: max_position_embeddings = max_positions + 2, type_vocab_size 1, eps 1e-5, pad 1
-    return XLMRobertaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        vocab_size=99,
-        max_position_embeddings=64 + 2,
-        type_vocab_size=1,
-        layer_norm_eps=1e-5,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-    )
+    s = SIZES[size]
+    labels = 2 if pt_cls.endswith("QuestionAnswering") else 3  # QA: start/end
+    common: dict[str, Any] = dict(vocab_size=s["vocab"], tie_word_embeddings=tied, num_labels=labels)
+    if pt_cls.startswith("GPT2"):
+        return T.GPT2Config(
+            n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"], n_inner=s["inner"], n_positions=64,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0, **common,
+        )  # fmt: skip
+    enc = dict(
+        hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        intermediate_size=s["inner"], **common,
+    )  # fmt: skip
+    if pt_cls.startswith("Albert"):
+        # embedding_size != hidden (embedding_hidden_mapping_in is not square); s1: 2 layer groups,
+        # s2: 1 group of 2 inner layers
+        groups = dict(num_hidden_groups=2, inner_group_num=1) if size == "s1" else dict(num_hidden_groups=1, inner_group_num=2)
+        return T.AlbertConfig(
+            max_position_embeddings=64, embedding_size=s["hidden"] // 2, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, **groups, **enc,
+        )  # fmt: skip
+    if pt_cls.startswith(("XLMRoberta", "Roberta")):
+        # XLM-R facts: max_position_embeddings = max_positions + 2, type_vocab_size 1, eps 1e-5, pad 1
+        cfg = T.XLMRobertaConfig if pt_cls.startswith("XLM") else T.RobertaConfig
+        return cfg(
+            max_position_embeddings=64 + 2, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+            eos_token_id=2, **enc,
+        )  # fmt: skip
+    return T.BertConfig(max_position_embeddings=64, **enc)
 
 
-def _gpt2_config():
-    from transformers import GPT2Config
-
-    return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=37, vocab_size=99, n_positions=64, bos_token_id=0, eos_token_id=0)
-
-
-FAMILIES = {
-    "bert": Family(
-        "bert",
-        "BertForMaskedLM",
-        "FlaxBertForMaskedLM",
-        _bert_config,
-        0,
-        ("bert.encoder.layer.0.output.LayerNorm.scale", "bert.encoder.layer.0.output.LayerNorm.bias"),
-    ),
-    "albert": Family(
-        "albert",
-        "AlbertForMaskedLM",
-        "FlaxAlbertForMaskedLM",
-        _albert_config,
-        0,
-        (
-            "albert.encoder.albert_layer_groups.0.albert_layers.0.full_layer_layer_norm.scale",
-            "albert.encoder.albert_layer_groups.0.albert_layers.0.full_layer_layer_norm.bias",
-        ),
-    ),
-    "xlmr": Family(
-        "xlmr",
-        "XLMRobertaForMaskedLM",
-        "FlaxXLMRobertaForMaskedLM",
-        _xlmr_config,
-        1,
-        ("roberta.encoder.layer.0.output.LayerNorm.scale", "roberta.encoder.layer.0.output.LayerNorm.bias"),
-    ),
-    "gpt2": Family(
-        "gpt2",
-        "GPT2LMHeadModel",
-        "FlaxGPT2LMHeadModel",
-        _gpt2_config,
-        None,
-        ("transformer.h.0.ln_1.scale", "transformer.h.0.ln_1.bias"),
-    ),
-}
-NAMES = sorted(FAMILIES)
+def model_inputs(v: Variant) -> tuple[np.ndarray, np.ndarray | None]:
+    """Fixed ids (2 x 12, clear of special ids); the encoders' second row padded with a mask."""
+    vocab = SIZES[v.size]["vocab"]
+    ids = (np.arange(24, dtype=np.int64).reshape(2, 12) * 37 + 5) % (vocab - 3) + 3
+    if v.family == "gpt2":
+        return ids, None
+    mask = np.ones((2, 12), dtype=np.int64)
+    mask[1, 9:] = 0
+    ids[mask == 0] = 1 if v.family == "xlmr" else 0
+    return ids, mask
 
 
 # --------------------------------------------------------------------------------------------
-# building the sources with the real libraries
+# one build per variant, shared by the tests (module scope)
 
 
-def _cls(name: str):
-    import transformers
-
-    return getattr(transformers, name)
-
-
-def _inputs(fam: Family) -> tuple[np.ndarray, np.ndarray | None]:
-    if fam.pad_id is None:
-        return IDS, None
-    ids = IDS.copy()
-    ids[MASK == 0] = fam.pad_id
-    return ids, MASK
+@dataclass
+class Built:
+    v: Variant
+    pt: Any  # the perturbed PyTorch model
+    st_file: Path  # its save_pretrained model.safetensors
+    pt_out: dict[str, np.ndarray]
+    flax: Any = None  # Flax model built with _do_init=False (None: no Flax class)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    anchor: dict[str, np.ndarray] = field(default_factory=dict)  # transformers PT -> Flax on the Flax keys
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # keys the anchor adds beyond them
 
 
-def pt_logits(model, fam: Family) -> np.ndarray:
-    ids, mask = _inputs(fam)
-    kw = {} if mask is None else {"attention_mask": torch.from_numpy(mask)}
-    with torch.no_grad():
-        return model(torch.from_numpy(ids), **kw).logits.numpy()
-
-
-def flax_logits(model, fam: Family, params: Any = None) -> np.ndarray:
-    ids, mask = _inputs(fam)
-    kw = {} if mask is None else {"attention_mask": mask}
-    if params is not None:
-        kw["params"] = params
-    return np.asarray(model(ids, **kw).logits)
-
-
-def make_pt_source(fam: Family, out_dir: Path):
-    """A perturbed real PyTorch model saved by save_pretrained (safetensors); returns (model, file)."""
-    torch.manual_seed(0)
-    model = _cls(fam.pt_cls)(fam.config()).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():  # tied parameters appear once
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return model, out_dir / "model.safetensors"
-
-
-def make_flax_source(fam: Family, out_dir: Path):
-    """A perturbed real Flax model saved by save_pretrained (flax_model.msgpack); returns (model, file)."""
-    import jax
-
-    model = _cls(fam.flax_cls)(fam.config(), seed=0)
-    rng = np.random.default_rng(2)
-    model.params = jax.tree_util.tree_map(lambda p: p + (rng.standard_normal(p.shape) * 0.02).astype(p.dtype), model.params)
-    model.save_pretrained(out_dir)
-    return model, out_dir / "flax_model.msgpack"
-
-
-def _streaming_pt(fam: str):
-    return lambda tmp: (make_pt_source(FAMILIES[fam], tmp / f"{fam}-pt")[1], {})
-
-
-def _streaming_flax(fam: str):
-    return lambda tmp: (make_flax_source(FAMILIES[fam], tmp / f"{fam}-flax")[1], {})
-
-
-STREAMING_FIXTURES = {
-    **{f"{f}-pt-to-flax": _streaming_pt(f) for f in FAMILIES},
-    **{f"{f}-flax-to-pt": _streaming_flax(f) for f in FAMILIES},
-}
-
-
-# module-scoped sources: each real model is built, perturbed, saved and run once
+DIFFS: dict[str, float] = {}  # "variant direction" -> max abs output diff (printed at the end)
 
 
 @pytest.fixture(scope="module")
-def pt_source(tmp_path_factory):
-    cache: dict[str, tuple[Any, Path, np.ndarray]] = {}
+def built(tmp_path_factory):
+    cache: dict[Variant, Built] = {}
 
-    def get(fam: Family):
-        if fam.name not in cache:
-            model, path = make_pt_source(fam, tmp_path_factory.mktemp(f"{fam.name}-pt"))
-            cache[fam.name] = (model, path, pt_logits(model, fam))
-        return cache[fam.name]
+    def get(v: Variant) -> Built:
+        if v not in cache:
+            pt = perturbed_pt_model(v.pt_cls, v.config())
+            d = tmp_path_factory.mktemp(v.id)
+            pt.save_pretrained(d, safe_serialization=True)
+            b = Built(v, pt, d / "model.safetensors", pt_outputs(pt, *model_inputs(v)))
+            if v.flax_cls is not None:
+                b.flax, b.shapes = flax_model_and_shapes(v.flax_cls, v.config())
+                b.anchor, b.extra = anchor_pt_to_flax(pt.state_dict(), b.flax)
+            cache[v] = b
+        return cache[v]
 
     return get
 
 
-@pytest.fixture(scope="module")
-def flax_source(tmp_path_factory):
-    cache: dict[str, tuple[Any, Path, np.ndarray]] = {}
-
-    def get(fam: Family):
-        if fam.name not in cache:
-            model, path = make_flax_source(fam, tmp_path_factory.mktemp(f"{fam.name}-flax"))
-            cache[fam.name] = (model, path, flax_logits(model, fam))
-        return cache[fam.name]
-
-    return get
+@pytest.fixture(scope="module", autouse=True)
+def _print_diffs():
+    t0 = time.perf_counter()
+    yield
+    for k in sorted(DIFFS):
+        print(f"{k}: max abs diff {DIFFS[k]:.2g}")
+    if DIFFS:
+        print(f"max over {len(DIFFS)}: {max(DIFFS.values()):.2g}; module {time.perf_counter() - t0:.1f} s")
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-    from flax.traverse_util import flatten_dict
-
-    return flatten_dict(tree, sep=".")
-
-
-def _fresh_flax_shapes(fam: Family) -> dict[str, tuple[int, ...]]:
-    """The param tree a fresh Flax model has (jax.eval_shape: no weights computed)."""
-    model = _cls(fam.flax_cls)(fam.config(), _do_init=False)
-    return {k: tuple(v.shape) for k, v in _flat(model.params_shape_tree).items()}
-
-
-def _to_flax(fam: Family, src: Path, out_dir: Path):
-    """Convert to out_dir/flax_model.msgpack, check its keys, load it with the real Flax loader."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / "flax_model.msgpack"
-    statemap.convert(f"{fam.name}-pt-to-flax", src, out)
-    shutil.copy(src.parent / "config.json", out_dir / "config.json")
-    with open_checkpoint(out) as ck:
-        written = {k: tuple(m.shape) for k, m in ck.metas.items()}
-        assert {m.dtype for m in ck.metas.values()} == {"float32"}
-    fresh = _fresh_flax_shapes(fam)
-    assert written == fresh, (sorted(set(written) ^ set(fresh)), [k for k in written if written[k] != fresh.get(k)])
-    # the real loader (flax.serialization.from_bytes + transformers' shape checks); _do_init=False
-    # returns the params as read instead of filling missing ones with fresh random weights
-    # (and skips a slow random init)
-    model, params = _cls(fam.flax_cls).from_pretrained(out_dir, _do_init=False)
-    assert {k: tuple(v.shape) for k, v in _flat(params).items()} == written
-    return model, params
+def _tied_names(sd: dict[str, Any]) -> set[str]:
+    """Names in a state_dict() that are the same storage as an earlier name (tied copies)."""
+    seen: set[int] = set()
+    out = set()
+    for k, t in sd.items():
+        p = t.untyped_storage().data_ptr()
+        if p in seen:
+            out.add(k)
+        seen.add(p)
+    return out
 
 
-def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+def _read_flax(path: Path) -> dict[str, np.ndarray]:
+    from flax.serialization import msgpack_restore
 
-
-def _bits(t: Any) -> bytes:
-    a = t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-    return a.dtype.str.encode() + str(a.shape).encode() + np.ascontiguousarray(a).tobytes()
+    return flat(msgpack_restore(path.read_bytes()))  # flax's own reader
 
 
 # --------------------------------------------------------------------------------------------
 # PyTorch -> Flax
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_pt_to_flax_logits_match(tmp_path, pt_source, name):
-    fam = FAMILIES[name]
-    _, src, ref = pt_source(fam)
-    model, params = _to_flax(fam, src, tmp_path / "out")
-    got = flax_logits(model, fam, params)
-    diff = _max_diff(got, ref)
-    print(f"{name}-pt-to-flax: max abs diff {diff:.3g}")
+@pytest.mark.parametrize("v", FLAX_VARIANTS, ids=lambda v: v.id)
+def test_pt_to_flax_equals_transformers(tmp_path, built, v):
+    b = built(v)
+    spec = f"{v.family}-pt-to-flax"
+    # the anchor's extra keys are exactly the tied copies (decoder / lm_head), renamed
+    sd = b.pt.state_dict()
+    tied = _tied_names(sd)
+    assert {k.rsplit(".", 1)[0] for k in b.extra} == {k.rsplit(".", 1)[0] for k in tied}, (sorted(b.extra), sorted(tied))
+    assert set(b.anchor) == set(b.shapes)
+
+    # 1. the save_pretrained file
+    out = tmp_path / "flax_model.msgpack"
+    statemap.convert(spec, b.st_file, out)
+    got = _read_flax(out)
+    assert bitwise_diff(got, b.anchor) == []
+    # 2. state_dict() in memory (tied tensors are one object there)
+    mem, _ = statemap.map_state_dict(spec, sd)
+    assert bitwise_diff(mem, b.anchor) == []
+
+    # the real Flax loader takes the file, nothing newly initialized
+    shutil.copy(b.st_file.parent / "config.json", tmp_path / "config.json")
+    _, params = _flax_cls(v).from_pretrained(tmp_path, _do_init=False)
+    assert bitwise_diff(flat(params), b.anchor) == []
+
+    fo = flax_outputs(b.flax, got, *model_inputs(v))
+    assert sorted(fo) == sorted(b.pt_out)
+    diff = max(max_diff(fo[k], b.pt_out[k]) for k in fo)
+    DIFFS[f"{v.id} pt->flax"] = diff
     assert diff <= TOL, diff
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_pt_flax_pt_round_trip_is_bitwise(tmp_path, pt_source, name):
-    fam = FAMILIES[name]
-    model, src, _ = pt_source(fam)
-    statemap.convert(f"{name}-pt-to-flax", src, tmp_path / "flax_model.msgpack")
-    statemap.convert(f"{name}-flax-to-pt", tmp_path / "flax_model.msgpack", tmp_path / "back.safetensors")
-    back = statemap.load_state_dict(tmp_path / "back.safetensors")
-    sd = model.state_dict()
-    # every state_dict() key survives: the tied decoder / lm_head come back from the embedding
-    # (and bias) they are tied to; no buffer is persistent in 4.57.6
-    assert list(back) == list(sd) or sorted(back) == sorted(sd)
-    for k, v in sd.items():
-        assert _bits(back[k]) == _bits(v), k
-    fresh = _cls(fam.pt_cls)(fam.config())
-    fresh.load_state_dict(back, strict=True)
+def _flax_cls(v: Variant) -> Any:
+    import transformers
+
+    return getattr(transformers, v.flax_cls)
 
 
 # --------------------------------------------------------------------------------------------
 # Flax -> PyTorch
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_flax_to_pt_logits_match(tmp_path, flax_source, name):
-    fam = FAMILIES[name]
-    _, src, ref = flax_source(fam)
-    (tmp_path / "out").mkdir()
+@pytest.mark.parametrize("v", FLAX_VARIANTS, ids=lambda v: v.id)
+def test_flax_to_pt_equals_transformers(tmp_path, built, v):
+    b = built(v)
+    spec = f"{v.family}-flax-to-pt"
+    src = perturbed_flax_params(b.anchor, seed=7)
+    # a native Flax file, written by Flax's save_pretrained
+    b.flax.save_pretrained(tmp_path / "src", params=unflat(src))
+    want = anchor_flax_to_pt(v.pt_cls, v.config(), unflat(src))
+
     out = tmp_path / "out" / "model.safetensors"
-    statemap.convert(f"{name}-flax-to-pt", src, out)
-    config = _cls(fam.pt_cls).config_class.from_pretrained(src.parent)
-    model = _cls(fam.pt_cls)(config).eval()
-    model.load_state_dict(statemap.load_state_dict(out), strict=True)
-    diff = _max_diff(pt_logits(model, fam), ref)
-    print(f"{name}-flax-to-pt: max abs diff {diff:.3g}")
+    out.parent.mkdir()
+    statemap.convert(spec, tmp_path / "src" / "flax_model.msgpack", out)
+    got = statemap.load_state_dict(out)
+    assert bitwise_diff(got, want) == []
+    mem, _ = statemap.map_state_dict(spec, src)  # flat numpy params in memory
+    assert bitwise_diff(mem, want) == []
+
+    model = _pt_cls(v)(v.config()).eval()
+    model.load_state_dict(got, strict=True)
+    po = pt_outputs(model, *model_inputs(v))
+    fo = flax_outputs(b.flax, src, *model_inputs(v))
+    diff = max(max_diff(po[k], fo[k]) for k in fo)
+    DIFFS[f"{v.id} flax->pt"] = diff
     assert diff <= TOL, diff
-    # transformers' own loader takes the file too (config.json copied next to it)
-    shutil.copy(src.parent / "config.json", out.parent / "config.json")
-    again = _cls(fam.pt_cls).from_pretrained(out.parent).eval()
-    assert _max_diff(pt_logits(again, fam), ref) <= TOL
+
+    # Flax -> PT -> Flax is bitwise when the PyTorch file leaves tied copies out as save_pretrained
+    # does (tied="dedupe"); with the default tied: clone a tied decoder reads back as untied
+    statemap.convert(spec, tmp_path / "src" / "flax_model.msgpack", tmp_path / "dedupe.safetensors", tied="dedupe")
+    statemap.convert(f"{v.family}-pt-to-flax", tmp_path / "dedupe.safetensors", tmp_path / "back.msgpack")
+    assert bitwise_diff(_read_flax(tmp_path / "back.msgpack"), src) == []
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_flax_pt_flax_round_trip_is_bitwise(tmp_path, flax_source, name):
-    from flax.serialization import msgpack_restore
+def _pt_cls(v: Variant) -> Any:
+    import transformers
 
-    fam = FAMILIES[name]
-    model, src, _ = flax_source(fam)
-    statemap.convert(f"{name}-flax-to-pt", src, tmp_path / "model.safetensors")
-    statemap.convert(f"{name}-pt-to-flax", tmp_path / "model.safetensors", tmp_path / "flax_model.msgpack")
-    back = _flat(msgpack_restore((tmp_path / "flax_model.msgpack").read_bytes()))  # flax's own reader
-    orig = _flat(model.params)
-    assert sorted(back) == sorted(orig)  # every Flax param survives
-    for k, v in orig.items():
-        assert _bits(back[k]) == _bits(v), k
+    return getattr(transformers, v.pt_cls)
 
 
 # --------------------------------------------------------------------------------------------
-# the comparison can fail
+# round trip
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_swapped_layernorm_scale_and_bias_change_the_logits(tmp_path, pt_source, name):
-    """Swapping a LayerNorm's scale and bias (a plausible weight/bias mix-up) in the converted
-    params moves the logits far past TOL."""
-    from flax.traverse_util import unflatten_dict
+@pytest.mark.parametrize("v", VARIANTS, ids=lambda v: v.id)
+def test_pt_flax_pt_round_trip_is_bitwise(tmp_path, built, v):
+    b = built(v)
+    statemap.convert(f"{v.family}-pt-to-flax", b.st_file, tmp_path / "flax_model.msgpack")
+    statemap.convert(f"{v.family}-flax-to-pt", tmp_path / "flax_model.msgpack", tmp_path / "back.safetensors")
+    back = statemap.load_state_dict(tmp_path / "back.safetensors")
+    sd = b.pt.state_dict()
+    # every state_dict() key survives: tied copies come back from the tensor they are tied to
+    assert bitwise_diff(back, sd) == []
+    _pt_cls(v)(v.config()).load_state_dict(back, strict=True)
+    if v.flax_cls is None:
+        # no Flax class to compare with: transformers' converter still names and transposes
+        # every key (a Linear's weight -> kernel, transposed); statemap agrees bitwise
+        from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
-    fam = FAMILIES[name]
-    _, src, ref = pt_source(fam)
-    model, params = _to_flax(fam, src, tmp_path / "out")
-    flat = _flat(params)
-    a, b = fam.swap
-    flat[a], flat[b] = flat[b], flat[a]
-    diff = _max_diff(flax_logits(model, fam, unflatten_dict(flat, sep=".")), ref)
-    print(f"{name}: swapped {a.rsplit('.', 2)[-2]} scale/bias: max abs diff {diff:.3g}")
+        from flax_variants import ShapeView
+
+        lm = _pt_cls(v).__name__.replace("ForSequenceClassification", "LMHeadModel")
+        fm, _ = flax_model_and_shapes("Flax" + lm, v.config())
+        anchor = flat(convert_pytorch_state_dict_to_flax(dict(sd), ShapeView(fm.params_shape_tree, fm.base_model_prefix)))
+        assert bitwise_diff(_read_flax(tmp_path / "flax_model.msgpack"), {k: np.asarray(a) for k, a in anchor.items()}) == []
+
+
+# --------------------------------------------------------------------------------------------
+# the comparisons can fail
+
+
+SWAP = {
+    "bert": ("bert.encoder.layer.0.output.LayerNorm.scale", "bert.encoder.layer.0.output.LayerNorm.bias"),
+    "albert": (
+        "albert.encoder.albert_layer_groups.0.albert_layers.0.full_layer_layer_norm.scale",
+        "albert.encoder.albert_layer_groups.0.albert_layers.0.full_layer_layer_norm.bias",
+    ),
+    "xlmr": ("roberta.encoder.layer.0.output.LayerNorm.scale", "roberta.encoder.layer.0.output.LayerNorm.bias"),
+    "gpt2": ("transformer.h.0.ln_1.scale", "transformer.h.0.ln_1.bias"),
+}
+MLM = {
+    "bert": "BertForMaskedLM",
+    "albert": "AlbertForMaskedLM",
+    "xlmr": "XLMRobertaForMaskedLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+
+
+def _mlm(family: str, tied: bool = True) -> Variant:
+    return next(v for v in FLAX_VARIANTS if v.pt_cls == MLM[family] and v.size == "s1" and v.tied == tied)
+
+
+@pytest.mark.parametrize("family", sorted(MLM))
+def test_swapped_layernorm_scale_and_bias_change_the_outputs(built, family):
+    v = _mlm(family)
+    b = built(v)
+    p = dict(b.anchor)
+    a, c = SWAP[family]
+    p[a], p[c] = p[c], p[a]
+    diff = max_diff(flax_outputs(b.flax, p, *model_inputs(v))["logits"], b.pt_out["logits"])
+    print(f"{family}: swapped scale/bias: max abs diff {diff:.3g}")
     assert diff > 1e-3, diff
 
 
-def test_gpt2_flax_conv1d_kernels_are_out_in(tmp_path, pt_source):
-    """HF's FlaxConv1D kernel is [out, in] (the transpose of PyTorch Conv1D's [in, out]): a spec
-    that only renamed weight -> kernel writes a file the real loader refuses (c_attn, c_fc), and
-    leaving the square c_proj kernels untransposed changes the logits."""
-    fam = FAMILIES["gpt2"]
-    _, src, ref = pt_source(fam)
-    raw = _raw_rules("gpt2-pt-to-flax")
-    rules = [{"rename": {"from": r["transpose"]["from"], "to": r["transpose"]["to"]}} if "transpose" in r else r for r in raw]
-    assert rules != raw
-    out_dir = tmp_path / "no-transpose"
-    out_dir.mkdir()
-    statemap.convert(
-        {"name": "gpt2-no-transpose", "version": 1, "strict": True, "rules": rules}, src, out_dir / "flax_model.msgpack"
-    )
-    shutil.copy(src.parent / "config.json", out_dir / "config.json")
-    with pytest.raises(ValueError, match="incompatible with the model shape"):
-        _cls(fam.flax_cls).from_pretrained(out_dir, _do_init=False)
+@pytest.mark.parametrize("family", sorted(MLM))
+def test_untied_head_dropped_as_tied_changes_the_outputs(built, family):
+    """What the old optional tied drop did to an untied head: Flax then uses the embedding (or a
+    random kernel); the logits move far past the tolerance, so the matrix would catch it."""
+    v = _mlm(family, tied=False)
+    b = built(v)
+    head = next(k for k in b.anchor if k.endswith(("decoder.kernel", "lm_head.kernel")))
+    p = dict(b.anchor)
+    p[head] = np.random.default_rng(0).standard_normal(p[head].shape).astype(np.float32) * 0.02
+    diff = max_diff(flax_outputs(b.flax, p, *model_inputs(v))["logits"], b.pt_out["logits"])
+    print(f"{family}: untied head replaced: max abs diff {diff:.3g}")
+    assert diff > 1e-3, diff
 
-    model, params = _to_flax(fam, src, tmp_path / "ok")
-    from flax.traverse_util import unflatten_dict
 
-    flat = _flat(params)
-    for i in range(2):
+def test_gpt2_flax_conv1d_kernels_are_out_in(tmp_path, built):
+    """HF's FlaxConv1D kernel is [out, in] (the transpose of PyTorch Conv1D's [in, out]): leaving the
+    square c_proj kernels untransposed changes the logits, and the anchor transposes them too."""
+    v = _mlm("gpt2")
+    b = built(v)
+    p = dict(b.anchor)
+    for i in range(SIZES[v.size]["layers"]):
         k = f"transformer.h.{i}.attn.c_proj.kernel"
-        flat[k] = flat[k].T
-    diff = _max_diff(flax_logits(model, fam, unflatten_dict(flat, sep=".")), ref)
+        assert bits(p[k]) == bits(b.pt.state_dict()[k.replace("kernel", "weight")].numpy().T)
+        p[k] = p[k].T
+    diff = max_diff(flax_outputs(b.flax, p, *model_inputs(v))["logits"], b.pt_out["logits"])
     print(f"gpt2: c_proj kernels left untransposed: max abs diff {diff:.3g}")
     assert diff > 1e-3, diff
 
 
-def _raw_rules(name: str) -> list[dict[str, Any]]:
+# ASSUMED tying: an untied head fails loudly, nothing written
+
+# family -> (the tied output projection, the embedding it is tied to)
+TIED_PAIR = {
+    "bert": ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+    "albert": ("predictions.decoder.weight", "albert.embeddings.word_embeddings.weight"),
+    "xlmr": ("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight"),
+    "gpt2": ("lm_head.weight", "transformer.wte.weight"),
+}
+
+
+def _assume_tied_spec(family: str) -> dict[str, Any]:
+    """The catalog spec with its conditional drop (when: tied_to) replaced by a drop that ASSUMES
+    the tie: the form a spec takes when its target has no parameter for an untied head."""
     import yaml
 
     from statemap.catalog import find
 
-    return yaml.safe_load(find(name).read_text(encoding="utf-8"))["rules"]
+    head, emb = TIED_PAIR[family]
+    spec = yaml.safe_load(find(f"{family}-pt-to-flax").read_text(encoding="utf-8"))
+    rules = [r for r in spec["rules"] if not ("drop" in r and isinstance(r["drop"], dict) and r["drop"].get("from") == head)]
+    assert len(rules) == len(spec["rules"]) - 1
+    rules.insert(1, {"drop": {"from": head, "optional": True, "assume": {"equal": emb}}})
+    return {**spec, "name": f"{family}-assume-tied", "rules": rules}
+
+
+@pytest.mark.parametrize("family", sorted(MLM))
+def test_untied_head_under_a_spec_that_assumes_tying_fails(tmp_path, built, family):
+    import re
+
+    head, emb = TIED_PAIR[family]
+    spec = _assume_tied_spec(family)
+    b = built(_mlm(family, tied=False))
+    out = tmp_path / "out" / "flax_model.msgpack"
+    out.parent.mkdir()
+    for run in (lambda: statemap.convert(spec, b.st_file, out), lambda: statemap.map_state_dict(spec, b.pt.state_dict())):
+        with pytest.raises(statemap.StatemapError) as err:
+            run()
+        msg = str(err.value)
+        assert re.search(re.escape(head), msg) and re.search(re.escape(emb), msg), msg
+        assert "\n" not in msg.strip(), msg
+    assert list(out.parent.iterdir()) == []  # nothing written, no temporary left
+    # the same spec on the tied model: the assumption holds (one storage / left out) and the
+    # output is the anchor's
+    t = built(_mlm(family))
+    mem, _ = statemap.map_state_dict(spec, t.pt.state_dict())
+    assert bitwise_diff(mem, t.anchor) == []
+    statemap.convert(spec, t.st_file, out)
+    assert bitwise_diff(_read_flax(out), t.anchor) == []
 
 
 # --------------------------------------------------------------------------------------------
-# other PyTorch inputs: state_dict() in memory (tied names present) and older transformers'
-# buffers / layouts
+# older transformers' buffers / layouts in a PyTorch state dict
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_pt_state_dict_with_tied_names_and_legacy_buffers_maps(pt_source, name):
-    fam = FAMILIES[name]
-    model, _, _ = pt_source(fam)
-    sd = dict(model.state_dict())  # has the tied decoder / lm_head, unlike model.safetensors
-    if name == "gpt2":
+@pytest.mark.parametrize("family", sorted(MLM))
+def test_legacy_buffers_are_dropped(built, family):
+    v = _mlm(family)
+    b = built(v)
+    sd = dict(b.pt.state_dict())
+    if family == "gpt2":
         # the causal-mask buffers that older transformers versions saved
-        for i in range(2):
+        for i in range(SIZES[v.size]["layers"]):
             sd[f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
             sd[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-        n_tied = 1
     else:
-        prefix = {"bert": "bert", "albert": "albert", "xlmr": "roberta"}[name]
-        n_pos = fam.config().max_position_embeddings
+        prefix = {"bert": "bert", "albert": "albert", "xlmr": "roberta"}[family]
+        n_pos = v.config().max_position_embeddings
         sd[f"{prefix}.embeddings.position_ids"] = torch.arange(n_pos)[None]
         sd[f"{prefix}.embeddings.token_type_ids"] = torch.zeros(1, n_pos, dtype=torch.long)
-        n_tied = 2
-    out, report = statemap.map_state_dict(f"{name}-pt-to-flax", sd)
-    assert {k: tuple(v.shape) for k, v in out.items()} == _fresh_flax_shapes(fam)
-    assert len(report.dropped) == 2 + n_tied + (2 if name == "gpt2" else 0), report.dropped  # buffers + tied
-    if name == "gpt2":
-        # the GPT2Model layout of the hub's original pytorch_model.bin: no `transformer.` prefix
-        # and no lm_head
-        legacy = {k[len("transformer.") :]: v for k, v in sd.items() if k.startswith("transformer.")}
-        out2, _ = statemap.map_state_dict("gpt2-pt-to-flax", legacy)
-        assert sorted(out2) == sorted(out)
-        assert all(_bits(out2[k]) == _bits(out[k]) for k in out)
+    out, report = statemap.map_state_dict(f"{family}-pt-to-flax", sd)
+    assert bitwise_diff(out, b.anchor) == []
+
+
+# --------------------------------------------------------------------------------------------
+# streaming fixtures (tests/test_streaming.py): the tied MLM / LM variants' native files
+
+
+def _streaming_pt(fam: str):
+    def make(tmp: Path):
+        v = _mlm(fam)
+        perturbed_pt_model(v.pt_cls, v.config()).save_pretrained(tmp / f"{fam}-pt", safe_serialization=True)
+        return tmp / f"{fam}-pt" / "model.safetensors", {}
+
+    return make
+
+
+def _streaming_flax(fam: str):
+    def make(tmp: Path):
+        v = _mlm(fam)
+        model = _flax_cls(v)(v.config(), seed=0)
+        model.save_pretrained(tmp / f"{fam}-flax")
+        return tmp / f"{fam}-flax" / "flax_model.msgpack", {}
+
+    return make
+
+
+STREAMING_FIXTURES = {
+    **{f"{f}-pt-to-flax": _streaming_pt(f) for f in MLM},
+    **{f"{f}-flax-to-pt": _streaming_flax(f) for f in MLM},
+}
+
