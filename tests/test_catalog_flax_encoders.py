@@ -343,12 +343,6 @@ def test_pt_flax_pt_round_trip_is_bitwise(tmp_path, built, v):
     back = statemap.load_state_dict(tmp_path / "back.safetensors")
     sd = b.pt.state_dict()
     # every state_dict() key survives: tied copies come back from the tensor they are tied to
-    if v.flax_cls is None:
-        # KNOWN GAP: gpt2-flax-to-pt cannot tell score params from tied-LM params (it would need
-        # two `absent:` conditions), so it re-ties an lm_head.weight the model does not have;
-        # strict loading refuses it (loud, not wrong). Everything else round-trips bitwise.
-        assert bitwise_diff(back, sd) == ["unexpected lm_head.weight"]
-        back.pop("lm_head.weight")
     assert bitwise_diff(back, sd) == []
     _pt_cls(v)(v.config()).load_state_dict(back, strict=True)
     if v.flax_cls is None:
@@ -358,7 +352,11 @@ def test_pt_flax_pt_round_trip_is_bitwise(tmp_path, built, v):
         fm, _ = flax_model_and_shapes("Flax" + v.pt_cls.replace("ForSequenceClassification", "LMHeadModel"), v.config())
         params, extra = anchor_pt_to_flax(sd, fm)
         assert sorted(extra) == ["score.kernel"]
-        assert bitwise_diff(_read_flax(tmp_path / "flax_model.msgpack"), {**params, **extra}) == []
+        want = {**params, **extra}
+        assert bitwise_diff(_read_flax(tmp_path / "flax_model.msgpack"), want) == []
+        assert bitwise_diff(statemap.map_state_dict(f"{v.family}-pt-to-flax", sd)[0], want) == []
+        statemap.convert(f"{v.family}-flax-to-pt", b.st_file, tmp_path / "reverse.msgpack", reverse=True)
+        assert bitwise_diff(_read_flax(tmp_path / "reverse.msgpack"), want) == []
 
 
 # --------------------------------------------------------------------------------------------
