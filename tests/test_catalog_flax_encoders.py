@@ -12,16 +12,19 @@ perturbed so zero biases / unit LayerNorms / tied copies cannot hide):
 - PT -> Flax: statemap's output, from BOTH inputs users have (``save_pretrained`` safetensors, where
   tied copies are left out, and ``state_dict()`` in memory, where tied tensors are one object), is
   BITWISE equal to transformers' ``convert_pytorch_state_dict_to_flax`` on the Flax model's param
-  keys, and has exactly those keys. The anchor's extra keys (it also returns keys the Flax model
+  keys, and has exactly those keys; so is the ``*-flax-to-pt`` spec run in reverse (derived by
+  ``statemap invert`` from its declared inverses). The anchor's extra keys (it also returns keys the Flax model
   has no parameter for, which ``from_pretrained`` discards with a warning) must be exactly the
   tied decoder names (see tests/flax_variants.py). Flax outputs with statemap's params vs the
-  PyTorch outputs: max abs diff <= 1e-4 (measured ~1e-7).
+  PyTorch outputs: max abs diff <= 1e-4 (measured <= 1.2e-6).
 - Flax -> PT: the source is a native Flax file (``FlaxXxx.save_pretrained(params=...)``,
   flax_model.msgpack) holding params no PyTorch model had (the anchor's params + noise); statemap's
   output (from the file and from the flat params in memory) is BITWISE equal to the state_dict()
   of a PyTorch model ``load_flax_weights_in_pytorch_model`` filled, key set included; it loads with
-  ``load_state_dict(strict=True)`` and its outputs match the Flax model's (<= 1e-4).
-- PT -> Flax -> PT is bitwise on the full ``state_dict()`` (tied names included).
+  ``load_state_dict(strict=True)`` and its outputs match the Flax model's (<= 1e-4). Flax -> PT
+  (``tied="dedupe"``) -> Flax is bitwise.
+- PT -> Flax -> PT is bitwise on the full ``state_dict()`` (tied names included); for the
+  PyTorch-only GPT2ForSequenceClassification also against the converter's full output.
 
 Negative checks: an untied head under a spec that ASSUMES tying fails naming both keys and writes
 nothing; swapping a LayerNorm's scale and bias moves the outputs past the tolerance; GPT-2's Conv1D
