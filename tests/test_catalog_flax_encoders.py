@@ -479,6 +479,21 @@ def test_untied_head_under_a_spec_that_assumes_tying_fails(tmp_path, built, fami
     assert bitwise_diff(_read_flax(out), t.anchor) == []
 
 
+@pytest.mark.parametrize("name", [f"{f}-{d}" for f in sorted(MLM) for d in ("pt-to-flax", "flax-to-pt")])
+def test_no_weight_is_dropped_on_an_unchecked_assumption(name):
+    """Every drop is either verified (when: tied_to / assume: equal) or a non-persistent buffer of
+    older transformers versions (position_ids, token_type_ids, attn.bias, attn.masked_bias)."""
+    import yaml
+
+    from statemap.catalog import find
+
+    drops = [r["drop"] for r in yaml.safe_load(find(name).read_text(encoding="utf-8"))["rules"] if "drop" in r]
+    for d in drops:
+        assert isinstance(d, dict) and (
+            "when" in d or "assume" in d or d["from"].endswith(("_ids", ".attn.bias", ".attn.masked_bias"))
+        ), d
+
+
 # --------------------------------------------------------------------------------------------
 # older transformers' buffers / layouts in a PyTorch state dict
 
