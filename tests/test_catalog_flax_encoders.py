@@ -12,7 +12,8 @@ perturbed so zero biases / unit LayerNorms / tied copies cannot hide):
 - PT -> Flax: statemap's output, from BOTH inputs users have (``save_pretrained`` safetensors, where
   tied copies are left out, and ``state_dict()`` in memory, where tied tensors are one object), is
   BITWISE equal to transformers' ``convert_pytorch_state_dict_to_flax`` on the Flax model's param
-  keys, and has exactly those keys; so is the ``*-flax-to-pt`` spec run in reverse (derived by
+  keys, and has exactly those keys (LM heads: also from ``torch.save(state_dict())``, one storage
+  per tie); so is the ``*-flax-to-pt`` spec run in reverse (derived by
   ``statemap invert`` from its declared inverses). The anchor's extra keys (it also returns keys the Flax model
   has no parameter for, which ``from_pretrained`` discards with a warning) must be exactly the
   tied decoder names (see tests/flax_variants.py). Flax outputs with statemap's params vs the
@@ -269,7 +270,12 @@ def test_pt_to_flax_equals_transformers(tmp_path, built, v):
     # 2. state_dict() in memory (tied tensors are one object there)
     mem, _ = statemap.map_state_dict(spec, sd)
     assert bitwise_diff(mem, b.anchor) == []
-    # 3. the flax-to-pt spec run in reverse (derived by statemap invert from its declared inverses)
+    if v.lm:
+        # 3. torch.save(model.state_dict()): the file records the tie as one storage
+        torch.save(sd, tmp_path / "model.pt")
+        statemap.convert(spec, tmp_path / "model.pt", tmp_path / "from_pt.msgpack")
+        assert bitwise_diff(_read_flax(tmp_path / "from_pt.msgpack"), b.anchor) == []
+    # 4. the flax-to-pt spec run in reverse (derived by statemap invert from its declared inverses)
     statemap.convert(f"{v.family}-flax-to-pt", b.st_file, tmp_path / "reverse.msgpack", reverse=True)
     assert bitwise_diff(_read_flax(tmp_path / "reverse.msgpack"), b.anchor) == []
 
