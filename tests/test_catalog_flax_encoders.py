@@ -13,10 +13,10 @@ perturbed so zero biases / unit LayerNorms / tied copies cannot hide):
   tied copies are left out, and ``state_dict()`` in memory, where tied tensors are one object), is
   BITWISE equal to transformers' ``convert_pytorch_state_dict_to_flax`` on the Flax model's param
   keys, and has exactly those keys (LM heads: also from ``torch.save(state_dict())``, one storage
-  per tie); so is the ``*-flax-to-pt`` spec run in reverse (derived by
-  ``statemap invert`` from its declared inverses). The anchor's extra keys (it also returns keys the Flax model
-  has no parameter for, which ``from_pretrained`` discards with a warning) must be exactly the
-  tied decoder names (see tests/flax_variants.py). Flax outputs with statemap's params vs the
+  per tie); so is the ``*-flax-to-pt`` spec run in reverse (derived by ``statemap invert`` from
+  its declared inverses). The anchor's extra keys (it also returns keys the Flax model has no
+  parameter for, which ``from_pretrained`` discards with a warning) must be exactly the tied
+  decoder names (see tests/flax_variants.py). Flax outputs with statemap's params vs the
   PyTorch outputs: max abs diff <= 1e-4 (measured <= 1.2e-6).
 - Flax -> PT: the source is a native Flax file (``FlaxXxx.save_pretrained(params=...)``,
   flax_model.msgpack) holding params no PyTorch model had (the anchor's params + noise); statemap's
