@@ -135,7 +135,8 @@ def anchor_flax_to_pt(cls_name: str, config: Any, flax_params: Any, seed: int = 
 
     torch.manual_seed(seed)
     model = _transformers_cls(cls_name)(config).eval()
-    load_flax_weights_in_pytorch_model(model, flax_params)
+    # writable numpy copies (torch.from_numpy warns on read-only arrays such as np.asarray(jax array))
+    load_flax_weights_in_pytorch_model(model, unflat({k: np.array(a) for k, a in flat(flax_params).items()}))
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
