@@ -97,14 +97,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     unwrap = tuple(args.unwrap.split("/")) if args.unwrap else None
     if is_hf_target(args.a) or is_hf_target(args.b):
-        if args.values:
-            raise StatemapError("--values needs tensor values; an hf:ModelClass layout has none")
+        if args.values or args.spec:
+            raise StatemapError("--values and --spec need tensor values; an hf:ModelClass layout has none")
 
     def opener(ref: str) -> Any:
         return hf_layout(ref, args.config) if is_hf_target(ref) else open_checkpoint(ref, unwrap)
 
     with opener(args.a) as a, opener(args.b) as b:
-        r = diff_checkpoints(a, b, values=args.values, atol=args.atol, rtol=args.rtol)
+        rule_of = None
+        if args.spec:  # compare B with what SPEC makes of A, computed in memory, never written
+            from .correspond import planned_checkpoint
+
+            a, rule_of = planned_checkpoint(args.spec, a, _vars(args.set))
+        r = diff_checkpoints(a, b, values=args.values or bool(args.spec), atol=args.atol, rtol=args.rtol, rule_of=rule_of)
     if args.json:
         _print_json(r.to_json())
     else:
@@ -338,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("diff", help="compare two checkpoints (exit 0 same, 1 different)")
     d.add_argument("a")
     d.add_argument("b")
-    d.add_argument("--values", action="store_true", help="also compare tensor values of common keys")
+    d.add_argument(
+        "--values", action="store_true", help="also read every tensor: explain each B key by A's content, compare common keys"
+    )
+    d.add_argument("--spec", metavar="SPEC", help="compare B with SPEC applied to A (in memory; implies --values)")
+    d.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a var of --spec (repeatable)")
     d.add_argument("--atol", type=float, default=1e-6)
     d.add_argument("--rtol", type=float, default=1e-5)
     d.add_argument("--unwrap", metavar="KEY[/KEY]", help="state dict location inside both files (default: auto)")
