@@ -204,7 +204,9 @@ class _Hasher:
         if dt.name == "float64" and m * n:
             f64_as_f32 = bool(np.array_equal(x.astype(np.float32).astype(np.float64), x, equal_nan=True))
         if m > _MAX_ROWS or m * n == 0 or m > len(self.c) or n > len(self.c):
-            h = hashlib.blake2b(_canon(x, dt, f64_as_f32).tobytes(), digest_size=8, person=str((m, n)).encode()[:16])
+            h = hashlib.blake2b(digest_size=8, person=str((m, n)).encode()[:16])
+            for buf in _canon_bytes(x, dt):
+                h.update(buf)
             return _FP(key, meta, m, n, None, None, int.from_bytes(h.digest(), "little"), variant)
         rows = np.empty(m, dtype=np.uint64)
         cols = np.zeros(n, dtype=np.uint64)
@@ -241,6 +243,80 @@ def _fingerprints(
             fp.orig = meta.dtype
             out.append(fp)
         del a
+    return out
+
+
+def _canon_bytes(a: np.ndarray, dt: DType) -> Iterable[Any]:
+    """The tensor's values in the canonical form of :func:`_canon`, as buffers of at most ~8 MB
+    (float32 tensors without a copy)."""
+    import numpy as np
+
+    flat = np.ascontiguousarray(a).reshape(-1)
+    if dt.name == "float32" or (not dt.native and dt.name != "bfloat16"):
+        yield flat.data  # float32 as is; float8 bits as is (tagged by the caller)
+        return
+    if dt.name == "float64":
+        as32 = bool(np.array_equal(flat.astype(np.float32).astype(np.float64), flat, equal_nan=True))
+        if not as32:
+            yield flat.data
+            return
+    step = 1 << 21
+    for i in range(0, len(flat), step):
+        part = flat[i : i + step]
+        if dt.kind == "float":
+            part = (
+                (part.astype(np.uint32) << np.uint32(16)).view(np.float32) if dt.name == "bfloat16" else part.astype(np.float32)
+            )
+        else:
+            part = part.astype(np.int64)
+        yield part.data
+
+
+def _crc(mv: memoryview) -> tuple[int, int]:
+    """CRC-32 and the wrapping sum of the 64-bit words (tail bytes included) of one buffer."""
+    import zlib
+
+    import numpy as np
+
+    n8 = len(mv) // 8
+    total = int(np.add.reduce(np.frombuffer(mv, dtype=np.uint64, count=n8))) if n8 else 0
+    tail = bytes(mv[n8 * 8 :])
+    return zlib.crc32(mv), (total + int.from_bytes(tail, "little")) & _MASK
+
+
+def _quick_parts(meta: TensorMeta, a: np.ndarray, pool: Any) -> list[Any]:
+    """Whole-tensor identity of the values at memory speed: per ~8 MB piece of the canonical bytes
+    (two halves for a float32 tensor, hashed on two threads) a CRC-32 and a 64-bit word sum.
+    The shape is left out: reshapes match. Returns futures of the parts, and the tag."""
+    dt = lookup_dtype(meta.dtype)
+    parts: list[Any] = []
+    for buf in _canon_bytes(a, dt):
+        mv = memoryview(buf).cast("B")
+        if len(mv) >= 1 << 20:
+            half = (len(mv) // 2) & ~7
+            parts += [pool.submit(_crc, mv[:half]), pool.submit(_crc, mv[half:])]
+        else:
+            parts.append(pool.submit(_crc, mv))
+    tag = dt.name if (not dt.native and dt.name != "bfloat16") else ""  # float8 bits equal only float8 bits
+    return [meta.numel, tag, *parts]
+
+
+def _quick_all(metas: Mapping[str, TensorMeta], read: Callable[[str], np.ndarray]) -> dict[str, tuple[Any, ...]]:
+    """The whole-tensor identity of every tensor; hashing one tensor overlaps reading the next
+    (both release the GIL), so at most two tensors are in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out: dict[str, tuple[Any, ...]] = {}
+    with ThreadPoolExecutor(2) as pool:
+        pending: tuple[str, list[Any], Any] | None = None
+        for k, meta in metas.items():
+            a = read(k)
+            if pending is not None:
+                out[pending[0]] = tuple(p.result() if hasattr(p, "result") else p for p in pending[1])
+            pending = (k, _quick_parts(meta, a, pool), a)  # the array stays alive until hashed
+            del a
+        if pending is not None:
+            out[pending[0]] = tuple(p.result() if hasattr(p, "result") else p for p in pending[1])
     return out
 
 
@@ -489,29 +565,29 @@ class _Matcher:
         if len(runs) == 1:
             r, fp = runs[0], afps[runs[0].f]
             length = r.b1 - r.b0
-            if r.o == 1:
-                if r.p == 0 and length == fp.n and (axis == "rows" and b.n == fp.m or axis == "cols" and b.m == fp.n):
-                    return Correspondence(b.key, "transposed", keys, f"B = A:{fp.key} transposed{cast_note}", tuple(pieces), cast)
-                what = f"B {axis} = columns [{r.p}:{r.p + length}] of A:{fp.key}, transposed"
-                return Correspondence(b.key, "transposed", keys, what + cast_note, tuple(pieces), cast)
+            a_axis = "rows" if r.o == 0 else "columns"
             total = fp.m if r.o == 0 else fp.n
-            if axis == "rows":
-                what = f"rows [{r.p}:{r.p + length}] of A:{fp.key} (split along dim 0 of {total})"
-            else:
-                what = f"columns [{r.p}:{r.p + length}] of A:{fp.key} (split along dim 1 of {fp.n})"
+            block = f"{a_axis} [{r.p}:{r.p + length}] of A:{fp.key}"
+            if (axis == "rows") != (r.o == 0):  # B's rows are A's columns, or B's columns A's rows
+                if r.p == 0 and length == total and (b.m, b.n) == (fp.n, fp.m):
+                    return Correspondence(b.key, "transposed", keys, f"B = A:{fp.key} transposed{cast_note}", tuple(pieces), cast)
+                what = f"B = ({block}) transposed"
+                return Correspondence(b.key, "transposed", keys, what + cast_note, tuple(pieces), cast)
+            what = f"{block} (split along dim {r.o} of {total})"
             return Correspondence(b.key, "split", keys, what + cast_note, tuple(pieces), cast)
         fs = {(r.f, r.o) for r in runs}
         if len(fs) == 1:
             fp, o = afps[runs[0].f], runs[0].o
             perm = [r.p + j for r in runs for j in range(r.b1 - r.b0)]
             if sorted(perm) == list(range(fp.m if o == 0 else fp.n)):
-                what = f"A:{fp.key}" + (" transposed" if o == 1 else "")
+                what = f"A:{fp.key}" + (" transposed" if (o == 0) != (axis == "rows") else "")
                 how = describe_permutation(perm)
                 if axis == "cols":
                     how = how.replace("rows", "columns")
                 return Correspondence(b.key, "permuted", keys, f"{what}, with {how}{cast_note}", tuple(pieces), cast)
         whole = all(r.p == 0 and r.b1 - r.b0 == (afps[r.f].m if r.o == 0 else afps[r.f].n) for r in runs)
-        if whole and all(r.o == 0 for r in runs) and len(keys) == len(runs):
+        straight = all((r.o == 0) == (axis == "rows") for r in runs)
+        if whole and straight and len(keys) == len(runs):
             return Correspondence(
                 b.key,
                 "merged",
@@ -529,25 +605,25 @@ class _Matcher:
         return Correspondence(b.key, "gathered", keys, f"B {axis} {shown}{more}{cast_note}", tuple(pieces), cast)
 
 
-def _describe_same(b: _FP, a: _FP, kind: str) -> Correspondence:
+def _describe_same(bk: str, bm: TensorMeta, ak: str, am: TensorMeta, kind: str, rounded: str = "") -> Correspondence:
+    """B holds A's values whole: same / renamed / tied, noting a cast (``rounded``: B's dtype, when
+    B is A rounded to it) and a reshape."""
     notes = []
-    cast = ""
-    if a.variant:
-        cast = a.variant
-        notes.append(f"B is A in {cast} (rounded from {a.orig})")
-    elif a.meta.dtype != b.meta.dtype:
-        notes.append(f"B is A in {b.meta.dtype} (from {a.meta.dtype}, exact)")
-    if tuple(a.meta.shape) != tuple(b.meta.shape):
-        notes.append(f"reshaped {list(a.meta.shape)} -> {list(b.meta.shape)}")
+    if rounded:
+        notes.append(f"B is A in {rounded} (rounded from {am.dtype})")
+    elif am.dtype != bm.dtype:
+        notes.append(f"B is A in {bm.dtype} (from {am.dtype}, exact)")
+    if tuple(am.shape) != tuple(bm.shape):
+        notes.append(f"reshaped {list(am.shape)} -> {list(bm.shape)}")
     if kind == "same" and notes:
-        kind = "cast" if (a.variant or a.meta.dtype != b.meta.dtype) else "reshaped"
+        kind = "cast" if (rounded or am.dtype != bm.dtype) else "reshaped"
     if kind == "same":
         detail = ""
     elif kind in ("cast", "reshaped"):
         detail = "; ".join(notes)
     else:
-        detail = f"A:{a.key}" + ("; " + "; ".join(notes) if notes else "")
-    return Correspondence(b.key, kind, (a.key,), detail, cast=cast)
+        detail = f"A:{ak}" + ("; " + "; ".join(notes) if notes else "")
+    return Correspondence(bk, kind, (ak,), detail, cast=rounded)
 
 
 def explain(
@@ -572,61 +648,43 @@ def explain(
     import numpy as np
 
     rule_of = rule_of or {}
-    length = 1
-    for m in (*a_metas.values(), *b_metas.values()):
-        mm, nn = _view2d(m.shape)
-        if mm <= _MAX_ROWS:
-            length = max(length, mm, nn)
-    hasher = _Hasher(min(length, _MAX_ROWS))
-    b_dtypes: dict[str, set[tuple[int, ...]]] = {}
-    for m in b_metas.values():
-        b_dtypes.setdefault(m.dtype, set()).update({(m.numel,), (_view2d(m.shape)[1],), (_view2d(m.shape)[0],)})
-
-    def round_to(meta: TensorMeta) -> list[str]:
-        mm, nn = _view2d(meta.shape)
-        return [x for x, sizes in b_dtypes.items() if _narrower(meta.dtype, x) and ({(meta.numel,), (mm,), (nn,)} & sizes)]
-
-    afps = _fingerprints(a_metas, a_read, hasher, round_to)
-    bfps = _fingerprints(b_metas, b_read, hasher)
-    own = {fp.key: fp for fp in afps if not fp.variant}
-    mt = _Matcher(afps, set(a_metas))
+    qa = _quick_all(a_metas, a_read)
+    qb = _quick_all(b_metas, b_read)
+    score = _Scorer()
     ex = Explanation()
     out: dict[str, Correspondence] = {}
 
     # 1. whole-tensor matches, paired by name where several A tensors hold the same values
-    groups: dict[tuple[int, str], list[_FP]] = {}
-    for b in bfps:
-        if mt.full_candidates(b):
-            groups.setdefault((b.full, b.meta.dtype), []).append(b)
+    a_by_quick: dict[tuple[Any, ...], list[str]] = {}
+    for k, q in qa.items():
+        a_by_quick.setdefault(q, []).append(k)
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for k, q in qb.items():
+        if q in a_by_quick:
+            groups.setdefault(q, []).append(k)
     used: dict[str, str] = {}  # A key -> first B key holding it
-    for (_, _), bs in groups.items():
-        cands = mt.full_candidates(bs[0])
-        pairs = sorted(((mt.score(afps[i].key, b.key), afps[i].variant == "", i, b.key) for i in cands for b in bs), reverse=True)
-        taken_a: set[int] = set()
-        taken_b: dict[str, int] = {}
-        for _, _, i, bk in pairs:
-            if bk in taken_b or i in taken_a:
+    for q, bs in groups.items():
+        cands = a_by_quick[q]
+        pairs = sorted(((score(ak, bk), ak, bk) for ak in cands for bk in bs), reverse=True)
+        taken_a: set[str] = set()
+        taken_b: dict[str, str] = {}
+        for _, ak, bk in pairs:
+            if bk in taken_b or ak in taken_a:
                 continue
-            if any(afps[j].key == afps[i].key for j in taken_a):
-                continue
-            taken_a.add(i)
-            taken_b[bk] = i
-        for b in bs:
-            if b.key in taken_b:
-                a = afps[taken_b[b.key]]
-                kind = "same" if a.key == b.key else "renamed"
-                out[b.key] = _describe_same(b, a, kind)
-                used.setdefault(a.key, b.key)
-        for b in bs:
-            if b.key not in taken_b:
-                i = max(cands, key=lambda j: (afps[j].key in used, mt.score(afps[j].key, b.key)))
-                a = afps[i]
-                c = _describe_same(b, a, "tied")
-                also = used.get(a.key, "")
-                out[b.key] = Correspondence(
-                    b.key, "tied", c.a, f"A:{a.key}, also held by B:{also}" if also else c.detail, cast=c.cast
-                )
-                used.setdefault(a.key, b.key)
+            taken_a.add(ak)
+            taken_b[bk] = ak
+        for bk in bs:
+            if bk in taken_b:
+                ak = taken_b[bk]
+                out[bk] = _describe_same(bk, b_metas[bk], ak, a_metas[ak], "same" if ak == bk else "renamed")
+                used.setdefault(ak, bk)
+        for bk in bs:
+            if bk not in taken_b:
+                ak = max(cands, key=lambda k, bk=bk: (k in used, score(k, bk)))  # type: ignore[misc]
+                c = _describe_same(bk, b_metas[bk], ak, a_metas[ak], "tied")
+                also = used.get(ak, "")
+                out[bk] = Correspondence(bk, "tied", c.a, f"A:{ak}, also held by B:{also}" if also else c.detail)
+                used.setdefault(ak, bk)
     # swapped: B:x holds A:y while both names exist on both sides, and B:y holds A:x
     for bk, c in list(out.items()):
         if c.kind == "renamed" and bk in a_metas and c.a[0] in b_metas:
@@ -634,63 +692,86 @@ def explain(
             if other is not None and other.a == (bk,):
                 out[bk] = Correspondence(bk, "swapped", c.a, f"B holds A:{c.a[0]}; B:{c.a[0]} holds A:{bk}", cast=c.cast)
 
-    # 2. structure: transposes, splits, merges, row reorders
-    for b in bfps:
-        if b.key in out:
-            continue
-        found = mt.structural(b)
-        if found is not None:
-            out[b.key] = found
+    # 2. the rest: row / column fingerprints of B's unexplained keys and of the A tensors that could
+    # explain them (a dim in common), read again; A also rounded to B's narrower float types
+    rest = {k: m for k, m in b_metas.items() if k not in out}
+    own: dict[str, _FP] = {}
+    bfps: list[_FP] = []
+    if rest:
+        dims = {d for m in rest.values() for d in _view2d(m.shape)}
+        cand = {k: m for k, m in a_metas.items() if dims & set(_view2d(m.shape)) or k in rest}
+        length = 1
+        for m in (*cand.values(), *rest.values()):
+            mm, nn = _view2d(m.shape)
+            if mm <= _MAX_ROWS:
+                length = max(length, mm, nn)
+        hasher = _Hasher(min(length, _MAX_ROWS))
+        b_dtypes: dict[str, set[int]] = {}
+        for m in rest.values():
+            b_dtypes.setdefault(m.dtype, set()).update({m.numel, *_view2d(m.shape)})
+
+        def round_to(meta: TensorMeta) -> list[str]:
+            sizes = {meta.numel, *_view2d(meta.shape)}
+            return [x for x, have in b_dtypes.items() if _narrower(meta.dtype, x) and sizes & have]
+
+        afps = _fingerprints(cand, a_read, hasher, round_to)
+        bfps = _fingerprints(rest, b_read, hasher)
+        own = {fp.key: fp for fp in afps if not fp.variant}
+        mt = _Matcher(afps, set(a_metas))
+        mt.score = score
+        for b in bfps:
+            full = mt.full_candidates(b)
+            if full:  # B is A rounded to B's dtype
+                i = max(full, key=lambda j: score(afps[j].key, b.key))
+                a = afps[i]
+                out[b.key] = _describe_same(
+                    b.key, b.meta, a.key, a_metas[a.key], "same" if a.key == b.key else "renamed", rounded=a.variant
+                )
+                continue
+            found = mt.structural(b)
+            if found is not None:
+                out[b.key] = found
 
     # 3. values that differ (same name and shape), constants, nothing
-    todo_diff = [b for b in bfps if b.key not in out and b.key in own and own[b.key].m == b.m and own[b.key].n == b.n]
-    for b in todo_diff:
+    for b in bfps:
+        if b.key in out or b.key not in own or (own[b.key].m, own[b.key].n) != (b.m, b.n):
+            continue
         a = own[b.key]
-        xa = _as_float(a_read(b.key), a.meta.dtype)
-        xb = _as_float(b_read(b.key), b.meta.dtype)
-        d = np.abs(xa.reshape(-1) - xb.reshape(-1))
-        max_abs = float(np.nanmax(d)) if d.size and not np.isnan(d).all() else 0.0
-        ref = float(np.nanmax(np.abs(xa))) if xa.size else 0.0
-        max_rel = max_abs / ref if ref > 0 else (0.0 if max_abs == 0 else math.inf)
+        max_abs, max_rel = _value_diff(a_read(b.key), a.meta.dtype, b_read(b.key), b.meta.dtype)
         rows = []
         if a.rows is not None and b.rows is not None:
             rows = [int(i) for i in np.nonzero(a.rows != b.rows)[0]]
         rd = f"{_ranges(rows)} ({len(rows)} of {b.m} rows)" if rows else ""
         detail = f"max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g}" + (f"; rows {rd}" if rd else "")
         out[b.key] = Correspondence(b.key, "differs", (b.key,), detail, max_abs=max_abs, max_rel=max_rel, rows_differ=rd)
-        del xa, xb, d
-    for b in bfps:
-        if b.key in out:
+    for bk, bm in b_metas.items():
+        if bk in out:
             continue
-        if b.key in own:
-            a = own[b.key]
-            out[b.key] = Correspondence(
-                b.key, "differs", (b.key,), f"shape {list(a.meta.shape)} in A, {list(b.meta.shape)} in B; no content match"
+        if bk in a_metas:
+            am = a_metas[bk]
+            out[bk] = Correspondence(
+                bk, "differs", (bk,), f"shape {list(am.shape)} in A, {list(bm.shape)} in B; no content match"
             )
             continue
-        x = b_read(b.key)
+        x = b_read(bk)
         flat = np.asarray(x).reshape(-1)
         if flat.size and bool((flat == flat[0]).all()):
-            v = float(_as_float(flat[:1], b.meta.dtype)[0])
-            out[b.key] = Correspondence(b.key, "constant", (), f"every element {v:g} (no counterpart in A)")
+            v = float(_as_float(flat[:1], bm.dtype)[0])
+            out[bk] = Correspondence(bk, "constant", (), f"every element {v:g} (no counterpart in A)")
         else:
-            close = difflib.get_close_matches(b.key, list(a_metas), n=1, cutoff=0.6)
-            out[b.key] = Correspondence(
-                b.key, "unmatched", (), f"no counterpart in A (closest name: A:{close[0]})" if close else "no counterpart in A"
+            close = difflib.get_close_matches(bk, list(a_metas), n=1, cutoff=0.6)
+            out[bk] = Correspondence(
+                bk, "unmatched", (), f"no counterpart in A (closest name: A:{close[0]})" if close else "no counterpart in A"
             )
         del x, flat
 
     ex.b = [_with_rule(out[k], rule_of) for k in b_metas]
     ex.equal = {c.b for c in ex.b if c.kind == "same"}
     referenced = {k for c in ex.b for k in c.a}
-    by_full: dict[int, list[str]] = {}
-    for fp in afps:
-        if not fp.variant:
-            by_full.setdefault(fp.full, []).append(fp.key)
     for k in a_metas:
         if k in referenced:
             continue
-        twins = [t for t in by_full.get(own[k].full, []) if t in referenced]
+        twins = [t for t in a_by_quick.get(qa[k], []) if t in referenced]
         ex.a_left.append(Dropped(k, "duplicate" if twins else "dropped", twins[0] if twins else "", rule_of.get(k, "")))
     return ex
 
@@ -702,6 +783,22 @@ def _with_rule(c: Correspondence, rule_of: Mapping[str, str]) -> Correspondence:
     if not rule:
         return c
     return Correspondence(c.b, c.kind, c.a, c.detail, c.pieces, c.cast, c.max_abs, c.max_rel, c.rows_differ, rule)
+
+
+def _value_diff(xa: np.ndarray, da: str, xb: np.ndarray, db: str) -> tuple[float, float]:
+    """Max abs diff and max abs diff / max |A|, in row blocks (bounded temporaries)."""
+    import numpy as np
+
+    fa, fb = np.ascontiguousarray(xa).reshape(-1), np.ascontiguousarray(xb).reshape(-1)
+    max_abs, ref, step = 0.0, 0.0, 1 << 20
+    for i in range(0, len(fa), step):
+        ca, cb = _as_float(fa[i : i + step], da), _as_float(fb[i : i + step], db)
+        d = np.abs(ca - cb)
+        if d.size and not np.isnan(d).all():
+            max_abs = max(max_abs, float(np.nanmax(d)))
+        if ca.size and not np.isnan(ca).all():
+            ref = max(ref, float(np.nanmax(np.abs(ca))))
+    return max_abs, (max_abs / ref if ref > 0 else (0.0 if max_abs == 0 else math.inf))
 
 
 def _as_float(a: np.ndarray, dt_name: str) -> np.ndarray:

@@ -214,3 +214,48 @@ def test_fold_keeps_index_correspondence():
         [(f"b.{i}.w", "renamed", f"A:a.{i}.w", "") for i in range(3)] + [("b.3.w", "renamed", "A:a.4.w", "")]
     )
     assert rows == [("b.{0-2}.w", "renamed", "A:a.{0-2}.w", "", 3), ("b.3.w", "renamed", "A:a.4.w", "", 1)]
+
+
+def _explain_arrays(a: dict, b: dict):
+    from statemap.correspond import explain
+    from statemap.dtypes import from_numpy
+    from statemap.meta import TensorMeta
+
+    def metas(d):
+        return {
+            k: TensorMeta(k, tuple(v.shape), "bfloat16" if k.endswith("bf16") else from_numpy(v.dtype).name) for k, v in d.items()
+        }
+
+    return {c.b: c for c in explain(metas(a), a.__getitem__, metas(b), b.__getitem__).b}
+
+
+def test_kinds_on_numpy_layouts():
+    import numpy as np
+
+    from statemap.dtypes import cast
+    from statemap.dtypes import dtype as dt
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((6, 4), dtype=np.float32) for _ in range(3))
+    w = rng.standard_normal((8, 6), dtype=np.float32)
+    e = rng.standard_normal((5, 3), dtype=np.float32)
+    a = {"q": q, "k": k, "v": v, "w": w, "e": e, "gone": np.ones(3, np.float32)}
+    b = {
+        "qkv": np.concatenate([q, k, v]),  # merged along dim 0
+        "kv_cols": np.concatenate([k, v], axis=1),  # merged along dim 1
+        "w_top_t": w[:4].T.copy(),  # split then transposed
+        "w_cols": w[:, 2:5].copy(),  # split along dim 1
+        "e3": e.reshape(3, 5).copy(),  # reshaped (same bytes)
+        "e_bf16": cast(e, dt("float32"), dt("bfloat16")),  # rounded
+        "zeros": np.zeros((2, 3), np.float32),  # constant
+        "noise": rng.standard_normal((4, 4), dtype=np.float32),  # nothing
+    }
+    c = _explain_arrays(a, b)
+    assert c["qkv"].kind == "merged" and c["qkv"].a == ("q", "k", "v")
+    assert c["kv_cols"].kind == "merged" and "dim 1" in c["kv_cols"].detail
+    assert c["w_top_t"].kind == "transposed" and c["w_top_t"].detail == "B = (rows [0:4] of A:w) transposed"
+    assert c["w_cols"].kind == "split" and c["w_cols"].detail == "columns [2:5] of A:w (split along dim 1 of 6)"
+    assert c["e3"].kind == "renamed" and "reshaped [5, 3] -> [3, 5]" in c["e3"].detail
+    assert c["e_bf16"].kind == "renamed" and c["e_bf16"].cast == "bfloat16"
+    assert c["zeros"].kind == "constant"
+    assert c["noise"].kind == "unmatched"
