@@ -567,10 +567,12 @@ class _Matcher:
             length = r.b1 - r.b0
             a_axis = "rows" if r.o == 0 else "columns"
             total = fp.m if r.o == 0 else fp.n
-            block = f"{a_axis} [{r.p}:{r.p + length}] of A:{fp.key}"
+            block = f"{a_axis} [{r.p}:{r.p + length}] of {_a(fp.key, b.key)}"
             if (axis == "rows") != (r.o == 0):  # B's rows are A's columns, or B's columns A's rows
                 if r.p == 0 and length == total and (b.m, b.n) == (fp.n, fp.m):
-                    return Correspondence(b.key, "transposed", keys, f"B = A:{fp.key} transposed{cast_note}", tuple(pieces), cast)
+                    return Correspondence(
+                        b.key, "transposed", keys, f"B = {_a(fp.key, b.key)} transposed{cast_note}", tuple(pieces), cast
+                    )
                 what = f"B = ({block}) transposed"
                 return Correspondence(b.key, "transposed", keys, what + cast_note, tuple(pieces), cast)
             what = f"{block} (split along dim {r.o} of {total})"
@@ -580,7 +582,7 @@ class _Matcher:
             fp, o = afps[runs[0].f], runs[0].o
             perm = [r.p + j for r in runs for j in range(r.b1 - r.b0)]
             if sorted(perm) == list(range(fp.m if o == 0 else fp.n)):
-                what = f"A:{fp.key}" + (" transposed" if (o == 0) != (axis == "rows") else "")
+                what = _a(fp.key, b.key) + (" transposed" if (o == 0) != (axis == "rows") else "")
                 how = describe_permutation(perm)
                 if axis == "cols":
                     how = how.replace("rows", "columns")
@@ -603,6 +605,11 @@ class _Matcher:
         )
         more = f"; ... {len(pieces) - 8} more pieces" if len(pieces) > 8 else ""
         return Correspondence(b.key, "gathered", keys, f"B {axis} {shown}{more}{cast_note}", tuple(pieces), cast)
+
+
+def _a(ak: str, bk: str) -> str:
+    """How an A key is named in a B key's row: just ``A`` when the names are the same."""
+    return "A" if ak == bk else f"A:{ak}"
 
 
 def _describe_same(bk: str, bm: TensorMeta, ak: str, am: TensorMeta, kind: str, rounded: str = "") -> Correspondence:
@@ -877,9 +884,9 @@ def render_explanation(ex: Explanation, console: Any, verbose: bool = False) -> 
     has_rule = any(c.rule for c in ex.b)
     problems = [c for c in ex.b if c.kind in PROBLEMS or c.cast]
     fine = [c for c in ex.b if c not in problems]
-    sections = [("B keys that differ from A", problems, "red")]
+    sections = [("B keys not equal to an A tensor", problems, "red")]
     if verbose or len(fine) <= 400:
-        sections.append(("B keys explained by A", fine, "green"))
+        sections.append(("B keys equal to an A tensor (or constant)", fine, "green"))
     for title, cs, style in sections:
         if not cs:
             continue
@@ -923,8 +930,9 @@ def planned_checkpoint(spec: Any, a: Any, vars: Mapping[str, Any] | None = None)
     sp = load_spec(spec, vars)
     plan = make_plan(sp, a.metas.values(), a.tied_groups())
     nodes = {o.name: o.node for o in plan.outputs}
+
     rule_of = {
-        o.name: (f"{o.rule.loc} ({o.rule.op})" if o.rule is not None else f"{sp.path}: kept unchanged") for o in plan.outputs
+        o.name: f"{o.rule.loc} ({o.rule.op})" if o.rule is not None else f"{sp.path}: kept unchanged" for o in plan.outputs
     }
 
     def read(k: str) -> np.ndarray:
