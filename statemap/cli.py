@@ -242,8 +242,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
     from .suggest import suggest_files
 
-    s = suggest_files(args.source, args.target)
     name = Path(args.output).stem if args.output else "suggested"
+    if args.values:
+        return _suggest_values(args, name)
+    s = suggest_files(args.source, args.target)
     text = s.to_yaml(name=name)
     if args.output:
         _write_text(args.output, text, args.force)
@@ -264,6 +266,39 @@ def cmd_suggest(args: argparse.Namespace) -> int:
             "key kinds not mapped (listed as comments). Review it, then `statemap lint` and `statemap check --against`.\n"
         )
     return EXIT_OK
+
+
+def _suggest_values(args: argparse.Namespace, name: str) -> int:
+    from .load import open_checkpoint
+    from .suggest_values import suggest_from_values
+
+    with open_checkpoint(args.source) as a, open_checkpoint(args.target) as b:
+        s = suggest_from_values(a, b)
+    text = s.to_yaml(name=name)
+    if args.output:
+        _write_text(args.output, text, args.force)
+    if args.json:
+        _print_json(
+            {
+                "rules": len(s.rules),
+                "unmapped_sources": s.unmapped_sources,
+                "unmapped_targets": s.not_drafted,
+                "output": args.output,
+                "verified": s.verified,
+                "from_values": s.from_values,
+                "from_names": s.from_names,
+                "problems": s.problems,
+            }
+        )
+    elif not args.output:
+        sys.stdout.write(text)
+    if not args.quiet and not args.json:
+        how = "reproduces the target bitwise" if s.verified else f"does NOT reproduce the target ({len(s.problems)} problem(s))"
+        sys.stderr.write(
+            f"statemap: {len(s.rules)} rules drafted ({s.from_values} from values, {s.from_names} from names and shapes); "
+            f"the draft {how}.\n"
+        )
+    return EXIT_OK if s.verified else EXIT_DIFF
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -386,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("target", help="target checkpoint, or a .json/.yaml listing {key: [shape]}")
     sg.add_argument("-o", "--output", metavar="DRAFT.yaml", help="write the draft here instead of stdout")
     sg.add_argument("--force", action="store_true", help="replace an existing DRAFT.yaml")
+    sg.add_argument(
+        "--values",
+        action="store_true",
+        help="both hold the same weights: draft from the tensor values and check the draft reproduces TARGET bitwise (exit 1 if not)",
+    )
     common(sg)
     sg.set_defaults(func=cmd_suggest)
 
