@@ -736,6 +736,8 @@ def explain(
                 )
                 continue
             found = mt.structural(b)
+            if found is not None and found.kind == "gathered" and b.m > 1 and bool((b.rows == b.rows[0]).all()):
+                found = None  # repeated rows (e.g. all zeros) gathered from anywhere: a constant is likelier
             if found is not None:
                 out[b.key] = found
 

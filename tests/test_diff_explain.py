@@ -259,3 +259,43 @@ def test_kinds_on_numpy_layouts():
     assert c["e_bf16"].kind == "renamed" and c["e_bf16"].cast == "bfloat16"
     assert c["zeros"].kind == "constant"
     assert c["noise"].kind == "unmatched"
+
+
+@pytest.mark.parametrize(
+    ("spec", "source"),
+    [
+        ("deltalm-fairseq-to-hf", "examples/deltalm-tiny.pt"),
+        ("fairseq-legacy-to-hf", LEGACY),
+        ("xlmr-fairseq-to-hf", "tests/fixtures/fairseq/xlmr.pt"),
+        ("bart-fairseq-to-hf", "tests/fixtures/fairseq/bart.pt"),
+        ("gpt2-hf-to-nanogpt", GPT2_HF),
+        ("vit-timm-to-hf", "tests/fixtures/vit/timm/model.safetensors"),
+        ("clip-openai-to-hf", "tests/fixtures/clip/openai_state_dict.pt"),
+    ],
+)
+def test_suggest_from_values_reproduces_the_target(root, tmp_path, capsys, spec, source):
+    """A draft from values, applied by `statemap apply`, gives the target bitwise (diff exits 0)."""
+    target = _apply(spec, root / source, tmp_path / "target.safetensors")
+    draft = tmp_path / "draft.yaml"
+    assert main(["suggest", str(root / source), str(target), "--values", "-o", str(draft), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verified"] and out["from_names"] == 0 and out["problems"] == []
+    assert "reproduces the target BITWISE" in draft.read_text()
+    again = _apply(str(draft), root / source, tmp_path / "again.safetensors")
+    assert main(["diff", str(target), str(again), "--values", "-q"]) == 0
+
+
+def test_suggest_from_values_says_what_it_cannot_draft(root, tmp_path, capsys):
+    """A head's rows reordered needs a rearrange op: not drafted, the check fails, exit 1."""
+    good = _apply("gpt2-hf-to-nanogpt", root / GPT2_HF, tmp_path / "good.safetensors")
+    sd = load_file(str(good))
+    w = sd["transformer.h.1.attn.c_attn.weight"].clone()
+    w[16:24] = w[16:24].flip(0)
+    sd["transformer.h.1.attn.c_attn.weight"] = w
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad))
+    draft = tmp_path / "draft.yaml"
+    assert main(["suggest", str(root / GPT2_HF), str(bad), "--values", "-o", str(draft)]) == 1
+    text = draft.read_text()
+    assert "does NOT reproduce the target" in text
+    assert "transformer.h.1.attn.c_attn.weight: permuted" in text and "needs a rearrange op" in text
