@@ -98,7 +98,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     unwrap = tuple(args.unwrap.split("/")) if args.unwrap else None
     if is_hf_target(args.a) or is_hf_target(args.b):
         if args.values or args.spec:
-            raise StatemapError("--values and --spec need tensor values; an hf:ModelClass layout has none")
+            opt = "--values" if args.values else "--spec"
+            raise StatemapError(f"{opt} needs tensor values; an hf:ModelClass layout has none")
 
     def opener(ref: str) -> Any:
         return hf_layout(ref, args.config) if is_hf_target(ref) else open_checkpoint(ref, unwrap)

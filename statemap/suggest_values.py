@@ -164,20 +164,20 @@ def _literal_drafts(
         if dim is None or not tiles:
             left += cs
             continue
-        targets = tuple(c.b for c in cs)
+        outs = tuple(c.b for c in cs)
         transposed = a_axis != b_axis
         first = cs[0]
         note = f"from values: {first.b} = {first.detail}" + (f"; and {len(cs) - 1} more blocks in order" if len(cs) > 1 else "")
         if len(cs) == 1:  # the whole tensor, transposed
-            d = _Draft("transpose", {"from": ak, "to": targets[0]}, (ak,), targets, note, order[ak])
+            d = _Draft("transpose", {"from": ak, "to": outs[0]}, (ak,), outs, note, order[ak])
         else:
-            body = {"from": ak, "to": list(targets), "dim": dim}
+            body = {"from": ak, "to": list(outs), "dim": dim}
             sizes = [y - x for x, y in spans]
             if len(set(sizes)) > 1:
                 body["sizes"] = sizes
-            d = _Draft("split", body, (ak,), targets, note, order[ak])
+            d = _Draft("split", body, (ak,), outs, note, order[ak])
             if transposed:
-                d.extra += [{"transpose": {"from": t}} for t in targets]
+                d.extra += [{"transpose": {"from": t}} for t in outs]
         for c in cs:
             _cast_after(d, c, bm)
         drafts.append(d)

@@ -192,7 +192,7 @@ def test_bad_spec_is_an_error(root, capsys, argv, match):
 
 def test_hf_layout_has_no_values(root, capsys):
     assert main(["diff", str(root / GPT2_HF), "hf:GPT2LMHeadModel", "--spec", "gpt2-hf-to-nanogpt"]) == 2
-    assert "need tensor values" in capsys.readouterr().err
+    assert "--spec needs tensor values" in capsys.readouterr().err
 
 
 def test_describe_permutation():
