@@ -299,3 +299,21 @@ def test_suggest_from_values_says_what_it_cannot_draft(root, tmp_path, capsys):
     text = draft.read_text()
     assert "does NOT reproduce the target" in text
     assert "transformer.h.1.attn.c_attn.weight: permuted" in text and "needs a rearrange op" in text
+
+
+def test_llama_rotary_permutation(root, capsys):
+    """Meta LLaMA vs transformers' own convert_llama_weights_to_hf output (fixture made with it):
+    wq / wk rows are permuted per head (even rows, then odd rows), the rest renamed."""
+    meta, hf = root / "tests/fixtures/llama/meta/consolidated.00.pth", root / "tests/fixtures/llama/hf/model.safetensors"
+    code, b, a_left = _diff(capsys, str(meta), str(hf), "--values")
+    assert code == 1 and a_left == []
+    q, k = b["model.layers.0.self_attn.q_proj.weight"], b["model.layers.0.self_attn.k_proj.weight"]
+    assert q["kind"] == k["kind"] == "permuted"
+    assert q["a"] == ["layers.0.attention.wq.weight"] and k["a"] == ["layers.0.attention.wk.weight"]
+    order = "order [0, 2, 4, 6, 1, 3, 5, 7]"  # head_dim 8: HF's rotary halves from Meta's interleaved pairs
+    assert q["detail"].endswith(f"rows reordered within each block of 8 (blocks 0-3 of 4): {order}")
+    assert k["detail"].endswith(f"rows reordered within each block of 8 (blocks 0-1 of 2): {order}")
+    others = {key: e["kind"] for key, e in b.items() if key not in (q["b"], k["b"])}
+    assert set(others.values()) == {"renamed"}, others
+    assert b["model.layers.0.self_attn.v_proj.weight"]["a"] == ["layers.0.attention.wv.weight"]
+    assert b["lm_head.weight"]["a"] == ["output.weight"]
