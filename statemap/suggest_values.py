@@ -9,8 +9,10 @@ shapes) for keys the values do not explain, saying so in each rule's ``note``. T
 draft on the source and runs it in memory, one tensor at a time, comparing every output with the
 target bitwise: ``verified`` is True only if the draft reproduces the target exactly.
 
-Row permutations (rotary interleave, per-head QKV orders) are not drafted: they need a
-``rearrange`` op that statemap does not have yet; such keys are listed as not drafted.
+Rows reordered the same way inside every block of ``k`` rows, as a ``[k/g, g]`` transpose (the
+rotary permutation between Meta's LLaMA and HF, and its inverse), are drafted as reshape ->
+permute -> reshape. Other row permutations (arbitrary per-head orders) are not drafted: written
+as one rule they need a ``rearrange`` op that statemap does not have yet; such keys are listed.
 
 Example::
 
@@ -131,6 +133,8 @@ def _literal_drafts(
             v = float(c.detail.split()[2])  # "every element V (...)"
             body = {"to": c.b, "shape": list(m.shape), "value": int(v) if v.is_integer() else v, "dtype": m.dtype}
             drafts.append(_Draft("inject", body, (), (c.b,), "from values: every element is this value", 10**9))
+        elif c.kind == "permuted" and len(c.a) == 1 and (bt := _blockwise_transpose(c, am[c.a[0]], bm[c.b], order)):
+            drafts.append(bt)
         else:
             left.append(c)
     for ak, cs in whole.items():
@@ -184,6 +188,37 @@ def _literal_drafts(
     for x in ex.a_left:
         drafts.append(_Draft("drop", {"from": x.a}, (x.a,), (), f"from values: no target holds it ({x.kind})", -1))
     return drafts, left
+
+
+def _blockwise_transpose(c: Correspondence, a: TensorMeta, b: TensorMeta, order: Mapping[str, int]) -> _Draft | None:
+    """Rows reordered within blocks of ``k`` as a reshape to ``[m/k, k/g, g, ...]``, a swap of the
+    two middle dims and a reshape back: the rotary permutation between Meta's LLaMA and HF
+    (``g`` = 2) and its inverse (``g`` = head_dim/2) are such. None when the order is another one."""
+    import numpy as np
+
+    if any(p.a_axis != "rows" or p.b_axis != "rows" for p in c.pieces) or tuple(a.shape) != tuple(b.shape):
+        return None
+    if not a.shape or any(d == 1 for d in a.shape):
+        return None
+    perm = np.array([p.a_range[0] + j for p in c.pieces for j in range(p.b[1] - p.b[0])])
+    m = a.shape[0]
+    if len(perm) != m:
+        return None
+    for k in range(2, m + 1):
+        if m % k:
+            continue
+        for g in range(2, k):
+            if k % g:
+                continue
+            pattern = np.arange(k).reshape(k // g, g).T.reshape(-1)
+            if np.array_equal(perm, (np.arange(m) // k) * k + np.tile(pattern, m // k)):
+                split = [m // k, k // g, g, *a.shape[1:]]
+                dims = [0, 2, 1, *range(3, len(split))]
+                note = f"from values: {c.detail}: in each block of {k} rows, rows seen as [{k // g}, {g}] transposed"
+                body = {"from": c.a[0], "to": c.b, "shape": split}
+                extra = [{"permute": {"from": c.b, "dims": dims}}, {"reshape": {"from": c.b, "shape": list(b.shape)}}]
+                return _Draft("reshape", body, c.a, (c.b,), note, order[c.a[0]], extra)
+    return None
 
 
 def _cast_after(d: _Draft, c: Correspondence, bm: Mapping[str, TensorMeta]) -> None:

@@ -317,3 +317,15 @@ def test_llama_rotary_permutation(root, capsys):
     assert set(others.values()) == {"renamed"}, others
     assert b["model.layers.0.self_attn.v_proj.weight"]["a"] == ["layers.0.attention.wv.weight"]
     assert b["lm_head.weight"]["a"] == ["output.weight"]
+
+
+def test_suggest_from_values_llama_rotary(root, tmp_path, capsys):
+    """The rotary permutation is drafted as reshape -> permute -> reshape and reproduces
+    transformers' conversion bitwise; the draft re-applied by `statemap apply` too."""
+    meta, hf = root / "tests/fixtures/llama/meta/consolidated.00.pth", root / "tests/fixtures/llama/hf/model.safetensors"
+    draft = tmp_path / "llama.yaml"
+    assert main(["suggest", str(meta), str(hf), "--values", "-o", str(draft), "-q"]) == 0
+    text = draft.read_text()
+    assert "dims: [0, 2, 1, 3]" in text and "shape: [4, 4, 2, 32]" in text
+    out = _apply(str(draft), meta, tmp_path / "out.safetensors")
+    assert main(["diff", str(hf), str(out), "--values", "-q"]) == 0
