@@ -900,13 +900,14 @@ def render_explanation(ex: Explanation, console: Any, verbose: bool = False) -> 
         console.print(t)
     if ex.a_left:
         t = Table(title=f"A keys with no counterpart in B ({len(ex.a_left)})", title_justify="left", show_edge=False)
-        t.add_column("A key")
-        t.add_column("kind")
-        t.add_column("count")
-        for key, kind, detail, _, n in fold_correspondences(
-            (d.a, d.kind, f"same values as A:{d.of}" if d.of else "", "") for d in ex.a_left
+        left_rule = any(d.rule for d in ex.a_left)
+        for col in ("A key", "kind", *(["rule"] if left_rule else []), "count"):
+            t.add_column(col)
+        for key, kind, detail, rule, n in fold_correspondences(
+            (d.a, d.kind, f"same values as A:{d.of}" if d.of else "", d.rule) for d in ex.a_left
         ):
-            t.add_row(escape(key), escape(kind + (f" ({detail})" if detail else "")), f"x{n}" if n > 1 else "")
+            what = escape(kind + (f" ({detail})" if detail else ""))
+            t.add_row(escape(key), what, *([escape(rule)] if left_rule else []), f"x{n}" if n > 1 else "")
         console.print(t)
 
 
