@@ -877,12 +877,11 @@ def fold_correspondences(items: Iterable[tuple[str, str, str, str]]) -> list[tup
 def render_explanation(ex: Explanation, console: Any, verbose: bool = False) -> None:
     """Print B's keys by kind, folded by layer index; problems first, then (with ``verbose``, or
     when few) the keys that are the same or only renamed."""
-    from rich.markup import escape
     from rich.table import Table
 
     counts = ex.counts
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    console.print(f"content: {escape(summary)}" if summary else "content: B has no tensors")
+    console.print(f"content: {summary}" if summary else "content: B has no tensors")
     has_rule = any(c.rule for c in ex.b)
     problems = [c for c in ex.b if c.kind in PROBLEMS or c.cast]
     fine = [c for c in ex.b if c not in problems]
@@ -896,7 +895,7 @@ def render_explanation(ex: Explanation, console: Any, verbose: bool = False) -> 
         for col in ("B key", "kind", "from A", *(["rule"] if has_rule else []), "count"):
             t.add_column(col)
         for key, kind, detail, rule, n in fold_correspondences((c.b, c.kind, c.detail, c.rule) for c in cs):
-            t.add_row(escape(key), kind, escape(detail), *([escape(rule)] if has_rule else []), f"x{n}" if n > 1 else "")
+            t.add_row(key, kind, detail, *([rule] if has_rule else []), f"x{n}" if n > 1 else "")
         console.print(t)
     if ex.a_left:
         t = Table(title=f"A keys with no counterpart in B ({len(ex.a_left)})", title_justify="left", show_edge=False)
@@ -906,8 +905,8 @@ def render_explanation(ex: Explanation, console: Any, verbose: bool = False) -> 
         for key, kind, detail, rule, n in fold_correspondences(
             (d.a, d.kind, f"same values as A:{d.of}" if d.of else "", d.rule) for d in ex.a_left
         ):
-            what = escape(kind + (f" ({detail})" if detail else ""))
-            t.add_row(escape(key), what, *([escape(rule)] if left_rule else []), f"x{n}" if n > 1 else "")
+            what = kind + (f" ({detail})" if detail else "")
+            t.add_row(key, what, *([rule] if left_rule else []), f"x{n}" if n > 1 else "")
         console.print(t)
 
 

@@ -77,10 +77,12 @@ class ValueSuggestion:
     def to_yaml(self, name: str = "suggested") -> str:
         import yaml
 
+        from .textsafe import show  # comment lines: a newline in a key must not start a YAML line
+
         head = [
             "# DRAFT spec written by `statemap suggest --values` from the tensor values of both checkpoints.",
-            f"# source: {self.source_label}",
-            f"# target: {self.target_label}",
+            f"# source: {show(self.source_label, None)}",
+            f"# target: {show(self.target_label, None)}",
             f"# {self.from_values} rule(s) from values, {self.from_names} from names and shapes (values gave no evidence).",
             "# check: "
             + (
@@ -89,11 +91,13 @@ class ValueSuggestion:
                 else "it does NOT reproduce the target:"
             ),
         ]
-        head += [f"#   {p}" for p in self.problems[:40]]
+        head += [f"#   {show(p, None)}" for p in self.problems[:40]]
         body = yaml.safe_dump(self.spec_dict(name), sort_keys=False, default_flow_style=None, width=200, allow_unicode=True)
         tail = []
         if self.not_drafted:
-            tail += ["", f"# Target keys not drafted ({len(self.not_drafted)}):"] + [f"#   {t}" for t in self.not_drafted]
+            tail += ["", f"# Target keys not drafted ({len(self.not_drafted)}):"] + [
+                f"#   {show(t, None)}" for t in self.not_drafted
+            ]
         return "\n".join(head) + "\n" + body + ("\n".join(tail) + "\n" if tail else "")
 
 
