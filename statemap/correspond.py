@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from .dtypes import DType
 from .dtypes import cast as cast_values
 from .dtypes import dtype as lookup_dtype
+from .errors import CheckpointError
 from .meta import TensorMeta
 from .report import _ranges as _brace_ranges
 
@@ -56,6 +57,7 @@ __all__ = ["Correspondence", "Dropped", "Explanation", "Piece", "explain", "rend
 
 _CHUNK = 1 << 20  # elements hashed at a time: bounds the temporaries
 _MAX_ROWS = 1 << 23  # longer first dims are hashed whole (no row index)
+_ALIAS_LIMIT = 1 << 30  # bytes a stride-0 (repeated) view may expand to when compared
 _MAX_CANDIDATES = 32  # candidate positions tried per row (constant rows match everywhere)
 _K_LEN, _K_M, _K_N = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _MASK = (1 << 64) - 1
@@ -235,6 +237,8 @@ def _fingerprints(
 ) -> list[_FP]:
     out = []
     for k, meta in metas.items():
+        if meta.numel == 0:
+            continue
         a = read(k)
         out.append(hasher.fingerprint(k, meta, a))
         for x in round_to(meta):
@@ -310,6 +314,9 @@ def _quick_all(metas: Mapping[str, TensorMeta], read: Callable[[str], np.ndarray
     with ThreadPoolExecutor(2) as pool:
         pending: tuple[str, list[Any], Any] | None = None
         for k, meta in metas.items():
+            if meta.numel == 0:  # no values (and nothing to read: its claimed dims may be absurd)
+                out[k] = (0, "", "empty")
+                continue
             a = read(k)
             if pending is not None:
                 out[pending[0]] = tuple(p.result() if hasattr(p, "result") else p for p in pending[1])
@@ -639,11 +646,13 @@ def explain(
     b_metas: Mapping[str, TensorMeta],
     b_read: Callable[[str], np.ndarray],
     rule_of: Mapping[str, str] | None = None,
+    names: tuple[str, str] = ("A", "B"),
 ) -> Explanation:
     """Read both sides once (one tensor at a time) and explain every B key by A's content.
 
     ``rule_of``: for a planned A (``diff --spec``), the rule (file:line) that produced each A key;
-    it is attached to every B key's correspondence, and to A keys left over.
+    it is attached to every B key's correspondence, and to A keys left over. ``names``: the two
+    files, for error messages.
 
     Example::
 
@@ -655,6 +664,7 @@ def explain(
     import numpy as np
 
     rule_of = rule_of or {}
+    a_read, b_read = _bounded(a_read, names[0]), _bounded(b_read, names[1])
     qa = _quick_all(a_metas, a_read)
     qb = _quick_all(b_metas, b_read)
     score = _Scorer()
@@ -701,12 +711,12 @@ def explain(
 
     # 2. the rest: row / column fingerprints of B's unexplained keys and of the A tensors that could
     # explain them (a dim in common), read again; A also rounded to B's narrower float types
-    rest = {k: m for k, m in b_metas.items() if k not in out}
+    rest = {k: m for k, m in b_metas.items() if k not in out and m.numel}
     own: dict[str, _FP] = {}
     bfps: list[_FP] = []
     if rest:
         dims = {d for m in rest.values() for d in _view2d(m.shape)}
-        cand = {k: m for k, m in a_metas.items() if dims & set(_view2d(m.shape)) or k in rest}
+        cand = {k: m for k, m in a_metas.items() if m.numel and (dims & set(_view2d(m.shape)) or k in rest)}
         length = 1
         for m in (*cand.values(), *rest.values()):
             mm, nn = _view2d(m.shape)
@@ -762,6 +772,9 @@ def explain(
                 bk, "differs", (bk,), f"shape {list(am.shape)} in A, {list(bm.shape)} in B; no content match"
             )
             continue
+        if bm.numel == 0:
+            out[bk] = Correspondence(bk, "unmatched", (), "an empty tensor (no values); A has none")
+            continue
         x = b_read(bk)
         flat = np.asarray(x).reshape(-1)
         if flat.size and bool((flat == flat[0]).all()):
@@ -783,6 +796,25 @@ def explain(
         twins = [t for t in a_by_quick.get(qa[k], []) if t in referenced]
         ex.a_left.append(Dropped(k, "duplicate" if twins else "dropped", twins[0] if twins else "", rule_of.get(k, "")))
     return ex
+
+
+def _bounded(read: Callable[[str], np.ndarray], name: str) -> Callable[[str], np.ndarray]:
+    """``read``, refusing a view whose elements repeat (stride 0) when it would take more than
+    :data:`_ALIAS_LIMIT` bytes to compare: its storage is small, its values are not."""
+    import numpy as np
+
+    def checked(k: str) -> np.ndarray:
+        a = read(k)
+        if not a.flags.c_contiguous and a.nbytes > _ALIAS_LIMIT:
+            lo, hi = np.lib.array_utils.byte_bounds(a)
+            if a.nbytes > 2 * (hi - lo):
+                raise CheckpointError(
+                    f"{name}: tensor {k!r}: a view with repeated elements (stride 0) claims {a.nbytes:,} bytes over "
+                    f"{hi - lo:,} bytes of storage; more than {_ALIAS_LIMIT:,} bytes is too large to compare by value"
+                )
+        return a
+
+    return checked
 
 
 def _with_rule(c: Correspondence, rule_of: Mapping[str, str]) -> Correspondence:

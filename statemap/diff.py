@@ -93,7 +93,7 @@ def diff_checkpoints(
         from .correspond import explain
 
         r.compared_values = True
-        r.explanation = explain(a.metas, a.read, b.metas, b.read, rule_of)
+        r.explanation = explain(a.metas, a.read, b.metas, b.read, rule_of, names=(a.path, b.path))
         for k in common:
             ma, mb = a.metas[k], b.metas[k]
             if ma.shape != mb.shape:

@@ -329,3 +329,29 @@ def test_suggest_from_values_llama_rotary(root, tmp_path, capsys):
     assert "dims: [0, 2, 1, 3]" in text and "shape: [4, 4, 2, 32]" in text
     out = _apply(str(draft), meta, tmp_path / "out.safetensors")
     assert main(["diff", str(hf), str(out), "--values", "-q"]) == 0
+
+
+def test_empty_and_repeated_tensors_are_bounded():
+    """An empty tensor is never read; a stride-0 view too large to compare is refused, naming the file."""
+    import numpy as np
+
+    from statemap.correspond import explain
+    from statemap.errors import CheckpointError
+    from statemap.meta import TensorMeta
+
+    def boom(k):
+        raise AssertionError(f"read {k}")
+
+    a = {"w": TensorMeta("w", (4,), "float32")}
+    b = {"e": TensorMeta("e", (0, 2**40), "float32")}
+    ex = explain(a, lambda k: np.arange(4, dtype=np.float32), b, boom)
+    assert ex.b[0].kind == "unmatched" and "empty" in ex.b[0].detail
+    big = {"r": TensorMeta("r", (2**16, 2**16), "float32")}
+    with pytest.raises(CheckpointError, match=r"b\.pt: tensor 'r': a view with repeated elements \(stride 0\)"):
+        explain(
+            a,
+            lambda k: np.arange(4, dtype=np.float32),
+            big,
+            lambda k: np.broadcast_to(np.float32(1), (2**16, 2**16)),
+            names=("a.pt", "b.pt"),
+        )
