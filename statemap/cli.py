@@ -97,14 +97,20 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     unwrap = tuple(args.unwrap.split("/")) if args.unwrap else None
     if is_hf_target(args.a) or is_hf_target(args.b):
-        if args.values:
-            raise StatemapError("--values needs tensor values; an hf:ModelClass layout has none")
+        if args.values or args.spec:
+            opt = "--values" if args.values else "--spec"
+            raise StatemapError(f"{opt} needs tensor values; an hf:ModelClass layout has none")
 
     def opener(ref: str) -> Any:
         return hf_layout(ref, args.config) if is_hf_target(ref) else open_checkpoint(ref, unwrap)
 
     with opener(args.a) as a, opener(args.b) as b:
-        r = diff_checkpoints(a, b, values=args.values, atol=args.atol, rtol=args.rtol)
+        rule_of = None
+        if args.spec:  # compare B with what SPEC makes of A, computed in memory, never written
+            from .correspond import planned_checkpoint
+
+            a, rule_of = planned_checkpoint(args.spec, a, _vars(args.set))
+        r = diff_checkpoints(a, b, values=args.values or bool(args.spec), atol=args.atol, rtol=args.rtol, rule_of=rule_of)
     if args.json:
         _print_json(r.to_json())
     else:
@@ -237,8 +243,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
     from .suggest import suggest_files
 
-    s = suggest_files(args.source, args.target)
     name = Path(args.output).stem if args.output else "suggested"
+    if args.values:
+        return _suggest_values(args, name)
+    s = suggest_files(args.source, args.target)
     text = s.to_yaml(name=name)
     if args.output:
         _write_text(args.output, text, args.force)
@@ -259,6 +267,39 @@ def cmd_suggest(args: argparse.Namespace) -> int:
             "key kinds not mapped (listed as comments). Review it, then `statemap lint` and `statemap check --against`.\n"
         )
     return EXIT_OK
+
+
+def _suggest_values(args: argparse.Namespace, name: str) -> int:
+    from .load import open_checkpoint
+    from .suggest_values import suggest_from_values
+
+    with open_checkpoint(args.source) as a, open_checkpoint(args.target) as b:
+        s = suggest_from_values(a, b)
+    text = s.to_yaml(name=name)
+    if args.output:
+        _write_text(args.output, text, args.force)
+    if args.json:
+        _print_json(
+            {
+                "rules": len(s.rules),
+                "unmapped_sources": s.unmapped_sources,
+                "unmapped_targets": s.not_drafted,
+                "output": args.output,
+                "verified": s.verified,
+                "from_values": s.from_values,
+                "from_names": s.from_names,
+                "problems": s.problems,
+            }
+        )
+    elif not args.output:
+        sys.stdout.write(text)
+    if not args.quiet and not args.json:
+        how = "reproduces the target bitwise" if s.verified else f"does NOT reproduce the target ({len(s.problems)} problem(s))"
+        sys.stderr.write(
+            f"statemap: {len(s.rules)} rules drafted ({s.from_values} from values, {s.from_names} from names and shapes); "
+            f"the draft {how}.\n"
+        )
+    return EXIT_OK if s.verified else EXIT_DIFF
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -338,7 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("diff", help="compare two checkpoints (exit 0 same, 1 different)")
     d.add_argument("a")
     d.add_argument("b")
-    d.add_argument("--values", action="store_true", help="also compare tensor values of common keys")
+    d.add_argument(
+        "--values", action="store_true", help="also read every tensor: explain each B key by A's content, compare common keys"
+    )
+    d.add_argument("--spec", metavar="SPEC", help="compare B with SPEC applied to A (in memory; implies --values)")
+    d.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a var of --spec (repeatable)")
     d.add_argument("--atol", type=float, default=1e-6)
     d.add_argument("--rtol", type=float, default=1e-5)
     d.add_argument("--unwrap", metavar="KEY[/KEY]", help="state dict location inside both files (default: auto)")
@@ -377,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("target", help="target checkpoint, or a .json/.yaml listing {key: [shape]}")
     sg.add_argument("-o", "--output", metavar="DRAFT.yaml", help="write the draft here instead of stdout")
     sg.add_argument("--force", action="store_true", help="replace an existing DRAFT.yaml")
+    sg.add_argument(
+        "--values",
+        action="store_true",
+        help="both hold the same weights: draft from the tensor values and check the draft reproduces TARGET bitwise (exit 1 if not)",
+    )
     common(sg)
     sg.set_defaults(func=cmd_suggest)
 

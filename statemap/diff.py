@@ -35,6 +35,7 @@ class DiffResult:
     values: list[ValueDiff] = field(default_factory=list)
     n_common: int = 0
     compared_values: bool = False
+    explanation: Any = None  # correspond.Explanation with --values: every B key explained by A's content
 
     @property
     def same(self) -> bool:
@@ -54,11 +55,21 @@ class DiffResult:
             "shape_mismatch": [vars(m) for m in self.shape],
             "dtype_mismatch": [vars(m) for m in self.dtype],
             "values": [vars(v) for v in self.values] if self.compared_values else None,
+            "explain": self.explanation.to_json() if self.explanation is not None else None,
         }
 
 
-def diff_checkpoints(a: Checkpoint, b: Checkpoint, values: bool = False, atol: float = 1e-6, rtol: float = 1e-5) -> DiffResult:
-    """Compare two opened checkpoints. ``values`` also reads common tensors and compares them.
+def diff_checkpoints(
+    a: Checkpoint,
+    b: Checkpoint,
+    values: bool = False,
+    atol: float = 1e-6,
+    rtol: float = 1e-5,
+    rule_of: dict[str, str] | None = None,
+) -> DiffResult:
+    """Compare two opened checkpoints. ``values`` also reads every tensor once and explains each B
+    key by A's content (:func:`statemap.correspond.explain`), and compares common keys' values.
+    ``rule_of``: A key -> the rule (file:line) that produced it, when A is a planned spec.
 
     Example::
 
@@ -79,10 +90,16 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint, values: bool = False, atol: f
     if values:
         import numpy as np
 
+        from .correspond import explain
+
         r.compared_values = True
+        r.explanation = explain(a.metas, a.read, b.metas, b.read, rule_of, names=(a.path, b.path))
         for k in common:
             ma, mb = a.metas[k], b.metas[k]
             if ma.shape != mb.shape:
+                continue
+            if k in r.explanation.equal:  # equal values, proven by the fingerprints: not read again
+                r.values.append(ValueDiff(k, 0.0, True))
                 continue
             xa = _values(a.read(k), ma.dtype)
             xb = _values(b.read(k), mb.dtype)
@@ -140,4 +157,8 @@ def render_diff(r: DiffResult, console: Any) -> None:
             for v in bad:
                 t.add_row(v.name, f"{v.max_abs:.4g}")
             console.print(t)
+    if r.explanation is not None:
+        from .correspond import render_explanation
+
+        render_explanation(r.explanation, console)
     console.print("same" if r.same else "different", style="green" if r.same else "red")

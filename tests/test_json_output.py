@@ -24,6 +24,8 @@ TENSOR = {
 }
 MISMATCH = {"type": "object", "required": ["name", "expected", "got"]}
 STRS = {"type": "array", "items": {"type": "string"}}
+KINDS = ("same", "renamed", "tied", "swapped", "cast", "reshaped", "transposed", "split", "merged", "permuted", "gathered")
+KINDS += ("differs", "constant", "unmatched")
 
 SCHEMAS = {
     "apply": {
@@ -68,6 +70,47 @@ SCHEMAS = {
             "only_in_a": {"type": "array", "items": TENSOR},
             "only_in_b": {"type": "array", "items": TENSOR},
             "values": {"type": ["array", "null"], "items": {"type": "object", "required": ["name", "max_abs", "allclose"]}},
+            "explain": {
+                "type": ["object", "null"],
+                "required": ["b", "a_left", "counts"],
+                "properties": {
+                    "b": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": [
+                                "b",
+                                "kind",
+                                "a",
+                                "detail",
+                                "pieces",
+                                "cast",
+                                "max_abs",
+                                "max_rel",
+                                "rows_differ",
+                                "rule",
+                            ],
+                            "properties": {
+                                "kind": {"enum": [*KINDS]},
+                                "a": STRS,
+                                "pieces": {
+                                    "type": "array",
+                                    "items": {"type": "object", "required": ["b", "b_axis", "a", "a_range", "a_axis"]},
+                                },
+                            },
+                        },
+                    },
+                    "a_left": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["a", "kind", "of", "rule"],
+                            "properties": {"kind": {"enum": ["dropped", "duplicate"]}},
+                        },
+                    },
+                    "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                },
+            },
         },
     },
     "inspect": {
@@ -126,6 +169,16 @@ def test_json_output_shape(command, root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     jsonschema.validate(json.loads(out), SCHEMAS[command])
+
+
+def test_diff_explain_json_shape(root, tmp_path, capsys):
+    ex, out = str(root / "examples" / "deltalm-tiny.pt"), str(tmp_path / "o.safetensors")
+    assert main(["apply", "deltalm-fairseq-to-hf", ex, out, "-q"]) == 0
+    for extra in (["--values"], ["--spec", "deltalm-fairseq-to-hf"]):
+        code = main(["diff", ex, out, *extra, "--json"])
+        doc = json.loads(capsys.readouterr().out)
+        jsonschema.validate(doc, SCHEMAS["diff"])
+        assert len(doc["explain"]["b"]) == 395 and code == (0 if "--spec" in extra else 1)
 
 
 @pytest.mark.parametrize("env", [{}, {"NO_COLOR": "1", "FORCE_COLOR": ""}])

@@ -1,0 +1,977 @@
+"""correspond: explain every tensor of checkpoint B by the content of checkpoint A.
+
+Each side is read once, one tensor at a time; only fingerprints are kept: per-row and
+per-column hashes of the tensor seen as a matrix ``[first dim, rest]`` (size-1 dims dropped),
+over its values (bfloat16 / float16 / float32 compare as float32 values, so a lossless cast
+hashes the same), plus the same hashes of A rounded to each narrower float type B holds (so a
+lossy cast still matches). The hashes are linear (a sum of random odd 64-bit coefficients times
+element bits, mod 2**64), so a row of A and a column of B compare directly: that is how
+transposes, splits and merges along a dim, and row reorders are found.
+
+Every B key gets one :class:`Correspondence`:
+
+=============  ==================================================================
+kind           meaning
+=============  ==================================================================
+``same``       same name, value, shape and dtype in A
+``renamed``    equal to one A tensor of another name (``cast`` says if rounded)
+``tied``       a further copy of an A tensor another B key already holds
+``swapped``    both names exist in A and B, and B holds A's other tensor (both ways)
+``cast``       same name, B is A's values in another dtype (rounded if narrower)
+``reshaped``   same bytes as an A tensor, another shape
+``transposed`` B is an A matrix transposed (all of it, or a block of its columns)
+``split``      B is a block of rows (dim 0) or columns (dim 1) of one A tensor
+``merged``     B is whole A tensors concatenated along dim 0 or 1
+``permuted``   B is an A tensor with its rows reordered (the permutation is given)
+``gathered``   B's rows come from several A tensors, in pieces
+``differs``    same name and shape, values differ (max abs / rel diff, which rows)
+``constant``   no counterpart; every element is one value (e.g. injected zeros)
+``unmatched``  no counterpart in A
+=============  ==================================================================
+
+A keys nobody explains are listed as ``dropped`` (or ``duplicate`` of one that is used).
+numpy is imported lazily; nothing here knows a framework.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .dtypes import DType
+from .dtypes import cast as cast_values
+from .dtypes import dtype as lookup_dtype
+from .errors import CheckpointError
+from .meta import TensorMeta
+from .report import _ranges as _brace_ranges
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["Correspondence", "Dropped", "Explanation", "Piece", "explain", "render_explanation"]
+
+_CHUNK = 1 << 20  # elements hashed at a time: bounds the temporaries
+_MAX_ROWS = 1 << 23  # longer first dims are hashed whole (no row index)
+_ALIAS_LIMIT = 1 << 30  # bytes a stride-0 (repeated) view may expand to when compared
+_MAX_CANDIDATES = 32  # candidate positions tried per row (constant rows match everywhere)
+_K_LEN, _K_M, _K_N = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_MASK = (1 << 64) - 1
+_WIDTH = {"float64": 3, "float32": 2, "bfloat16": 1, "float16": 1}
+PROBLEMS = ("swapped", "cast", "reshaped", "transposed", "split", "merged", "permuted", "gathered", "differs", "unmatched")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """B's rows (or columns) ``b`` are A key ``a``'s rows (or columns) ``a_range``."""
+
+    b: tuple[int, int]
+    a: str
+    a_range: tuple[int, int]
+    b_axis: str = "rows"  # "rows" (dim 0 of B) or "cols" (the rest)
+    a_axis: str = "rows"  # "cols": transposed
+    cast: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"b": list(self.b), "b_axis": self.b_axis, "a": self.a, "a_range": list(self.a_range), "a_axis": self.a_axis}
+
+
+@dataclass(frozen=True)
+class Correspondence:
+    """How one B key relates to A (see the module docstring for ``kind``)."""
+
+    b: str
+    kind: str
+    a: tuple[str, ...] = ()
+    detail: str = ""
+    pieces: tuple[Piece, ...] = ()
+    cast: str = ""  # B's dtype when B is A rounded to it
+    max_abs: float | None = None
+    max_rel: float | None = None
+    rows_differ: str = ""  # e.g. "[8:16] (8 of 32 rows)"
+    rule: str = ""  # with a spec: file:line of the rule that produced the key
+
+    @property
+    def ok(self) -> bool:
+        return self.kind in ("same", "renamed", "tied", "constant") and not self.cast
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "b": self.b,
+            "kind": self.kind,
+            "a": list(self.a),
+            "detail": self.detail,
+            "pieces": [p.to_json() for p in self.pieces],
+            "cast": self.cast or None,
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "rows_differ": self.rows_differ or None,
+            "rule": self.rule or None,
+        }
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """An A key no B key holds: ``kind`` is ``dropped``, or ``duplicate`` (of ``of``, which is used)."""
+
+    a: str
+    kind: str = "dropped"
+    of: str = ""
+    rule: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"a": self.a, "kind": self.kind, "of": self.of or None, "rule": self.rule or None}
+
+
+@dataclass
+class Explanation:
+    """Every B key explained, and the A keys left over."""
+
+    b: list[Correspondence] = field(default_factory=list)
+    a_left: list[Dropped] = field(default_factory=list)
+    equal: set[str] = field(default_factory=set)  # names with equal values on both sides
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.b:
+            out[c.kind] = out.get(c.kind, 0) + 1
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"b": [c.to_json() for c in self.b], "a_left": [d.to_json() for d in self.a_left], "counts": self.counts}
+
+
+# -- fingerprints ------------------------------------------------------------------------------
+
+
+@dataclass
+class _FP:
+    key: str
+    meta: TensorMeta
+    m: int
+    n: int
+    rows: Any  # uint64 [m]; None when too long to index
+    cols: Any  # uint64 [n]
+    full: int
+    variant: str = ""  # "" = own values; else the dtype A's values were rounded to
+    orig: str = ""  # with a variant: the dtype the values had
+
+
+def _view2d(shape: tuple[int, ...]) -> tuple[int, int]:
+    s = [d for d in shape if d != 1]
+    if not s:
+        return (1, 1) if all(d == 1 for d in shape) else (0, 0)
+    if len(s) == 1:
+        return s[0], 1
+    return s[0], math.prod(s[1:])
+
+
+def _canon(a: np.ndarray, dt: DType, f64_as_f32: bool) -> np.ndarray:
+    """Element values as uint64 bits: floats up to 32 bits as float32 bits (lossless)."""
+    import numpy as np
+
+    if dt.name == "bfloat16":
+        return a.astype(np.uint64) << np.uint64(16)
+    if dt.name == "float16":
+        return a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    if dt.name == "float32":
+        return a.view(np.uint32).astype(np.uint64)
+    if dt.name == "float64":
+        return a.astype(np.float32).view(np.uint32).astype(np.uint64) if f64_as_f32 else a.view(np.uint64).copy()
+    if not dt.native:  # float8: the bits, tagged so they never equal another type's
+        return a.astype(np.uint64) | np.uint64(1 << 62)
+    return a.astype(np.int64).view(np.uint64)
+
+
+class _Hasher:
+    def __init__(self, length: int) -> None:
+        import numpy as np
+
+        rng = np.random.default_rng(0x5747E)
+        self.c = rng.integers(0, 2**63, size=max(length, 1), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self.d = rng.integers(0, 2**63, size=max(length, 1), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+    def fingerprint(self, key: str, meta: TensorMeta, a: np.ndarray, variant: str = "") -> _FP:
+        import numpy as np
+
+        dt = lookup_dtype(meta.dtype)
+        m, n = _view2d(meta.shape)
+        x = np.ascontiguousarray(a).reshape(m, n) if m * n else a.reshape(0, 0)
+        f64_as_f32 = False
+        if dt.name == "float64" and m * n:
+            f64_as_f32 = bool(np.array_equal(x.astype(np.float32).astype(np.float64), x, equal_nan=True))
+        if m > _MAX_ROWS or m * n == 0 or m > len(self.c) or n > len(self.c):
+            h = hashlib.blake2b(digest_size=8, person=str((m, n)).encode()[:16])
+            for buf in _canon_bytes(x, dt):
+                h.update(buf)
+            return _FP(key, meta, m, n, None, None, int.from_bytes(h.digest(), "little"), variant)
+        rows = np.empty(m, dtype=np.uint64)
+        cols = np.zeros(n, dtype=np.uint64)
+        step = max(1, _CHUNK // max(n, 1))
+        cn = self.c[:n]
+        for r0 in range(0, m, step):
+            u = _canon(x[r0 : r0 + step], dt, f64_as_f32)
+            rows[r0 : r0 + len(u)] = (u * cn).sum(axis=1)
+            cols += (u * self.c[r0 : r0 + len(u), None]).sum(axis=0)
+        rows += np.uint64((n * _K_LEN) & _MASK)
+        cols += np.uint64((m * _K_LEN) & _MASK)
+        full = (int((rows * self.d[:m]).sum()) + m * _K_M + n * _K_N) & _MASK
+        return _FP(key, meta, m, n, rows, cols, full, variant)
+
+
+def _narrower(src: str, dst: str) -> bool:
+    """Rounding ``src`` values to ``dst`` can lose something (both floats, ``dst`` not wider)."""
+    return src != dst and src in _WIDTH and dst in _WIDTH and _WIDTH[dst] <= _WIDTH[src]
+
+
+def _fingerprints(
+    metas: Mapping[str, TensorMeta],
+    read: Callable[[str], np.ndarray],
+    hasher: _Hasher,
+    round_to: Callable[[TensorMeta], list[str]] = lambda m: [],
+) -> list[_FP]:
+    out = []
+    for k, meta in metas.items():
+        if meta.numel == 0:
+            continue
+        a = read(k)
+        out.append(hasher.fingerprint(k, meta, a))
+        for x in round_to(meta):
+            r = cast_values(a, lookup_dtype(meta.dtype), lookup_dtype(x))
+            fp = hasher.fingerprint(k, TensorMeta(k, meta.shape, x), r, variant=x)
+            fp.orig = meta.dtype
+            out.append(fp)
+        del a
+    return out
+
+
+def _canon_bytes(a: np.ndarray, dt: DType) -> Iterable[Any]:
+    """The tensor's values in the canonical form of :func:`_canon`, as buffers of at most ~8 MB
+    (float32 tensors without a copy)."""
+    import numpy as np
+
+    flat = np.ascontiguousarray(a).reshape(-1)
+    if dt.name == "float32" or (not dt.native and dt.name != "bfloat16"):
+        yield flat.data  # float32 as is; float8 bits as is (tagged by the caller)
+        return
+    if dt.name == "float64":
+        as32 = bool(np.array_equal(flat.astype(np.float32).astype(np.float64), flat, equal_nan=True))
+        if not as32:
+            yield flat.data
+            return
+    step = 1 << 21
+    for i in range(0, len(flat), step):
+        part = flat[i : i + step]
+        if dt.kind == "float":
+            part = (
+                (part.astype(np.uint32) << np.uint32(16)).view(np.float32) if dt.name == "bfloat16" else part.astype(np.float32)
+            )
+        else:
+            part = part.astype(np.int64)
+        yield part.data
+
+
+def _crc(mv: memoryview) -> tuple[int, int]:
+    """CRC-32 and the wrapping sum of the 64-bit words (tail bytes included) of one buffer."""
+    import zlib
+
+    import numpy as np
+
+    n8 = len(mv) // 8
+    total = int(np.add.reduce(np.frombuffer(mv, dtype=np.uint64, count=n8))) if n8 else 0
+    tail = bytes(mv[n8 * 8 :])
+    return zlib.crc32(mv), (total + int.from_bytes(tail, "little")) & _MASK
+
+
+def _quick_parts(meta: TensorMeta, a: np.ndarray, pool: Any) -> list[Any]:
+    """Whole-tensor identity of the values at memory speed: per ~8 MB piece of the canonical bytes
+    (two halves for a float32 tensor, hashed on two threads) a CRC-32 and a 64-bit word sum.
+    The shape is left out: reshapes match. Returns futures of the parts, and the tag."""
+    dt = lookup_dtype(meta.dtype)
+    parts: list[Any] = []
+    for buf in _canon_bytes(a, dt):
+        mv = memoryview(buf).cast("B")
+        if len(mv) >= 1 << 20:
+            half = (len(mv) // 2) & ~7
+            parts += [pool.submit(_crc, mv[:half]), pool.submit(_crc, mv[half:])]
+        else:
+            parts.append(pool.submit(_crc, mv))
+    tag = dt.name if (not dt.native and dt.name != "bfloat16") else ""  # float8 bits equal only float8 bits
+    return [meta.numel, tag, *parts]
+
+
+def _quick_all(metas: Mapping[str, TensorMeta], read: Callable[[str], np.ndarray]) -> dict[str, tuple[Any, ...]]:
+    """The whole-tensor identity of every tensor; hashing one tensor overlaps reading the next
+    (both release the GIL), so at most two tensors are in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out: dict[str, tuple[Any, ...]] = {}
+    with ThreadPoolExecutor(2) as pool:
+        pending: tuple[str, list[Any], Any] | None = None
+        for k, meta in metas.items():
+            if meta.numel == 0:  # no values (and nothing to read: its claimed dims may be absurd)
+                out[k] = (0, "", "empty")
+                continue
+            a = read(k)
+            if pending is not None:
+                out[pending[0]] = tuple(p.result() if hasattr(p, "result") else p for p in pending[1])
+            pending = (k, _quick_parts(meta, a, pool), a)  # the array stays alive until hashed
+            del a
+        if pending is not None:
+            out[pending[0]] = tuple(p.result() if hasattr(p, "result") else p for p in pending[1])
+    return out
+
+
+# -- matching ----------------------------------------------------------------------------------
+
+_TOKENS = re.compile(r"[._/-]+")
+_INT = re.compile(r"(?<![^.])\d+(?![^.])")
+
+
+def _ints(name: str) -> tuple[str, ...]:
+    return tuple(_INT.findall(name))
+
+
+class _Scorer:
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], float] = {}
+
+    def __call__(self, a: str, b: str) -> float:
+        k = (a, b)
+        s = self._cache.get(k)
+        if s is None:
+            s = difflib.SequenceMatcher(None, _TOKENS.split(a), _TOKENS.split(b), autojunk=False).ratio()
+            s += difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() / 10  # tie-break: characters
+            s += (1.0 if _ints(a) == _ints(b) else 0.0) + (3.0 if a == b else 0.0)
+            self._cache[k] = s
+        return s
+
+
+class _Index:
+    """Every row and column hash of A's fingerprints, sorted for lookup."""
+
+    def __init__(self, fps: list[_FP]) -> None:
+        import numpy as np
+
+        hs, fs, os_, ps = [], [], [], []
+        for i, fp in enumerate(fps):
+            if fp.rows is None:
+                continue
+            for o, arr in ((0, fp.rows), (1, fp.cols)):
+                if o == 1 and fp.n == 1:
+                    continue  # a vector's one column is the whole vector: the full hash covers it
+                hs.append(arr)
+                fs.append(np.full(len(arr), i, dtype=np.int32))
+                os_.append(np.full(len(arr), o, dtype=np.int8))
+                ps.append(np.arange(len(arr), dtype=np.int64))
+        if hs:
+            h = np.concatenate(hs)
+            order = np.argsort(h, kind="stable")
+            self.h, self.f, self.o, self.p = (
+                h[order],
+                np.concatenate(fs)[order],
+                np.concatenate(os_)[order],
+                np.concatenate(ps)[order],
+            )
+        else:
+            self.h = np.zeros(0, np.uint64)
+            self.f = np.zeros(0, np.int32)
+            self.o = np.zeros(0, np.int8)
+            self.p = np.zeros(0, np.int64)
+
+
+@dataclass(frozen=True)
+class _Run:
+    b0: int
+    b1: int
+    f: int  # A fingerprint index; -1 = no match
+    o: int  # 0 rows, 1 cols of A
+    p: int  # start in A
+
+
+def _runs(h: np.ndarray, idx: _Index, fps: list[_FP], ok: Callable[[_FP], bool], score: Callable[[_FP], float]) -> list[_Run]:
+    """Cover B's hash sequence ``h`` with the longest runs of consecutive A rows / columns."""
+    import numpy as np
+
+    lo = np.searchsorted(idx.h, h, "left")
+    hi = np.searchsorted(idx.h, h, "right")
+    out: list[_Run] = []
+    i, n = 0, len(h)
+    prev: tuple[int, int, int] | None = None
+    while i < n:
+        if lo[i] == hi[i]:
+            j = i + 1
+            while j < n and lo[j] == hi[j]:
+                j += 1
+            out.append(_Run(i, j, -1, 0, 0))
+            i, prev = j, None
+            continue
+        cands = [(int(idx.f[e]), int(idx.o[e]), int(idx.p[e])) for e in range(int(lo[i]), int(hi[i]))]
+        cands = [c for c in cands if ok(fps[c[0]])]
+        if prev is not None and prev in cands:  # continue where the last run stopped
+            cands.remove(prev)
+            cands.insert(0, prev)
+        elif len(cands) > _MAX_CANDIDATES:
+            cands.sort(key=lambda c: -score(fps[c[0]]))
+        best: tuple[Any, ...] | None = None
+        for f, o, p in cands[:_MAX_CANDIDATES]:
+            fp = fps[f]
+            arr = fp.rows if o == 0 else fp.cols
+            length = min(n - i, len(arr) - p)
+            eq = h[i : i + length] == arr[p : p + length]
+            run = length if bool(eq.all()) else int(np.argmin(eq))
+            rank = (run, fp.variant == "", (f, o, p) == prev, score(fp))
+            if best is None or rank > best[0]:
+                best = (rank, f, o, p, run)
+        if best is None:
+            out.append(_Run(i, i + 1, -1, 0, 0))
+            i, prev = i + 1, None
+            continue
+        _, f, o, p, run = best
+        out.append(_Run(i, i + run, f, o, p))
+        i += run
+        prev = (f, o, p + run)
+    return out
+
+
+def _ranges(idx: Iterable[int]) -> str:
+    vs = sorted(set(idx))
+    parts: list[str] = []
+    if not vs:
+        return ""
+    start = prev = vs[0]
+    for v in [*vs[1:], None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(f"[{start}]" if start == prev else f"[{start}:{prev + 1}]")
+        if v is not None:
+            start = prev = v
+    return ", ".join(parts)
+
+
+def _progressions(seq: list[int]) -> str:
+    """Up to 16 items as a list; longer ones as arithmetic runs ``start:stop:step`` (slice notation),
+    e.g. the rotary interleave of a 128-row head: ``[0:127:2, 1:128:2]``."""
+    if len(seq) <= 16:
+        return "[" + ", ".join(map(str, seq)) + "]"
+    parts, i = [], 0
+    while i < len(seq):
+        if i + 1 < len(seq):
+            step = seq[i + 1] - seq[i]
+            j = i + 1
+            while j + 1 < len(seq) and seq[j + 1] - seq[j] == step:
+                j += 1
+        else:
+            step, j = 1, i
+        a, b = seq[i], seq[j]
+        if j == i:
+            parts.append(str(a))
+        elif step == 1:
+            parts.append(f"{a}:{b + 1}")
+        elif step > 0:
+            parts.append(f"{a}:{b + 1}:{step}")
+        else:
+            parts.append(f"{a}:{'' if b == 0 else b - 1}:{step}")
+        i = j + 1
+    return "[" + ", ".join(parts) + "]"
+
+
+def describe_permutation(perm: list[int]) -> str:
+    """B row i = A row ``perm[i]``, said compactly: moved blocks, or a reorder within blocks.
+
+    Example::
+
+        >>> describe_permutation([0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15])
+        'rows reordered within each block of 4 (blocks 0-3 of 4): order [0, 2, 1, 3]'
+    """
+    m = len(perm)
+    runs: list[tuple[int, int, int]] = []
+    for i, p in enumerate(perm):
+        if runs and runs[-1][2] + (i - runs[-1][0]) == p:
+            continue
+        runs.append((i, i, p))
+    spans = [(b0, (runs[k + 1][0] if k + 1 < len(runs) else m), p) for k, (b0, _, p) in enumerate(runs)]
+    moved = [(b0, b1, p) for b0, b1, p in spans if b0 != p]
+    if len(spans) <= 6:
+        return "rows " + ", ".join(f"[{b0}:{b1}] = A[{p}:{p + b1 - b0}]" for b0, b1, p in moved)
+    for k in range(2, m):
+        if m % k:
+            continue
+        if all(perm[i] // k == i // k for i in range(m)):
+            blocks = [b for b in range(m // k) if any(perm[b * k + j] != b * k + j for j in range(k))]
+            pats = {tuple(perm[b * k + j] - b * k for j in range(k)) for b in blocks}
+            where = _brace_ranges(blocks).strip("{}")
+            if len(blocks) == 1:
+                b = blocks[0]
+                return f"rows [{b * k}:{(b + 1) * k}] reordered: order {_progressions(list(next(iter(pats))))}"
+            if len(pats) == 1:
+                return f"rows reordered within each block of {k} (blocks {where} of {m // k}): order {_progressions(list(next(iter(pats))))}"
+            return f"rows reordered within blocks of {k} (blocks {where} of {m // k}), differently per block"
+        if all(perm[b * k] % k == 0 and all(perm[b * k + j] == perm[b * k] + j for j in range(k)) for b in range(m // k)):
+            order = [perm[b * k] // k for b in range(m // k)]
+            return f"row blocks of {k} reordered: order {_progressions(order)}"
+    return "rows " + _progressions(perm)
+
+
+class _Matcher:
+    def __init__(self, afps: list[_FP], a_names: set[str]) -> None:
+        self.afps = afps
+        self.idx = _Index(afps)
+        self.by_full: dict[int, list[int]] = {}
+        for i, fp in enumerate(afps):
+            self.by_full.setdefault(fp.full, []).append(i)
+        self.score = _Scorer()
+        self.a_names = a_names
+
+    def ok_for(self, b: _FP) -> Callable[[_FP], bool]:
+        return lambda fp: fp.variant in ("", b.meta.dtype)
+
+    def full_candidates(self, b: _FP) -> list[int]:
+        return [i for i in self.by_full.get(b.full, []) if self.afps[i].variant in ("", b.meta.dtype)]
+
+    def structural(self, b: _FP) -> Correspondence | None:
+        """Explain B by row / column pieces of A tensors; None when nothing fits."""
+        if b.rows is None or b.m * b.n == 0:
+            return None
+        ok = self.ok_for(b)
+
+        def score(fp: _FP) -> float:
+            return self.score(fp.key, b.key)
+
+        best: tuple[list[_Run], str] | None = None
+        axes = [("rows", b.rows)] + ([("cols", b.cols)] if b.n > 1 else [])
+        for axis, h in axes:
+            runs = _runs(h, self.idx, self.afps, ok, score)
+            if all(r.f >= 0 for r in runs) and (best is None or len(runs) < len(best[0])):
+                best = (runs, axis)
+            if best is not None and len(best[0]) == 1:
+                break
+        if best is None:
+            return None
+        return self._classify(b, *best)
+
+    def _classify(self, b: _FP, runs: list[_Run], axis: str) -> Correspondence:
+        afps = self.afps
+        pieces = []
+        for r in runs:
+            fp = afps[r.f]
+            pieces.append(Piece((r.b0, r.b1), fp.key, (r.p, r.p + r.b1 - r.b0), axis, "rows" if r.o == 0 else "cols", fp.variant))
+        keys = tuple(dict.fromkeys(p.a for p in pieces))
+        variants = {afps[r.f].variant for r in runs}
+        cast = b.meta.dtype if variants == {b.meta.dtype} else ""
+        cast_note = (
+            f"; B is A rounded to {cast}" if cast else ("; some pieces rounded to " + b.meta.dtype if len(variants) > 1 else "")
+        )
+        dim = "dim 0" if axis == "rows" else "dim 1"
+        if len(runs) == 1:
+            r, fp = runs[0], afps[runs[0].f]
+            length = r.b1 - r.b0
+            a_axis = "rows" if r.o == 0 else "columns"
+            total = fp.m if r.o == 0 else fp.n
+            block = f"{a_axis} [{r.p}:{r.p + length}] of {_a(fp.key, b.key)}"
+            if (axis == "rows") != (r.o == 0):  # B's rows are A's columns, or B's columns A's rows
+                if r.p == 0 and length == total and (b.m, b.n) == (fp.n, fp.m):
+                    return Correspondence(
+                        b.key, "transposed", keys, f"B = {_a(fp.key, b.key)} transposed{cast_note}", tuple(pieces), cast
+                    )
+                what = f"B = ({block}) transposed"
+                return Correspondence(b.key, "transposed", keys, what + cast_note, tuple(pieces), cast)
+            what = f"{block} (split along dim {r.o} of {total})"
+            return Correspondence(b.key, "split", keys, what + cast_note, tuple(pieces), cast)
+        fs = {(r.f, r.o) for r in runs}
+        if len(fs) == 1:
+            fp, o = afps[runs[0].f], runs[0].o
+            perm = [r.p + j for r in runs for j in range(r.b1 - r.b0)]
+            if sorted(perm) == list(range(fp.m if o == 0 else fp.n)):
+                what = _a(fp.key, b.key) + (" transposed" if (o == 0) != (axis == "rows") else "")
+                how = describe_permutation(perm)
+                if axis == "cols":
+                    how = how.replace("rows", "columns")
+                return Correspondence(b.key, "permuted", keys, f"{what}, with {how}{cast_note}", tuple(pieces), cast)
+        whole = all(r.p == 0 and r.b1 - r.b0 == (afps[r.f].m if r.o == 0 else afps[r.f].n) for r in runs)
+        straight = all((r.o == 0) == (axis == "rows") for r in runs)
+        if whole and straight and len(keys) == len(runs):
+            return Correspondence(
+                b.key,
+                "merged",
+                keys,
+                f"concat along {dim} of " + ", ".join(f"A:{k}" for k in keys) + cast_note,
+                tuple(pieces),
+                cast,
+            )
+        shown = "; ".join(
+            f"[{p.b[0]}:{p.b[1]}] = A:{p.a} {p.a_axis} [{p.a_range[0]}:{p.a_range[1]}]"
+            + (" (transposed)" if p.a_axis != axis else "")
+            for p in pieces[:8]
+        )
+        more = f"; ... {len(pieces) - 8} more pieces" if len(pieces) > 8 else ""
+        return Correspondence(b.key, "gathered", keys, f"B {axis} {shown}{more}{cast_note}", tuple(pieces), cast)
+
+
+def _a(ak: str, bk: str) -> str:
+    """How an A key is named in a B key's row: just ``A`` when the names are the same."""
+    return "A" if ak == bk else f"A:{ak}"
+
+
+def _describe_same(bk: str, bm: TensorMeta, ak: str, am: TensorMeta, kind: str, rounded: str = "") -> Correspondence:
+    """B holds A's values whole: same / renamed / tied, noting a cast (``rounded``: B's dtype, when
+    B is A rounded to it) and a reshape."""
+    notes = []
+    if rounded:
+        notes.append(f"B is A in {rounded} (rounded from {am.dtype})")
+    elif am.dtype != bm.dtype:
+        notes.append(f"B is A in {bm.dtype} (from {am.dtype}, exact)")
+    if tuple(am.shape) != tuple(bm.shape):
+        notes.append(f"reshaped {list(am.shape)} -> {list(bm.shape)}")
+    if kind == "same" and notes:
+        kind = "cast" if (rounded or am.dtype != bm.dtype) else "reshaped"
+    if kind == "same":
+        detail = ""
+    elif kind in ("cast", "reshaped"):
+        detail = "; ".join(notes)
+    else:
+        detail = f"A:{ak}" + ("; " + "; ".join(notes) if notes else "")
+    return Correspondence(bk, kind, (ak,), detail, cast=rounded)
+
+
+def explain(
+    a_metas: Mapping[str, TensorMeta],
+    a_read: Callable[[str], np.ndarray],
+    b_metas: Mapping[str, TensorMeta],
+    b_read: Callable[[str], np.ndarray],
+    rule_of: Mapping[str, str] | None = None,
+    names: tuple[str, str] = ("A", "B"),
+) -> Explanation:
+    """Read both sides once (one tensor at a time) and explain every B key by A's content.
+
+    ``rule_of``: for a planned A (``diff --spec``), the rule (file:line) that produced each A key;
+    it is attached to every B key's correspondence, and to A keys left over. ``names``: the two
+    files, for error messages.
+
+    Example::
+
+        >>> with open_checkpoint("model.pt") as a, open_checkpoint("model.safetensors") as b:
+        ...     ex = explain(a.metas, a.read, b.metas, b.read)
+        ...     print(ex.counts)
+        {'renamed': 393, 'tied': 1, 'constant': 1}
+    """
+    import numpy as np
+
+    rule_of = rule_of or {}
+    a_read, b_read = _bounded(a_read, names[0]), _bounded(b_read, names[1])
+    qa = _quick_all(a_metas, a_read)
+    qb = _quick_all(b_metas, b_read)
+    score = _Scorer()
+    ex = Explanation()
+    out: dict[str, Correspondence] = {}
+
+    # 1. whole-tensor matches, paired by name where several A tensors hold the same values
+    a_by_quick: dict[tuple[Any, ...], list[str]] = {}
+    for k, q in qa.items():
+        a_by_quick.setdefault(q, []).append(k)
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for k, q in qb.items():
+        if q in a_by_quick:
+            groups.setdefault(q, []).append(k)
+    used: dict[str, str] = {}  # A key -> first B key holding it
+    for q, bs in groups.items():
+        cands = a_by_quick[q]
+        pairs = sorted(((score(ak, bk), ak, bk) for ak in cands for bk in bs), reverse=True)
+        taken_a: set[str] = set()
+        taken_b: dict[str, str] = {}
+        for _, ak, bk in pairs:
+            if bk in taken_b or ak in taken_a:
+                continue
+            taken_a.add(ak)
+            taken_b[bk] = ak
+        for bk in bs:
+            if bk in taken_b:
+                ak = taken_b[bk]
+                out[bk] = _describe_same(bk, b_metas[bk], ak, a_metas[ak], "same" if ak == bk else "renamed")
+                used.setdefault(ak, bk)
+        for bk in bs:
+            if bk not in taken_b:
+                ak = max(cands, key=lambda k, bk=bk: (k in used, score(k, bk)))  # type: ignore[misc]
+                c = _describe_same(bk, b_metas[bk], ak, a_metas[ak], "tied")
+                also = used.get(ak, "")
+                out[bk] = Correspondence(bk, "tied", c.a, f"A:{ak}, also held by B:{also}" if also else c.detail)
+                used.setdefault(ak, bk)
+    # swapped: B:x holds A:y while both names exist on both sides, and B:y holds A:x
+    for bk, c in list(out.items()):
+        if c.kind == "renamed" and bk in a_metas and c.a[0] in b_metas:
+            other = out.get(c.a[0])
+            if other is not None and other.a == (bk,):
+                out[bk] = Correspondence(bk, "swapped", c.a, f"B holds A:{c.a[0]}; B:{c.a[0]} holds A:{bk}", cast=c.cast)
+
+    # 2. the rest: row / column fingerprints of B's unexplained keys and of the A tensors that could
+    # explain them (a dim in common), read again; A also rounded to B's narrower float types
+    rest = {k: m for k, m in b_metas.items() if k not in out and m.numel}
+    own: dict[str, _FP] = {}
+    bfps: list[_FP] = []
+    if rest:
+        dims = {d for m in rest.values() for d in _view2d(m.shape)}
+        cand = {k: m for k, m in a_metas.items() if m.numel and (dims & set(_view2d(m.shape)) or k in rest)}
+        length = 1
+        for m in (*cand.values(), *rest.values()):
+            mm, nn = _view2d(m.shape)
+            if mm <= _MAX_ROWS:
+                length = max(length, mm, nn)
+        hasher = _Hasher(min(length, _MAX_ROWS))
+        b_dtypes: dict[str, set[int]] = {}
+        for m in rest.values():
+            b_dtypes.setdefault(m.dtype, set()).update({m.numel, *_view2d(m.shape)})
+
+        def round_to(meta: TensorMeta) -> list[str]:
+            sizes = {meta.numel, *_view2d(meta.shape)}
+            return [x for x, have in b_dtypes.items() if _narrower(meta.dtype, x) and sizes & have]
+
+        afps = _fingerprints(cand, a_read, hasher, round_to)
+        bfps = _fingerprints(rest, b_read, hasher)
+        own = {fp.key: fp for fp in afps if not fp.variant}
+        mt = _Matcher(afps, set(a_metas))
+        mt.score = score
+        for b in bfps:
+            full = mt.full_candidates(b)
+            if full:  # B is A rounded to B's dtype
+                i = max(full, key=lambda j: score(afps[j].key, b.key))
+                a = afps[i]
+                out[b.key] = _describe_same(
+                    b.key, b.meta, a.key, a_metas[a.key], "same" if a.key == b.key else "renamed", rounded=a.variant
+                )
+                continue
+            found = mt.structural(b)
+            if found is not None and found.kind == "gathered" and b.m > 1 and bool((b.rows == b.rows[0]).all()):
+                found = None  # repeated rows (e.g. all zeros) gathered from anywhere: a constant is likelier
+            if found is not None:
+                out[b.key] = found
+
+    # 3. values that differ (same name and shape), constants, nothing
+    for b in bfps:
+        if b.key in out or b.key not in own or (own[b.key].m, own[b.key].n) != (b.m, b.n):
+            continue
+        a = own[b.key]
+        max_abs, max_rel = _value_diff(a_read(b.key), a.meta.dtype, b_read(b.key), b.meta.dtype)
+        rows = []
+        if a.rows is not None and b.rows is not None:
+            rows = [int(i) for i in np.nonzero(a.rows != b.rows)[0]]
+        rd = f"{_ranges(rows)} ({len(rows)} of {b.m} rows)" if rows else ""
+        detail = f"max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g}" + (f"; rows {rd}" if rd else "")
+        out[b.key] = Correspondence(b.key, "differs", (b.key,), detail, max_abs=max_abs, max_rel=max_rel, rows_differ=rd)
+    for bk, bm in b_metas.items():
+        if bk in out:
+            continue
+        if bk in a_metas:
+            am = a_metas[bk]
+            out[bk] = Correspondence(
+                bk, "differs", (bk,), f"shape {list(am.shape)} in A, {list(bm.shape)} in B; no content match"
+            )
+            continue
+        if bm.numel == 0:
+            out[bk] = Correspondence(bk, "unmatched", (), "an empty tensor (no values); A has none")
+            continue
+        x = b_read(bk)
+        flat = np.asarray(x).reshape(-1)
+        if flat.size and bool((flat == flat[0]).all()):
+            v = float(_as_float(flat[:1], bm.dtype)[0])
+            out[bk] = Correspondence(bk, "constant", (), f"every element {v:g} (no counterpart in A)")
+        else:
+            close = difflib.get_close_matches(bk, list(a_metas), n=1, cutoff=0.6)
+            out[bk] = Correspondence(
+                bk, "unmatched", (), f"no counterpart in A (closest name: A:{close[0]})" if close else "no counterpart in A"
+            )
+        del x, flat
+
+    ex.b = [_with_rule(out[k], rule_of) for k in b_metas]
+    ex.equal = {c.b for c in ex.b if c.kind == "same"}
+    referenced = {k for c in ex.b for k in c.a}
+    for k in a_metas:
+        if k in referenced:
+            continue
+        twins = [t for t in a_by_quick.get(qa[k], []) if t in referenced]
+        ex.a_left.append(Dropped(k, "duplicate" if twins else "dropped", twins[0] if twins else "", rule_of.get(k, "")))
+    return ex
+
+
+def _bounded(read: Callable[[str], np.ndarray], name: str) -> Callable[[str], np.ndarray]:
+    """``read``, refusing a view whose elements repeat (stride 0) when it would take more than
+    :data:`_ALIAS_LIMIT` bytes to compare: its storage is small, its values are not."""
+    import numpy as np
+
+    def checked(k: str) -> np.ndarray:
+        a = read(k)
+        if not a.flags.c_contiguous and a.nbytes > _ALIAS_LIMIT:
+            lo, hi = np.lib.array_utils.byte_bounds(a)
+            if a.nbytes > 2 * (hi - lo):
+                raise CheckpointError(
+                    f"{name}: tensor {k!r}: a view with repeated elements (stride 0) claims {a.nbytes:,} bytes over "
+                    f"{hi - lo:,} bytes of storage; more than {_ALIAS_LIMIT:,} bytes is too large to compare by value"
+                )
+        return a
+
+    return checked
+
+
+def _with_rule(c: Correspondence, rule_of: Mapping[str, str]) -> Correspondence:
+    if not rule_of:
+        return c
+    rule = rule_of.get(c.b) or next((rule_of[k] for k in c.a if k in rule_of), "")
+    if not rule:
+        return c
+    return Correspondence(c.b, c.kind, c.a, c.detail, c.pieces, c.cast, c.max_abs, c.max_rel, c.rows_differ, rule)
+
+
+def _value_diff(xa: np.ndarray, da: str, xb: np.ndarray, db: str) -> tuple[float, float]:
+    """Max abs diff and max abs diff / max |A|, in row blocks (bounded temporaries)."""
+    import numpy as np
+
+    fa, fb = np.ascontiguousarray(xa).reshape(-1), np.ascontiguousarray(xb).reshape(-1)
+    max_abs, ref, step = 0.0, 0.0, 1 << 20
+    for i in range(0, len(fa), step):
+        ca, cb = _as_float(fa[i : i + step], da), _as_float(fb[i : i + step], db)
+        d = np.abs(ca - cb)
+        if d.size and not np.isnan(d).all():
+            max_abs = max(max_abs, float(np.nanmax(d)))
+        if ca.size and not np.isnan(ca).all():
+            ref = max(ref, float(np.nanmax(np.abs(ca))))
+    return max_abs, (max_abs / ref if ref > 0 else (0.0 if max_abs == 0 else math.inf))
+
+
+def _as_float(a: np.ndarray, dt_name: str) -> np.ndarray:
+    import numpy as np
+
+    dt = lookup_dtype(dt_name)
+    if dt.name == "bfloat16":
+        return (a.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    return a.astype(np.float64)
+
+
+# -- text output -------------------------------------------------------------------------------
+
+
+def _template(text: str, b_ints: tuple[str, ...]) -> str:
+    """Replace dotted integer segments of ``text`` equal to B's layer indices by placeholders."""
+    if not b_ints:
+        return text
+    pos = {v: i for i, v in reversed(list(enumerate(b_ints)))}
+
+    def sub(mo: re.Match[str]) -> str:
+        i = pos.get(mo.group(0))
+        return mo.group(0) if i is None else f"\x00{i}\x00"
+
+    return _INT.sub(sub, text)
+
+
+def _untemplate(tmpl: str, labels: list[str]) -> str:
+    return re.sub("\x00(\\d+)\x00", lambda mo: labels[int(mo.group(1))], tmpl)
+
+
+def fold_correspondences(items: Iterable[tuple[str, str, str, str]]) -> list[tuple[str, str, str, str, int]]:
+    """(key, kind, detail, rule) -> folded rows (key, kind, detail, rule, count): keys whose layer
+    indices differ fold when the rest, with those indices substituted, agree.
+
+    Example::
+
+        >>> fold_correspondences([("b.0.w", "renamed", "A:a.0.w", ""), ("b.1.w", "renamed", "A:a.1.w", "")])
+        [('b.{0-1}.w', 'renamed', 'A:a.{0-1}.w', '', 2)]
+    """
+    from .report import _split_key
+
+    groups: dict[tuple[str, str, str, str], list[tuple[int, ...]]] = {}
+    first: dict[tuple[str, str, str, str], tuple[str, str, str]] = {}
+    for key, kind, detail, rule in items:
+        pattern, idx = _split_key(key)
+        ints = tuple(str(i) for i in idx)
+        g = (pattern, kind, _template(detail, ints), rule)
+        groups.setdefault(g, []).append(idx)
+        first.setdefault(g, (key, detail, rule))
+    rows = []
+    for g, idxs in groups.items():
+        pattern, kind, tmpl, rule = g
+        if len(idxs) == 1:
+            key, detail, rule = first[g]
+            rows.append((key, kind, detail, rule, 1))
+            continue
+        cols = list(zip(*idxs))
+        labels = [_brace_ranges(list(c)) if len(set(c)) > 1 else str(c[0]) for c in cols]
+        pieces = pattern.split("{}")
+        key = "".join(p + (labels[i] if i < len(labels) else "") for i, p in enumerate(pieces))
+        detail = _untemplate(tmpl, labels)
+        rows.append((key, kind, detail, rule, len(idxs)))
+    return rows
+
+
+def render_explanation(ex: Explanation, console: Any, verbose: bool = False) -> None:
+    """Print B's keys by kind, folded by layer index; problems first, then (with ``verbose``, or
+    when few) the keys that are the same or only renamed."""
+    from rich.table import Table
+
+    counts = ex.counts
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    console.print(f"content: {summary}" if summary else "content: B has no tensors")
+    has_rule = any(c.rule for c in ex.b)
+    problems = [c for c in ex.b if c.kind in PROBLEMS or c.cast]
+    fine = [c for c in ex.b if c not in problems]
+    sections = [("B keys not equal to an A tensor", problems, "red")]
+    if verbose or len(fine) <= 400:
+        sections.append(("B keys equal to an A tensor (or constant)", fine, "green"))
+    for title, cs, style in sections:
+        if not cs:
+            continue
+        t = Table(title=f"{title} ({len(cs)})", title_justify="left", title_style=style, show_edge=False)
+        for col in ("B key", "kind", "from A", *(["rule"] if has_rule else []), "count"):
+            t.add_column(col)
+        for key, kind, detail, rule, n in fold_correspondences((c.b, c.kind, c.detail, c.rule) for c in cs):
+            t.add_row(key, kind, detail, *([rule] if has_rule else []), f"x{n}" if n > 1 else "")
+        console.print(t)
+    if ex.a_left:
+        t = Table(title=f"A keys with no counterpart in B ({len(ex.a_left)})", title_justify="left", show_edge=False)
+        left_rule = any(d.rule for d in ex.a_left)
+        for col in ("A key", "kind", *(["rule"] if left_rule else []), "count"):
+            t.add_column(col)
+        for key, kind, detail, rule, n in fold_correspondences(
+            (d.a, d.kind, f"same values as A:{d.of}" if d.of else "", d.rule) for d in ex.a_left
+        ):
+            what = kind + (f" ({detail})" if detail else "")
+            t.add_row(key, what, *([rule] if left_rule else []), f"x{n}" if n > 1 else "")
+        console.print(t)
+
+
+# -- diff --spec -------------------------------------------------------------------------------
+
+
+def planned_checkpoint(spec: Any, a: Any, vars: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, str]]:
+    """What ``spec`` makes of the opened checkpoint ``a``, as a checkpoint whose tensors are
+    computed on demand (one at a time, nothing written), and the rule (file:line) behind each key.
+
+    Example::
+
+        >>> with open_checkpoint("model.pt") as a:
+        ...     planned, rule_of = planned_checkpoint("deltalm-fairseq-to-hf", a)
+        ...     rule_of["lm_head.weight"]
+        '.../deltalm-fairseq-to-hf.yaml:21'
+    """
+    from .apply import run_node
+    from .load.checkpoint import Checkpoint
+    from .plan import make_plan
+    from .spec import load_spec
+
+    sp = load_spec(spec, vars)
+    plan = make_plan(sp, a.metas.values(), a.tied_groups())
+    nodes = {o.name: o.node for o in plan.outputs}
+
+    rule_of = {
+        o.name: f"{o.rule.loc} ({o.rule.op})" if o.rule is not None else f"{sp.path}: kept unchanged" for o in plan.outputs
+    }
+
+    def read(k: str) -> np.ndarray:
+        return run_node(nodes[k], a.read)
+
+    metas = {o.name: o.meta for o in plan.outputs}
+    label = f"{sp.name} applied to {a.path}"
+    return Checkpoint(label, "planned", metas, read), rule_of
