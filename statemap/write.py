@@ -291,7 +291,7 @@ class _OutputLock:
                     fd = _try_lock(lp)
                 if fd is None:
                     raise OutputError(
-                        f"{f}: another statemap process{_holder(lp)} is writing it right now; nothing was replaced. "
+                        f"{f}: another statemap writer{_holder(lp)} is writing it right now; nothing was replaced. "
                         "Wait for it to finish, or write to another name"
                     )
                 self.held.append((lp, fd))
@@ -678,6 +678,22 @@ def _worker_init() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _spawning() -> Iterator[None]:
+    """Start worker (and multiprocessing's resource tracker) processes with SIGINT and SIGHUP blocked:
+    the mask survives exec, so Ctrl-C or a closed terminal, which signal the whole process group,
+    reach only the parent, which stops the workers and cleans up. Signals to the parent meanwhile
+    wait and arrive right after."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, [s for s in _BLOCK if s != signal.SIGTERM])
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _shard_task(job: tuple[Path, list[TensorMeta], list[int], dict[str, str], bool, Callable[[int], Any], int]) -> int:
     """Worker: write one shard to its reserved temporary file; return its data bytes.
 
@@ -731,7 +747,9 @@ def _write_safetensors_maybe_sharded(
         tmps = [stage.reserve(out.with_name(name)) for name in names]
         jobs = [(tmp, [metas[i] for i in idxs], idxs, md, fsync, get, os.getpid()) for tmp, idxs in zip(tmps, groups)]
         # spawn, not fork: a forked child can deadlock on locks held by the parent's threads
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(groups)), initializer=_worker_init) as pool:
+        with _spawning():
+            pool = multiprocessing.get_context("spawn").Pool(min(workers, len(groups)), initializer=_worker_init)
+        with pool:
             sizes = pool.map(_shard_task, jobs, chunksize=1)
         for tmp, idxs in zip(tmps, groups):  # re-read every shard header before anything is renamed
             got, _, _ = read_header(str(tmp))
