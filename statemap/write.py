@@ -283,12 +283,15 @@ class _OutputLock:
         try:
             for f in self.files:
                 lp = _lock_path(f)
-                fd = _try_lock(lp)
-                for _ in range(4):  # another run's sweep may hold it for a moment
-                    if fd is not None:
-                        break
-                    time.sleep(0.05)
+                try:
                     fd = _try_lock(lp)
+                    for _ in range(4):  # another run's sweep may hold it for a moment
+                        if fd is not None:
+                            break
+                        time.sleep(0.05)
+                        fd = _try_lock(lp)
+                except OSError as e:
+                    raise OutputError(f"{f}: cannot create files in {f.parent}: {e.strerror or e}") from None
                 if fd is None:
                     raise OutputError(
                         f"{f}: another statemap writer{_holder(lp)} is writing it right now; nothing was replaced. "
