@@ -18,7 +18,7 @@ from .report import Report
 from .spec import Spec, load_spec
 from .textsafe import short_repr
 from .verify import run_checks
-from .write import Written, check_resources, output_format, write_checkpoint
+from .write import Written, check_outputs, check_resources, output_files, output_format, write_checkpoint
 
 
 def _version() -> str:
@@ -289,14 +289,17 @@ def convert(
             report.output = os.fspath(dst)
         if not report.dry_run:
             assert dst is not None
-            report.assumptions = run_checks(plan, ck.read)
             outs = _to_write(spec, plan, tied)
-            metadata = provenance(spec, ck.path)
             streaming = output_format(dst) == "safetensors"
-            get = _Producer(spec, ck.path, tied) if streaming and workers > 1 else None
-
+            inputs = _inputs(ck, spec, expect, config)
+            # the cheap checks first: every output file, free space, memory (write_checkpoint repeats
+            # the file checks under its lock); then assumptions that read tensors; then writing
+            check_outputs(output_files(dst, [o.meta for o in outs], max_shard_size), inputs, force)
             in_memory = [o.meta for o in outs if not streaming or byte_segments(o.node, ck.locations) is None]
             check_resources(Path(dst), [o.meta for o in outs], in_memory, together=not streaming)
+            report.assumptions = run_checks(plan, ck.read)
+            metadata = provenance(spec, ck.path)
+            get = _Producer(spec, ck.path, tied) if streaming and workers > 1 else None
             produced = execute_streaming(outs, ck.read, ck.locations) if streaming else execute(outs, ck.read)
             written: Written = write_checkpoint(
                 dst,
@@ -305,7 +308,7 @@ def convert(
                 metadata=metadata,
                 max_shard_size=max_shard_size,
                 ties=plan.ties,
-                inputs=_inputs(ck, spec, expect, config),
+                inputs=inputs,
                 force=force,
                 on_tensor=on_tensor,
                 fsync=fsync,
