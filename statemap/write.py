@@ -329,14 +329,17 @@ class _OutputLock:
                 stale.setdefault(e.name[1 : -len(LOCK_SUFFIX)], [])
         removed: list[Path] = []
         for name, temps in stale.items():
-            temps = [t for t in temps if not keep.holds(t) and t.is_file() and not t.is_symlink()]
+            temps = [t for t in temps if not keep.holds(t) and t.is_file() and not t.is_symlink() and not _alive(t)]
             if name in mine:
                 removed += _remove(temps)
                 continue
             lp = folder / f".{name}{LOCK_SUFFIX}"
             if keep.holds(lp):
                 continue
-            fd = _try_lock(lp)
+            try:
+                fd = _try_lock(lp)
+            except (OSError, OutputError):  # e.g. the lock name is a symlink: not ours to clean
+                continue
             if fd is None:
                 continue  # a live writer: leave its files alone
             try:
@@ -344,6 +347,28 @@ class _OutputLock:
             finally:
                 _unlock(lp, fd)
         return removed
+
+
+def _alive(tmp: Path) -> bool:
+    """Whether the process named in a temporary file's name still runs (another one than this).
+
+    Belt and braces next to the lock: a file whose writer is alive is never removed, so a pid that
+    was reused keeps a stale file until that process ends."""
+    if os.name != "posix":
+        return True  # no harmless liveness test there (os.kill would end the process): keep the file
+    m = TMP_RE.fullmatch(tmp.name)
+    if m is None:
+        return False
+    pid = int(m.group("pid"))
+    if pid == os.getpid() or pid <= 0 or pid > 1 << 22:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _remove(paths: Iterable[Path]) -> list[Path]:

@@ -185,13 +185,17 @@ def test_stale_temporary_files_are_removed_but_not_a_live_writers(tmp_path, caps
     live_tmp.write_bytes(b"being written")
     fd = os.open(out / ".busy.safetensors.statemap.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # a live writer of busy.safetensors
+    alive = out / f".gone.safetensors.statemap-{os.getppid()}-beef.tmp"  # lock free, but its process runs: kept
+    alive.write_bytes(b"?")
     keep = out / "notes.tmp"
     keep.write_text("not ours")
     try:
         assert run(capsys, "apply", spec, src, out / "o.safetensors")[0] == 0
     finally:
         os.close(fd)
-    assert sorted(os.listdir(out)) == sorted(["o.safetensors", live_tmp.name, ".busy.safetensors.statemap.lock", "notes.tmp"])
+    assert sorted(os.listdir(out)) == sorted(
+        ["o.safetensors", live_tmp.name, ".busy.safetensors.statemap.lock", alive.name, "notes.tmp"]
+    )
 
 
 def test_a_second_writer_in_the_same_process_is_refused(tmp_path):
