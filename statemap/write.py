@@ -694,16 +694,30 @@ def shard_groups(metas: Sequence[TensorMeta], limit: int) -> list[list[int]]:
     return groups
 
 
-def _worker_init() -> None:
+_WRITING: list[Path] = []  # in a worker: the temporary file it is writing now
+
+
+def _worker_init(parent: int) -> None:
     """Workers leave signals to the parent: Ctrl-C (SIGINT to the whole process group) and SIGHUP
     are ignored, so they print no traceback; the parent stops them with SIGTERM (Pool.terminate),
-    which kills them, and then removes every temporary file."""
+    which kills them, and then removes every temporary file. A worker whose parent is gone (killed
+    by SIGKILL) removes the file it is writing and exits at once, silently (a write to the dead
+    parent's pipe ends it by SIGPIPE instead of a traceback)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    for name, action in (("SIGHUP", signal.SIG_IGN), ("SIGXFSZ", signal.SIG_IGN), ("SIGPIPE", signal.SIG_DFL)):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), action)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        for tmp in list(_WRITING):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="statemap-parent-watch", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -715,8 +729,14 @@ def _spawning() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, [s for s in _BLOCK if s != signal.SIGTERM])
+    hold = [s for s in _BLOCK if s != signal.SIGTERM]
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, hold)
     try:
+        with contextlib.suppress(Exception):
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()  # starting it unblocks SIGINT in this thread: block it again
+        signal.pthread_sigmask(signal.SIG_BLOCK, hold)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -729,6 +749,7 @@ def _shard_task(job: tuple[Path, list[TensorMeta], list[int], dict[str, str], bo
     tmp, metas, idxs, md, fsync, get, parent = job
     total = 0
     fds: dict[str, int] = {}
+    _WRITING[:] = [tmp]
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         with _FullWriter(fd) as f:
@@ -745,6 +766,7 @@ def _shard_task(job: tuple[Path, list[TensorMeta], list[int], dict[str, str], bo
                 tmp.unlink()
         raise
     finally:
+        _WRITING.clear()
         for fd in fds.values():
             os.close(fd)
     return total
@@ -776,7 +798,9 @@ def _write_safetensors_maybe_sharded(
         jobs = [(tmp, [metas[i] for i in idxs], idxs, md, fsync, get, os.getpid()) for tmp, idxs in zip(tmps, groups)]
         # spawn, not fork: a forked child can deadlock on locks held by the parent's threads
         with _spawning():
-            pool = multiprocessing.get_context("spawn").Pool(min(workers, len(groups)), initializer=_worker_init)
+            pool = multiprocessing.get_context("spawn").Pool(
+                min(workers, len(groups)), initializer=_worker_init, initargs=(os.getpid(),)
+            )
         with pool:
             sizes = pool.map(_shard_task, jobs, chunksize=1)
         for tmp, idxs in zip(tmps, groups):  # re-read every shard header before anything is renamed

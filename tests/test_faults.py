@@ -3,9 +3,10 @@ process (through the CLI), stopped mid-write; afterwards no partial or temporary
 (after SIGKILL: until the next run, which removes them), the inputs are byte-identical, and a
 rerun writes the right tensors.
 
-"Mid-write" is made deterministic by the child script below: it wraps the writer's per-tensor
-copy so that, right after tensor ``t4`` was written to its temporary file, it prints ``HALFWAY``
-and waits (in the parent process, or in a ``--workers`` process). No hook exists in the package.
+"Mid-write" is made deterministic by the child script below: it wraps ``statemap.apply.produce``
+so that, before output tensor ``layer.4.w`` is produced (``layer.0..3.w`` are in the temporary
+file already), it prints ``HALFWAY`` and waits (in the parent process, or in a ``--workers``
+process). No hook exists in the package.
 """
 
 from __future__ import annotations
@@ -26,23 +27,25 @@ from statemap.cli import main
 
 CHILD = """
 import os, sys, time
-import statemap.write as w
+import statemap.api
+import statemap.apply
 
-_real = w._write_all
+_real = statemap.apply.produce
 
 
-def _paused(f, a, want, fds=None):
-    n = _real(f, a, want, fds)
-    if want.name == os.environ.get("STATEMAP_TEST_PAUSE_AT"):
+def _paused(out, *args, **kwargs):
+    if out.name == os.environ.get("STATEMAP_TEST_PAUSE_AT"):
         print("HALFWAY", flush=True)
         if os.environ.get("STATEMAP_TEST_RESUME") == "stdin":
             sys.stdin.readline()
         else:
             time.sleep(60)
-    return n
+    return _real(out, *args, **kwargs)
 
 
-w._write_all = _paused  # also in --workers processes: spawn imports this file as __mp_main__
+# before the output tensor named STATEMAP_TEST_PAUSE_AT is produced (the ones before it are in the
+# temporary file already), in the parent and in --workers processes (spawn imports this file as __mp_main__)
+statemap.apply.produce = statemap.api.produce = _paused
 
 if __name__ == "__main__":
     import resource
@@ -114,6 +117,19 @@ def _stop_group(p: subprocess.Popen) -> None:
     p.log.close()  # type: ignore[attr-defined]
 
 
+def _group_running(pgid: int) -> list[int]:
+    """Processes of a process group that still run (zombies waiting for a reaper do not count)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def _leftovers(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if ".statemap" in p.name)
 
@@ -145,6 +161,11 @@ def test_signal_mid_write_leaves_nothing_and_a_rerun_works(tmp_path, capsys, mod
         else:  # kill PID
             p.send_signal(getattr(signal, sig))
         code = p.wait(timeout=20)
+        if sig == "SIGKILL" and mode == "workers" and Path("/proc/self/stat").exists():
+            deadline = time.monotonic() + 10  # orphaned workers notice their parent is gone and exit
+            while _group_running(p.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _group_running(p.pid) == []
         log = _output(p)
     finally:
         _stop_group(p)
@@ -193,7 +214,15 @@ def test_disk_full_every_format_clean_error_nothing_left(tmp_path, capsys, fmt):
     (tmp_path / "child.py").write_text(CHILD)
     before = _snapshot(src_dir)
     name, extra = FORMATS[fmt]
-    p = _start(tmp_path, "apply", spec, src, out_dir / name, *extra, env={"STATEMAP_TEST_FSIZE": str(96 << 10)})
+    p = _start(
+        tmp_path,
+        "apply",
+        spec,
+        src,
+        out_dir / name,
+        *extra,
+        env={"STATEMAP_TEST_FSIZE": str(96 << 10), "STATEMAP_TEST_PAUSE_AT": ""},
+    )
     try:
         code = p.wait(timeout=60)
         log = _output(p)
