@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .apply import execute, execute_streaming, produce
+from .apply import byte_segments, execute, execute_streaming, produce
 from .errors import CheckpointError, StatemapError
 from .load import Checkpoint, from_state_dict, open_checkpoint
 from .meta import TensorMeta
@@ -18,7 +18,7 @@ from .report import Report
 from .spec import Spec, load_spec
 from .textsafe import short_repr
 from .verify import run_checks
-from .write import Written, output_format, write_checkpoint
+from .write import Written, check_outputs, check_resources, output_files, output_format, write_checkpoint
 
 
 def _version() -> str:
@@ -27,18 +27,59 @@ def _version() -> str:
     return __version__
 
 
+MAX_EXPECT_DIMS = 64
+
+
+def _expect_meta(label: str, k: Any, v: Any) -> TensorMeta:
+    """One entry of an expected key listing, checked: a shape list of non-negative ints, a known dtype."""
+    if not isinstance(k, str):
+        raise CheckpointError(f"{label}: key {short_repr(k, 80)} must be a string")
+    shape, dt = (v.get("shape"), v.get("dtype", "")) if isinstance(v, Mapping) else (v, "")
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) > MAX_EXPECT_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 62 for d in shape)
+    ):
+        raise CheckpointError(
+            f"{label}: entry {short_repr(k, 80)}: shape must be a list of at most {MAX_EXPECT_DIMS} non-negative "
+            f"integers, got {short_repr(shape, 80)}; write e.g. {{{short_repr(k, 80)}: [768, 768]}}"
+        )
+    if dt is None or dt == "":
+        dt = ""
+    elif isinstance(dt, str) and len(dt) <= 64:
+        from .dtypes import dtype as lookup_dtype
+
+        try:
+            dt = lookup_dtype(dt).name
+        except StatemapError as e:
+            raise CheckpointError(f"{label}: entry {short_repr(k, 80)}: {e}") from None
+    else:
+        raise CheckpointError(f"{label}: entry {short_repr(k, 80)}: dtype must be a name like float32, got {short_repr(dt, 80)}")
+    return TensorMeta(k, tuple(shape), dt)
+
+
 def load_expect(
     ref: str | os.PathLike[str] | Mapping[str, Any], config: str | os.PathLike[str] | None = None
 ) -> tuple[dict[str, TensorMeta], str]:
     """An expected target layout: a checkpoint file, a JSON/YAML listing ``{key: shape}``, a dict,
-    or ``hf:ClassName`` with ``config`` (built on the meta device: no weights, no download)."""
+    or ``hf:ClassName`` with ``config`` (built on the meta device: no weights, no download).
+
+    A listing is checked whole (shapes are lists of non-negative ints, dtypes known) before any
+    output is written, so a bad listing fails with one error and nothing to clean up.
+
+    Example::
+
+        >>> load_expect({"lm_head.weight": [50257, 768]})[0]["lm_head.weight"].shape
+        (50257, 768)
+    """
     from .load.hf_meta import hf_layout, is_hf_target
 
     if is_hf_target(ref):
         ck = hf_layout(str(ref), config)
         return dict(ck.metas), ck.path
     if isinstance(ref, Mapping):
-        return {k: TensorMeta(k, tuple(v), "") for k, v in ref.items()}, "the spec's expect list"
+        label = "the spec's expect list"
+        return {str(k): _expect_meta(label, k, v) for k, v in ref.items()}, label
     p = Path(ref)
     if p.suffix in (".json", ".yaml", ".yml") and not p.name.endswith(".index.json"):
         try:
@@ -51,18 +92,17 @@ def load_expect(
         except StatemapError:
             raise
         except Exception as e:
-            raise CheckpointError(f"{p}: cannot read expected key listing: {e}") from None
+            raise CheckpointError(f"{p}: cannot read expected key listing: {str(e)[:200]}") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{p}: expected key listing must map key -> shape (or {{shape, dtype}})")
         out = {}
         for k, v in data.items():
-            shape = v.get("shape", []) if isinstance(v, dict) else v
-            if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            if not isinstance(v, (dict, list)):
                 raise CheckpointError(
                     f"{p}: entry {short_repr(k, 80)} must be a shape (a list of non-negative integers) or {{shape, dtype}}, "
                     f"got {short_repr(v, 80)}"
                 )
-            out[str(k)] = TensorMeta(str(k), tuple(shape), str(v.get("dtype", "")) if isinstance(v, dict) else "")
+            out[str(k)] = _expect_meta(str(p), k, v)
         return out, str(p)
     with open_checkpoint(p) as ck:
         return dict(ck.metas), str(p)
@@ -188,6 +228,13 @@ class _Producer:
         return produce(outs[i], ck.read, ck.locations)
 
 
+def _inputs(ck: Checkpoint, spec: Spec, expect: Any, config: Any) -> list[str]:
+    """Every file a conversion reads: none of them may be an output, not even with ``force``."""
+    files = [ck.path, spec.path, *sorted({loc.file for loc in ck.locations.values()})]
+    files += [os.fspath(r) for r in (expect, config) if isinstance(r, (str, os.PathLike)) and not str(r).startswith("hf:")]
+    return files
+
+
 def convert(
     spec: Any,
     src: str | os.PathLike[str],
@@ -242,12 +289,17 @@ def convert(
             report.output = os.fspath(dst)
         if not report.dry_run:
             assert dst is not None
-            report.assumptions = run_checks(plan, ck.read)
             outs = _to_write(spec, plan, tied)
-            metadata = provenance(spec, ck.path)
             streaming = output_format(dst) == "safetensors"
+            inputs = _inputs(ck, spec, expect, config)
+            # the cheap checks first: every output file, free space, memory (write_checkpoint repeats
+            # the file checks under its lock); then assumptions that read tensors; then writing
+            check_outputs(output_files(dst, [o.meta for o in outs], max_shard_size), inputs, force)
+            in_memory = [o.meta for o in outs if not streaming or byte_segments(o.node, ck.locations) is None]
+            check_resources(Path(dst), [o.meta for o in outs], in_memory, together=not streaming)
+            report.assumptions = run_checks(plan, ck.read)
+            metadata = provenance(spec, ck.path)
             get = _Producer(spec, ck.path, tied) if streaming and workers > 1 else None
-
             produced = execute_streaming(outs, ck.read, ck.locations) if streaming else execute(outs, ck.read)
             written: Written = write_checkpoint(
                 dst,
@@ -256,7 +308,7 @@ def convert(
                 metadata=metadata,
                 max_shard_size=max_shard_size,
                 ties=plan.ties,
-                inputs=[ck.path, spec.path],
+                inputs=inputs,
                 force=force,
                 on_tensor=on_tensor,
                 fsync=fsync,

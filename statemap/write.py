@@ -1,8 +1,14 @@
-"""write: stream planned tensors into safetensors (single or sharded) or a torch .pt file.
+"""write: stream planned tensors into safetensors (single or sharded), a torch .pt or a Flax .msgpack file.
 
-Every file is written to a temporary name in the target folder, flushed and fsynced,
-its header re-read and checked against the plan, and only then renamed into place. On any
-failure (an exception, Ctrl-C, SIGTERM) the temporary files are removed: no partial output.
+Before a byte is written, every file the write creates (the file, or each shard and the index) is
+checked against the inputs (by device and inode) and against existing files, and the tensors
+against free disk space and memory. Each output name is locked while it is written, so a second
+concurrent writer fails instead of replacing the first one's work. Every file is written to a
+temporary name in the target folder (``.NAME.statemap-PID-RANDOM.tmp``), flushed and fsynced,
+its header re-read and checked against the plan, and only then published (without ``force``, by
+``link``, which never replaces a file that appeared meanwhile). On any failure (an exception,
+disk full, Ctrl-C, SIGTERM, SIGHUP) the temporary files are removed: no partial output. Temporary
+files of a writer that was killed (SIGKILL) are removed by the next write into that folder.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,47 +68,365 @@ def parse_size(text: str | int | None) -> int | None:
     return int(float(m.group(1)) * base**power)
 
 
-def check_output(path: str | os.PathLike[str], inputs: Sequence[str], force: bool) -> Path:
+# -- what an apply will create, checked before anything is written --------------------------------
+
+TMP_RE = re.compile(r"\.(?P<name>.+)\.statemap-(?P<pid>\d+)-[0-9A-Za-z]+\.tmp")
+LOCK_SUFFIX = ".statemap.lock"
+MAX_INPUT_INDEX = 64 << 20  # an input index larger than this is not parsed for its shard names
+
+
+def output_files(
+    path: str | os.PathLike[str], metas: Sequence[TensorMeta], max_shard_size: int | str | None = None
+) -> list[Path]:
+    """Every file a write of ``metas`` to ``path`` creates: the file, or each shard and the index.
+
+    Example::
+
+        >>> [p.name for p in output_files("model.safetensors", metas, "5GB")]   # 12 GB of tensors
+        ['model-00001-of-00003.safetensors', 'model-00002-of-00003.safetensors', 'model-00003-of-00003.safetensors',
+         'model.safetensors.index.json']
+    """
     out = Path(path)
+    limit = parse_size(max_shard_size)
+    if not limit or output_format(out) != "safetensors" or sum(m.nbytes for m in metas) <= limit:
+        return [out]
+    return [out.with_name(name) for name in _shard_names(out, len(shard_groups(metas, limit)))] + [_index_path(out)]
+
+
+def _shard_names(out: Path, n: int) -> list[str]:
+    stem = out.name[: -len(".safetensors")]
+    return [f"{stem}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+
+
+def _index_path(out: Path) -> Path:
+    return out.with_name(out.name + ".index.json")
+
+
+def _input_files(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The inputs, plus every shard an input ``*.index.json`` names (those are inputs too)."""
+    files: list[Path] = []
     for src in inputs:
+        p = Path(src)
+        files.append(p)
+        if p.name.endswith(".index.json"):
+            with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
+                if p.is_file() and p.stat().st_size <= MAX_INPUT_INDEX:
+                    wm = json.loads(p.read_text(encoding="utf-8")).get("weight_map")
+                    if isinstance(wm, dict):
+                        files += [p.parent / s for s in sorted({s for s in wm.values() if isinstance(s, str) and s})]
+    return files
+
+
+class _Inputs:
+    """Inputs known by real identity (device + inode) as well as by resolved path."""
+
+    def __init__(self, inputs: Sequence[str | os.PathLike[str]]) -> None:
+        self.ids: set[tuple[int, int]] = set()
+        self.paths: set[Path] = set()
+        for p in _input_files(inputs):
+            with contextlib.suppress(OSError, ValueError):
+                self.paths.add(p.resolve())
+                st = os.stat(p)
+                self.ids.add((st.st_dev, st.st_ino))
+
+    def holds(self, f: Path) -> bool:
         try:
-            if Path(src).exists() and out.exists() and os.path.samefile(src, out):
-                raise OutputError(f"{out}: is an input; statemap never writes over its inputs")
+            if f.resolve() in self.paths:
+                return True
+            st = os.stat(f)
+        except (OSError, ValueError):
+            return False
+        return (st.st_dev, st.st_ino) in self.ids
+
+
+def check_outputs(files: Sequence[Path], inputs: Sequence[str | os.PathLike[str]], force: bool) -> None:
+    """Refuse, before anything is written, to create any of ``files`` over an input (never, even with
+    ``force``), over an existing file (only with ``force``), as a directory, or in a missing folder."""
+    known = _Inputs(inputs)
+    for f in files:
+        if known.holds(f):
+            raise OutputError(
+                f"{f}: is an input; statemap never writes over its inputs (not even with --force); "
+                "name another output file or folder"
+            )
+        if f.is_dir():
+            raise OutputError(f"{f}: is a directory; name an output file")
+        if not f.parent.is_dir():
+            raise OutputError(f"{f.parent}: output folder does not exist")
+        if os.path.lexists(f) and not force:
+            raise OutputError(f"{f}: already exists; pass --force (force=True) to replace it")
+
+
+def check_output(path: str | os.PathLike[str], inputs: Sequence[str], force: bool) -> Path:
+    """:func:`check_outputs` for one file."""
+    check_outputs([Path(path)], inputs, force)
+    return Path(path)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def memory_budget() -> int | None:
+    """Bytes this process may allocate: physical memory, lowered by any address-space / data limit."""
+    limits = []
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    with contextlib.suppress(ImportError, AttributeError, ValueError, OSError):
+        import resource
+
+        for r in (resource.RLIMIT_AS, getattr(resource, "RLIMIT_DATA", resource.RLIMIT_AS)):
+            soft = resource.getrlimit(r)[0]
+            if soft != resource.RLIM_INFINITY and soft > 0:
+                limits.append(soft)
+    return min(limits) if limits else None
+
+
+def check_resources(out: Path, metas: Sequence[TensorMeta], in_memory: Iterable[TensorMeta], *, together: bool) -> None:
+    """Refuse, before anything is allocated or written, an output that cannot fit: all tensors
+    against the free space of the output folder, the tensors computed in memory against
+    :func:`memory_budget` (each one, or all ``together`` for formats built whole in memory)."""
+    need = sum(m.nbytes for m in metas)
+    with contextlib.suppress(OSError, AttributeError):
+        st = os.statvfs(out.parent)
+        free = st.f_bavail * st.f_frsize
+        if need > free:
+            raise OutputError(
+                f"{out}: the output needs {_fmt_bytes(need)} but only {_fmt_bytes(free)} is free in {out.parent}; "
+                "nothing was written"
+            )
+    budget = memory_budget()
+    if budget is None:
+        return
+    mem = list(in_memory)
+    if together and sum(m.nbytes for m in mem) > budget:
+        raise OutputError(
+            f"{out}: this format is built in memory and needs {_fmt_bytes(sum(m.nbytes for m in mem))}, "
+            f"more than the {_fmt_bytes(budget)} this process may use; write .safetensors instead (streamed)"
+        )
+    for m in mem:
+        if m.nbytes > budget:
+            raise OutputError(
+                f"{out}: tensor {m.name!r} {list(m.shape)} would take {_fmt_bytes(m.nbytes)} in memory, "
+                f"more than the {_fmt_bytes(budget)} this process may use; check the spec's shapes"
+            )
+
+
+# -- exclusive publication -----------------------------------------------------------------------
+
+
+def _lock_path(f: Path) -> Path:
+    return f.with_name(f".{f.name}{LOCK_SUFFIX}")
+
+
+def _try_lock(lp: Path) -> int | None:
+    """An fd holding an exclusive lock on ``lp``, or None when another process holds it.
+
+    The kernel drops the lock when its holder dies (even by SIGKILL), so a lock is never stale.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the lock file's existence is the lock
+        try:
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return None
+        os.write(fd, str(os.getpid()).encode())
+        return fd
+    for _ in range(20):
+        fd = os.open(lp, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the holder before us may have removed the file we opened: lock the one that is there
+            same = os.path.samestat(os.fstat(fd), os.lstat(lp))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return fd
+        os.close(fd)
+    raise OutputError(f"{lp}: cannot take the output lock (it keeps being replaced)")
+
+
+def _unlock(lp: Path, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        lp.unlink()  # before closing: nobody can lock this file once it is gone from the folder
+    os.close(fd)
+
+
+def _holder(lp: Path) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(lp.read_text()[:20] or "x")
+        return f" (pid {pid})"
+    return ""
+
+
+class _OutputLock:
+    """One lock per output file (``.NAME.statemap.lock`` beside it), held while writing and publishing."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self.files = sorted(set(files))
+        self.held: list[tuple[Path, int]] = []
+
+    def __enter__(self) -> _OutputLock:
+        try:
+            for f in self.files:
+                lp = _lock_path(f)
+                try:
+                    fd = _try_lock(lp)
+                    for _ in range(4):  # another run's sweep may hold it for a moment
+                        if fd is not None:
+                            break
+                        time.sleep(0.05)
+                        fd = _try_lock(lp)
+                except OSError as e:
+                    raise OutputError(f"{f}: cannot create files in {f.parent}: {e.strerror or e}") from None
+                if fd is None:
+                    raise OutputError(
+                        f"{f}: another statemap writer{_holder(lp)} is writing it right now; nothing was replaced. "
+                        "Wait for it to finish, or write to another name"
+                    )
+                self.held.append((lp, fd))
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        while self.held:
+            _unlock(*self.held.pop())
+
+    def sweep(self, folder: Path, keep: _Inputs) -> list[Path]:
+        """Remove temporary and lock files that a dead writer (SIGKILL, power loss) left in ``folder``.
+
+        A temp file belongs to the writer holding the lock of its output name; when that lock is free
+        (or ours), nobody is writing it: the file is stale. Never touches an input."""
+        mine = {f.name for f in self.files}
+        stale: dict[str, list[Path]] = {}
+        try:
+            entries = list(os.scandir(folder))
         except OSError:
-            pass
-        if Path(src).resolve() == out.resolve():
-            raise OutputError(f"{out}: is an input; statemap never writes over its inputs")
-    if out.exists() and not force:
-        raise OutputError(f"{out}: already exists; pass --force (force=True) to replace it")
-    if out.is_dir():
-        raise OutputError(f"{out}: is a directory; name an output file")
-    if not out.parent.exists():
-        raise OutputError(f"{out.parent}: output folder does not exist")
-    return out
+            return []
+        for e in entries:
+            m = TMP_RE.fullmatch(e.name)
+            if m:
+                stale.setdefault(m.group("name"), []).append(Path(e.path))
+            elif e.name.startswith(".") and e.name.endswith(LOCK_SUFFIX) and len(e.name) > len(LOCK_SUFFIX) + 1:
+                stale.setdefault(e.name[1 : -len(LOCK_SUFFIX)], [])
+        removed: list[Path] = []
+        for name, temps in stale.items():
+            temps = [t for t in temps if not keep.holds(t) and t.is_file() and not t.is_symlink() and not _alive(t)]
+            if name in mine:
+                removed += _remove(temps)
+                continue
+            lp = folder / f".{name}{LOCK_SUFFIX}"
+            if keep.holds(lp):
+                continue
+            try:
+                fd = _try_lock(lp)
+            except (OSError, OutputError):  # e.g. the lock name is a symlink: not ours to clean
+                continue
+            if fd is None:
+                continue  # a live writer: leave its files alone
+            try:
+                removed += _remove(temps)
+            finally:
+                _unlock(lp, fd)
+        return removed
 
 
-# -- atomic files --------------------------------------------------------------------------
+def _alive(tmp: Path) -> bool:
+    """Whether the process named in a temporary file's name still runs (another one than this).
+
+    Belt and braces next to the lock: a file whose writer is alive is never removed, so a pid that
+    was reused keeps a stale file until that process ends."""
+    if os.name != "posix":
+        return True  # no harmless liveness test there (os.kill would end the process): keep the file
+    m = TMP_RE.fullmatch(tmp.name)
+    if m is None:
+        return False
+    pid = int(m.group("pid"))
+    if pid == os.getpid() or pid <= 0 or pid > 1 << 22:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _remove(paths: Iterable[Path]) -> list[Path]:
+    done = []
+    for p in paths:
+        with contextlib.suppress(OSError):
+            p.unlink()
+            done.append(p)
+    return done
 
 
 class _Staging:
     """Temporary files that become real only when every one of them is complete."""
 
-    def __init__(self) -> None:
+    def __init__(self, force: bool = False) -> None:
+        self.force = force
         self.pending: list[tuple[Path, Path]] = []
 
     def reserve(self, final: Path) -> Path:
-        """A temporary name for ``final``, removed on abort, renamed on commit."""
-        tmp = final.with_name(f".{final.name}.statemap-{os.getpid()}-{threading.get_ident() % 100000}.tmp")
+        """A temporary name for ``final`` (``.NAME.statemap-PID-RANDOM.tmp``), removed on abort, published on commit."""
+        tmp = final.with_name(f".{final.name}.statemap-{os.getpid()}-{os.urandom(4).hex()}.tmp")
         self.pending.append((tmp, final))
         return tmp
 
     def open(self, final: Path) -> tuple[Path, Any]:
         tmp = self.reserve(final)
-        return tmp, open(tmp, "wb", buffering=0)  # unbuffered: byte-range copies use the fd directly
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        return tmp, _FullWriter(fd)
 
     def commit(self) -> None:
-        for tmp, final in self.pending:
-            os.replace(tmp, final)
+        """Publish every file (in order: shards, then the index). Without ``force`` a file that
+        appeared meanwhile is never replaced: ``link`` fails if the name exists."""
+        published: list[Path] = []
+        try:
+            for tmp, final in self.pending:
+                if self.force:
+                    os.replace(tmp, final)
+                    continue
+                try:
+                    os.link(tmp, final)
+                except FileExistsError:
+                    raise OutputError(
+                        f"{final}: appeared while statemap was writing; not replaced (pass --force to replace it)"
+                    ) from None
+                except OSError as e:  # a filesystem without hard links: check, then rename
+                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                        raise
+                    if os.path.lexists(final):
+                        raise OutputError(f"{final}: appeared while statemap was writing; not replaced") from None
+                    os.replace(tmp, final)
+                else:
+                    published.append(final)
+                    os.unlink(tmp)
+        except BaseException:
+            for f in published:  # take back what this run published (without --force it was new)
+                with contextlib.suppress(OSError):
+                    f.unlink()
+            raise
         if self.pending:
             _fsync_dir(self.pending[0][1].parent)
         self.pending.clear()
@@ -113,6 +438,41 @@ class _Staging:
         self.pending.clear()
 
 
+class _FullWriter:
+    """An unbuffered file that writes every byte or raises (a raw ``write`` may stop short at a size limit)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data: Any) -> int:
+        return _write_fully(self.fd, data)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> _FullWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_fully(fd: int, data: Any) -> int:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        k = os.write(fd, view[done : done + (1 << 30)])
+        if k <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        done += k
+    return done
+
+
 def _fsync_dir(d: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(d, os.O_RDONLY)
@@ -122,25 +482,46 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
+CATCH = ("SIGTERM", "SIGHUP")  # SIGINT is Python's KeyboardInterrupt already
+_BLOCK = [getattr(signal, s) for s in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, s)]
+
+
 @contextlib.contextmanager
-def _sigterm_as_exception() -> Iterator[None]:
-    """Turn SIGTERM into an exception while writing, so temporary files get removed."""
+def _signals_as_exceptions() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into an exception while writing, so temporary files get removed.
+
+    In the main thread only (Python runs signal handlers there); from other threads the caller's
+    own handling applies."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise OutputError("interrupted by SIGTERM; partial output removed")
+        raise OutputError(f"interrupted by {signal.Signals(signum).name}; partial output removed")
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {s: signal.signal(getattr(signal, s), handler) for s in CATCH if hasattr(signal, s)}
     # a file-size limit (ulimit -f) would kill the process mid-write; make it an EFBIG error instead
     old_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN) if hasattr(signal, "SIGXFSZ") else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(getattr(signal, s), h)
         if old_xfsz is not None:
             signal.signal(signal.SIGXFSZ, old_xfsz)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Defer SIGINT / SIGTERM / SIGHUP while publishing or cleaning up, so neither stops half-way."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCK)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _copy_range(fd_out: int, src: str, offset: int, n: int, fds: dict[str, int]) -> None:
@@ -190,7 +571,6 @@ def _write_all(f: Any, a: Any, want: TensorMeta, fds: dict[str, int] | None = No
 
 
 # -- safetensors ---------------------------------------------------------------------------
-# the header encoding lives with the format's reader: statemap/load/safetensors_format.py
 
 
 def _write_safetensors(
@@ -225,7 +605,7 @@ def write_checkpoint(
     metadata: dict[str, str] | None = None,
     max_shard_size: int | str | None = None,
     ties: Sequence[Sequence[str]] = (),
-    inputs: Sequence[str] = (),
+    inputs: Sequence[str | os.PathLike[str]] = (),
     force: bool = False,
     on_tensor: Callable[[TensorMeta], None] | None = None,
     fsync: bool = True,
@@ -233,6 +613,12 @@ def write_checkpoint(
     get: Callable[[int], Any] | None = None,
 ) -> Written:
     """Write tensors, given in the order of ``metas``, atomically to ``path``.
+
+    Before anything is written, every file this write creates (the file, or each shard and the
+    index) is checked: never one of ``inputs`` (compared by device and inode; the shards an input
+    index names count as inputs), an existing file only with ``force``; the tensors must fit the
+    free disk space. Each output name is locked (``.NAME.statemap.lock``) so a second writer fails
+    instead of replacing the first one's files; temporary files a killed writer left are removed.
 
     ``ties``: groups of names that are one tensor. In a .pt output they share storage;
     for safetensors the caller decides (clone: all listed in ``metas``; dedupe: only one).
@@ -246,9 +632,14 @@ def write_checkpoint(
         >>> write_checkpoint("out.safetensors", [TensorMeta("w", (2,), "float32")], [np.zeros(2, "f4")])
     """
     fmt = output_format(path)
-    out = check_output(path, inputs, force)
+    out = Path(path)
     limit = parse_size(max_shard_size)
-    stage = _Staging()
+    if fmt != "safetensors" and limit:
+        raise OutputError(f"{out}: sharding is supported for safetensors outputs only")
+    files = output_files(out, metas, limit)
+    check_outputs(files, inputs, force)
+    check_resources(out, metas, metas if fmt != "safetensors" else (), together=True)
+    stage = _Staging(force)
     it = iter(arrays)
 
     def counted() -> Iterator[np.ndarray]:
@@ -261,26 +652,33 @@ def write_checkpoint(
                 on_tensor(m)
             yield a
 
-    try:
-        with _sigterm_as_exception():
-            if fmt != "safetensors" and limit:
-                raise OutputError(f"{out}: sharding is supported for safetensors outputs only")
+    with _signals_as_exceptions(), _OutputLock(files) as lock:
+        lock.sweep(out.parent, _Inputs(inputs))
+        check_outputs(files, inputs, force)  # again, under the lock: another writer may have just finished
+        try:
             if fmt == "torch":
-                files, nbytes = _write_torch(out, stage, metas, counted(), ties)
+                nbytes = _write_torch(out, stage, metas, counted(), ties)
             elif fmt == "flax":
-                files, nbytes = _write_flax(out, stage, metas, counted(), fsync)
+                nbytes = _write_flax(out, stage, metas, counted(), fsync)
             else:
-                files, nbytes = _write_safetensors_maybe_sharded(
+                nbytes = _write_safetensors_maybe_sharded(
                     out, stage, metas, counted(), metadata or {}, limit, fsync, workers, get
                 )
-            stage.commit()
-    except OSError as e:
-        stage.abort()
-        raise OutputError(f"{out}: write failed: {e.strerror or e}; no output left behind") from None
-    except BaseException:
-        stage.abort()
-        raise
-    return Written(tuple(files), len(metas), nbytes)
+            with _signals_held():
+                stage.commit()
+        except OSError as e:
+            with _signals_held():
+                stage.abort()
+            raise OutputError(f"{out}: write failed: {e.strerror or e}; no output left behind") from None
+        except MemoryError:
+            with _signals_held():
+                stage.abort()
+            raise OutputError(f"{out}: out of memory while producing the output; no output left behind") from None
+        except BaseException:
+            with _signals_held():
+                stage.abort()
+            raise
+    return Written(tuple(str(f) for f in files), len(metas), nbytes)
 
 
 def shard_groups(metas: Sequence[TensorMeta], limit: int) -> list[list[int]]:
@@ -296,26 +694,79 @@ def shard_groups(metas: Sequence[TensorMeta], limit: int) -> list[list[int]]:
     return groups
 
 
-def _worker_init() -> None:
-    """Workers die on SIGTERM (Pool.terminate) instead of running the parent's handler."""
+_WRITING: list[Path] = []  # in a worker: the temporary file it is writing now
+
+
+def _worker_init(parent: int) -> None:
+    """Workers leave signals to the parent: Ctrl-C (SIGINT to the whole process group) and SIGHUP
+    are ignored, so they print no traceback; the parent stops them with SIGTERM (Pool.terminate),
+    which kills them, and then removes every temporary file. A worker whose parent is gone (killed
+    by SIGKILL) removes the file it is writing and exits at once, silently (a write to the dead
+    parent's pipe ends it by SIGPIPE instead of a traceback)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name, action in (("SIGHUP", signal.SIG_IGN), ("SIGXFSZ", signal.SIG_IGN), ("SIGPIPE", signal.SIG_DFL)):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), action)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        for tmp in list(_WRITING):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="statemap-parent-watch", daemon=True).start()
 
 
-def _shard_task(job: tuple[Path, list[TensorMeta], list[int], dict[str, str], bool, Callable[[int], Any]]) -> int:
-    """Worker: write one shard to its reserved temporary file; return its data bytes."""
-    tmp, metas, idxs, md, fsync, get = job
+@contextlib.contextmanager
+def _spawning() -> Iterator[None]:
+    """Start worker (and multiprocessing's resource tracker) processes with SIGINT and SIGHUP blocked:
+    the mask survives exec, so Ctrl-C or a closed terminal, which signal the whole process group,
+    reach only the parent, which stops the workers and cleans up. Signals to the parent meanwhile
+    wait and arrive right after."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hold = [s for s in _BLOCK if s != signal.SIGTERM]
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, hold)
+    try:
+        with contextlib.suppress(Exception):
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()  # starting it unblocks SIGINT in this thread: block it again
+        signal.pthread_sigmask(signal.SIG_BLOCK, hold)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _shard_task(job: tuple[Path, list[TensorMeta], list[int], dict[str, str], bool, Callable[[int], Any], int]) -> int:
+    """Worker: write one shard to its reserved temporary file; return its data bytes.
+
+    Stops (and removes its file) when the parent is gone, e.g. killed by SIGKILL."""
+    tmp, metas, idxs, md, fsync, get, parent = job
     total = 0
     fds: dict[str, int] = {}
+    _WRITING[:] = [tmp]
     try:
-        with open(tmp, "wb", buffering=0) as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        with _FullWriter(fd) as f:
             f.write(encode_header(metas, md))
             for i, m in zip(idxs, metas):
+                if os.getppid() != parent:
+                    raise OutputError("the writing process is gone")
                 total += _write_all(f, get(i), m, fds)
             if fsync:
                 os.fsync(f.fileno())
+    except BaseException:
+        if os.getppid() != parent:  # nobody else will clean up
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
     finally:
+        _WRITING.clear()
         for fd in fds.values():
             os.close(fd)
     return total
@@ -331,23 +782,26 @@ def _write_safetensors_maybe_sharded(
     fsync: bool = True,
     workers: int = 1,
     get: Callable[[int], Any] | None = None,
-) -> tuple[list[str], int]:
+) -> int:
     from .load.safetensors_format import read_header
 
     md = {"format": "pt", **metadata}
     if not limit or sum(m.nbytes for m in metas) <= limit:
-        return [str(out)], _write_safetensors(out, stage, metas, arrays, md, fsync)
+        return _write_safetensors(out, stage, metas, arrays, md, fsync)
     groups = shard_groups(metas, limit)
-    stem, n = out.name[: -len(".safetensors")], len(groups)
-    names = [f"{stem}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-    files, total = [], 0
-    if workers > 1 and get is not None and n > 1:
+    names = _shard_names(out, len(groups))
+    total = 0
+    if workers > 1 and get is not None and len(groups) > 1:
         import multiprocessing
 
         tmps = [stage.reserve(out.with_name(name)) for name in names]
-        jobs = [(tmp, [metas[i] for i in idxs], idxs, md, fsync, get) for tmp, idxs in zip(tmps, groups)]
+        jobs = [(tmp, [metas[i] for i in idxs], idxs, md, fsync, get, os.getpid()) for tmp, idxs in zip(tmps, groups)]
         # spawn, not fork: a forked child can deadlock on locks held by the parent's threads
-        with multiprocessing.get_context("spawn").Pool(min(workers, n), initializer=_worker_init) as pool:
+        with _spawning():
+            pool = multiprocessing.get_context("spawn").Pool(
+                min(workers, len(groups)), initializer=_worker_init, initargs=(os.getpid(),)
+            )
+        with pool:
             sizes = pool.map(_shard_task, jobs, chunksize=1)
         for tmp, idxs in zip(tmps, groups):  # re-read every shard header before anything is renamed
             got, _, _ = read_header(str(tmp))
@@ -359,21 +813,18 @@ def _write_safetensors_maybe_sharded(
     else:
         for name, idxs in zip(names, groups):
             total += _write_safetensors(out.with_name(name), stage, [metas[i] for i in idxs], arrays, md, fsync)
-    files = [str(out.with_name(name)) for name in names]
     weight_map = {metas[i].name: name for name, idxs in zip(names, groups) for i in idxs}
-    index = out.with_name(out.name + ".index.json")
-    tmp, f = stage.open(index)
+    tmp, f = stage.open(_index_path(out))
     with f:
         f.write(json.dumps({"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}, indent=2).encode())
         if fsync:
             os.fsync(f.fileno())
-    files.append(str(index))
-    return files, total
+    return total
 
 
 def _write_torch(
     out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[np.ndarray], ties: Sequence[Sequence[str]]
-) -> tuple[list[str], int]:
+) -> int:
     import numpy as np
     import torch
 
@@ -394,22 +845,28 @@ def _write_torch(
             continue
         state[m.name] = to_torch(np.array(a, copy=True), m.dtype)
         total += m.nbytes
-    tmp, f = stage.open(out)
-    with f:
-        torch.save(state, f)
-        f.flush()
+    tmp, raw = stage.open(out)
+    with open(raw.fileno(), "wb", closefd=False) as f, raw:  # buffered: a failed write raises, never stops short
+        try:
+            torch.save(state, f)
+            f.flush()
+        except OSError:
+            raise
+        except RuntimeError as e:  # torch's zip writer reports a failed write as RuntimeError
+            cause = e.__context__ if isinstance(e.__context__, OSError) else None
+            if cause is not None:
+                raise cause from None
+            raise OutputError(f"{out}: write failed ({str(e).splitlines()[0][:200]}); no output left behind") from None
         os.fsync(f.fileno())
     from .load import open_checkpoint
 
     with open_checkpoint(tmp, unwrap=(), strip_prefix=()) as ck:
         if [(k, v.shape, v.dtype) for k, v in ck.metas.items()] != [(m.name, m.shape, m.dtype) for m in metas]:
             raise OutputError(f"{out}: written file does not match the plan (bug); output removed")
-    return [str(out)], total
+    return total
 
 
-def _write_flax(
-    out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[Any], fsync: bool
-) -> tuple[list[str], int]:
+def _write_flax(out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[Any], fsync: bool) -> int:
     """Flax msgpack: one nested map; built in memory (the format has no streaming layout)."""
     from .load.flax_format import pack_msgpack, read_msgpack
 
@@ -438,4 +895,4 @@ def _write_flax(
     walk(tree, "")
     if sorted((k, tuple(v.shape)) for k, v in flat.items()) != sorted((m.name, m.shape) for m in metas):
         raise OutputError(f"{out}: written file does not match the plan (bug); output removed")
-    return [str(out)], sum(m.nbytes for m in metas)
+    return sum(m.nbytes for m in metas)
