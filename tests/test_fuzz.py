@@ -121,7 +121,24 @@ def _seed_files() -> dict[str, bytes]:
     import pickle
 
     out["pdparams"] = pickle.dumps({"w": np.arange(6, dtype="f4"), "meta": {"a": 1}}, protocol=2)
+    buf = io.BytesIO()
+    np.savez(buf, w=np.arange(6, dtype="f4").reshape(2, 3), b=np.ones(3, dtype="f2"))
+    out["npz"] = buf.getvalue()
+    buf = io.BytesIO()  # a TorchScript archive (code/ + data.pkl + constants.pkl), as torch.jit.save writes it
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))), buf)
+    out["jit.pt"] = buf.getvalue()
     return out
+
+
+def _dcp_seed() -> dict[str, bytes]:
+    """A torch.distributed.checkpoint folder (single process): .metadata + one .distcp file."""
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+
+    with tempfile.TemporaryDirectory() as d:
+        dcp.save({"model": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}}, checkpoint_id=d, no_dist=True)
+        return {f: open(os.path.join(d, f), "rb").read() for f in os.listdir(d)}
 
 
 SEEDS = _seed_files()
@@ -137,6 +154,7 @@ def _msgpack_seed() -> bytes:
 
 
 SEEDS["msgpack"] = _msgpack_seed()
+DCP = _dcp_seed()
 INDEX = b'{"metadata": {}, "weight_map": {"w": "s1.safetensors", "b": "s2.safetensors"}}'
 SHARDS = {
     "s1.safetensors": st_save({"w": np.arange(12.0, dtype="f4").reshape(3, 4)}),
@@ -158,7 +176,7 @@ def test_readers_and_spec_parser_through_the_cli(tmp_path):
 
     rnd = random.Random(FUZZ_SEED)
     runs: list[tuple[str, list[str], str]] = []
-    kinds = {**{k: k for k in SEEDS}, "index.json": "index.json"}
+    kinds = {**{k: k for k in SEEDS}, "index.json": "index.json", "dcp": "dcp"}
     for suffix in kinds:
         for n in range(FUZZ_N):
             d = tmp_path / f"{suffix}-{n}"
@@ -169,6 +187,12 @@ def test_readers_and_spec_parser_through_the_cli(tmp_path):
                 for f, data in SHARDS.items():
                     (d / f).write_bytes(_mutate(data, _edits(rnd)) if f == target else data)
                 (d / name).write_bytes(_mutate(INDEX, _edits(rnd)) if target == name else INDEX)
+            elif suffix == "dcp":  # one of the folder's two files mutated
+                name = "ckpt"
+                (d / name).mkdir()
+                target = rnd.choice(sorted(DCP))
+                for f, data in DCP.items():
+                    (d / name / f).write_bytes(_mutate(data, _edits(rnd)) if f == target else data)
             else:
                 name = "f." + suffix
                 (d / name).write_bytes(_mutate(SEEDS[suffix], _edits(rnd)))
