@@ -209,10 +209,9 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
         )
     size = f", {report.n_bytes / 1e6:.1f} MB" if report.n_bytes else ""
     once = sum(len(g) - 1 for g in report.written_once)
-    n_names = f" ({len(report.produced)} names)" if once else ""
+    stored = f" ({len(report.produced) - once} stored: each tied group once)" if once else ""
     console.print(
-        f"{action} {len(report.produced) - once} tensors{n_names}{size}"
-        + (f" in {report.seconds:.2f}s" if report.seconds else "")
+        f"{action} {len(report.produced)} tensors{stored}{size}" + (f" in {report.seconds:.2f}s" if report.seconds else "")
     )
     if verbose:
         console.print(_rows_table("produced", fold((m.name, m) for m in report.produced), "bold"))
