@@ -184,7 +184,7 @@ def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any, config: Any = N
         dropped=[k for k, _ in plan.dropped],
         unmatched_rules=[f"{r.loc}: {r.label}" for r in plan.unmatched],
         tied=[list(g) for g in plan.ties],
-        source_ties=ck.tied_groups(),
+        source_ties=[list(g) for g in plan.source_ties],  # found once, by plan_for
         skipped=list(ck.skipped),
         conditions_not_met=[f"{r.loc}: {r.label}" for r in plan.not_met],
         assumptions=[f"{c.describe()}: {c.verified or 'verified by comparing bytes when applying'}" for c in plan.checks],
@@ -196,11 +196,16 @@ def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any, config: Any = N
     return r
 
 
+def _once(plan: Plan) -> list[list[str]]:
+    """The groups ``tied: dedupe`` writes once: the kept name first, then the names left out."""
+    return [list(g) for g in plan.same]
+
+
 def _to_write(spec: Spec, plan: Plan, tied: str | None) -> list[Any]:
     policy = tied or spec.tied
     if policy == "clone":
         return list(plan.outputs)
-    skip = {n for g in plan.ties for n in g[1:]}
+    skip = {n for g in plan.same for n in g[1:]} | {n for g in plan.ties for n in g[1:]}
     return [o for o in plan.outputs if o.name not in skip]
 
 
@@ -284,6 +289,8 @@ def convert(
         plan = plan_for(spec, ck)
         report = _report(spec, ck, plan, expect, config)
         report.not_restored = list(lost)
+        if (tied or spec.tied) == "dedupe":
+            report.written_once = _once(plan)
         report.dry_run = dry_run or dst is None
         if dst is not None:
             report.output = os.fspath(dst)

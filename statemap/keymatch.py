@@ -65,6 +65,7 @@ class Matcher:
         self.groups = tuple(groups)  # group number per name (slots 2g, 2g+1)
         self.n_groups = max(self.groups, default=0)
         self.literal = literal  # set when the pattern has no captures and no regex: plain equality
+        self.fast: re.Pattern[str] | None = None  # a template `re` cannot backtrack on (see _linear_regex)
         self.prefix = ""
         self.suffix = ""
         self.middles: tuple[str, ...] = ()  # literal text a key must hold, in this order (a quick rejection)
@@ -228,6 +229,9 @@ class Matcher:
         """Capture name -> (start, end) in ``key`` (None: did not take part); None: no match."""
         if self.literal is not None:
             return {} if key == self.literal else None
+        if self.fast is not None:
+            r = self.fast.fullmatch(key)
+            return None if r is None else {name: r.span(name) for name in self.names}
         if not (key.startswith(self.prefix) and key.endswith(self.suffix)):
             return None
         at = len(self.prefix)
@@ -256,6 +260,9 @@ class Matcher:
 
     def match(self, key: str) -> dict[str, Any] | None:
         """Capture name -> captured text (None for a regex group that did not take part), or None."""
+        if self.fast is not None:
+            r = self.fast.fullmatch(key)
+            return None if r is None else r.groupdict()
         sp = self.spans(key)
         if sp is None:
             return None
@@ -295,7 +302,42 @@ def compile_template(parts: Sequence[tuple[str, ...]]) -> Matcher:
             m.out[loop] = (body, end)
             nxt = m.new(_SAVE, 2 * g, (body,))
             g -= 1
+    m.fast = _linear_regex(parts)
     return m.finish(nxt)
+
+
+_KIND_RE = {"seg": r"[^.]+", "int": r"\d+", "path": r".+"}
+
+
+def _linear_regex(parts: Sequence[tuple[str, ...]]) -> re.Pattern[str] | None:
+    """The template as a Python regex, when backtracking cannot cost more than linear time.
+
+    That holds when every capture has distinct names, no two captures share a key segment
+    (a literal with a ``.`` separates them) or touch, and a ``{x:path}`` capture is the last
+    one: each seg/int capture then ends at the only place the literal after it allows within
+    its segment, and the path capture only gives back characters to a fixed literal tail.
+    Same captures as the automaton (both pick what a backtracking engine picks); the
+    automaton handles every other template. Most catalog patterns qualify, and `re` runs in C.
+    """
+    out: list[str] = []
+    names: set[str] = set()
+    in_segment = False  # a capture already sits in the current key segment
+    after_path = False
+    for i, part in enumerate(parts):
+        if part[0] == "lit":
+            out.append(re.escape(part[1]))
+            if "." in part[1]:
+                in_segment = False
+            continue
+        _, name, kind = part
+        nxt = parts[i + 1] if i + 1 < len(parts) else None
+        if name in names or after_path or in_segment or (nxt is not None and nxt[0] != "lit") or kind not in _KIND_RE:
+            return None
+        names.add(name)
+        in_segment = True
+        after_path = kind == "path"
+        out.append(f"(?P<{name}>{_KIND_RE[kind]})")
+    return re.compile("".join(out))
 
 
 # -- regexes ----------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ before a single tensor byte is read:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import gc
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from .guards import holds
 from .meta import Node, TensorMeta
 from .ops import REGISTRY, Ctx
 from .spec import Rule, Spec
+from .template import Pattern, Template, _fields
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,14 @@ class Plan:
     ties: tuple[tuple[str, ...], ...] = field(default=())
     checks: tuple[Check, ...] = ()  # assume: facts, verified from metadata or before writing
     not_met: tuple[Rule, ...] = ()  # rules that matched keys whose `when:` held for none
+    source_ties: tuple[tuple[str, ...], ...] = ()  # source keys stored as one tensor
+
+    @property
+    def same(self) -> tuple[tuple[str, ...], ...]:
+        """Groups of outputs that are one tensor's bytes (a `tie`, a `copy` or rename of one
+        untransformed source tensor, or source keys stored as one tensor), in output order:
+        ``tied: dedupe`` writes the first name of each group only."""
+        return _same_bytes(self.outputs, {k: i for i, g in enumerate(self.source_ties) for k in g})
 
     @property
     def output_metas(self) -> list[TensorMeta]:
@@ -105,10 +115,24 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[
         >>> [o.name for o in plan.outputs]
         ['b.0.w']
     """
+    enabled = gc.isenabled()
+    gc.disable()  # the planner allocates many small, long-lived objects: collecting them while
+    try:  # they are being built costs time that grows with the key count
+        return _make_plan(spec, source, ties)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[str]]) -> Plan:
     metas = tuple(source)
+    ties = [tuple(g) for g in ties]
     table: dict[str, _Entry] = {m.name: _Entry(Node("source", m.shape, m.dtype, (), (m.name,)), None, False) for m in metas}
     if not table:
         raise PlanError("the checkpoint has no tensors to map")
+    pos: dict[str, tuple[int, ...]] = {k: (i,) for i, k in enumerate(table)}
+    top = len(pos)
+    dirty = False  # True once `table`'s iteration order may differ from `pos` order
     vars_ = spec.var_dict
     dropped: list[tuple[str, str]] = []
     unmatched: list[Rule] = []
@@ -172,17 +196,21 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[
                         f"{rule.where()}writes {name!r}, which already exists ({_origin(table[name])}); drop or rename it first"
                     )
                 table[name] = _Entry(node, rule, True)
+                pos[name] = (top,)
+                top += 1
             matches.append((rule.index, 1))
             continue
 
-        found = [(k, caps) for k in table if (caps := rule.sources[0].match(k)) is not None]
+        found = _find(rule.sources[0], table)
+        if dirty and len(found) > 1:
+            found.sort(key=lambda kc: pos[kc[0]])
         matches.append((rule.index, len(found)))
         if not found:
             if rule.optional:
                 unmatched.append(rule)
                 continue
             raise PlanError(
-                f"{rule.where()}matched no key{_closest(str(rule.sources[0]), table)}; mark it 'optional: true' if that is expected"
+                f"{rule.where()}matched no key{_closest(str(rule.sources[0]), table, pos)}; mark it 'optional: true' if that is expected"
             )
 
         replacements: dict[str, list[tuple[str, Node]]] = {}
@@ -191,20 +219,33 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[
         rule_ties: list[list[str]] = []
         kept: set[str] = set()
         admitted = 0
+        if rule.op == "rename" and len(rule.sources) == 1 and len(rule.targets) == 1 and not rule.when and not rule.assume:
+            # the common case, without the general loop's per-key machinery (same result)
+            fill = _filler(rule.targets[0], rule)
+            for key, caps in found:
+                name = fill({**vars_, **caps} if vars_ else caps)
+                if name in produced:
+                    raise PlanError(f"{rule.where()}writes {name!r} twice (from {produced[name]!r} and {key!r})")
+                produced[name] = key
+                replacements[key] = [(name, table[key].node)]
+            consumed.update(replacements)
+            admitted = len(found)
+            found = []
         for key, caps in found:
             if key in consumed:
                 continue
-            env = {**vars_, **caps}
+            env = {**vars_, **caps} if vars_ else caps
             if rule.when and not admits(rule, key, env):
                 continue
             admitted += 1
-            assumptions(rule, key, env)
+            if rule.assume:
+                assumptions(rule, key, env)
             ctx = Ctx(rule, env, lookup, key)
             inputs = [key]
             for extra in rule.sources[1:]:
                 k2 = _fill(extra, env, rule)
                 if k2 not in table:
-                    raise PlanError(f"{rule.where()}matched {key!r} but {k2!r} is not present{_closest(k2, table)}")
+                    raise PlanError(f"{rule.where()}matched {key!r} but {k2!r} is not present{_closest(k2, table, pos)}")
                 if k2 in consumed or k2 in inputs:
                     raise PlanError(f"{rule.where()}{k2!r} is used twice")
                 inputs.append(k2)
@@ -234,21 +275,40 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[
             n_ties += 1
             for name in group:
                 tie_of[name] = n_ties
-        rebuilt: dict[str, _Entry] = {}
-        for k, e in table.items():
-            if k in replacements:
-                for name, node in replacements[k]:
-                    rebuilt[name] = e if (name == k and k in kept) else _Entry(node, rule, True, tie_of.get(name))
-            elif k not in consumed:
-                if k in produced:
-                    raise PlanError(
-                        f"{rule.where()}writes {k!r}, which already exists ({_origin(e)}); "
-                        "two rules write one key: rename or drop the existing one first"
-                    )
-                rebuilt[k] = e
-        table.clear()
-        table.update(rebuilt)
+        # update the table in place; `pos` keeps its logical order (each replacement takes the
+        # place of the key it replaces), so no rule pays for the keys it did not touch
+        clash = [k for k in produced if k in table and k not in replacements and k not in consumed]
+        if clash:
+            k = min(clash, key=pos.__getitem__)
+            raise PlanError(
+                f"{rule.where()}writes {k!r}, which already exists ({_origin(table[k])}); "
+                "two rules write one key: rename or drop the existing one first"
+            )
+        new: list[tuple[str, _Entry, tuple[int, ...]]] = []
+        for k, reps in replacements.items():
+            base = pos[k]
+            if len(reps) == 1 and k not in kept:
+                name, node = reps[0]
+                new.append((name, _Entry(node, rule, True, tie_of.get(name)), base))
+                continue
+            e = table[k]
+            for j, (name, node) in enumerate(reps):
+                if name == k and k in kept:
+                    new.append((name, e, base))
+                else:
+                    new.append((name, _Entry(node, rule, True, tie_of.get(name)), (*base, j)))
+        for k in consumed:
+            del table[k]
+            del pos[k]
+        for name, entry, at in new:
+            table[name] = entry
+            pos[name] = at
+        dirty = True
 
+    if dirty:
+        ordered = sorted(table.items(), key=lambda kv: pos[kv[0]])
+        table.clear()
+        table.update(ordered)
     passthrough = tuple(k for k, e in table.items() if not e.touched)
     if spec.strict and passthrough:
         from .report import fold_names
@@ -274,7 +334,89 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[
         tuple(tuple(g) for g in out_ties.values() if len(g) > 1),
         tuple(checks),
         tuple(not_met),
+        tuple(tuple(g) for g in ties),
     )
+
+
+def _same_bytes(outputs: tuple[PlannedTensor, ...], group_of: dict[str, int]) -> tuple[tuple[str, ...], ...]:
+    """Outputs holding identical bytes by construction, grouped in output order."""
+    by: dict[tuple[str, object], list[str]] = {}
+    for o in outputs:
+        n = o.node
+        if n.kind == "source":
+            ident: tuple[str, object] = ("source", group_of.get(n.args[0], n.args[0]))
+        elif o.tie is not None:
+            ident = ("tie", o.tie)
+        else:
+            ident = ("node", id(n))
+        by.setdefault(ident, []).append(o.name)
+    return tuple(tuple(g) for g in by.values() if len(g) > 1)
+
+
+def _filler(t: Template, rule: Rule) -> Callable[[dict[str, Any]], str]:
+    """``t.fill`` as a %-format when the template holds only literal text and bare names
+    (the usual case); anything else, and every error, goes through ``t.fill``."""
+    fmt: list[str] = []
+    names: list[str] = []
+    for kind, value in t.parts:
+        if kind == "lit":
+            fmt.append(str(value).replace("%", "%%"))
+        elif isinstance(value, str):
+            fmt.append("%s")
+            names.append(value)
+        else:
+            return lambda env: _fill(t, env, rule)
+    f = "".join(fmt)
+
+    def fill(env: dict[str, Any]) -> str:
+        try:
+            return f % tuple([env[n] for n in names])
+        except KeyError:
+            return _fill(t, env, rule)
+
+    return fill
+
+
+_LITERALS: dict[str, tuple[str, str, tuple[str, ...], bool] | None] = {}
+
+
+def _literals(pattern: Pattern) -> tuple[str, str, tuple[str, ...], bool] | None:
+    """What every key a template pattern matches must contain: (prefix, suffix, inner literal
+    parts, whether the pattern is one literal key); None for a ``re:`` pattern."""
+    text = str(pattern)
+    if text in _LITERALS:
+        return _LITERALS[text]
+    got: tuple[str, str, tuple[str, ...], bool] | None = None
+    if not pattern.is_regex:
+        parts = _fields(text)
+        lits = [v for kind, v in parts if kind == "lit"]
+        if all(kind == "lit" for kind, _ in parts):
+            got = ("".join(lits), "", (), True)
+        else:
+            pre = parts[0][1] if parts[0][0] == "lit" else ""
+            suf = parts[-1][1] if parts[-1][0] == "lit" else ""
+            inner = tuple(v for i, (kind, v) in enumerate(parts) if kind == "lit" and 0 < i < len(parts) - 1)
+            got = (pre, suf, inner, False)
+    _LITERALS[text] = got
+    return got
+
+
+def _find(pattern: Pattern, table: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """Keys of ``table`` (in order) that ``pattern`` matches, with their captures. The regex
+    runs only on keys that hold the pattern's literal parts (a cheap necessary condition)."""
+    match = pattern.match
+    lits = _literals(pattern)
+    if lits is None:
+        return [(k, caps) for k in table if (caps := match(k)) is not None]
+    pre, suf, inner, exact = lits
+    if exact:
+        return [(pre, caps)] if pre in table and (caps := match(pre)) is not None else []
+    # keys often share their first segments: the longest inner or final literal part is the
+    # selective test (the regex checks everything)
+    part = max((*inner, suf), key=len)
+    if len(part) <= 1:
+        return [(k, caps) for k in table if k.startswith(pre) and (caps := match(k)) is not None]
+    return [(k, caps) for k in table if part in k and (caps := match(k)) is not None]
 
 
 def _fill(t: Any, env: dict[str, Any], rule: Rule) -> str:
@@ -290,8 +432,8 @@ def _origin(e: _Entry) -> str:
     return f"written by {e.rule.label} at {e.rule.loc}"
 
 
-def _closest(name: str, table: dict[str, Any]) -> str:
-    keys = list(table)
+def _closest(name: str, table: dict[str, Any], pos: dict[str, tuple[int, ...]]) -> str:
+    keys = sorted(table, key=pos.__getitem__)
     close = difflib.get_close_matches(name, keys, n=3, cutoff=0.5)
     if close:
         return f" (closest keys: {', '.join(close)})"

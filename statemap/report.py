@@ -128,6 +128,8 @@ class Report:
     unmatched_rules: list[str] = field(default_factory=list)
     tied: list[list[str]] = field(default_factory=list)
     source_ties: list[list[str]] = field(default_factory=list)  # one tensor under several names in the source
+    # tied: dedupe: one tensor written once under its first name; the loader re-ties the rest
+    written_once: list[list[str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     expected: str = ""
     missing: list[TensorMeta] = field(default_factory=list)
@@ -206,7 +208,11 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
             styled(("also in the file: " + ", ".join(map(repr, report.alternatives)) + " (choose one with unwrap)", "dim"))
         )
     size = f", {report.n_bytes / 1e6:.1f} MB" if report.n_bytes else ""
-    console.print(f"{action} {len(report.produced)} tensors{size}" + (f" in {report.seconds:.2f}s" if report.seconds else ""))
+    once = sum(len(g) - 1 for g in report.written_once)
+    stored = f" ({len(report.produced) - once} stored: each tied group once)" if once else ""
+    console.print(
+        f"{action} {len(report.produced)} tensors{stored}{size}" + (f" in {report.seconds:.2f}s" if report.seconds else "")
+    )
     if verbose:
         console.print(_rows_table("produced", fold((m.name, m) for m in report.produced), "bold"))
     for title, names, style in (
@@ -236,11 +242,13 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
         console.print(
             "tied in the source (one tensor, several names): "
             + "; ".join(" = ".join(g) for g in report.source_ties)
-            + " — each name is written as its own tensor unless a `tie` rule groups them",
+            + ("" if report.written_once else " — each name is written as its own tensor (tied: clone)"),
             style="dim",
         )
     if report.tied:
         console.print(f"tied tensors: {'; '.join(' = '.join(g) for g in report.tied)}", style="dim")
+    for g in report.written_once:  # tied: dedupe
+        console.print(f"written once: {g[0]}; re-tied on load: {', '.join(g[1:])}", markup=False)
     if report.expected:
         if report.ok:
             console.print(f"matches {report.expected}: every expected key present with the expected shape", style="green")

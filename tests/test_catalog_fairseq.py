@@ -32,7 +32,7 @@ def _io() -> dict[str, torch.Tensor]:
 
 def _convert(spec: str, src: Path, tmp_path: Path) -> tuple[dict[str, torch.Tensor], statemap.Report]:
     out = tmp_path / f"{spec}.safetensors"
-    report = statemap.convert(spec, src, out)
+    report = statemap.convert(spec, src, out, tied="clone")  # every name: strict load_state_dict
     return load_file(out), report
 
 

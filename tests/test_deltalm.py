@@ -108,7 +108,7 @@ HF_EXPECTED_EXTRA = {"model.shared.weight", "lm_head.weight", "final_logits_bias
 def test_fairseq_to_hf_layout_and_values(tmp_path):
     src, model = _fairseq_ckpt(tmp_path)
     out = tmp_path / "model.safetensors"
-    report = statemap.convert("deltalm-fairseq-to-hf", src, out)
+    report = statemap.convert("deltalm-fairseq-to-hf", src, out, tied="clone")
     assert report.container == "model"
     got = load_file(out)
     want_keys = {f"model.{k}" for k in model if not k.endswith("version") and "output_projection" not in k} | HF_EXPECTED_EXTRA
@@ -123,6 +123,16 @@ def test_fairseq_to_hf_layout_and_values(tmp_path):
         assert torch.equal(got[f"model.{k}"], v), k
     # the decoder layers keep fc1..fc4 and ffn_layer_norm
     assert "model.decoder.layers.5.fc4.weight" in got and "model.decoder.layers.0.ffn_layer_norm.bias" in got
+
+    # the spec's default (tied: dedupe): each tied group once, under the name HF's loader keeps
+    once = statemap.convert("deltalm-fairseq-to-hf", src, tmp_path / "once.safetensors")
+    left_out = {n for g in once.written_once for n in g[1:]}
+    assert [g[0] for g in once.written_once][:1] == ["model.shared.weight"]
+    assert "model.encoder.embed_tokens.weight" in left_out and "lm_head.weight" in left_out
+    small = load_file(tmp_path / "once.safetensors")
+    assert set(small) == set(got) - left_out and once.n_bytes < report.n_bytes
+    for k, v in small.items():
+        assert torch.equal(v, got[k]), k
 
 
 def test_bundled_example_reads_without_omegaconf_and_converts(tmp_path, root):

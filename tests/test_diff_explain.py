@@ -28,7 +28,7 @@ def _diff(capsys, *argv: str) -> tuple[int, dict[str, dict], list[dict]]:
 
 
 def _apply(spec: str, src: Path, dst: Path) -> Path:
-    assert main(["apply", spec, str(src), str(dst), "-q"]) == 0
+    assert main(["apply", spec, str(src), str(dst), "-q", "--tied", "clone"]) == 0  # every name, to explain each
     return dst
 
 

@@ -113,6 +113,8 @@ def test_cli_apply_matches_fairseq_logits(tmp_path, kind, capsys):
         f"hf:{HF_CLASS[kind]}",
         "--config",
         str(config),
+        "--tied",
+        "clone",  # every name: the check loads with strict=True
     ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
@@ -125,7 +127,7 @@ def test_cli_apply_matches_fairseq_logits(tmp_path, kind, capsys):
 @pytest.mark.parametrize("kind", ["xlmr", "bart"])
 def test_python_api_convert_matches_fairseq_logits(tmp_path, kind):
     out = tmp_path / "out.safetensors"
-    report = statemap.convert(SPEC[kind], _ckpt(kind), out)
+    report = statemap.convert(SPEC[kind], _ckpt(kind), out, tied="clone")
     assert report.ok and report.container == "model" and report.passthrough == []
     assert sorted(report.dropped) == _expected_dropped(kind)
     sd = load_file(out)
@@ -148,7 +150,7 @@ NEGATIVE = {
 @pytest.mark.parametrize("case", NEGATIVE, ids=list(NEGATIVE))
 def test_negative_a_wrong_mapping_is_caught(tmp_path, case):
     kind, (a, b) = NEGATIVE[case]
-    statemap.convert(SPEC[kind], _ckpt(kind), tmp_path / "out.safetensors")
+    statemap.convert(SPEC[kind], _ckpt(kind), tmp_path / "out.safetensors", tied="clone")
     sd = load_file(tmp_path / "out.safetensors")
     sd[a], sd[b] = sd[b], sd[a]
     diff = _diff(kind, sd)
@@ -158,7 +160,7 @@ def test_negative_a_wrong_mapping_is_caught(tmp_path, case):
 
 @pytest.mark.parametrize("kind", ["xlmr", "bart"])
 def test_negative_a_perturbed_tensor_is_caught(tmp_path, kind):
-    statemap.convert(SPEC[kind], _ckpt(kind), tmp_path / "out.safetensors")
+    statemap.convert(SPEC[kind], _ckpt(kind), tmp_path / "out.safetensors", tied="clone")
     sd = load_file(tmp_path / "out.safetensors")
     # random, not a constant shift: a post-norm LayerNorm would erase a constant added to an fc2 bias
     name = {"xlmr": "roberta.encoder.layer.1.output.dense.bias", "bart": "model.decoder.layers.0.fc2.bias"}[kind]

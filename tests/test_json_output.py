@@ -173,7 +173,7 @@ def test_json_output_shape(command, root, tmp_path, capsys):
 
 def test_diff_explain_json_shape(root, tmp_path, capsys):
     ex, out = str(root / "examples" / "deltalm-tiny.pt"), str(tmp_path / "o.safetensors")
-    assert main(["apply", "deltalm-fairseq-to-hf", ex, out, "-q"]) == 0
+    assert main(["apply", "deltalm-fairseq-to-hf", ex, out, "-q", "--tied", "clone"]) == 0  # every name
     for extra in (["--values"], ["--spec", "deltalm-fairseq-to-hf"]):
         code = main(["diff", ex, out, *extra, "--json"])
         doc = json.loads(capsys.readouterr().out)

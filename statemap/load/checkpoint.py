@@ -156,8 +156,13 @@ class Checkpoint:
     def tied_groups(self) -> list[list[str]]:
         """Keys that are one tensor in the file (same storage, offset, shape and stride), found in
         the metadata — e.g. fairseq's output_projection saved tied to embed_tokens."""
+        from collections import Counter
+
+        shared = {sid for sid, n in Counter(self.storage_ids.values()).items() if n > 1}
         groups: dict[object, list[str]] = {}
         for k, sid in self.storage_ids.items():
+            if sid not in shared:  # a storage of its own: no tie (most keys; skipped cheaply)
+                continue
             loc = self.locations.get(k)
             ident = (sid, loc.offset, loc.shape, loc.stride) if loc is not None else sid
             groups.setdefault(ident, []).append(k)

@@ -382,6 +382,9 @@ def _open_index(p: Path) -> Checkpoint:
         raise CheckpointError(f"{p}: index has no 'weight_map' mapping tensor names to shard files")
     shards: dict[str, list[str]] = {}
     for tensor, shard in wm.items():
+        if type(shard) is str and shard in shards:  # checked when first seen (an index names each shard many times)
+            shards[shard].append(tensor)
+            continue
         if not isinstance(shard, str) or not shard:
             raise CheckpointError(f"{p}: weight_map[{tensor!r}] must be a shard file name")
         if shard.endswith(".index.json"):

@@ -142,9 +142,11 @@ def encode_header(metas: Sequence[TensorMeta], metadata: dict[str, str]) -> byte
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"tensor {k!r} appears twice in the header")
-        out[k] = v
+    out = dict(pairs)  # in C; the per-key search runs only when a name repeats
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"tensor {k!r} appears twice in the header")
+            seen.add(k)
     return out
