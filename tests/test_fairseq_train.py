@@ -31,8 +31,8 @@ EMBED = {"xlmr": "encoder.sentence_encoder.embed_tokens.weight", "bart": "encode
 BT_DUPLICATES = "in_proj_weight in_proj_bias out_proj_weight out_proj_bias fc1_weight fc1_bias fc2_weight fc2_bias".split()
 
 
-def _ckpt(kind: str) -> Path:
-    return FIX / kind / "checkpoint_last.pt"
+def _ckpt(kind: str, file: str = "checkpoint_last.pt") -> Path:
+    return FIX / kind / file
 
 
 def _hf_config(kind: str) -> Any:
@@ -124,16 +124,36 @@ def test_cli_apply_matches_fairseq_logits(tmp_path, kind, capsys):
     assert diff <= TOL, diff
 
 
+# checkpoint_stripped.pt: checkpoint_last.pt read by fairseq's load_checkpoint_to_cpu (cfg becomes an
+# omegaconf DictConfig), optimizer state deleted, torch.save again -- omegaconf pickles at protocol 2
+# (`__builtin__.long`, `__builtin__.dict`, ...), which torch.load(weights_only=True) refuses
+@pytest.mark.parametrize("file", ["checkpoint_last.pt", "checkpoint_stripped.pt"])
 @pytest.mark.parametrize("kind", ["xlmr", "bart"])
-def test_python_api_convert_matches_fairseq_logits(tmp_path, kind):
+def test_python_api_convert_matches_fairseq_logits(tmp_path, kind, file):
     out = tmp_path / "out.safetensors"
-    report = statemap.convert(SPEC[kind], _ckpt(kind), out, tied="clone")
+    report = statemap.convert(SPEC[kind], _ckpt(kind, file), out, tied="clone")
     assert report.ok and report.container == "model" and report.passthrough == []
     assert sorted(report.dropped) == _expected_dropped(kind)
     sd = load_file(out)
     diff = _diff(kind, sd)
-    print(f"{SPEC[kind]} (API) on fairseq-train output: max abs diff {diff:.3g}")
+    print(f"{SPEC[kind]} (API) on {file}: max abs diff {diff:.3g}")
     assert diff <= TOL, diff
+
+
+@pytest.mark.parametrize("kind", ["xlmr", "bart"])
+def test_stripped_checkpoint_holds_omegaconf_at_protocol_2_and_reads_as_data(kind):
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(_ckpt(kind, "checkpoint_stripped.pt")) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    names = {a for op, a, _ in pickletools.genops(pkl) if op.name in ("GLOBAL", "STACK_GLOBAL")}
+    assert pkl[:2] == b"\x80\x02" and {"__builtin__ long", "omegaconf.dictconfig DictConfig"} <= names
+    with statemap.open_checkpoint(_ckpt(kind, "checkpoint_stripped.pt")) as ck:
+        assert ck.container == "model" and "last_optimizer_state" not in ck.extras
+        with statemap.open_checkpoint(_ckpt(kind)) as last:
+            assert ck.metas == last.metas
+            assert all(ck.read(n).tobytes() == last.read(n).tobytes() for n in ck.metas)
 
 
 NEGATIVE = {
