@@ -43,6 +43,10 @@ def run_node(node: Node, read: Callable[[str], np.ndarray]) -> np.ndarray:
 
     k = node.kind
     if k == "source":
+        if lookup_dtype(node.dtype).value_bits:  # quint4x2 / quint2x4: several values per byte
+            raise CheckpointError(
+                f"tensor {node.args[0]!r} is {node.dtype} (packed values): statemap reads it, but cannot convert or write it"
+            )
         a = read(node.args[0])
         if tuple(a.shape) != node.shape:
             raise CheckpointError(f"tensor {node.args[0]!r} has shape {list(a.shape)}, its header said {list(node.shape)}")

@@ -30,6 +30,11 @@ class DType:
     itemsize: int
     bits: int = 0  # bits of one safetensors element; 0 = itemsize * 8
     is_native: bool = False  # numpy computes with it directly (not a bit container)
+    value_bits: int = 0  # torch packs several values per byte (quint4x2: 4, quint2x4: 2); 0 = whole bytes
+
+    def nbytes(self, numel: int) -> int:
+        """Bytes ``numel`` elements take (packed sub-byte types round up to whole bytes)."""
+        return -(-numel * self.value_bits // 8) if self.value_bits else numel * self.itemsize
 
     @property
     def np(self) -> Any:
@@ -55,8 +60,10 @@ class DType:
         return self.itemsize * 8 // self.bits if self.bits else 1
 
 
-def _d(name: str, st: str, storage: str, kind: str, itemsize: int, bits: int = 0, native: bool = False) -> DType:
-    return DType(name, st, storage, kind, itemsize, bits, native)
+def _d(
+    name: str, st: str, storage: str, kind: str, itemsize: int, bits: int = 0, native: bool = False, value_bits: int = 0
+) -> DType:
+    return DType(name, st, storage, kind, itemsize, bits, native, value_bits)
 
 
 # Every dtype torch 2.13 defines, and every safetensors dtype. Types numpy lacks travel as
@@ -95,8 +102,9 @@ _ALL = [
     _d("qint8", "", "i1", "quantized", 1),
     _d("quint8", "", "u1", "quantized", 1),
     _d("qint32", "", "<i4", "quantized", 4),
-    _d("quint4x2", "", "u1", "quantized", 1),
-    _d("quint2x4", "", "u1", "quantized", 1),
+    # quantize_per_tensor packs their values, several per byte: a [4] quint4x2 tensor is 2 bytes
+    _d("quint4x2", "", "u1", "quantized", 1, value_bits=4),
+    _d("quint2x4", "", "u1", "quantized", 1, value_bits=2),
     # sub-byte integers: torch names them (one per byte) but cannot save them yet
     *(_d(f"int{n}", "", "i1", "int", 1) for n in range(1, 8)),
     *(_d(f"uint{n}", "", "u1", "uint", 1) for n in range(1, 8)),

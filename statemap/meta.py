@@ -23,7 +23,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * _dtype(self.dtype).itemsize
+        return _dtype(self.dtype).nbytes(self.numel)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import pytest
 
 from statemap import open_checkpoint
 from statemap.cli import main
+from statemap.dtypes import dtype as lookup_dtype
 
 CORPUS = Path(__file__).resolve().parent / "fixtures" / "corpus"
 EXPECTED = sorted(CORPUS.rglob("*.expected.json"))
@@ -35,16 +36,7 @@ def _id(p: Path) -> str:
 
 
 # file -> (why it fails today, regex the failure message must match: "the documented way").
-KNOWN_GAPS: dict[str, tuple[str, str]] = {
-    "dtypes_all.pt": (
-        "quint4x2 / quint2x4 pack several values per byte: no array of the tensor's shape holds their bytes",
-        r"keys differ: missing \['quint2x4', 'quint4x2'\]",
-    ),
-    "dtypes_all_legacy.pt": (
-        "quint4x2 / quint2x4 pack several values per byte: no array of the tensor's shape holds their bytes",
-        r"keys differ: missing \['quint2x4', 'quint4x2'\]",
-    ),
-}
+KNOWN_GAPS: dict[str, tuple[str, str]] = {}  # none left: every corpus file reads as its real loader reads it
 
 
 class KnownGap(Exception):
@@ -75,7 +67,10 @@ def check_api(target: Path, doc: dict[str, Any]) -> None:
                 f"{name}: {meta.dtype} {list(meta.shape)}, want {t['dtype']} {t['shape']}"
             )
             a = ck.read(name)
-            assert list(a.shape) == t["shape"], f"{name}: read shape {list(a.shape)}, want {t['shape']}"
+            if lookup_dtype(meta.dtype).value_bits:  # quint4x2 / quint2x4: the packed bytes, as torch stores them
+                assert a.ndim == 1 and a.nbytes == meta.nbytes, f"{name}: read {a.nbytes} packed bytes, want {meta.nbytes}"
+            else:
+                assert list(a.shape) == t["shape"], f"{name}: read shape {list(a.shape)}, want {t['shape']}"
             assert _sha(a) == t["sha256"], f"{name}: bytes differ from the real loader's"
 
 
@@ -177,3 +172,16 @@ def test_the_real_loaders_agree_on_the_same_model() -> None:
     for name in same:
         got = {t["name"]: (t["dtype"], t["shape"], t["sha256"]) for t in _load(CORPUS / f"{name}.expected.json")["tensors"]}
         assert got == ref, f"{name}: the real loader saw other tensors than bare_sd_p2.pt's"
+
+
+def test_packed_quantized_tensors_are_read_but_never_converted_silently(tmp_path, capsys):
+    """quint4x2 / quint2x4 hold several values per byte: read exactly, refused clearly when converting."""
+    src = CORPUS / "dtypes_all.pt"
+    with open_checkpoint(src) as ck:
+        assert ck.metas["quint4x2"].nbytes == 2 and ck.read("quint4x2").nbytes == 2 and not ck.skipped
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: q\nversion: 1\nrules:\n  - rename: 'quint4x2 -> q4'\n")
+    out = tmp_path / "out.pt"
+    assert main(["apply", str(spec), str(src), str(out)]) == 2
+    assert "(packed values): statemap reads it, but cannot convert or write it" in capsys.readouterr().err
+    assert not out.exists()

@@ -503,6 +503,9 @@ def test_torch_save_of_every_savable_dtype(tmp_path):
     back = torch.load(path, weights_only=False)["model"]
     with open_checkpoint(path) as ck:
         for k, t in back.items():
+            if k in ("quint4x2", "quint2x4"):  # .view()-built, no quantizer: torch cannot use them; listed, not read
+                assert k in ck.skipped and k not in ck.metas
+                continue
             assert ck.metas[k].dtype == k and ck.metas[k].shape == tuple(t.shape), k
             assert np.array(ck.read(k)).tobytes() == t.contiguous().view(torch.uint8).numpy().tobytes(), k
     # the comparison can fail: a different tensor has different bytes

@@ -80,6 +80,10 @@ class FileReader:
             n *= d
         if n == 0:
             return np.zeros(t.shape, dtype=dt.np)
+        if dt.value_bits:  # packed sub-byte values (quint4x2): the bytes as torch stores them, 1-D
+            if not t.contiguous:
+                raise CheckpointError(f"{t.file}: a non-contiguous {dt.name} view is not supported")
+            n = dt.nbytes(n)
         if t.contiguous:
             span = n
         else:
@@ -94,6 +98,8 @@ class FileReader:
                 raise CheckpointError(f"{t.file}: tensor data runs past the end of the file (truncated?)")
             got += k
         buf.flags.writeable = False
+        if dt.value_bits:
+            return buf
         if t.contiguous:
             return buf.reshape(t.shape)
         assert t.stride is not None

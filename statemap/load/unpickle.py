@@ -388,13 +388,15 @@ def _ints(obj: Any, what: str) -> tuple[int, ...]:
 
 def _rebuild_tensor_v3(
     storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any, *_: Any
-) -> TensorRef:
+) -> Any:
     """torch >= 2.1 writes dtypes without a typed storage (uint16, float8, ...) this way:
     a byte storage plus the element dtype; offset, size and stride count elements of that dtype."""
     st = _as_storage(storage)
     if not isinstance(dtype, _TorchDtype):
         raise CheckpointError(f"tensor rebuild names dtype {short(dtype)}, not a torch dtype")
     dt = lookup_dtype(dtype)
+    if dt.value_bits:  # packed quantized values without a quantizer: not a tensor torch can use
+        return opaque_type("torch._utils", "_rebuild_tensor_v3")(dt.name, size, stride)
     if st.dtype != "uint8" or st.numel % dt.itemsize:
         raise CheckpointError(f"storage of {st.numel} {st.dtype} cannot hold {dt.name} elements")
     as_elems = StorageRef(st.key, dt.name, st.numel // dt.itemsize, st.location)
@@ -427,8 +429,18 @@ def check_view(shape: tuple[int, ...], stride: tuple[int, ...], offset: int, num
             )
 
 
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, *_: Any) -> TensorRef:
+def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, step = [], 1
+    for d in reversed(shape):
+        out.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(out))
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, *_: Any) -> Any:
     st = _as_storage(storage)
+    if lookup_dtype(st.dtype).value_bits:  # a quint4x2 tensor without quantizer (built by .view): not one torch can use
+        return opaque_type("torch._utils", "_rebuild_tensor")(st.dtype, size, stride)
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
         raise CheckpointError(f"tensor storage offset must be a non-negative integer, got {short(offset)}")
     shape, strides = _ints(size, "size"), _ints(stride, "stride")
@@ -443,9 +455,14 @@ def _rebuild_qtensor(
     st = _as_storage(storage)
     if not isinstance(quantizer, tuple) or not quantizer:
         raise CheckpointError("quantized tensor without quantizer parameters")
-    if st.dtype in ("quint4x2", "quint2x4"):  # several values per byte: no array of the tensor's shape holds them
-        return opaque_type("torch._utils", "_rebuild_qtensor")(st.dtype, size, stride, quantizer)
-    ref = _rebuild_tensor(st, offset, size, stride, requires_grad)
+    dt = lookup_dtype(st.dtype)
+    if dt.value_bits:  # several values per byte (quint4x2): packed, one whole contiguous storage
+        shape, strides = _ints(size, "size"), _ints(stride, "stride")
+        if offset != 0 or strides != _c_strides(shape) or dt.nbytes(math.prod(shape)) > st.numel:
+            return opaque_type("torch._utils", "_rebuild_qtensor")(st.dtype, size, stride, quantizer)
+        ref = TensorRef(st, 0, shape, strides, bool(requires_grad))
+    else:
+        ref = _rebuild_tensor(st, offset, size, stride, requires_grad)
     scheme = quantizer[0]
     name = f"torch.{scheme._name}" if isinstance(scheme, type) and issubclass(scheme, Opaque) else short(scheme)
     return TensorRef(st, ref.offset, ref.shape, ref.stride, ref.requires_grad, "", (name, *quantizer[1:]))
