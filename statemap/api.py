@@ -189,6 +189,8 @@ def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any, config: Any = N
         conditions_not_met=[f"{r.loc}: {r.label}" for r in plan.not_met],
         assumptions=[f"{c.describe()}: {c.verified or 'verified by comparing bytes when applying'}" for c in plan.checks],
     )
+    r.metas = {m.name: m for m in plan.dropped_metas}
+    r.metas.update({k: ck.metas[k] for k in plan.passthrough if k in ck.metas})
     ref = expect if expect is not None else spec.expect
     if ref is not None:
         metas, label = load_expect(ref, config)

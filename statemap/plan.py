@@ -77,6 +77,7 @@ class Plan:
     checks: tuple[Check, ...] = ()  # assume: facts, verified from metadata or before writing
     not_met: tuple[Rule, ...] = ()  # rules that matched keys whose `when:` held for none
     source_ties: tuple[tuple[str, ...], ...] = ()  # source keys stored as one tensor
+    dropped_metas: tuple[TensorMeta, ...] = ()  # shape and dtype of each dropped key, as it was dropped
 
     @property
     def same(self) -> tuple[tuple[str, ...], ...]:
@@ -141,6 +142,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
     group_of: dict[str, int] = {k: i for i, g in enumerate(ties) for k in g}
     checks: list[Check] = []
     not_met: list[Rule] = []
+    dropped_metas: list[TensorMeta] = []
 
     def lookup(k: str) -> Node | None:
         e = table.get(k)
@@ -266,6 +268,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
                 rule_ties.append(names)
             if not names:
                 dropped.append((key, rule.label))
+                dropped_metas.append(TensorMeta(key, table[key].node.shape, table[key].node.dtype))
         if not admitted:
             not_met.append(rule)
             continue
@@ -335,6 +338,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
         tuple(checks),
         tuple(not_met),
         tuple(tuple(g) for g in ties),
+        dropped_metas=tuple(dropped_metas),
     )
 
 

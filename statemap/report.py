@@ -142,6 +142,8 @@ class Report:
     files: list[str] = field(default_factory=list)
     n_bytes: int = 0
     seconds: float = 0.0
+    # shape and dtype of passed-through and dropped keys, for the tables (not in --json: the names are)
+    metas: dict[str, TensorMeta] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -165,6 +167,7 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("metas", None)
         for key in ("produced", "missing", "unexpected"):
             d[key] = [{"name": m.name, "shape": list(m.shape), "dtype": m.dtype} for m in getattr(self, key)]
         d["ok"] = self.ok
@@ -184,12 +187,16 @@ def _rows_table(title: str, rows: list[FoldedRow], style: str) -> Any:
     t = Table(
         title=f"{title} ({sum(r.count for r in rows)})", title_justify="left", title_style=style, show_edge=False, pad_edge=False
     )
-    t.add_column("key")
-    t.add_column("shape")
-    t.add_column("dtype")
-    t.add_column("count", justify="right")
-    for r in rows:
-        t.add_row(r.name, "" if r.shape is None else str(list(r.shape)), r.dtype or r.extra, f"x{r.count}" if r.count > 1 else "")
+    cells = [
+        (r.name, "" if r.shape is None else str(list(r.shape)), r.dtype or r.extra, f"x{r.count}" if r.count > 1 else "")
+        for r in rows
+    ]
+    heads = [("key", "left"), ("shape", "left"), ("dtype", "left"), ("count", "right")]
+    keep = [i for i in range(4) if i == 0 or any(c[i] for c in cells)]  # no empty columns
+    for i in keep:
+        t.add_column(heads[i][0], justify=heads[i][1])  # type: ignore[arg-type]
+    for c in cells:
+        t.add_row(*(c[i] for i in keep))
     return t
 
 
@@ -215,13 +222,14 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
     )
     if verbose:
         console.print(_rows_table("produced", fold((m.name, m) for m in report.produced), "bold"))
+    info = report.metas
     for title, names, style in (
         ("passed through unchanged (no rule touched them)", report.passthrough, "yellow"),
         ("dropped", report.dropped, "dim"),
         ("skipped non-tensor entries", report.skipped, "dim"),
     ):
         if names:
-            console.print(_rows_table(title, fold((n, None) for n in names), style))
+            console.print(_rows_table(title, fold((n, info.get(n)) for n in names), style))
     if report.unmatched_rules:
         console.print("optional rules that matched nothing:", style="yellow")
         for r in report.unmatched_rules:

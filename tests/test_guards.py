@@ -242,3 +242,20 @@ def test_apply_reverse_refuses_an_incomplete_reverse_unless_the_loss_is_accepted
     inv = tmp_path / "inv.yaml"
     assert main(["invert", str(spec), "-o", str(inv)]) == 2 and not inv.exists()
     assert main(["invert", str(spec), "-o", str(inv), "--accept-loss", "all"]) == 0 and inv.exists()
+
+
+def test_dropped_and_passed_through_tables_show_shape_and_dtype(tmp_path, capsys, root):
+    """A drop is never a bare name: the report's tables give each key's shape and dtype (no empty columns)."""
+    out = tmp_path / "o.safetensors"
+    assert main(["apply", "deltalm-fairseq-to-hf", str(root / "examples/deltalm-tiny.pt"), str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith(("encoder.version", "decoder.version"))]
+    assert len(rows) == 2 and all("[1]" in r and "float32" in r for r in rows), text
+    spec = tmp_path / "s.yaml"
+    spec.write_text(HEAD + "rules:\n  - drop: a\n")
+    src = tmp_path / "in.safetensors"
+    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16)}, src)
+    assert main(["apply", str(spec), str(src), str(tmp_path / "o2.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert any(line.startswith("b ") and "[4]" in line and "bfloat16" in line for line in text.splitlines()), text
+    assert any(line.startswith("a ") and "[2, 3]" in line and "float32" in line for line in text.splitlines()), text
