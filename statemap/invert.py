@@ -38,7 +38,18 @@ from typing import Any
 from .errors import SpecError
 from .ops import REGISTRY, _pattern_as_template
 from .spec import Rule, Spec, parse_spec
-from .template import Expr, Pattern, Template, _fields, eval_expr, expr_names, expr_str, parse_expr, parse_pattern
+from .template import (
+    Expr,
+    Pattern,
+    Template,
+    _fields,
+    eval_expr,
+    expr_names,
+    expr_str,
+    parse_expr,
+    parse_pattern,
+    parse_template,
+)
 
 
 @dataclass(frozen=True)
@@ -286,7 +297,11 @@ def _invert_rule(rule: Rule, vars_: dict[str, Any]) -> list[dict[str, Any]]:
             k2 = _KeyMap(rule.sources[0], vars_)
             drop_pat = k2.pattern(t)
             if drop_pat != first:
-                out.append({"drop": {"from": drop_pat, **opt, **note}})
+                # the copy was equal to the kept key when written; the reverse verifies it still is,
+                # so a copy that diverged (fine-tuned untied) fails loudly instead of being dropped
+                kept = _pattern_as_template(first)
+                same = {"assume": {"equal": kept}} if parse_template(kept).names <= set(parse_pattern(drop_pat).captures) else {}
+                out.append({"drop": {"from": drop_pat, **same, **opt, **note}})
         out.append({"rename": {"from": first, "to": km.template(rule.sources[0]), **opt, **note}})
         return out
     if op == "split":

@@ -259,3 +259,14 @@ def test_dropped_and_passed_through_tables_show_shape_and_dtype(tmp_path, capsys
     text = capsys.readouterr().out
     assert any(line.startswith("b ") and "[4]" in line and "bfloat16" in line for line in text.splitlines()), text
     assert any(line.startswith("a ") and "[2, 3]" in line and "float32" in line for line in text.splitlines()), text
+
+
+def test_reverse_of_a_copy_verifies_the_copies_are_still_equal():
+    """The reverse drops the extra names of a copy / tie only after checking them: a copy that
+    diverged after the conversion (an untied head fine-tuned on its own) fails instead of vanishing."""
+    spec = load_spec(HEAD + "rules:\n  - tie: {from: 'e.{i}', to: ['a.{i}', 'b.{i}']}\n")
+    e = torch.randn(3)
+    back, _ = statemap.map_state_dict(spec.inverse(), statemap.map_state_dict(spec, {"e.0": e})[0])
+    assert list(back) == ["e.0"] and torch.equal(back["e.0"], e)
+    with pytest.raises(AssumptionError, match=r"drop b\.\{i\}\): assumes 'b\.0' equals 'a\.0', but they differ"):
+        statemap.map_state_dict(spec.inverse(), {"a.0": e, "b.0": e + 1})
