@@ -86,12 +86,13 @@ for p in sys.argv[1:]:
 """
 
 
-def layout(vocab: int) -> dict[str, tuple[int, ...]]:
+def layout(vocab: int, pos: int = POS, output_projection: bool = False) -> dict[str, tuple[int, ...]]:
+    """A DeltaLM-base-shaped fairseq key layout (name -> shape); also used by issue14.py."""
     shapes: dict[str, tuple[int, ...]] = {}
     for side, n, dec in (("encoder", ENC, False), ("decoder", DEC, True)):
         shapes[f"{side}.version"] = (1,)
         shapes[f"{side}.embed_tokens.weight"] = (vocab, D)
-        shapes[f"{side}.embed_positions.weight"] = (POS, D)
+        shapes[f"{side}.embed_positions.weight"] = (pos, D)
         shapes[f"{side}.layernorm_embedding.weight"] = (D,)
         shapes[f"{side}.layernorm_embedding.bias"] = (D,)
         for i in range(n):
@@ -111,6 +112,8 @@ def layout(vocab: int) -> dict[str, tuple[int, ...]]:
             for ln in ("final_layer_norm", "ffn_layer_norm") if dec else ("final_layer_norm",):
                 shapes[f"{p}.{ln}.weight"] = (D,)
                 shapes[f"{p}.{ln}.bias"] = (D,)
+    if output_projection:
+        shapes["decoder.output_projection.weight"] = (vocab, D)
     return shapes
 
 

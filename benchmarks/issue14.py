@@ -85,32 +85,10 @@ save_file(out, sys.argv[2])
 
 
 def deltalm_layout(vocab: int) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for side, n, dec in (("encoder", ENC, False), ("decoder", DEC, True)):
-        shapes[f"{side}.version"] = (1,)
-        shapes[f"{side}.embed_tokens.weight"] = (vocab, D)
-        shapes[f"{side}.embed_positions.weight"] = (POS, D)
-        shapes[f"{side}.layernorm_embedding.weight"] = (D,)
-        shapes[f"{side}.layernorm_embedding.bias"] = (D,)
-        for i in range(n):
-            p = f"{side}.layers.{i}"
-            for attn in ("self_attn", "encoder_attn") if dec else ("self_attn",):
-                for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
-                    shapes[f"{p}.{attn}.{proj}.weight"] = (D, D)
-                    shapes[f"{p}.{attn}.{proj}.bias"] = (D,)
-                shapes[f"{p}.{attn}_layer_norm.weight"] = (D,)
-                shapes[f"{p}.{attn}_layer_norm.bias"] = (D,)
-            for fc in ("fc1", "fc3") if dec else ("fc1",):
-                shapes[f"{p}.{fc}.weight"] = (FFN, D)
-                shapes[f"{p}.{fc}.bias"] = (FFN,)
-            for fc in ("fc2", "fc4") if dec else ("fc2",):
-                shapes[f"{p}.{fc}.weight"] = (D, FFN)
-                shapes[f"{p}.{fc}.bias"] = (D,)
-            for ln in ("final_layer_norm", "ffn_layer_norm") if dec else ("final_layer_norm",):
-                shapes[f"{p}.{ln}.weight"] = (D,)
-                shapes[f"{p}.{ln}.bias"] = (D,)
-    shapes["decoder.output_projection.weight"] = (vocab, D)
-    return shapes
+    """bench.py's DeltaLM-base layout, with 1026 positions and the tied output projection."""
+    from bench import layout  # benchmarks/ is on sys.path when this script runs
+
+    return layout(vocab, pos=POS, output_projection=True)
 
 
 def make_deltalm(d: Path, vocab: int) -> Path:
