@@ -20,7 +20,6 @@ import io
 import math
 import os
 import pickle
-import struct
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ..dtypes import dtype as lookup_dtype
 from ..errors import CheckpointError
 from .checkpoint import ByteTensor, FileReader, LazyTensor
+from .torch_format import stored_data_offset
 from .unpickle import Opaque, SafeUnpickler, TensorRef, finish, opaque_type, safe_load
 
 if TYPE_CHECKING:
@@ -121,14 +121,7 @@ def _record(f: Any, file: str, start: int, length: int, where: str) -> tuple[Any
             need = st.numel * lookup_dtype(st.dtype).itemsize
             if sinfo.compress_type != zipfile.ZIP_STORED or sinfo.file_size < need:
                 raise CheckpointError(f"{where}: storage {key!r} is compressed or shorter than {need} bytes (corrupt file)")
-            win.seek(sinfo.header_offset)
-            local = win.read(30)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise CheckpointError(f"{where}: bad local header in the record (corrupt file)")
-            n_name, n_extra = struct.unpack("<HH", local[26:30])
-            rel = sinfo.header_offset + 30 + n_name + n_extra
-            if rel + need > length:
-                raise CheckpointError(f"{where}: storage {key!r} runs past the end of its record (truncated?)")
+            rel = stored_data_offset(win, sinfo, need, length, where, key)
             locs[key] = ByteTensor(file, start + rel, st.dtype, (st.numel,), storage=f"{file}@{start + rel}")
     return obj, locs
 

@@ -71,14 +71,7 @@ def load_zip(path: str) -> tuple[Any, dict[str, ByteTensor | None]]:
                 need = st.numel * lookup_dtype(st.dtype).itemsize
                 if info.file_size < need:
                     raise CheckpointError(f"{path}: storage {key!r} holds {info.file_size} bytes, needs {need}")
-                f.seek(info.header_offset)
-                local = f.read(30)
-                if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                    raise CheckpointError(f"{path}: bad local header for {entry!r} (corrupt file)")
-                n_name, n_extra = struct.unpack("<HH", local[26:30])
-                start = info.header_offset + 30 + n_name + n_extra
-                if start + need > size:
-                    raise CheckpointError(f"{path}: storage {key!r} runs past the end of the file (truncated?)")
+                start = stored_data_offset(f, info, need, size, path, key)
                 locs[key] = ByteTensor(path, start, st.dtype, (st.numel,), storage=f"{path}:{key}")
     return obj, locs
 
@@ -163,6 +156,20 @@ def load_pickle_file(path: str) -> tuple[Any, dict[str, ByteTensor | None], str]
         if missing:
             raise CheckpointError(f"{path}: storages {sorted(missing)[:5]} have no data (truncated?)")
     return obj, locs, "torch-legacy"
+
+
+def stored_data_offset(f: Any, info: zipfile.ZipInfo, need: int, limit: int, where: str, key: str) -> int:
+    """Offset (in ``f``) of a stored zip entry's data, read from its local header; ``need`` bytes must
+    fit before ``limit``. Shared by torch.save files and the torch.save records inside DCP files."""
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"{where}: bad local header for storage {key!r} (corrupt file)")
+    n_name, n_extra = struct.unpack("<HH", local[26:30])
+    start = info.header_offset + 30 + n_name + n_extra
+    if start + need > limit:
+        raise CheckpointError(f"{where}: storage {key!r} runs past the end of its file (truncated?)")
+    return start
 
 
 def tensor_location(ref: TensorRef, locs: dict[str, ByteTensor | None], name: str, path: str) -> ByteTensor:
