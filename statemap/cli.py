@@ -32,18 +32,9 @@ def _vars(pairs: Sequence[str] | None) -> dict[str, str]:
 
 def _write_text(path: str, text: str, force: bool) -> None:
     """Write a generated spec: never over an existing file without --force, never half-written."""
-    from pathlib import Path
+    from .fsutil import write_text_new
 
-    out = Path(path)
-    if out.exists() and not force:
-        raise StatemapError(f"{out}: already exists; pass --force to replace it")
-    tmp = out.with_name(f".{out.name}.statemap.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise StatemapError(f"{out}: cannot write: {e.strerror or e}") from None
+    write_text_new(path, text, force)
 
 
 def _print_json(obj: Any) -> None:

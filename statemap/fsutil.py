@@ -80,4 +80,56 @@ def read_regular(
         os.close(fd)
 
 
-__all__ = ["check_regular", "read_regular"]
+def write_text_new(
+    path: str | os.PathLike[str], text: str, force: bool = False, error: type[StatemapError] = StatemapError
+) -> None:
+    """Write ``text`` to ``path`` whole or not at all; never over an existing file unless ``force``.
+
+    The text goes to a uniquely named temporary file beside ``path`` (``O_EXCL``: two runs never
+    share one), is flushed, and is then linked into place (refused if ``path`` appeared meanwhile)
+    or, with ``force``, renamed over it.
+
+    Example::
+
+        >>> write_text_new("draft.yaml", "version: 1\n")
+        >>> write_text_new("draft.yaml", "version: 1\n")
+        Traceback (most recent call last):
+        statemap.errors.StatemapError: draft.yaml: already exists; pass --force to replace it
+    """
+    import tempfile
+
+    out = os.fspath(path)
+    if os.path.lexists(out) and not force:
+        raise error(f"{out}: already exists; pass --force to replace it")
+    folder = os.path.dirname(out) or "."
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".statemap.tmp", dir=folder)
+    except OSError as e:
+        raise error(f"{out}: cannot write: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        if force:
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)  # fails if `out` appeared since the check: nothing replaced
+            except FileExistsError:
+                raise error(f"{out}: already exists; pass --force to replace it") from None
+    except OSError as e:
+        raise error(f"{out}: cannot write: {e.strerror or e}") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+__all__ = ["check_regular", "read_regular", "write_text_new"]

@@ -356,3 +356,33 @@ def test_good_expect_listing_still_compares(tmp_path, capsys):
     assert run(capsys, "apply", spec, src, tmp_path / "o.safetensors", "--expect", ref)[0] == 0
     ref.write_text("a: [5]\n")
     assert run(capsys, "apply", spec, src, tmp_path / "p.safetensors", "--expect", ref)[0] == 1
+
+
+def test_generated_text_is_written_whole_beside_no_fixed_temp_name(tmp_path, monkeypatch):
+    """`invert -o` / `suggest -o`: a unique temporary name, no replacement without force, no leftovers."""
+    from statemap.errors import StatemapError
+    from statemap.fsutil import write_text_new
+
+    out = tmp_path / "draft.yaml"
+    (tmp_path / ".draft.yaml.statemap.tmp").write_text("another run's temp")  # the old fixed name
+    write_text_new(out, "version: 1\n")
+    assert out.read_text() == "version: 1\n"
+    assert (tmp_path / ".draft.yaml.statemap.tmp").read_text() == "another run's temp"
+    with pytest.raises(StatemapError, match=r"draft\.yaml: already exists; pass --force"):
+        write_text_new(out, "other\n")
+    write_text_new(out, "new\n", force=True)
+    assert out.read_text() == "new\n"
+
+    # the target appears between the check and the final step: it is not replaced
+    real_link = os.link
+
+    def racing_link(src, dst):
+        Path(dst).write_text("written meanwhile")
+        return real_link(src, dst)
+
+    late = tmp_path / "late.yaml"
+    monkeypatch.setattr(os, "link", racing_link)
+    with pytest.raises(StatemapError, match="already exists"):
+        write_text_new(late, "mine\n")
+    assert late.read_text() == "written meanwhile"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".draft.yaml.statemap.tmp", "draft.yaml", "late.yaml"]
