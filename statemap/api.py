@@ -15,6 +15,7 @@ from .load import Checkpoint, from_state_dict, open_checkpoint
 from .meta import TensorMeta
 from .plan import Plan, make_plan
 from .report import Report
+from .source import bind_vars, open_input, open_source
 from .spec import Spec, load_spec
 from .textsafe import short_repr
 from .verify import run_checks
@@ -168,7 +169,27 @@ def plan_for(spec: Spec, ck: Checkpoint) -> Plan:
     """Compile ``spec`` against an opened checkpoint (metadata only)."""
     if not ck.metas:
         raise CheckpointError(f"{ck.path}: holds no tensors; nothing to convert")
+    spec.require_vars()
     return make_plan(spec, ck.metas.values(), ck.tied_groups())
+
+
+def _input_rows(ck: Checkpoint) -> list[dict[str, Any]]:
+    """One row per input file of a multi-file input: name, captures, format, tensor count, keys."""
+    keys: list[list[str]] = [[] for _ in ck.inputs]
+    for k, i in ck.files.items():
+        keys[i].append(k)
+    return [
+        {
+            "file": f.name,
+            "captures": dict(f.captures),
+            "format": f.format,
+            "container": f.container,
+            "stripped_prefix": f.stripped_prefix,
+            "n_tensors": f.n_tensors,
+            "keys": keys[i],
+        }
+        for i, f in enumerate(ck.inputs)
+    ]
 
 
 def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any, config: Any = None) -> Report:
@@ -189,6 +210,10 @@ def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any, config: Any = N
         conditions_not_met=[f"{r.loc}: {r.label}" for r in plan.not_met],
         assumptions=[f"{c.describe()}: {c.verified or 'verified by comparing bytes when applying'}" for c in plan.checks],
     )
+    r.inputs = _input_rows(ck)
+    if spec.config_label:
+        r.vars_from = spec.config_label
+    r.vars = dict(spec.vars)
     r.metas = {m.name: m for m in plan.dropped_metas}
     r.metas.update({k: ck.metas[k] for k in plan.passthrough if k in ck.metas})
     ref = expect if expect is not None else spec.expect
@@ -229,7 +254,7 @@ class _Producer:
 
     def __call__(self, i: int) -> Any:
         if self._state is None:
-            ck = open_checkpoint(self.source, self.spec.unwrap, self.spec.strip_prefix)
+            ck = open_input(self.source, self.spec.inputs, self.spec.unwrap, self.spec.strip_prefix)
             self._state = (ck, _to_write(self.spec, plan_for(self.spec, ck), self.tied))
         ck, outs = self._state
         return produce(outs[i], ck.read, ck.locations)
@@ -237,7 +262,9 @@ class _Producer:
 
 def _inputs(ck: Checkpoint, spec: Spec, expect: Any, config: Any) -> list[str]:
     """Every file a conversion reads: none of them may be an output, not even with ``force``."""
-    files = [ck.path, spec.path, *sorted({loc.file for loc in ck.locations.values()})]
+    files = [ck.path, spec.path, *(f.path for f in ck.inputs), *sorted({loc.file for loc in ck.locations.values()})]
+    if spec.config_label and spec.config is not None and spec.config[0] == "file":
+        files.append(spec.config_label)
     files += [os.fspath(r) for r in (expect, config) if isinstance(r, (str, os.PathLike)) and not str(r).startswith("hf:")]
     return files
 
@@ -259,8 +286,14 @@ def convert(
     accept_loss: Sequence[str] = (),
     config: str | os.PathLike[str] | None = None,
     workers: int = 1,
+    vars_from: str | os.PathLike[str] | Mapping[str, Any] | None = None,
 ) -> Report:
     """Convert a checkpoint file with a spec and write the result; return the report.
+
+    ``src`` is a checkpoint file or folder; for a spec with ``inputs:`` the folder holding the
+    files (or a pattern naming them: ``"ckpt/consolidated.{rank:int}.pth"``). ``vars_from``:
+    a JSON/YAML file (or a mapping) the spec's ``{config: KEY}`` vars are read from, instead of
+    the spec's ``config:``; ``vars`` still win.
 
     Every check runs on metadata before any tensor is read; ``assume:`` facts the metadata
     cannot prove are verified by reading before anything is written; the output appears only
@@ -287,7 +320,8 @@ def convert(
             raise PlanError(f"{spec.path}: cannot reverse {spec.name!r}: " + "; ".join(inversion.ambiguous))
         check_losses(spec, inversion.lost, accept_loss)
         spec, lost = inversion.spec, inversion.lost
-    with open_checkpoint(src, spec.unwrap, spec.strip_prefix) as ck:
+    ck, spec = open_source(spec, src, vars_from)
+    with ck:
         plan = plan_for(spec, ck)
         report = _report(spec, ck, plan, expect, config)
         report.not_restored = list(lost)
@@ -308,7 +342,7 @@ def convert(
             check_resources(Path(dst), [o.meta for o in outs], in_memory, together=not streaming)
             report.assumptions = run_checks(plan, ck.read)
             metadata = provenance(spec, ck.path)
-            get = _Producer(spec, ck.path, tied) if streaming and workers > 1 else None
+            get = _Producer(spec, os.fspath(src), tied) if streaming and workers > 1 else None
             produced = execute_streaming(outs, ck.read, ck.locations) if streaming else execute(outs, ck.read)
             written: Written = write_checkpoint(
                 dst,
@@ -355,8 +389,15 @@ def map_state_dict(
     *,
     vars: Mapping[str, Any] | None = None,
     expect: Any = None,
+    vars_from: str | os.PathLike[str] | Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Report]:
     """Apply a spec to an in-memory state dict (torch tensors or numpy arrays).
+
+    For a spec with ``inputs:`` (several files), pass one state dict per file, keyed by the
+    file's capture values joined by ``/`` (what the default key puts first):
+    ``map_state_dict(spec, {"00": sd0, "01": sd1})`` reads ``00/layers.0.attention.wq.weight``.
+    ``vars_from``: a config mapping (e.g. ``json.load(open("params.json"))``) or a JSON/YAML file
+    for the spec's ``{config: KEY}`` vars.
 
     Returns ``(new_state_dict, report)``; values come back as the type they went in
     (torch in, torch out). Tied outputs are the same tensor object. Torch tensors are never
@@ -372,8 +413,16 @@ def map_state_dict(
     spec = load_spec(spec, vars)
     if spec.unwrap:
         raise CheckpointError(f"spec {spec.name!r} unwraps {'/'.join(spec.unwrap)!r}; pass that inner dict to map_state_dict")
+    if vars_from is not None or (spec.config is not None and spec.config[0] == "checkpoint"):
+        spec = bind_vars(spec, None, None, vars_from)
     from .load import finish_flat
 
+    input_rows: list[dict[str, Any]] = []
+    if spec.inputs is not None:
+        state_dict, input_rows = _join_inputs(spec, state_dict)
+        from dataclasses import replace
+
+        spec = replace(spec, strip_prefix=())  # each state dict's prefix is stripped on its own
     as_torch = bool(state_dict) and all(type(v).__module__.startswith("torch") for v in state_dict.values())
     if as_torch:  # zero copy: plan on metadata, run recipes as torch ops on the tensors' own device
         from .torch_apply import as_numpy, run_node_torch, torch_metas
@@ -384,6 +433,7 @@ def map_state_dict(
         ck = finish_flat(ck, spec.strip_prefix)
         plan = plan_for(spec, ck)
         report = _report(spec, ck, plan, expect)
+        report.inputs = input_rows
         devices = {v.device for v in state_dict.values()}
         device = devices.pop() if len(devices) == 1 else None
         report.assumptions = run_checks(plan, ck.read, lambda node: as_numpy(run_node_torch(node, ck.read, device)))
@@ -405,6 +455,7 @@ def map_state_dict(
     ck = finish_flat(from_state_dict(state_dict), spec.strip_prefix)
     plan = plan_for(spec, ck)
     report = _report(spec, ck, plan, expect)
+    report.inputs = input_rows
     report.assumptions = run_checks(plan, ck.read)
     some_torch = any(type(v).__module__.startswith("torch") for v in state_dict.values())  # mixed: torch out
     out = {}
@@ -420,6 +471,48 @@ def map_state_dict(
             a = to_torch(a, planned.node.dtype)
         out[planned.name] = a
     return out, report
+
+
+def _join_inputs(spec: Spec, state_dicts: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``{"00": sd0, "01": sd1}`` -> one dict keyed as the spec's ``inputs:`` addresses them
+    (each state dict's ``module.`` prefix stripped on its own), and the report's input rows."""
+    from .load import finish_flat
+    from .load.multi import memory_parts
+
+    assert spec.inputs is not None
+    if not isinstance(state_dicts, Mapping) or not state_dicts or not all(isinstance(v, Mapping) for v in state_dicts.values()):
+        raise CheckpointError(
+            f"spec {spec.name!r} reads several files ('inputs: {spec.inputs.files}'): pass one state dict per file, "
+            f"keyed by its capture values, e.g. {{'00': sd0, '01': sd1}}"
+        )
+    joined: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    for f, caps in memory_parts(state_dicts, spec.inputs):
+        sd = state_dicts[f.name]
+        names = [k for k in sd if isinstance(k, str)]
+        if len(names) != len(sd):
+            raise CheckpointError(f"<state_dicts>[{f.name!r}]: every key must be a string")
+        probe = Checkpoint(f.name, "memory", {k: TensorMeta(k, (), "float32") for k in names}, sd.__getitem__)
+        probe = finish_flat(probe, spec.strip_prefix)
+        keys: list[str] = []
+        for old, new in zip(names, probe.metas):
+            name = spec.inputs.key_for(caps, new)
+            if name in joined:
+                raise CheckpointError(f"<state_dicts>: key {name!r} comes from two state dicts; check the 'inputs' key template")
+            joined[name] = sd[old]
+            keys.append(name)
+        rows.append(
+            {
+                "file": f.name,
+                "captures": caps,
+                "format": "memory",
+                "container": "",
+                "stripped_prefix": probe.stripped_prefix,
+                "n_tensors": len(names),
+                "keys": keys,
+            }
+        )
+    return joined, rows
 
 
 def load_state_dict(path: str | os.PathLike[str], unwrap: str | Sequence[str] | None = None) -> dict[str, Any]:

@@ -58,6 +58,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         accept_loss=args.accept_loss or (),
         config=args.config,
         workers=args.workers,
+        vars_from=args.vars_from,
     )
     if not args.json and not args.dry_run and sys.stderr.isatty() and not args.quiet:
         from rich.markup import escape
@@ -113,9 +114,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import module_rows, render_inspect
     from .load import open_checkpoint
     from .report import fold
+    from .source import is_pattern, open_input
 
     unwrap = tuple(args.unwrap.split("/")) if args.unwrap else None
-    with open_checkpoint(args.file, unwrap) as ck:
+    opened = open_input(args.file, None, unwrap) if is_pattern(args.file) else open_checkpoint(args.file, unwrap)
+    with opened as ck:
         rows = module_rows(ck, args.depth)
         if args.json:
             _print_json(
@@ -131,6 +134,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     "tensors": [{"name": m.name, "shape": list(m.shape), "dtype": m.dtype} for m in ck.metas.values()],
                     "metadata": ck.metadata,
                     "extras": ck.extras,
+                    "inputs": [
+                        {"file": f.name, "captures": dict(f.captures), "format": f.format, "n_tensors": f.n_tensors}
+                        for f in ck.inputs
+                    ],
                 }
             )
             return EXIT_OK
@@ -300,9 +307,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"spec": spec.name, "path": spec.path, "rules": len(spec.rules), "ok": True}
     if args.against:
         from .api import _report, plan_for
-        from .load import open_checkpoint
+        from .source import open_source
 
-        with open_checkpoint(args.against, spec.unwrap, spec.strip_prefix) as ck:
+        ck, spec = open_source(spec, args.against, args.vars_from)
+        with ck:
             report = _report(spec, ck, plan_for(spec, ck), None)
         result["outputs"] = len(report.produced)
         result["passthrough"] = report.passthrough
@@ -337,7 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("apply", help="convert a checkpoint with a spec")
     a.add_argument("spec", help="spec file, or the name of a catalog spec (statemap list)")
-    a.add_argument("input", help="checkpoint file or directory")
+    a.add_argument(
+        "input",
+        help="checkpoint file or directory; for a spec with `inputs:` the folder of files, or a pattern ('ckpt/consolidated.{rank:int}.pth')",
+    )
     a.add_argument("output", nargs="?", help="output .safetensors or .pt (omit with --dry-run)")
     a.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a spec var (repeatable)")
     a.add_argument(
@@ -346,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference checkpoint, key listing, or hf:ModelClass (with --config) to compare the result with",
     )
     a.add_argument("--config", metavar="CONFIG.json", help="model config for --expect hf:ModelClass (built without weights)")
+    a.add_argument(
+        "--vars-from",
+        metavar="FILE",
+        help="JSON/YAML file the spec's {config: KEY} vars are read from (instead of its `config:`)",
+    )
     a.add_argument("--dry-run", action="store_true", help="plan and report; read no tensor, write nothing")
     a.add_argument("--force", action="store_true", help="replace an existing output")
     a.add_argument("--max-shard-size", metavar="SIZE", help="shard safetensors output, e.g. 5GB")
@@ -383,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_diff)
 
     i = sub.add_parser("inspect", help="tensors and parameters per module, folded by layer")
-    i.add_argument("file")
+    i.add_argument(
+        "file", help="checkpoint file or directory, or a pattern naming several files ('ckpt/consolidated.{rank:int}.pth')"
+    )
     i.add_argument("--depth", type=int, default=2, help="module depth for keys without a layer index (default 2)")
     i.add_argument("--keys", action="store_true", help="also list every key, folded by layer index")
     i.add_argument("--unwrap", metavar="KEY[/KEY]", help="state dict location inside the file (default: auto)")
@@ -434,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("spec")
     c.add_argument("--against", metavar="CHECKPOINT")
     c.add_argument("--set", action="append", metavar="NAME=VALUE")
+    c.add_argument(
+        "--vars-from", metavar="FILE", help="JSON/YAML file the spec's {config: KEY} vars are read from (with --against)"
+    )
     common(c)
     c.set_defaults(func=cmd_check)
     return p

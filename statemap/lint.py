@@ -1056,9 +1056,10 @@ def lint_file(spec: str | Spec, against: str | None = None, vars: Mapping[str, A
     s = load_spec(spec, vars)
     if against is None:
         return lint(s)
-    from .load import open_checkpoint
+    from .source import open_source
 
-    with open_checkpoint(against, s.unwrap, s.strip_prefix) as ck:
+    ck, s = open_source(s, against)
+    with ck:
         metas = list(ck.metas.values())
     return lint(s, metas)
 

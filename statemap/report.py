@@ -139,6 +139,10 @@ class Report:
     not_restored: list[str] = field(default_factory=list)  # with --reverse: rules the reverse cannot undo
     conditions_not_met: list[str] = field(default_factory=list)  # rules whose `when:` held for no matched key
     assumptions: list[str] = field(default_factory=list)  # `assume:` facts and how each was verified
+    # several input files (`inputs:`): one row each {file, captures, format, container, n_tensors, keys}
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    vars: dict[str, Any] = field(default_factory=dict)  # the spec's vars as used
+    vars_from: str = ""  # the config the vars were read from
     files: list[str] = field(default_factory=list)
     n_bytes: int = 0
     seconds: float = 0.0
@@ -214,6 +218,19 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
         console.print(
             styled(("also in the file: " + ", ".join(map(repr, report.alternatives)) + " (choose one with unwrap)", "dim"))
         )
+    if report.inputs:
+        t = Table(title=f"input files ({len(report.inputs)})", title_justify="left", show_edge=False, pad_edge=False)
+        for c in ("file", "captures", "format", "tensors", "keys"):
+            t.add_column(c, overflow="fold")
+        for row in report.inputs:
+            caps = ", ".join(f"{k}={v}" for k, v in row["captures"].items())
+            keys = fold_names(row["keys"]) if verbose else [row["keys"][0]] if row["keys"] else []
+            more = "" if verbose or len(row["keys"]) < 2 else f" (+{len(row['keys']) - 1})"
+            t.add_row(row["file"], caps, row["format"], str(row["n_tensors"]), "\n".join(keys) + more)
+        console.print(t)
+    if report.vars_from:
+        shown = ", ".join(f"{k}={v}" for k, v in report.vars.items())
+        console.print(styled((f"vars from {report.vars_from}: ", "dim"), (shown, "dim")))
     size = f", {report.n_bytes / 1e6:.1f} MB" if report.n_bytes else ""
     once = sum(len(g) - 1 for g in report.written_once)
     stored = f" ({len(report.produced) - once} stored: each tied group once)" if once else ""

@@ -257,9 +257,55 @@ _HEADER: dict[str, dict[str, Any]] = {
     "verified": {"type": "string", "description": "how this mapping was proven, shown by `statemap list`"},
     "vars": {
         "type": ["object", "null"],
-        "description": "name: default pairs usable in templates, shapes and sizes (--set name=value overrides)",
+        "description": "name: default pairs usable in templates, shapes and sizes (--set name=value overrides); "
+        "a string naming other vars is an integer expression over them (dim // n_heads); "
+        "{config: KEY, default: ...} reads the var from the config",
         "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
-        "additionalProperties": {"type": ["number", "string"]},
+        "additionalProperties": {
+            "anyOf": [
+                {"type": ["number", "string"]},
+                {
+                    "type": "object",
+                    "properties": {
+                        "config": {"type": "string", "minLength": 1, "description": "dotted key into the config (model.dim)"},
+                        "default": {"type": ["number", "string"], "description": "used when the config lacks the key"},
+                    },
+                    "additionalProperties": False,
+                    "minProperties": 1,
+                },
+            ]
+        },
+    },
+    "inputs": {
+        "description": "several input files, named by a pattern relative to the input folder "
+        "(consolidated.{rank:int}.pth); keys are addressed as '{rank}/' + the key, or as 'key' says",
+        "anyOf": [
+            {"type": "null"},
+            {"type": "string", "minLength": 1},
+            {
+                "type": "object",
+                "properties": {
+                    "files": {"type": "string", "minLength": 1, "description": "the file pattern"},
+                    "key": {"type": "string", "minLength": 1, "description": "key template over the captures and {key}"},
+                },
+                "required": ["files"],
+                "additionalProperties": False,
+            },
+        ],
+    },
+    "config": {
+        "description": "where {config: KEY} vars are read: a JSON/YAML file in the input's folder (params.json), "
+        "or {checkpoint: KEY} for a dict stored in the checkpoint (args, cfg.model)",
+        "anyOf": [
+            {"type": "null"},
+            {"type": "string", "minLength": 1},
+            {
+                "type": "object",
+                "properties": {"checkpoint": {"type": "string", "minLength": 1}},
+                "required": ["checkpoint"],
+                "additionalProperties": False,
+            },
+        ],
     },
     "unwrap": {
         "description": "key path to the state dict inside the file (model, state_dict/model, or a list); "
@@ -306,6 +352,14 @@ def build_schema() -> dict[str, Any]:
             "description": "one rule: exactly one op key, plus optional " + ", ".join(COMMON),
             "oneOf": [{"$ref": f"#/$defs/rule_{name}"} for name in REGISTRY],
         }
+    }
+    defs["rule"]["oneOf"].append({"$ref": "#/$defs/include"})
+    defs["include"] = {
+        "description": "the rules (and var defaults) of another spec file, relative to this one, or a catalog spec",
+        "type": "object",
+        "properties": {"include": {"type": "string", "minLength": 1}},
+        "required": ["include"],
+        "additionalProperties": False,
     }
     for name, op in REGISTRY.items():
         defs[f"rule_{name}"] = _rule_branch(op)

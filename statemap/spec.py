@@ -24,8 +24,10 @@ import yaml
 
 from .errors import SpecError
 from .fsutil import read_regular
+from .inputs import Inputs, parse_inputs
 from .template import Pattern, Template, parse_pattern, parse_template
 from .textsafe import short_repr
+from .vardefs import VarDef, parse_vars, resolve
 
 SPEC_VERSION = 1
 MAX_SPEC_BYTES = 4 << 20
@@ -90,10 +92,49 @@ class Spec:
     expect: Any = None  # path string, or {key: shape}
     path: str = "<string>"
     loc: Loc = field(default_factory=lambda: Loc("<string>", 1))
+    inputs: Inputs | None = None  # several input files (`inputs:`), None = one checkpoint
+    config: tuple[str, str] | None = None  # ("file", "params.json") or ("checkpoint", "cfg.model")
+    var_defs: tuple[VarDef, ...] = ()  # the declarations; `vars` holds their current values
+    overrides: tuple[tuple[str, Any], ...] = ()  # --set / vars={...}: win over config and defaults
+    pending: tuple[tuple[str, str], ...] = ()  # vars without a value yet (name, why): from a config not read
+    config_label: str = ""  # the config the vars were read from ("" = none)
+    config_data: Any = field(default=None, compare=False, repr=False)
 
     @property
     def var_dict(self) -> dict[str, Any]:
         return dict(self.vars)
+
+    def _resolved(self, overrides: dict[str, Any], config: Any, label: str, bound: bool) -> Spec:
+        if not self.var_defs:  # a Spec built by hand: plain values
+            current = {**self.var_dict, **overrides}
+            return replace(self, vars=tuple(current.items()), overrides=tuple(overrides.items()))
+        values, pending = resolve(self.var_defs, overrides, config, label, bound)
+        return replace(
+            self,
+            vars=tuple(values.items()),
+            overrides=tuple(overrides.items()),
+            pending=tuple(pending.items()),
+            config_label=label,
+            config_data=config,
+        )
+
+    def bind_config(self, config: Any, label: str) -> Spec:
+        """Read the vars again with ``config`` (the config's data, or None: no config): a conversion
+        calls this once it knows the input. A var whose config key is missing and which has no
+        default is an error naming the config, the key and the var.
+
+        Example::
+
+            >>> spec.bind_config({"n_heads": 32, "dim": 4096}, "params.json").var_dict["head_dim"]
+            128
+        """
+        return self._resolved(dict(self.overrides), config, label, True)
+
+    def require_vars(self) -> None:
+        """Raise :class:`SpecError` naming each var that still has no value (its config was not read)."""
+        if self.pending:
+            why = "; ".join(f"{n} {w}" for n, w in self.pending)
+            raise SpecError(f"{self.path}: spec {self.name!r}: var {why}")
 
     def inverse(self) -> Spec:
         """The reverse spec (see :mod:`statemap.invert`; ``invert(spec).lost`` lists what it cannot restore).
@@ -110,12 +151,12 @@ class Spec:
         """Return a copy with some ``vars`` overridden (names must exist in the spec)."""
         if not overrides:
             return self
-        current = self.var_dict
+        known = [d.name for d in self.var_defs] if self.var_defs else list(self.var_dict)
         for k in overrides:
-            if k not in current:
-                raise SpecError(f"{self.path}: spec {self.name!r} has no var {k!r} (vars: {', '.join(current) or 'none'})")
-        current.update({k: _coerce(v) for k, v in overrides.items()})
-        return replace(self, vars=tuple(current.items()))
+            if k not in known:
+                raise SpecError(f"{self.path}: spec {self.name!r} has no var {k!r} (vars: {', '.join(known) or 'none'})")
+        merged = {**dict(self.overrides), **{k: _coerce(v) for k, v in overrides.items()}}
+        return self._resolved(merged, self.config_data, self.config_label, bool(self.config_label))
 
 
 def _coerce(v: Any) -> Any:
@@ -280,6 +321,8 @@ _HEADER_FIELDS = {
     "tied",
     "expect",
     "rules",
+    "inputs",
+    "config",
 }
 
 
@@ -329,11 +372,42 @@ def parse_spec(data: Any, file: str = "<string>") -> Spec:
     raw_vars = data.get("vars") or {}
     if not isinstance(raw_vars, dict):
         raise SpecError(f"{at('vars')}'vars' must be a mapping of name: default value")
-    for k, v in raw_vars.items():
-        if not k.isidentifier():
-            raise SpecError(f"{at('vars')}var name {k!r} is not an identifier")
-        if not isinstance(v, (int, float, str)) or isinstance(v, bool):
-            raise SpecError(f"{at('vars')}var {k!r} must have a number or string default, got {v!r}")
+    raw_rules = data["rules"]
+    if not isinstance(raw_rules, list):
+        raise SpecError(f"{at('rules')}'rules' must be a list")
+    var_at = {str(k): f"{file}:{getattr(raw_vars, 'key_lines', {}).get(k, lines.get('vars', top))}: " for k in raw_vars}
+    all_vars = dict(raw_vars)
+    items = _expand(raw_rules, file, lines.get("rules", top), (_identity(file),), all_vars, var_at, [0])
+    var_defs = parse_vars(all_vars, at("vars"), var_at)
+    values, pending = resolve(var_defs, {}, None, "", bound=False)
+
+    inputs: Inputs | None = None
+    if data.get("inputs") is not None:
+        raw_in = data["inputs"]
+        if isinstance(raw_in, dict):
+            extra = set(raw_in) - {"files", "key"}
+            if extra or "files" not in raw_in:
+                raise SpecError(f"{at('inputs')}'inputs' is a file pattern, or {{files: PATTERN, key: TEMPLATE}}")
+            raw_in, raw_key = raw_in["files"], raw_in.get("key")
+        else:
+            raw_key = None
+        try:
+            inputs = parse_inputs(raw_in, raw_key)
+        except SpecError as e:
+            raise SpecError(f"{at('inputs')}{e}") from None
+
+    config: tuple[str, str] | None = None
+    if data.get("config") is not None:
+        c = data["config"]
+        if isinstance(c, str) and c and len(c) <= 1000 and "\0" not in c:
+            config = ("file", c)
+        elif isinstance(c, dict) and set(c) == {"checkpoint"} and isinstance(c["checkpoint"], str) and c["checkpoint"]:
+            config = ("checkpoint", c["checkpoint"])
+        else:
+            raise SpecError(
+                f"{at('config')}'config' is a JSON/YAML file beside the input (params.json), "
+                "or {checkpoint: KEY} for a dict stored in the checkpoint (args, cfg.model)"
+            )
 
     unwrap: tuple[str, ...] | None = None
     if "unwrap" in data:
@@ -370,14 +444,9 @@ def parse_spec(data: Any, file: str = "<string>") -> Spec:
         else:
             raise SpecError(f"{at('expect')}'expect' is a reference file path or a mapping of key: shape")
 
-    raw_rules = data["rules"]
-    if not isinstance(raw_rules, list):
-        raise SpecError(f"{at('rules')}'rules' must be a list")
     rules: list[Rule] = []
-    item_lines = getattr(raw_rules, "item_lines", [])
-    for n, item in enumerate(raw_rules):
-        line = item_lines[n] if n < len(item_lines) else lines.get("rules", top)
-        for r in parse_rule(item, Loc(file, line), len(rules) + 1, set(raw_vars)):
+    for item, loc in items:
+        for r in parse_rule(item, loc, len(rules) + 1, set(all_vars)):
             rules.append(r)
 
     return Spec(
@@ -388,7 +457,7 @@ def parse_spec(data: Any, file: str = "<string>") -> Spec:
         source=data.get("source", ""),
         target=data.get("target", ""),
         verified=data.get("verified", ""),
-        vars=tuple(raw_vars.items()),
+        vars=tuple(values.items()),
         unwrap=unwrap,
         strip_prefix=strip,
         strict=strict,
@@ -396,7 +465,115 @@ def parse_spec(data: Any, file: str = "<string>") -> Spec:
         expect=expect,
         path=file,
         loc=Loc(file, top),
+        inputs=inputs,
+        config=config,
+        var_defs=var_defs,
+        pending=tuple(pending.items()),
     )
+
+
+MAX_INCLUDE_DEPTH = 8  # includes within includes
+MAX_INCLUDES = 256  # files one spec may include, all levels together
+MAX_RULE_ITEMS = MAX_YAML_NODES  # rule entries after expanding every include
+
+
+def _identity(file: str) -> str:
+    if file in ("<string>", "<dict>"):
+        return file
+    try:
+        return os.path.realpath(file)
+    except (OSError, ValueError):
+        return file
+
+
+def _include_path(target: str, file: str, where: str) -> Path:
+    """An included file: relative to the including spec's folder (the working folder for a spec
+    given as text), else a catalog name."""
+    base = Path.cwd() if file in ("<string>", "<dict>") else Path(file).parent
+    cand = base / target
+    if cand.is_file():
+        return cand
+    if cand.exists():
+        raise SpecError(f"{where}include {target!r}: {cand} is not a file")
+    from .catalog import find
+
+    found = find(target)
+    if found is None:
+        raise SpecError(f"{where}include {target!r}: no such file in {base} nor catalog spec")
+    return found
+
+
+def _expand(
+    raw_rules: list[Any],
+    file: str,
+    default_line: int,
+    chain: tuple[str, ...],
+    all_vars: dict[str, Any],
+    var_at: dict[str, str],
+    budget: list[int],
+) -> list[tuple[Any, Loc]]:
+    """Rule entries with every ``- include: FILE`` replaced by that file's rules (recursively),
+    each with its own ``file:line``. Included ``vars`` never override one already declared."""
+    out: list[tuple[Any, Loc]] = []
+    item_lines = getattr(raw_rules, "item_lines", [])
+    for n, item in enumerate(raw_rules):
+        line = item_lines[n] if n < len(item_lines) else default_line
+        if not (isinstance(item, dict) and "include" in item):
+            out.append((item, Loc(file, line)))
+            if len(out) > MAX_RULE_ITEMS:
+                raise SpecError(f"{file}: more than {MAX_RULE_ITEMS} rules after includes")
+            continue
+        where = f"{file}:{line}: "
+        if set(item) != {"include"}:
+            raise SpecError(f"{where}an include entry holds only 'include: FILE', found {sorted(item)}")
+        target = item["include"]
+        if not isinstance(target, str) or not target or len(target) > 1000:
+            raise SpecError(
+                f"{where}'include' names a spec file (relative to this one) or a catalog spec, got {short_repr(target, 60)}"
+            )
+        path = _include_path(target, file, where)
+        ident = _identity(str(path))
+        if ident in chain:
+            names = [Path(c).name for c in (*chain, ident)]
+            raise SpecError(f"{where}include cycle: {' -> '.join(names)}")
+        if len(chain) > MAX_INCLUDE_DEPTH:
+            raise SpecError(
+                f"{where}include {target!r}: includes nested more than {MAX_INCLUDE_DEPTH} deep ({' -> '.join(Path(c).name for c in chain)})"
+            )
+        budget[0] += 1
+        if budget[0] > MAX_INCLUDES:
+            raise SpecError(f"{where}include {target!r}: more than {MAX_INCLUDES} includes in one spec")
+        raw = read_regular(path, MAX_SPEC_BYTES, "included spec", SpecError)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{path}: cannot read included spec: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        sub_file = str(path)
+        data = _load_yaml(text, sub_file)
+        if not isinstance(data, dict) or "rules" not in data:
+            raise SpecError(
+                f"{sub_file}: an included spec is a mapping with 'rules' (and optional 'vars'); included from {where.rstrip(': ')}"
+            )
+        klines: dict[str, int] = getattr(data, "key_lines", {})
+        for key in data:  # a whole spec may be included (a catalog spec): only its rules and vars are taken
+            if key not in _HEADER_FIELDS:
+                raise unknown_field(key, _HEADER_FIELDS, f"{sub_file}:{klines.get(key, 1)}: ", "spec field")
+        if data.get("version", SPEC_VERSION) != SPEC_VERSION:
+            raise SpecError(f"{sub_file}:{klines.get('version', 1)}: spec format version {data['version']!r} is not supported")
+        sub_vars = data.get("vars") or {}
+        if not isinstance(sub_vars, dict):
+            raise SpecError(f"{sub_file}:{klines.get('vars', 1)}: 'vars' must be a mapping of name: default value")
+        for k, v in sub_vars.items():
+            if k not in all_vars:  # the includer's (and earlier includes') vars win
+                all_vars[k] = v
+                var_at[str(k)] = f"{sub_file}:{getattr(sub_vars, 'key_lines', {}).get(k, klines.get('vars', 1))}: "
+        sub_rules = data["rules"]
+        if not isinstance(sub_rules, list):
+            raise SpecError(f"{sub_file}:{klines.get('rules', 1)}: 'rules' must be a list")
+        out += _expand(sub_rules, sub_file, klines.get("rules", 1), (*chain, ident), all_vars, var_at, budget)
+        if len(out) > MAX_RULE_ITEMS:
+            raise SpecError(f"{file}: more than {MAX_RULE_ITEMS} rules after includes")
+    return out
 
 
 def load_spec(spec: str | os.PathLike[str] | Mapping[str, Any] | Spec, vars: Mapping[str, Any] | None = None) -> Spec:

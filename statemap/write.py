@@ -524,9 +524,14 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+MAX_SOURCE_FDS = 64  # input files held open at once while copying tensor bytes
+
+
 def _copy_range(fd_out: int, src: str, offset: int, n: int, fds: dict[str, int]) -> None:
     """Copy n bytes of ``src`` at ``offset`` to ``fd_out``'s position, in the kernel when possible."""
     if src not in fds:
+        while len(fds) >= MAX_SOURCE_FDS:  # many input files (`inputs:`): keep few descriptors open
+            os.close(fds.pop(next(iter(fds))))
         fds[src] = os.open(src, os.O_RDONLY)
     fd_in = fds[src]
     done = 0

@@ -207,7 +207,9 @@ def test_directory_without_a_single_checkpoint(tmp_path):
     save_file({"a": torch.zeros(1)}, tmp_path / "a.safetensors")
     save_file({"b": torch.zeros(1)}, tmp_path / "b.safetensors")
     with pytest.raises(
-        CheckpointError, match=r"directory holds no single checkpoint to read \(found: a\.safetensors, b\.safetensors\)"
+        CheckpointError,
+        match=r"holds 2 checkpoints and no index \(a\.safetensors, b\.safetensors\); name one file, "
+        r"or read them all with 'inputs: \"\{name\}\.safetensors\"' in the spec",
     ):
         open_checkpoint(tmp_path)
 

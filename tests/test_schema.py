@@ -42,7 +42,7 @@ def test_committed_schema_is_generated(root):
 
 def test_every_op_has_a_rule_branch():
     schema = build_schema()
-    assert [b["$ref"] for b in schema["$defs"]["rule"]["oneOf"]] == [f"#/$defs/rule_{n}" for n in REGISTRY]
+    assert [b["$ref"] for b in schema["$defs"]["rule"]["oneOf"]] == [f"#/$defs/rule_{n}" for n in REGISTRY] + ["#/$defs/include"]
 
 
 def _catalog(root: Path) -> list[Path]:
@@ -78,6 +78,9 @@ GOOD = [
     _spec([{"slice": {"from": "w", "stop": "vocab"}, "inverse": {"pad": {"from": "w", "size": 10}}}]),
     _spec([], unwrap="model/state_dict", strip_prefix=["module."], strict=True, tied="dedupe", expect={"a": [1, 2]}),
     _spec([], unwrap="none", strip_prefix=None, vars={"vocab": 3, "name": "x"}, expect="ref.safetensors"),
+    _spec([], inputs="consolidated.{rank:int}.pth", config="params.json"),
+    _spec([], inputs={"files": "mp_rank_{tp:int}/model_optim_rng.pt", "key": "{tp}/{key}"}, config={"checkpoint": "cfg.model"}),
+    _spec([], vars={"d": {"config": "dim"}, "h": {"config": "n_heads", "default": 2}, "hd": "d // h", "k": {"default": "h"}}),
 ]
 
 
@@ -121,6 +124,10 @@ BAD = [
     ("optional not a bool", _spec([{"drop": "a", "optional": "yes"}])),
     ("inverse not a rule", _spec([{"slice": {"from": "w", "stop": 1}, "inverse": "pad w"}])),
     ("shape entry dict", _spec([{"inject": {"to": "a", "shape": [{"dim": 0}]}}])),
+    ("inputs long form without files", _spec([], inputs={"key": "{key}"})),
+    ("config checkpoint plus a field", _spec([], config={"checkpoint": "args", "file": "x"})),
+    ("var config object with a typo", _spec([], vars={"d": {"config": "dim", "defualt": 1}})),
+    ("include with another field", _spec([{"include": "x.yaml", "optional": True}])),
 ]
 
 

@@ -138,6 +138,8 @@ class Checkpoint:
     storage_ids: dict[str, str] = field(default_factory=dict)  # key -> storage, for ties
     locations: dict[str, ByteTensor] = field(default_factory=dict)
     closer: Callable[[], None] | None = None
+    inputs: list[Any] = field(default_factory=list)  # several files read as one: load.multi.InputFile each
+    files: dict[str, int] = field(default_factory=dict)  # key -> index in `inputs` (several files only)
 
     def read(self, name: str) -> np.ndarray:
         if name not in self.metas:

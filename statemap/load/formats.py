@@ -318,14 +318,14 @@ def open_path(path: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 
 
-def _megatron_latest(d: Path) -> Path:
-    """A Megatron-LM save folder: follow ``latest_checkpointed_iteration.txt`` to ``iter_NNNNNNN``
-    (or ``release``), then its single ``mp_rank_00*/model_optim_rng.pt`` (``--ckpt-format torch``) or
-    the folder itself (``torch_dist``: a DCP folder). Other folders are returned as they are."""
+def megatron_iteration(d: Path) -> Path:
+    """A Megatron-LM save folder: the ``iter_NNNNNNN`` (or ``release``) folder that
+    ``latest_checkpointed_iteration.txt`` names. Other folders are returned as they are."""
     tracker = d / MEGATRON_TRACKER
     if not tracker.is_file():
         return d
-    text = tracker.read_bytes()[:64].decode("ascii", errors="replace").strip()
+    with open(tracker, "rb") as f:
+        text = f.read(64).decode("ascii", errors="replace").strip()
     if text == "release":
         it = d / "release"
     elif text.isdigit():
@@ -334,14 +334,24 @@ def _megatron_latest(d: Path) -> Path:
         raise CheckpointError(f"{tracker}: expected an iteration number or 'release', found {text!r}")
     if not it.is_dir():
         raise CheckpointError(f"{tracker}: names iteration {text}, but {it.name}/ is missing")
+    return it
+
+
+def _megatron_latest(d: Path) -> Path:
+    """A Megatron-LM save folder: follow ``latest_checkpointed_iteration.txt`` to ``iter_NNNNNNN``
+    (or ``release``), then its single ``mp_rank_00*/model_optim_rng.pt`` (``--ckpt-format torch``) or
+    the folder itself (``torch_dist``: a DCP folder). Other folders are returned as they are."""
+    if not (d / MEGATRON_TRACKER).is_file():
+        return d
+    it = megatron_iteration(d)
     if (it / ".metadata").is_file():
         return it
     ranks = sorted(r for r in it.iterdir() if r.is_dir() and r.name.startswith("mp_rank_"))
     if len(ranks) != 1 or not (ranks[0] / "model_optim_rng.pt").is_file():
         found = ", ".join(r.name for r in ranks) or "none"
         raise CheckpointError(
-            f"{it}: expected one mp_rank_00/model_optim_rng.pt (found ranks: {found}); "
-            "tensor/pipeline-parallel shards are not merged: name one file"
+            f"{it}: expected one mp_rank_00/model_optim_rng.pt (found ranks: {found}); to read every rank, "
+            "add 'inputs: \"mp_rank_{tp:int}/model_optim_rng.pt\"' to the spec (or name one file)"
         )
     return ranks[0] / "model_optim_rng.pt"
 
@@ -367,7 +377,34 @@ def _pick_in_dir(d: Path) -> Path:
     if len(files) == 1:
         return files[0]
     listing = ", ".join(f.name for f in sorted(d.iterdir())[:10]) or "nothing"
+    if len(files) > 1:
+        hint = _pattern_hint([f.name for f in files])
+        raise CheckpointError(
+            f"{d}: holds {len(files)} checkpoints and no index ({', '.join(f.name for f in files[:10])}"
+            f"{', ...' if len(files) > 10 else ''}); name one file, or read them all with "
+            f"'inputs: \"{hint}\"' in the spec"
+        )
     raise CheckpointError(f"{d}: directory holds no single checkpoint to read (found: {listing}); name the file")
+
+
+def _pattern_hint(names: list[str]) -> str:
+    """``consolidated.00.pth``, ``consolidated.01.pth`` -> ``consolidated.{n:int}.pth`` (names that differ
+    in one run of digits), else ``{name}.pth``-style with the common suffix."""
+    import re
+
+    shapes = {re.sub(r"\d+", "#", n) for n in names}
+    if len(shapes) == 1:
+        shape = shapes.pop()
+        runs = [set(m) for m in zip(*(re.findall(r"\d+", n) for n in names))]
+        varying = [i for i, r in enumerate(runs) if len(r) > 1]
+        if len(varying) == 1:
+            parts = shape.split("#")
+            out = parts[0]
+            for i, p in enumerate(parts[1:]):
+                out += ("{n:int}" if i == varying[0] else next(iter(runs[i]))) + p
+            return out
+    suffix = os.path.commonprefix([n[::-1] for n in names])[::-1]
+    return "{name}" + suffix if suffix.startswith(".") else "{name}"
 
 
 def _open_index(p: Path) -> Checkpoint:
