@@ -125,6 +125,8 @@ def spec_digest(spec: Spec) -> str:
         "strip_prefix": spec.strip_prefix,
         "strict": spec.strict,
         "tied": spec.tied,
+        **({"inputs": [spec.inputs.files, spec.inputs.key]} if spec.inputs is not None else {}),
+        **({"config": list(spec.config)} if spec.config is not None else {}),
         "rules": [
             [r.op, [str(s) for s in r.sources], [str(t) for t in r.targets], repr(r.params), r.optional, r.inverse]
             for r in spec.rules
@@ -133,7 +135,7 @@ def spec_digest(spec: Spec) -> str:
     return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def provenance(spec: Spec, source: str) -> dict[str, str]:
+def provenance(spec: Spec, source: str, inputs: Sequence[str] = ()) -> dict[str, str]:
     """The metadata a converted safetensors file carries: what made it, from what.
 
     Example::
@@ -150,6 +152,9 @@ def provenance(spec: Spec, source: str) -> dict[str, str]:
         "statemap.version": _version(),
     }
     p = Path(source)
+    if inputs:  # several files: their names (each is hashed like a single source when small)
+        md["statemap.inputs"] = json.dumps([Path(f).name if Path(f).parent == p else os.path.relpath(f, p) for f in inputs])
+        return md
     if p.is_file():
         st = p.stat()
         if st.st_size <= HASH_LIMIT:
@@ -341,7 +346,7 @@ def convert(
             in_memory = [o.meta for o in outs if not streaming or byte_segments(o.node, ck.locations) is None]
             check_resources(Path(dst), [o.meta for o in outs], in_memory, together=not streaming)
             report.assumptions = run_checks(plan, ck.read)
-            metadata = provenance(spec, ck.path)
+            metadata = provenance(spec, ck.path, [f.path for f in ck.inputs])
             get = _Producer(spec, os.fspath(src), tied) if streaming and workers > 1 else None
             produced = execute_streaming(outs, ck.read, ck.locations) if streaming else execute(outs, ck.read)
             written: Written = write_checkpoint(

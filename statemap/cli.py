@@ -93,15 +93,29 @@ def cmd_diff(args: argparse.Namespace) -> int:
             opt = "--values" if args.values else "--spec"
             raise StatemapError(f"{opt} needs tensor values; an hf:ModelClass layout has none")
 
-    def opener(ref: str) -> Any:
-        return hf_layout(ref, args.config) if is_hf_target(ref) else open_checkpoint(ref, unwrap)
+    from .source import is_pattern, open_input
 
-    with opener(args.a) as a, opener(args.b) as b:
+    spec: Any = None
+    if args.spec:  # A is read as SPEC reads it: several files for a spec with `inputs:`, its vars from its config
+        from .spec import load_spec
+
+        spec = load_spec(args.spec, _vars(args.set))
+
+    def opener(ref: str, side_a: bool = False) -> Any:
+        if is_hf_target(ref):
+            return hf_layout(ref, args.config)
+        if side_a and spec is not None and spec.inputs is not None:
+            return open_input(ref, spec.inputs, unwrap if unwrap is not None else spec.unwrap, spec.strip_prefix)
+        return open_input(ref, None, unwrap) if is_pattern(ref) else open_checkpoint(ref, unwrap)
+
+    with opener(args.a, True) as a, opener(args.b) as b:
         rule_of = None
-        if args.spec:  # compare B with what SPEC makes of A, computed in memory, never written
+        if spec is not None:  # compare B with what SPEC makes of A, computed in memory, never written
             from .correspond import planned_checkpoint
+            from .source import bind_vars, config_base
 
-            a, rule_of = planned_checkpoint(args.spec, a, _vars(args.set))
+            spec = bind_vars(spec, a, config_base(args.a))
+            a, rule_of = planned_checkpoint(spec, a)
         r = diff_checkpoints(a, b, values=args.values or bool(args.spec), atol=args.atol, rtol=args.rtol, rule_of=rule_of)
     if args.json:
         _print_json(r.to_json())

@@ -114,8 +114,14 @@ def invert(spec: Spec) -> Inversion:
     }
     if spec.verified:
         data["verified"] = f"derived by statemap invert from {spec.name}"
-    if vars_:
+    if spec.var_defs:  # declarations, not values: config keys and expressions stay as written
+        from .vardefs import declared
+
+        data["vars"] = declared(spec.var_defs, dict(spec.overrides))
+    elif vars_:
         data["vars"] = dict(vars_)
+    if spec.config is not None:
+        data["config"] = spec.config[1] if spec.config[0] == "file" else {"checkpoint": spec.config[1]}
     data["strict"] = spec.strict
     data["tied"] = spec.tied
     data["rules"] = rules

@@ -20,7 +20,7 @@ from .inputs import Inputs, parse_inputs
 from .load import Checkpoint, open_checkpoint
 from .spec import Spec
 
-__all__ = ["open_input", "open_source", "bind_vars", "is_pattern"]
+__all__ = ["open_input", "open_source", "bind_vars", "is_pattern", "config_base"]
 
 
 def is_pattern(src: str | os.PathLike[str]) -> bool:
@@ -64,7 +64,7 @@ def open_input(
     return open_inputs(folder, inputs, lambda p: open_checkpoint(p, unwrap, strip_prefix))
 
 
-def _config_base(src: str | os.PathLike[str]) -> Path:
+def config_base(src: str | os.PathLike[str]) -> Path:
     if is_pattern(src):
         from .load.multi import split_pattern
 
@@ -116,7 +116,7 @@ def open_source(spec: Spec, src: str | os.PathLike[str], vars_from: Any = None) 
     """Open ``src`` as ``spec`` reads it (metadata only) and bind the spec's vars to its config."""
     ck = open_input(src, spec.inputs, spec.unwrap, spec.strip_prefix)
     try:
-        return ck, bind_vars(spec, ck, _config_base(src), vars_from)
+        return ck, bind_vars(spec, ck, config_base(src), vars_from)
     except BaseException:
         ck.close()
         raise

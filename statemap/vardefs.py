@@ -32,7 +32,7 @@ from .textsafe import short_repr
 
 MAX_CONFIG_PATH = 200
 
-__all__ = ["VarDef", "parse_vars", "resolve", "config_value", "is_scalar"]
+__all__ = ["VarDef", "parse_vars", "resolve", "config_value", "is_scalar", "declared"]
 
 
 @dataclass(frozen=True)
@@ -210,3 +210,17 @@ def resolve(
     for d in defs:
         get(d.name)
     return {d.name: values[d.name] for d in defs if d.name in values}, pending
+
+
+def declared(defs: tuple[VarDef, ...], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``vars:`` mapping that declares ``defs`` again (overridden vars as their values), for
+    a derived spec such as the reverse one: ``{config: KEY, default: ...}`` and expressions kept."""
+    out: dict[str, Any] = {}
+    for d in defs:
+        if d.name in overrides:
+            out[d.name] = overrides[d.name]
+        elif d.config is not None:
+            out[d.name] = {"config": d.config, **({"default": d.default} if d.has_default else {})}
+        else:
+            out[d.name] = d.default
+    return out

@@ -377,7 +377,11 @@ def _saved(tmp_path: Path, obj: object) -> Path:
     [
         ("abc", [], r"latest_checkpointed_iteration\.txt: expected an iteration number or 'release', found 'abc'"),
         ("5", [], r"names iteration 5, but iter_0000005/ is missing"),
-        ("5", ["iter_0000005/mp_rank_00", "iter_0000005/mp_rank_01"], r"found ranks: mp_rank_00, mp_rank_01\); tensor/pipeline"),
+        (
+            "5",
+            ["iter_0000005/mp_rank_00", "iter_0000005/mp_rank_01"],
+            r"found ranks: mp_rank_00, mp_rank_01\); to read every rank, add .inputs: \"mp_rank_\{tp:int\}/model_optim_rng\.pt\". to the spec",
+        ),
     ],
     ids=["not-a-number", "missing-iteration", "two-ranks"],
 )

@@ -521,3 +521,26 @@ def test_conversion_of_many_files_keeps_few_descriptors_open(tmp_path, monkeypat
     # the output file and its lock, plus at most 2 input files (without the bound: 7-8, one per input file)
     assert 0 < peak[0] <= 2 + 2
     assert len(os.listdir("/proc/self/fd")) <= base
+
+
+def test_diff_spec_over_several_files_and_invert_keeps_config_vars(tmp_path, capsys):
+    folder, full = _meta_folder(tmp_path)
+    spec = _spec(
+        tmp_path, header='inputs: "consolidated.{rank:int}.pth"\n' + LLAMA_VARS.replace("  kv_dim: n_kv_heads * head_dim\n", "")
+    )
+    torch.save(full, tmp_path / "full.pt")
+    assert main(["diff", str(folder), str(tmp_path / "full.pt"), "--spec", str(spec), "-q"]) == 0
+    wrong = dict(full)
+    wrong["layers.1.attention.wo.weight"] = wrong["layers.1.attention.wo.weight"].flip(1)
+    torch.save(wrong, tmp_path / "wrong.pt")
+    assert main(["diff", str(folder), str(tmp_path / "wrong.pt"), "--spec", str(spec), "--json"]) == 1
+    assert "layers.1.attention.wo.weight" in capsys.readouterr().out
+    # the reverse spec declares the vars as the spec does (config keys, expressions), not frozen values
+    from statemap.invert import invert
+
+    data = invert(load_spec(spec)).data
+    assert data["config"] == "params.json" and "inputs" not in data
+    assert (
+        data["vars"]["n_kv_heads"] == {"config": "n_kv_heads", "default": "n_heads"}
+        and data["vars"]["head_dim"] == "dim // n_heads"
+    )
