@@ -92,7 +92,7 @@ def bind_vars(spec: Spec, ck: Checkpoint | None, base: Path | None, vars_from: A
                 raise CheckpointError(
                     f"{spec.path}: 'config: {{checkpoint: {where}}}' reads the checkpoint file; pass vars_from= for in-memory state dicts"
                 )
-            data, label = checkpoint_config(ck, where), f"{ck.path} [{where}]"
+            data, label = checkpoint_config(ck, where), f"{ck.inputs[0].path if ck.inputs else ck.path} [{where}]"
         else:
             p = Path(where)
             if not p.is_absolute():

@@ -31,6 +31,8 @@ from .template import Expr, eval_expr, expr_names, parse_expr
 from .textsafe import short_repr
 
 MAX_CONFIG_PATH = 200
+MAX_TEXT = 1000  # a text value read from a config
+MAX_INT = 1 << 63  # a var's integer value, from a config or a default, fits in 64 bits
 
 __all__ = ["VarDef", "parse_vars", "resolve", "config_value", "is_scalar", "declared"]
 
@@ -178,6 +180,10 @@ def resolve(
                     v = int(v)
                 if not is_scalar(v):
                     raise SpecError(f"{config_label}: key {d.config!r} (var {n!r}) is {type(v).__name__}, not a number or text")
+                if isinstance(v, int) and not -MAX_INT <= v < MAX_INT:
+                    raise SpecError(f"{config_label}: key {d.config!r} (var {n!r}) is an integer beyond 64 bits")
+                if isinstance(v, str) and len(v) > MAX_TEXT:
+                    raise SpecError(f"{config_label}: key {d.config!r} (var {n!r}) is text longer than {MAX_TEXT} characters")
                 values[n] = v
                 return
             if not d.has_default and bound:
@@ -203,9 +209,12 @@ def resolve(
             pending[n] = f"its default {d.default!r} needs {', '.join(waiting)}"
             return
         try:
-            values[n] = eval_expr(d.expr, values, f"var {n!r} = {d.default}: ")
+            got = eval_expr(d.expr, values, f"var {n!r} = {d.default}: ")
         except SpecError as e:
             raise SpecError(f"{d.where}{e}") from None
+        if not -MAX_INT <= got < MAX_INT:
+            raise SpecError(f"{d.where}var {n!r} = {d.default} is beyond 64 bits ({got.bit_length()} bits)")
+        values[n] = got
 
     for d in defs:
         get(d.name)

@@ -8,6 +8,7 @@ the joined tensors with the unsharded originals, value for value.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -170,6 +171,18 @@ def test_folder_of_shards_without_inputs_is_refused_with_a_suggestion(tmp_path, 
     assert 'inputs: "consolidated.{n:int}.pth"' in err
 
 
+def _megatron_args() -> argparse.Namespace:
+    """Megatron-LM saves its command line as an argparse.Namespace beside the model."""
+    return argparse.Namespace(
+        num_layers=LAYERS,
+        hidden_size=DIM,
+        num_attention_heads=HEADS,
+        group_query_attention=False,
+        num_query_groups=None,
+        tensor_model_parallel_size=2,
+    )
+
+
 def test_megatron_layout_long_form_key_and_tracker(tmp_path):
     """`mp_rank_{tp:int}/model_optim_rng.pt` under a Megatron save folder (tracker file followed),
     the model under `model`, and keys addressed as `tp{tp}.` + key by the long form."""
@@ -178,7 +191,7 @@ def test_megatron_layout_long_form_key_and_tracker(tmp_path):
     for r in range(2):
         (it / f"mp_rank_{r:02d}").mkdir(parents=True)
         torch.save(
-            {"model": _shard(full, r, 2), "iteration": 10, "args": {"num_layers": LAYERS}},
+            {"model": _shard(full, r, 2), "iteration": 10, "args": _megatron_args()},
             it / f"mp_rank_{r:02d}" / "model_optim_rng.pt",
         )
     (tmp_path / "save" / "latest_checkpointed_iteration.txt").write_text("10")
@@ -196,6 +209,17 @@ def test_megatron_layout_long_form_key_and_tracker(tmp_path):
             "mp_rank_00/model_optim_rng.pt",
             "mp_rank_01/model_optim_rng.pt",
         ]
+    # vars from the pickled Namespace (read as data by the safe unpickler, never run)
+    header = (
+        "config: {checkpoint: args}\nvars:\n  layers: {config: num_layers}\n  heads: {config: num_attention_heads}\n"
+        "  groups: {config: num_query_groups, default: heads}\n  tp: {config: tensor_model_parallel_size}\n"
+        "  dim: {config: hidden_size}\n"
+    )
+    spec.write_text(spec.read_text().replace("rules:\n", header + "rules:\n", 1))
+    ck, s = open_source(load_spec(spec), tmp_path / "save")
+    ck.close()
+    assert s.var_dict == {"layers": LAYERS, "heads": HEADS, "groups": HEADS, "tp": 2, "dim": DIM}
+    assert s.config_label.endswith("mp_rank_00/model_optim_rng.pt [args]")
 
 
 def test_files_do_not_tie_to_each_other(tmp_path):
@@ -363,6 +387,8 @@ def test_var_expression_defaults_without_config():
     )
     assert spec.var_dict == {"a": 6, "b": 12, "c": 4, "p": "vit.", "q": 6, "r": 6}
     assert spec.with_vars({"a": "2"}).var_dict["c"] == 1  # defaults follow an override
+    cfg = load_spec("name: t\nversion: 1\nvars:\n  n: {config: c.1.1.1}\n  m: {config: flag}\nrules:\n  - drop: x\n")
+    assert cfg.bind_config({"c": [[0, 0], [[1, 2], [3, 4]]], "flag": True}, "cfg").var_dict == {"n": 4, "m": 1}
 
 
 def test_pending_config_var_is_named_when_planning(tmp_path):
@@ -399,6 +425,12 @@ def test_pending_config_var_is_named_when_planning(tmp_path):
         ("inputs: {files: 'c.{r}.pt', key: '{s}/{key}'}\n", SpecError, r"uses \['s'\], which the file pattern"),
         ("inputs: {files: 'c.{key}.pt'}\n", SpecError, r"'key' is reserved"),
         ("inputs: {file: 'c.{r}.pt'}\n", SpecError, r"'inputs' is a file pattern, or \{files: PATTERN, key: TEMPLATE\}"),
+        ("vars:\n  a: 4294967296\n  b: a * a * a\n", SpecError, r"var 'b' = a \* a \* a is beyond 64 bits \(97 bits\)"),
+        (
+            "vars:\n  a: 65536\n" + "".join(f"  v{k}: {'a' if k == 0 else f'v{k - 1}'} * 65536\n" for k in range(8)),
+            SpecError,
+            r"var 'v2' = v1 \* 65536 is beyond 64 bits \(65 bits\)",
+        ),
     ],
 )
 def test_bad_headers(header, error, match):
@@ -443,6 +475,21 @@ def _one(tmp: Path) -> Path:
             r"key 'n' \(var 'n'\) is dict, not a number or text",
         ),
         (lambda d: None, "config: {checkpoint: args}\n", r"m\.pt: no 'args' at top level of the checkpoint"),
+        (
+            lambda d: (d / "params.json").write_text('{"n": ' + "9" * 30 + "}"),
+            "config: params.json\nvars:\n  n: {config: n}\n",
+            r"key 'n' \(var 'n'\) is an integer beyond 64 bits",
+        ),
+        (
+            lambda d: (d / "params.yaml").write_text("a: &a [1, 2]\nb: &b [*a, *a]\nc: [*b, *b]\n"),
+            "config: params.yaml\nvars:\n  n: {config: c.0.1}\n",
+            r"params\.yaml: key 'c\.0\.1' \(var 'n'\) is list, not a number or text",
+        ),
+        (
+            lambda d: (d / "params.yaml").write_text("[" * 5000 + "]" * 5000),
+            "config: params.yaml\nvars:\n  n: {config: c}\n",
+            r"params\.yaml: (config nested too deeply|cannot read config)",
+        ),
     ],
 )
 def test_bad_configs(tmp_path, setup, header, match):

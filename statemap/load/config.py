@@ -58,15 +58,16 @@ def checkpoint_config(ck: Checkpoint, path: str) -> dict[str, Any]:
     """The dict at dotted ``path`` among the checkpoint's non-tensor entries (``args``, ``cfg.model``)."""
     cur: Any = ck.extras
     seen: list[str] = []
+    name = ck.inputs[0].path if ck.inputs else ck.path  # several files: the first one's
     for part in path.split("."):
         if not isinstance(cur, Mapping) or part not in cur or cur[part] is None:
             where = ".".join(seen) or "top level"
             have = ", ".join(sorted(map(str, cur))[:12]) if isinstance(cur, Mapping) else type(cur).__name__
             raise CheckpointError(
-                f"{ck.path}: no {part!r} at {where} of the checkpoint for 'config: {{checkpoint: {path}}}' (found: {have or 'nothing'})"
+                f"{name}: no {part!r} at {where} of the checkpoint for 'config: {{checkpoint: {path}}}' (found: {have or 'nothing'})"
             )
         cur = cur[part]
         seen.append(part)
     if not isinstance(cur, Mapping):
-        raise CheckpointError(f"{ck.path}: {path!r} in the checkpoint is {type(cur).__name__}, not a mapping of settings")
+        raise CheckpointError(f"{name}: {path!r} in the checkpoint is {type(cur).__name__}, not a mapping of settings")
     return dict(cur)
