@@ -11,6 +11,9 @@ rename     rename back                                 captures with arithmetic 
 keep       keep
 split      merge (concat along the same dim)
 merge      split (equal chunks along the same dim)     ``mode: stack`` needs a declared inverse
+merge over split over the same name, mode and dim        concat / same need ``count``
+split over merge over the same name
+rearrange  rearrange with the pattern's sides swapped
 copy, tie  rename the first target back, drop the rest  the copies are equal, nothing is lost
 transpose  the same transpose
 permute    the inverse permutation
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SpecError
-from .ops import REGISTRY, _pattern_as_template
+from .ops import REGISTRY, _pattern_as_template, int_yaml
 from .spec import Rule, Spec, parse_spec
 from .template import (
     Expr,
@@ -310,22 +313,59 @@ def _invert_rule(rule: Rule, vars_: dict[str, Any]) -> list[dict[str, Any]]:
                 out.append({"drop": {"from": drop_pat, **same, **opt, **note}})
         out.append({"rename": {"from": first, "to": km.template(rule.sources[0]), **opt, **note}})
         return out
+    if op == "split" and p.get("over"):
+        over = p["over"]
+        km.kinds[over] = "int"
+        src = km.pattern(rule.targets[0])
+        if km.solution.get(over) != over:
+            raise _NotInvertible(f"the target uses {{{over}}} with arithmetic; declare `inverse:`")
+        body = {"from": src, "over": over, "mode": p["mode"], "to": km.template(rule.sources[0])}
+        if p["mode"] != "same":
+            body["dim"] = int_yaml(p["dim"])
+        if p.get("count") is not None:
+            body["count"] = int_yaml(p["count"])
+        return [{"merge": {**body, **opt, **note}}]
+    if op == "merge" and p.get("over"):
+        over = p["over"]
+        src = km.pattern(rule.targets[0])
+        km.solution[over] = over
+        body = {"from": src, "over": over, "mode": p["mode"], "to": km.template(rule.sources[0])}
+        if p["mode"] != "same":
+            body["dim"] = int_yaml(p["dim"])
+        if p.get("count") is not None:
+            body["count"] = int_yaml(p["count"])
+        elif p["mode"] != "stack":
+            raise _NotInvertible(f"the number of pieces over {over} is not in the spec; give `count:`")
+        return [{"split": {**body, **opt, **note}}]
+    if op == "rearrange":
+        to = rule.targets[0] if rule.targets else None
+        src = km.pattern(to) if to is not None else rule.sources[0].text
+        back = km.template(rule.sources[0]) if to is not None else None
+        fields: dict[str, Any] = {"from": src}
+        if back is not None and back != src:
+            fields["to"] = back
+        fields["pattern"] = p["pattern"].inverse().text
+        if p["sizes"]:
+            fields["sizes"] = {k: int_yaml(v) for k, v in p["sizes"]}
+        return [{"rearrange": {**fields, **opt, **note}}]
     if op == "split":
         first = km.pattern(rule.targets[0])
         others = [km.template(t.text) for t in rule.targets[1:]]
         _check_same_captures(km, rule)
-        return [{"merge": {"from": [first, *others], "to": km.template(rule.sources[0]), "dim": p["dim"], **opt, **note}}]
+        return [
+            {"merge": {"from": [first, *others], "to": km.template(rule.sources[0]), "dim": int_yaml(p["dim"]), **opt, **note}}
+        ]
     if op == "merge":
         if p["mode"] != "concat":
             raise _NotInvertible("merge with mode: stack needs a declared `inverse:` (a split and a reshape)")
         src = km.pattern(rule.targets[0])
         targets = [km.template(rule.sources[0])] + [km.template(t.text) for t in rule.sources[1:]]
-        return [{"split": {"from": src, "to": targets, "dim": p["dim"], **opt, **note}}]
+        return [{"split": {"from": src, "to": targets, "dim": int_yaml(p["dim"]), **opt, **note}}]
     if op in ("transpose", "permute"):
         to = rule.targets[0] if rule.targets else None
         src = km.pattern(to) if to is not None else rule.sources[0].text
         back = km.template(rule.sources[0]) if to is not None else None
-        fields: dict[str, Any] = {"from": src}
+        fields = {"from": src}
         if back is not None and back != src:
             fields["to"] = back
         if op == "transpose":

@@ -506,6 +506,9 @@ def _info(rule: Rule, vars_: Mapping[str, Any]) -> _Info:
     op = REGISTRY[rule.op]
     src = rule.sources[0] if rule.sources else None
     kinds = pattern_kinds(src) if src is not None else {}
+    over = rule.p.get("over")
+    if over and over not in kinds:  # split over: the targets' index
+        kinds = {**kinds, over: _INT}
     ident = _identity_parts(src) if src is not None else None
     outs = []
     has_identity = False
@@ -819,7 +822,7 @@ def _check_writes(spec: Spec, infos: list[_Info], dead: set[int]) -> list[Findin
                 out.append(_f("SM104", ERROR, r, spec, f"lists target {t.text!r} twice", "remove the duplicate"))
             seen.add(t.text)
         if r.rule.sources and r.rule.op not in ("drop", "keep"):
-            caps = set(r.rule.sources[0].captures)
+            caps = set(r.rule.sources[0].captures) - {r.rule.p.get("over")}
             for t, _, _ in r.outs:
                 unused = sorted(caps - t.names)
                 if unused:
@@ -900,6 +903,15 @@ def _check_params(spec: Spec, infos: list[_Info]) -> list[Finding]:
             neg = [v for v in vals if v is not None and v < -1]
             if neg:
                 bad(r, f"sizes {vals} include a negative size {neg[0]}")
+        elif op == "rearrange":
+            for name, v in p["sizes"] or ():
+                size = _int_or_none(v, vars_)
+                if size is not None and size <= 0:
+                    bad(r, f"axis {name}={size}: sizes must be positive")
+        elif op in ("merge", "split") and p.get("over"):
+            count = None if p.get("count") is None else _int_or_none(p["count"], vars_)
+            if count is not None and count < 1:
+                bad(r, f"count {count} must be at least 1")
         elif op == "merge":
             if len(r.rule.sources) < 2:
                 out.append(_f("SM108", WARNING, r, spec, "merges a single source", "use rename (or reshape) instead"))

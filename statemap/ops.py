@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
 
+from .axes import AxisPattern, parse_axes, solve
 from .dtypes import NAMES as DTYPE_NAMES
 from .dtypes import dtype as lookup_dtype
 from .errors import PlanError, SpecError
 from .guards import cond_names, parse_assume, parse_when
 from .meta import Node
 from .spec import Loc, Rule, unknown_field
-from .template import Template, eval_expr, parse_expr, parse_pattern, parse_template
+from .template import Expr, Template, eval_expr, expr_names, expr_str, parse_expr, parse_pattern, parse_template
 from .textsafe import short_repr
 
 # -- fields -------------------------------------------------------------------------------
@@ -64,6 +65,53 @@ def _plain(v: Any) -> Any:
     return v
 
 
+@dataclass(frozen=True)
+class DimOf:
+    """``{dim: D, of: KEY}``: the length of dim ``D`` of the tensor named ``KEY`` at that point of the rules."""
+
+    dim: Expr
+    of: Template
+
+
+IntValue = Union[Expr, DimOf]  # noqa: UP007 - an integer, an expression over vars and captures, or DimOf
+
+
+def int_value(v: Any, where: str = "") -> IntValue:
+    """An integer field as written in YAML -> its parsed form: ``3``, ``"n_heads * head_dim"`` or
+    ``{dim: 0, of: "lm_head.weight"}`` (``dim`` itself may be an expression)."""
+    if isinstance(v, bool):
+        raise SpecError(f"{where}expected an integer, an expression or {{dim: D, of: KEY}}, got {v!r}")
+    if isinstance(v, int):
+        return v
+    try:
+        if isinstance(v, str):
+            return parse_expr(v)
+        if isinstance(v, dict) and set(v) == {"dim", "of"} and isinstance(v["of"], str):
+            d = int_value(v["dim"])
+            if isinstance(d, DimOf):
+                raise SpecError("'dim' of {dim, of} is an integer or an expression")
+            return DimOf(d, parse_template(v["of"]))
+    except SpecError as e:
+        raise SpecError(f"{where}{e}") from None
+    raise SpecError(f"{where}expected an integer, an expression such as 'n_heads * head_dim', or {{dim: 0, of: KEY}}, got {v!r}")
+
+
+def int_names(v: IntValue) -> set[str]:
+    """The vars and captures an integer field refers to."""
+    if isinstance(v, DimOf):
+        return expr_names(v.dim) | v.of.names
+    return expr_names(v)
+
+
+def int_yaml(v: IntValue) -> Any:
+    """The YAML form of a parsed integer field (for derived specs): parses back to the same value."""
+    if isinstance(v, DimOf):
+        return {"dim": int_yaml(v.dim), "of": v.of.text}
+    if isinstance(v, tuple):
+        return expr_str(v)
+    return v
+
+
 def _shape_entry(v: Any, where: str) -> tuple[Any, ...]:
     """A dim of a shape: an int, an expression over vars, or {dim: N, of: KEY}."""
     if isinstance(v, bool):
@@ -75,8 +123,10 @@ def _shape_entry(v: Any, where: str) -> tuple[Any, ...]:
             return ("expr", parse_expr(v))
         except SpecError as e:
             raise SpecError(f"{where}{e}") from None
-    if isinstance(v, dict) and set(v) == {"dim", "of"} and isinstance(v["dim"], int):
-        return ("dim", v["dim"], parse_template(str(v["of"])))
+    if isinstance(v, dict) and set(v) == {"dim", "of"}:
+        d = int_value(v, where)
+        assert isinstance(d, DimOf)
+        return ("dim", d.dim, d.of)
     raise SpecError(f"{where}shape entry {v!r} must be an integer, an expression such as 'vocab', or {{dim: 0, of: KEY}}")
 
 
@@ -98,13 +148,21 @@ def _check_field(name: str, f: Field, v: Any, where: str) -> Any:
             return (parse_pattern(items[0]), *(parse_template(x) for x in items[1:]))
     except SpecError as e:
         raise SpecError(f"{w}{e}") from None
-    if f.kind == "expr":
-        if isinstance(v, bool) or not isinstance(v, (int, str)):
-            raise SpecError(f"{w}expected an integer or an expression, got {v!r}")
+    if f.kind in ("expr", "axis"):
+        return int_value(v, w)
+    if f.kind == "name":
+        if not (isinstance(v, str) and v.isidentifier()):
+            raise SpecError(f"{w}expected a capture name such as e, got {v!r}")
+        return v
+    if f.kind == "axes_pattern":
         try:
-            return parse_expr(str(v)) if isinstance(v, str) else v
+            return parse_axes(v)
         except SpecError as e:
             raise SpecError(f"{w}{e}") from None
+    if f.kind == "axis_sizes":
+        if not isinstance(v, dict):
+            raise SpecError(f"{w}expected a mapping of axis: size such as {{h: n_heads, two: 2}}, got {v!r}")
+        return tuple((str(k), int_value(x, f"{w}axis {k!r}: ")) for k, x in v.items())
     if f.kind == "exprs":
         if not isinstance(v, list) or not v:
             raise SpecError(f"{w}expected a list of integers or expressions, got {v!r}")
@@ -161,12 +219,34 @@ class Ctx:
     env: dict[str, Any]  # vars and captures
     lookup: Callable[[str], Node | None]
     key: str = ""  # the matched source key, for messages
+    keys: tuple[str, ...] = ()  # every input key, in order (the matched key first)
+    # set by an op while planning: (key, other key, why) facts verified before writing, and
+    # whether the targets are one tensor (a tie group)
+    equal: list[tuple[str, str, str]] = field(default_factory=list)
+    tie: bool = False
 
     def fail(self, msg: str) -> PlanError:
         at = f" at {self.key!r}" if self.key else ""
         return PlanError(f"{self.rule.where()}{msg}{at}")
 
-    def to_int(self, expr: Any) -> int:
+    def fill(self, t: Template, extra: Mapping[str, Any] | None = None) -> str:
+        try:
+            return t.fill({**self.env, **extra} if extra else self.env)
+        except SpecError as e:
+            raise PlanError(f"{self.rule.where()}{e}") from None
+
+    def to_int(self, expr: IntValue) -> int:
+        if isinstance(expr, DimOf):
+            d = self.to_int(expr.dim)
+            ref = self.fill(expr.of)
+            node = self.lookup(ref)
+            if node is None:
+                raise self.fail(
+                    f"{{dim: {expr_str(expr.dim)}, of: {expr.of.text!r}}} refers to {ref!r}, which does not exist at this point"
+                )
+            if not -len(node.shape) <= d < len(node.shape):
+                raise self.fail(f"{ref!r} has shape {list(node.shape)}; it has no dim {d}")
+            return node.shape[d]
         try:
             return eval_expr(expr, self.env)
         except SpecError as e:
@@ -179,17 +259,19 @@ class Ctx:
                 dims.append(self.to_int(e[1]))
             else:
                 _, d, tmpl = e
-                ref = tmpl.fill(self.env)
+                ref = self.fill(tmpl)
                 node = self.lookup(ref)
                 if node is None:
                     raise self.fail(f"shape refers to {ref!r}, which does not exist at this point")
+                d = self.to_int(d)
                 if not -len(node.shape) <= d < len(node.shape):
                     raise self.fail(f"{ref!r} has shape {list(node.shape)}; it has no dim {d}")
                 dims.append(node.shape[d])
         return dims
 
 
-def _norm_dim(ctx: Ctx, dim: int, ndim: int, what: str) -> int:
+def _norm_dim(ctx: Ctx, dim: IntValue, ndim: int, what: str) -> int:
+    dim = ctx.to_int(dim)
     if not -ndim <= dim < ndim:
         raise ctx.fail(f"{what} has {ndim} dims; dim {dim} is out of range")
     return dim % ndim
@@ -222,6 +304,23 @@ class Op:
     def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
         raise NotImplementedError
 
+    def check_rule(self, p: Mapping[str, Any], sources: tuple[Any, ...], targets: tuple[Template, ...], where: str) -> None:
+        """Checks across fields, at spec-load time (after each field is checked on its own)."""
+
+    def target_names_extra(self, p: Mapping[str, Any]) -> set[str]:
+        """Names a target may use besides the source's captures and the vars (split's ``over``)."""
+        return set()
+
+    def gather(self, rule: Rule, found: list[tuple[str, dict[str, str]]], p: Mapping[str, Any]) -> list[Gathered]:
+        """Matched keys -> (first key, captures, other input keys) per planning step. Default: one key each."""
+        return [(k, caps, ()) for k, caps in found]
+
+    def target_names(self, rule: Rule, inputs: list[Node], p: Mapping[str, Any], ctx: Ctx) -> list[str]:
+        """The keys this step writes. Default: the rule's target templates, filled."""
+        return [ctx.fill(t) for t in rule.targets]
+
+
+Gathered = tuple[str, dict[str, str], tuple[str, ...]]
 
 REGISTRY: dict[str, Op] = {}
 
@@ -341,10 +440,27 @@ class Inject(Op):
         return [Node("fill", tuple(shape), dt.name, (), (p["value"],))]
 
 
+def _over_index(rule: Rule, key: str, caps: Mapping[str, str], over: str) -> int:
+    text = caps.get(over, "")
+    if not text.isdigit():
+        raise PlanError(f"{rule.where()}{key!r}: capture {{{over}}} = {text!r} is not an index (0, 1, 2, ...)")
+    return int(text)
+
+
+def _check_count(ctx: Ctx, p: Mapping[str, Any], n: int, what: str) -> None:
+    if p.get("count") is not None:
+        want = ctx.to_int(p["count"])
+        if want != n:
+            raise ctx.fail(f"count is {want}, but {what} {n}")
+
+
 @register
 class Split(Op):
     name = "split"
-    summary = "Cut one tensor along a dim into several targets: equal chunks, or explicit sizes (one may be -1)."
+    summary = (
+        "Cut one tensor along a dim into several targets: equal chunks, or explicit sizes (one may be -1). "
+        "With `over: CAPTURE`, write one target per index (mode concat: equal chunks, stack: unstack, same: copies)."
+    )
     example = (
         "split: {from: 'layers.{i}.self_attn.in_proj_weight', dim: 0,\n"
         "        to: ['layers.{i}.self_attn.q_proj.weight', 'layers.{i}.self_attn.k_proj.weight', "
@@ -355,13 +471,77 @@ class Split(Op):
         "to": Field("templates", True),
         "dim": Field("axis", default=0),
         "sizes": Field("exprs"),
+        "over": Field("name", doc="write one target per index of this name, which 'to' uses: {over} = 0 .. count-1"),
+        "mode": Field(
+            "choice",
+            default="concat",
+            choices=("concat", "stack", "same"),
+            doc="with over: concat cuts equal chunks, stack removes the dim, same writes copies (a tie group)",
+        ),
+        "count": Field("expr", doc="with over: the number of targets (stack: asserted, the dim's length is used)"),
     }
     n_targets = "n"
 
+    def check_rule(self, p: Mapping[str, Any], sources: tuple[Any, ...], targets: tuple[Template, ...], where: str) -> None:
+        over = p.get("over")
+        if over is None:
+            if p["mode"] != "concat" or p.get("count") is not None:
+                raise SpecError(f"{where}'mode' and 'count' go with 'over: CAPTURE' (one target per index)")
+            if len(targets) < 2 and p.get("sizes") is None:
+                raise SpecError(f"{where}split into fewer than 2 targets; list the targets in 'to'")
+            return
+        if len(targets) != 1:
+            raise SpecError(f"{where}with 'over', 'to' is one template using {{{over}}}, got {len(targets)} targets")
+        if over not in targets[0].names:
+            raise SpecError(f"{where}'to' {targets[0].text!r} must use {{{over}}} (the index of each piece)")
+        if over in sources[0].captures:
+            raise SpecError(f"{where}{{{over}}} is already a capture of {sources[0].text!r}; 'over' names a new index")
+        if p.get("sizes") is not None:
+            raise SpecError(f"{where}'sizes' does not go with 'over' (the pieces are equal)")
+        if p["mode"] in ("concat", "same") and p.get("count") is None:
+            raise SpecError(f"{where}split over {over} with mode {p['mode']} needs 'count' (how many pieces)")
+
+    def target_names_extra(self, p: Mapping[str, Any]) -> set[str]:
+        return {p["over"]} if p.get("over") else set()
+
+    def _count(self, src: Node, p: Mapping[str, Any], ctx: Ctx) -> int:
+        if p["mode"] == "stack":
+            dim = _norm_dim(ctx, p["dim"], len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
+            n = src.shape[dim]
+            _check_count(ctx, p, n, f"dim {dim} of {list(src.shape)} has length")
+            return n
+        n = ctx.to_int(p["count"])
+        if not 1 <= n <= 1 << 16:
+            raise ctx.fail(f"count {n} is not between 1 and {1 << 16}")
+        return n
+
+    def target_names(self, rule: Rule, inputs: list[Node], p: Mapping[str, Any], ctx: Ctx) -> list[str]:
+        if p.get("over") is None:
+            return super().target_names(rule, inputs, p, ctx)
+        return [ctx.fill(rule.targets[0], {p["over"]: v}) for v in range(self._count(inputs[0], p, ctx))]
+
     def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
         src = inputs[0]
+        if p.get("over") is not None and p["mode"] == "same":
+            ctx.tie = True
+            return [src] * len(targets)
         dim = _norm_dim(ctx, p["dim"], len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
         length, n = src.shape[dim], len(targets)
+        if p.get("over") is not None and p["mode"] == "stack":
+            shape = list(src.shape)
+            del shape[dim]
+            one = list(src.shape)
+            one[dim] = 1
+            return [
+                Node(
+                    "reshape",
+                    tuple(shape),
+                    src.dtype,
+                    (Node("slice", tuple(one), src.dtype, (src,), (dim, v, v + 1, 1)),),
+                    (tuple(shape),),
+                )
+                for v in range(n)
+            ]
         if p.get("sizes") is None:
             if length % n:
                 raise ctx.fail(
@@ -398,22 +578,75 @@ class Merge(Op):
     name = "merge"
     summary = (
         "Join several tensors into one along a dim (mode: concat or stack). Captures bind in the "
-        "first source; the other sources reuse them."
+        "first source; the other sources reuse them. With `over: CAPTURE`, join every key the source "
+        "matches, in index order (mode same: replicas verified equal, one written)."
     )
     example = "merge: {from: ['h.{i}.q.weight', 'h.{i}.k.weight', 'h.{i}.v.weight'], to: 'h.{i}.qkv.weight', dim: 0}"
     fields = {
         "from": Field("sources", True),
         "to": Field("template", True),
         "dim": Field("axis", default=0),
-        "mode": Field("choice", default="concat", choices=("concat", "stack")),
+        "mode": Field(
+            "choice",
+            default="concat",
+            choices=("concat", "stack", "same"),
+            doc="concat along dim, stack into a new dim, or same (with over: replicas, verified equal)",
+        ),
+        "over": Field("name", doc="a capture of the source: join every matched key, ordered by it (0 .. n-1)"),
+        "count": Field("expr", doc="with over: the number of pieces, asserted"),
     }
     n_sources = "n"
 
+    def check_rule(self, p: Mapping[str, Any], sources: tuple[Any, ...], targets: tuple[Template, ...], where: str) -> None:
+        over = p.get("over")
+        if over is None:
+            if p["mode"] == "same" or p.get("count") is not None:
+                raise SpecError(f"{where}'mode: same' and 'count' go with 'over: CAPTURE' (join every index)")
+            return
+        if len(sources) != 1:
+            raise SpecError(f"{where}with 'over', 'from' is one pattern (every key it matches is joined)")
+        if over not in sources[0].captures:
+            raise SpecError(f"{where}'over: {over}' is not a capture of {sources[0].text!r}")
+        if over in targets[0].names:
+            raise SpecError(f"{where}'to' {targets[0].text!r} uses {{{over}}}, but the pieces over {over} become one key")
+
+    def gather(self, rule: Rule, found: list[tuple[str, dict[str, str]]], p: Mapping[str, Any]) -> list[Gathered]:
+        over = p.get("over")
+        if over is None:
+            return super().gather(rule, found, p)
+        groups: dict[tuple[tuple[str, str], ...], list[tuple[int, str, dict[str, str]]]] = {}
+        for key, caps in found:
+            ident = tuple(sorted((k, v) for k, v in caps.items() if k != over))
+            groups.setdefault(ident, []).append((_over_index(rule, key, caps, over), key, caps))
+        out: list[Gathered] = []
+        for members in groups.values():
+            members.sort(key=lambda m: m[0])
+            idx = [m[0] for m in members]
+            if idx != list(range(len(idx))):
+                dup = sorted({i for i in idx if idx.count(i) > 1})
+                missing = sorted(set(range(max(idx) + 1)) - set(idx))
+                what = (
+                    f"index {dup[0]} twice ({', '.join(m[1] for m in members if m[0] == dup[0])})"
+                    if dup
+                    else (f"no index {', '.join(map(str, missing))} (found {', '.join(map(str, idx))})")
+                )
+                raise PlanError(f"{rule.where()}merging over {over}: {what}; the indices must be 0 .. n-1, each once")
+            caps = {k: v for k, v in members[0][2].items() if k != over}
+            out.append((members[0][1], caps, tuple(m[1] for m in members[1:])))
+        return out
+
     def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
         first = inputs[0]
+        if p.get("over") is not None:
+            _check_count(ctx, p, len(inputs), f"merging over {p['over']} found")
         if any(n.dtype != first.dtype for n in inputs):
             raise ctx.fail(f"can't merge dtypes {[n.dtype for n in inputs]}; cast first")
         ndim = len(first.shape)
+        if p["mode"] == "same":
+            if any(n.shape != first.shape for n in inputs):
+                raise ctx.fail(f"replicas have different shapes {[list(n.shape) for n in inputs]}")
+            ctx.equal.extend((ctx.keys[0], k, "replica") for k in ctx.keys[1:])
+            return [first]
         if p["mode"] == "stack":
             dim = _norm_dim(ctx, p["dim"], ndim + 1, "the stacked result")
             if any(n.shape != first.shape for n in inputs):
@@ -483,6 +716,46 @@ class Permute(_Transform):
         if sorted(dims) != list(range(len(src.shape))):
             raise ctx.fail(f"dims {list(dims)} is not a permutation of the {len(src.shape)} dims of {list(src.shape)}")
         return [_permute(src, dims)]
+
+
+@register
+class Rearrange(_Transform):
+    name = "rearrange"
+    summary = (
+        "Split, reorder and join dims in einops notation, e.g. the rotary permute "
+        "'(h d two) c -> (h two d) c' with sizes {h: n_heads, two: 2}; compiles to reshape -> permute -> reshape."
+    )
+    example = "rearrange: {from: 'layers.{i}.attention.wq.weight', pattern: '(h d two) c -> (h two d) c', sizes: {h: 32, two: 2}}"
+    fields = {
+        "from": Field("pattern", True),
+        "to": Field("template"),
+        "pattern": Field("axes_pattern", True, doc="LEFT -> RIGHT: axis names, ( ) groups, 1"),
+        "sizes": Field("axis_sizes", doc="axis: length (integers, expressions or {dim, of}); one unknown per dim is inferred"),
+    }
+
+    def check_rule(self, p: Mapping[str, Any], sources: tuple[Any, ...], targets: tuple[Template, ...], where: str) -> None:
+        pat: AxisPattern = p["pattern"]
+        unknown = [k for k, _ in p["sizes"] or () if k not in pat.names]
+        if unknown:
+            raise SpecError(
+                f"{where}sizes name {', '.join(map(repr, unknown))}, not an axis of {pat.text!r} (axes: {', '.join(pat.names)})"
+            )
+
+    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+        src = inputs[0]
+        sizes = {k: ctx.to_int(v) for k, v in p["sizes"] or ()}
+        try:
+            steps = solve(p["pattern"], src.shape, sizes)
+        except SpecError as e:
+            raise ctx.fail(f"{p['pattern'].text!r}: {e}") from None
+        node = src
+        if steps.split != node.shape:
+            node = Node("reshape", steps.split, src.dtype, (node,), (steps.split,))
+        if steps.perm != tuple(range(len(steps.perm))):
+            node = _permute(node, steps.perm)
+        if steps.out != node.shape:
+            node = Node("reshape", steps.out, src.dtype, (node,), (steps.out,))
+        return [node]
 
 
 @register
@@ -608,12 +881,6 @@ class Cast(_Transform):
 # -- rule parsing ---------------------------------------------------------------------------
 
 
-def _axis_check(name: str, v: Any, where: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise SpecError(f"{where}field {name!r}: expected an integer dim, got {v!r}")
-    return v
-
-
 def parse_rule(item: Any, loc: Loc, index: int, var_names: set[str]) -> list[Rule]:
     """One YAML rule entry -> one or more canonical rules (list shorthand expands)."""
     where = f"{loc}: rule #{index}: "
@@ -644,7 +911,7 @@ def parse_rule(item: Any, loc: Loc, index: int, var_names: set[str]) -> list[Rul
             if k in fields:
                 raise SpecError(f"{w}field {k!r} given twice (check aliases such as 'key')")
             f = op.fields[k]
-            fields[k] = _axis_check(k, v, w) if f.kind == "axis" else _check_field(k, f, v, w)
+            fields[k] = _check_field(k, f, v, w)
         for k, f in op.fields.items():
             if k not in fields:
                 if f.required:
@@ -689,8 +956,7 @@ def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc,
         targets = (to,)
     if op.n_targets == "n" and len(targets) < 1:
         raise SpecError(f"{w}'to' needs at least one target")
-    if op.name == "split" and len(targets) < 2 and fields.get("sizes") is None:
-        raise SpecError(f"{w}split into fewer than 2 targets; list the targets in 'to'")
+    op.check_rule(fields, sources, targets, w)
     captures = set(sources[0].captures) if sources else set()
     guard_names = cond_names(common.get("when", ())) | {
         n for a in common.get("assume", ()) if a.kind == "equal" for n in a.arg.names
@@ -703,8 +969,13 @@ def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc,
         raise SpecError(f"{w}'assume' states a fact about matched tensors; this rule matches none")
     if any(c.kind in ("dtype", "tied_to", "not_tied_to") for c in common.get("when", ())) and not sources:
         raise SpecError(f"{w}'when: dtype/tied_to' need a matched key; this rule has no 'from'")
+    extra = op.target_names_extra(fields)
+    for k, v in fields.items():  # a dim names vars or captures (other integers may use vars set at plan time)
+        unknown = int_names(v) - captures - var_names if op.fields[k].kind == "axis" and v is not None else set()
+        if unknown:
+            raise SpecError(f"{w}field {k!r} uses {', '.join(sorted(map(repr, unknown)))}: not a var nor a capture of the source")
     for t in targets:
-        missing = t.names - captures - var_names
+        missing = t.names - captures - var_names - extra
         if missing:
             raise SpecError(
                 f"{w}target {t.text!r} uses {sorted(missing)}, not captured by the source"

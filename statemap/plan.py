@@ -56,9 +56,12 @@ class Check:
     other_node: Node | None = None
     value: float | None = None
     verified: str = ""  # "" = still to verify by reading; else how it was proven
+    why: str = ""  # "" = an `assume:`; "replica" = a `merge ... mode: same`
 
     def describe(self) -> str:
         what = f"{self.key} == {self.other}" if self.other else f"{self.key} all == {self.value:g}"
+        if self.why:
+            what += f" ({self.why})"
         return f"{what} ({self.rule.loc})"
 
 
@@ -169,17 +172,20 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
             if a.kind == "value":
                 checks.append(Check(rule, key, node, value=float(a.arg)))
                 continue
-            other = _fill(a.arg, env, rule)
-            on = lookup(other)
-            if on is None:
-                raise PlanError(f"{rule.where()}assumes {key!r} equals {other!r}, which does not exist at this point")
-            if on.shape != node.shape or on.dtype != node.dtype:
-                raise PlanError(
-                    f"{rule.where()}assumes {key!r} equals {other!r}, but {key!r} is {list(node.shape)} {node.dtype} "
-                    f"and {other!r} is {list(on.shape)} {on.dtype}"
-                )
-            proven = "one storage in the source" if same_tensor(key, other) else ""
-            checks.append(Check(rule, key, node, other, on, verified=proven))
+            equal(rule, key, _fill(a.arg, env, rule))
+
+    def equal(rule: Rule, key: str, other: str, why: str = "") -> None:
+        node = table[key].node
+        on = lookup(other)
+        if on is None:
+            raise PlanError(f"{rule.where()}assumes {key!r} equals {other!r}, which does not exist at this point")
+        if on.shape != node.shape or on.dtype != node.dtype:
+            raise PlanError(
+                f"{rule.where()}assumes {key!r} equals {other!r}, but {key!r} is {list(node.shape)} {node.dtype} "
+                f"and {other!r} is {list(on.shape)} {on.dtype}"
+            )
+        proven = "one storage in the source" if same_tensor(key, other) else ""
+        checks.append(Check(rule, key, node, other, on, verified=proven, why=why))
 
     for rule in spec.rules:
         op = REGISTRY[rule.op]
@@ -233,7 +239,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
             consumed.update(replacements)
             admitted = len(found)
             found = []
-        for key, caps in found:
+        for key, caps, members in op.gather(rule, found, p) if found else ():
             if key in consumed:
                 continue
             env = {**vars_, **caps} if vars_ else caps
@@ -242,8 +248,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
             admitted += 1
             if rule.assume:
                 assumptions(rule, key, env)
-            ctx = Ctx(rule, env, lookup, key)
-            inputs = [key]
+            inputs = [key, *members]
             for extra in rule.sources[1:]:
                 k2 = _fill(extra, env, rule)
                 if k2 not in table:
@@ -251,9 +256,13 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
                 if k2 in consumed or k2 in inputs:
                     raise PlanError(f"{rule.where()}{k2!r} is used twice")
                 inputs.append(k2)
-            names = [_fill(t, env, rule) for t in rule.targets]
-            nodes = op.plan([table[k].node for k in inputs], names, p, ctx)
+            ctx = Ctx(rule, env, lookup, key, tuple(inputs))
+            in_nodes = [table[k].node for k in inputs]
+            names = op.target_names(rule, in_nodes, p, ctx)
+            nodes = op.plan(in_nodes, names, p, ctx)
             assert len(nodes) == len(names), (rule.op, names, nodes)
+            for a, b, why in ctx.equal:
+                equal(rule, a, b, why)
             for name in names:
                 if name in produced:
                     raise PlanError(f"{rule.where()}writes {name!r} twice (from {produced[name]!r} and {key!r})")
@@ -264,7 +273,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
             else:
                 consumed.update(inputs)
                 replacements[key] = list(zip(names, nodes))
-            if op.ties and len(names) > 1:
+            if (op.ties or ctx.tie) and len(names) > 1:
                 rule_ties.append(names)
             if not names:
                 dropped.append((key, rule.label))

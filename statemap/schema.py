@@ -31,6 +31,17 @@ DRAFT = "https://json-schema.org/draft/2020-12/schema"
 # How each Field.kind is written in YAML. A new kind in ops.py without an entry here fails
 # build_schema (and so the tests): the schema cannot silently fall behind the parser.
 _EXPR = {"type": ["integer", "string"], "description": "an integer or an expression over vars, e.g. vocab or 2*d"}
+_DIM_OF = {
+    "type": "object",
+    "description": "dim N of another tensor, as named at this point in the rules",
+    "properties": {"dim": {"type": ["integer", "string"]}, "of": {"type": "string"}},
+    "required": ["dim", "of"],
+    "additionalProperties": False,
+}
+_INT = {
+    "description": "an integer, an expression over vars and captures (n_heads * head_dim), or {dim: N, of: KEY}",
+    "anyOf": [{"type": ["integer", "string"]}, _DIM_OF],
+}
 _TEMPLATES_DOC = "target template(s): text with {capture}, {var} or {i+1} fields"
 
 
@@ -59,9 +70,29 @@ def _kind_schema(f: Field) -> dict[str, Any]:
             "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
         }
     if k == "expr":
-        return dict(_EXPR)
+        return json.loads(json.dumps(_INT))
     if k == "exprs":
-        return {"type": "array", "items": dict(_EXPR), "minItems": 1, "description": "a list of integers or expressions"}
+        return {
+            "type": "array",
+            "items": json.loads(json.dumps(_INT)),
+            "minItems": 1,
+            "description": "a list of integers or expressions",
+        }
+    if k == "name":
+        return {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "description": "a capture name"}
+    if k == "axes_pattern":
+        return {
+            "type": "string",
+            "pattern": "->",
+            "description": "einops notation: LEFT -> RIGHT, e.g. (h d two) c -> (h two d) c",
+        }
+    if k == "axis_sizes":
+        return {
+            "type": "object",
+            "description": "axis name: length",
+            "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+            "additionalProperties": json.loads(json.dumps(_INT)),
+        }
     if k == "shape":
         return {
             "type": "array",
@@ -69,18 +100,15 @@ def _kind_schema(f: Field) -> dict[str, Any]:
             "items": {
                 "anyOf": [
                     dict(_EXPR),
-                    {
-                        "type": "object",
-                        "description": "dim N of another tensor, as named at this point in the rules",
-                        "properties": {"dim": {"type": "integer"}, "of": {"type": "string"}},
-                        "required": ["dim", "of"],
-                        "additionalProperties": False,
-                    },
+                    json.loads(json.dumps(_DIM_OF)),
                 ]
             },
         }
     if k == "axis":
-        return {"type": "integer", "description": "a dim (negative counts from the end)"}
+        return {
+            "description": "a dim (negative counts from the end): an integer, an expression over vars, or {dim: N, of: KEY}",
+            "anyOf": [{"type": ["integer", "string"]}, json.loads(json.dumps(_DIM_OF))],
+        }
     if k == "axes":
         return {"type": "array", "items": {"type": "integer"}, "description": "a list of dims such as [1, 0]"}
     if k == "dtype":

@@ -83,6 +83,11 @@ def run_checks(plan: Plan, read: Callable[[str], np.ndarray], evaluate: Callable
             continue
         why = _differs(c, evaluate)
         if why:
+            if c.why == "replica":
+                raise AssumptionError(
+                    f"{c.rule.where()}replicas {c.key!r} and {c.other!r} differ ({why}); "
+                    "'mode: same' merges only equal copies: nothing was written"
+                )
             if c.other:
                 raise AssumptionError(
                     f"{c.rule.where()}assumes {c.key!r} equals {c.other!r}, but they differ ({why}); "

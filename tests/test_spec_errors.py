@@ -29,7 +29,7 @@ BAD_SPECS = [
     (HEAD + "rules:\n  - rename: a b\n", r"spec\.yaml:4: .*needs the form 'SOURCE -> TARGET'"),
     (HEAD + "rules:\n  - split: {from: a, dim: 0}\n", r"spec\.yaml:4: .*missing required field 'to'"),
     (HEAD + "rules:\n  - split: {from: a, to: [b], dim: 0}\n", r"split into fewer than 2 targets"),
-    (HEAD + "rules:\n  - split: {from: a, to: [b, c], dim: x}\n", r"field 'dim': expected an integer dim"),
+    (HEAD + "rules:\n  - split: {from: a, to: [b, c], dim: x}\n", r"field 'dim' uses 'x': not a var nor a capture"),
     (
         HEAD + "rules:\n  - merge: {from: ['q.{i}', 'k.{j}'], to: 'qk.{i}'}\n",
         r"source 'k\.\{j\}' uses \['j'\], which the first source",
