@@ -22,6 +22,8 @@ BUFFERS = {
     r"(^|\.)attn\.(masked_)?bias$": "GPT-2 causal-mask buffers (non-persistent in 4.57; nanoGPT without flash attention)",
     r"(^|\.)version$": "fairseq's format-version marker (a 1-element float), not a weight",
     r"^(attn_mask|input_resolution|context_length|vocab_size)$": "OpenAI CLIP: the causal mask buffer and integer metadata",
+    r"(^|[./])rope\.freqs$": "Meta LLaMA 1's precomputed rotary frequencies (a buffer; HF recomputes them)",
+    r"\.rotary_emb\.inv_freq$": "rotary frequency buffers of older transformers (recomputed by both models)",
     r"\(in_proj\|out_proj\|fc1\|fc2\)_\(weight\|bias\)": "fairseq 0.12 BetterTransformer buffers, rebuilt from q/k/v_proj, fc1, fc2 by fairseq on every load",
 }
 
