@@ -227,7 +227,8 @@ class Ctx:
 
     def fail(self, msg: str) -> PlanError:
         at = f" at {self.key!r}" if self.key else ""
-        return PlanError(f"{self.rule.where()}{msg}{at}")
+        note = f" (note: {self.rule.note})" if self.rule.note else ""
+        return PlanError(f"{self.rule.where()}{msg}{at}{note}")
 
     def fill(self, t: Template, extra: Mapping[str, Any] | None = None) -> str:
         try:
@@ -992,6 +993,7 @@ def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc,
         common.get("inverse"),
         tuple(common.get("when", ())),
         tuple(common.get("assume", ())),
+        " ".join(str(common.get("note") or "").split()),
     )
 
 

@@ -59,6 +59,7 @@ class Rule:
     inverse: Any = None  # declared inverse rule(s) (raw mapping, or list of them), for lossy ops
     when: tuple[Any, ...] = ()  # guards.Cond: which matched keys the rule acts on (metadata only)
     assume: tuple[Any, ...] = ()  # guards.Assume: facts the rule relies on, verified before writing
+    note: str = ""  # the spec's free-text note; plan errors of this rule end with it (the author's hint)
 
     @property
     def p(self) -> dict[str, Any]:
