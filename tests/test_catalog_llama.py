@@ -188,6 +188,15 @@ def test_meta_shards_to_hf_to_meta_single_file_equals_reference(tmp_path, name):
     assert _same(_convert(meta, tmp_path), load_file(str(FIX / name / "hf" / "model.safetensors")))
 
 
+def test_hf_to_meta_ties_output_to_the_embedding_when_lm_head_is_absent():
+    """tie_word_embeddings models (Llama 3.2 1B / 3B) save no lm_head.weight: output.weight is the embedding."""
+    sd = load_file(str(SINGLE / "hf" / "model.safetensors"))
+    del sd["lm_head.weight"]
+    out, _ = statemap.map_state_dict(statemap.load_spec("llama-hf-to-meta", vars={"dim": 32, "n_heads": 4, "n_kv_heads": 2}), sd)
+    assert torch.equal(out["output.weight"], sd["model.embed_tokens.weight"])
+    assert torch.equal(out["tok_embeddings.weight"], sd["model.embed_tokens.weight"])
+    assert len(out) == len(sd) + 1  # every key renamed, plus output.weight
+
 STREAMING_FIXTURES = {
     "llama-meta-to-hf": lambda tmp: (FIX / "gqa" / "meta", {}),
     "llama-hf-to-meta": lambda tmp: (SINGLE / "hf" / "model.safetensors", {"n_heads": 4, "n_kv_heads": 2}),
