@@ -198,6 +198,6 @@ def test_hf_to_meta_ties_output_to_the_embedding_when_lm_head_is_absent():
     assert len(out) == len(sd) + 1  # every key renamed, plus output.weight
 
 STREAMING_FIXTURES = {
-    "llama-meta-to-hf": lambda tmp: (FIX / "gqa" / "meta", {}),
-    "llama-hf-to-meta": lambda tmp: (SINGLE / "hf" / "model.safetensors", {"n_heads": 4, "n_kv_heads": 2}),
+    "llama-meta-to-hf": lambda tmp: (FIX / "gqa" / "meta", {"dim": 32, "n_heads": 4, "n_kv_heads": 2}),
+    "llama-hf-to-meta": lambda tmp: (SINGLE / "hf" / "model.safetensors", {"dim": 32, "n_heads": 4, "n_kv_heads": 2}),
 }

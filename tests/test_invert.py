@@ -98,7 +98,8 @@ def test_every_catalog_spec_inverts_and_names_what_it_cannot_restore():
     for name in names():
         inv = invert(statemap.load_spec(name))
         for line in inv.lost + inv.ambiguous:
-            assert line.startswith(str(statemap.load_spec(name).path)) and "declare `inverse:`" in line, line
+            fix = "declare `inverse:`" in line or "give `count:`" in line  # merge over a capture: how many pieces
+            assert line.startswith(str(statemap.load_spec(name).path)) and fix, line
 
 
 def test_declared_inverse_restores_a_lossy_rule(tmp_path):
