@@ -709,7 +709,7 @@ def _check_cascade(spec: Spec, infos: list[_Info]) -> list[Finding]:
                         continue
                     ch = nb[1][-1] if side == "before" else nb[1][0]
                     text = nb[1]
-                    if ch == ".":
+                    if ch in "./":  # '/' separates an input file's captures from its keys (`inputs:`)
                         continue
                     example = _cascade_example(parts, n, typ, side)
                     if typ == "path":

@@ -86,7 +86,7 @@ def _merge_rules(n: int) -> str:
         lines.append(f'  - merge: {{from: {srcs("layers.{i}." + name)}, to: "layers.{{i}}.{name}", dim: 1}}')
     lines.append(f"  - merge: {{from: {srcs('output.weight')}, to: output.weight, dim: 0}}")
     lines.append(f"  - merge: {{from: {srcs('tok_embeddings.weight')}, to: tok_embeddings.weight, dim: 1}}")
-    lines.append('  - rename: "00/{rest:path} -> {rest}"')
+    lines.append('  - rename: "00/{rest:path} -> {rest}"')  # lint: SM102, the output could start with 00/ again
     lines.append('  - drop: "{rank:int}/{rest:path}"')  # the other ranks' replicas of the norms
     return "\n".join(lines) + "\n"
 
@@ -152,6 +152,11 @@ def test_cli_folder_pattern_and_json(tmp_path, capsys):
     assert main(["apply", str(spec), str(folder), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "input files (2)" in text and "consolidated.01.pth" in text and "rank=01" in text
+    # check and lint plan against the folder as apply reads it
+    assert main(["check", str(spec), "--against", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"] == len(full)
+    assert main(["lint", str(spec), "--against", str(folder), "--json"]) == 1
+    assert [f["code"] for f in json.loads(capsys.readouterr().out)["findings"]] == ["SM102"]  # '/' is a separator (no SM103)
     # inspect a pattern
     assert main(["inspect", pattern, "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
