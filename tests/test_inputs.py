@@ -596,3 +596,16 @@ def test_diff_spec_over_several_files_and_invert_keeps_config_vars(tmp_path, cap
         data["vars"]["n_kv_heads"] == {"config": "n_kv_heads", "default": "n_heads"}
         and data["vars"]["head_dim"] == "dim // n_heads"
     )
+
+
+def test_parallel_shard_writers_reopen_the_files(tmp_path):
+    """--workers: each worker process opens the files itself (and plans with the bound config vars)."""
+    folder, full = _meta_folder(tmp_path)
+    spec = _spec(tmp_path, header='inputs: "consolidated.{rank:int}.pth"\n' + LLAMA_VARS)
+    report = convert(spec, folder, tmp_path / "o.safetensors", max_shard_size=2000, workers=2)
+    assert len(report.files) > 2 and report.vars["head_dim"] == DIM // HEADS
+    got: dict[str, torch.Tensor] = {}
+    for f in report.files:
+        if f.endswith(".safetensors"):
+            got.update(load_file(f))
+    _assert_same(got, full)
