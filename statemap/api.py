@@ -268,7 +268,7 @@ class _Producer:
 def _inputs(ck: Checkpoint, spec: Spec, expect: Any, config: Any) -> list[str]:
     """Every file a conversion reads: none of them may be an output, not even with ``force``."""
     files = [ck.path, spec.path, *(f.path for f in ck.inputs), *sorted({loc.file for loc in ck.locations.values()})]
-    if spec.config_label and spec.config is not None and spec.config[0] == "file":
+    if spec.config_label and Path(spec.config_label).is_file():  # config: FILE or --vars-from FILE
         files.append(spec.config_label)
     files += [os.fspath(r) for r in (expect, config) if isinstance(r, (str, os.PathLike)) and not str(r).startswith("hf:")]
     return files

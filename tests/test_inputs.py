@@ -609,3 +609,20 @@ def test_parallel_shard_writers_reopen_the_files(tmp_path):
         if f.endswith(".safetensors"):
             got.update(load_file(f))
     _assert_same(got, full)
+
+
+def test_config_and_input_files_are_never_outputs(tmp_path):
+    from statemap.errors import OutputError
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for r in range(2):
+        torch.save({"w": torch.full((2,), float(r))}, d / f"c.{r}.pt")
+    cfg = tmp_path / "vars.pt"  # a YAML config under a name an output could have
+    cfg.write_text("n: 2\n")
+    spec = "name: t\nversion: 1\ninputs: 'c.{r:int}.pt'\nvars:\n  n: {config: n}\nrules:\n  - rename: '{r}/w -> w{r}'\n"
+    for victim in (d / "c.1.pt", cfg):
+        before = victim.read_bytes()
+        with pytest.raises(OutputError, match=r"is an input"):
+            convert(spec, d, victim, force=True, vars_from=cfg)
+        assert victim.read_bytes() == before
