@@ -626,3 +626,33 @@ def test_config_and_input_files_are_never_outputs(tmp_path):
         with pytest.raises(OutputError, match=r"is an input"):
             convert(spec, d, victim, force=True, vars_from=cfg)
         assert victim.read_bytes() == before
+
+
+def _over_rank_rules() -> str:
+    """One rule per layout kind, for any rank count: `merge ... over: rank` (ENGINE_13 section 6)."""
+    lines = [f'  - merge: {{from: "{{rank:int}}/layers.{{i}}.{n}", over: rank, dim: 0, to: "layers.{{i}}.{n}"}}' for n in COLUMN]
+    lines += [f'  - merge: {{from: "{{rank:int}}/layers.{{i}}.{n}", over: rank, dim: 1, to: "layers.{{i}}.{n}"}}' for n in ROW]
+    lines += [
+        '  - merge: {from: "{rank:int}/output.weight", over: rank, dim: 0, to: output.weight}',
+        '  - merge: {from: "{rank:int}/tok_embeddings.weight", over: rank, dim: 1, to: tok_embeddings.weight}',
+        '  - merge: {from: "{rank:int}/{n:path}.weight", over: rank, mode: same, to: "{n}.weight"}',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_merge_over_rank_any_rank_count(tmp_path, n):
+    """One spec for 2 and 4 ranks: merges over the `rank` capture of the files; replicated norms
+    are checked equal (a diverged replica stops the conversion before anything is written)."""
+    folder, full = _meta_folder(tmp_path, n=n)
+    spec = tmp_path / "over.yaml"
+    spec.write_text(f'name: over\nversion: 1\ninputs: "consolidated.{{rank:int}}.pth"\nrules:\n{_over_rank_rules()}')
+    convert(spec, folder, tmp_path / "o.safetensors")
+    _assert_same(load_file(tmp_path / "o.safetensors"), full)
+    # negative: one rank's replica of a norm differs -> refused, nothing written
+    sd = torch.load(folder / "consolidated.01.pth")
+    sd["layers.1.ffn_norm.weight"] = sd["layers.1.ffn_norm.weight"] + 1
+    torch.save(sd, folder / "consolidated.01.pth")
+    with pytest.raises(StatemapError, match=r"01/layers\.1\.ffn_norm\.weight"):
+        convert(spec, folder, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
