@@ -132,9 +132,14 @@ def run(d: Path, repeat: int) -> None:
             walls = " / ".join(f"{w:.2f}" for w, _ in runs[case])
             ratio = med[case][0] / med["read both once"][0]
             rows.append((name, case, walls, med[case][0], ratio, med[case][1]))
-        print(f"  {name}: {size / 1e9:.2f} GB; diff --values {med['diff --values'][0]:.2f} s, read both {med['read both once'][0]:.2f} s", flush=True)
+        print(
+            f"  {name}: {size / 1e9:.2f} GB; diff --values {med['diff --values'][0]:.2f} s, read both {med['read both once'][0]:.2f} s",
+            flush=True,
+        )
     print()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load {os.getloadavg()[0]:.1f}"
+    )
     print(f"median of {repeat} interleaved rounds, warm page cache")
     print()
     print("| pair | command | wall s (each run) | median s | x read both | peak RSS MB |")

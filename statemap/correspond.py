@@ -188,25 +188,26 @@ def _canon(a: np.ndarray, dt: DType, f64_as_f32: bool) -> np.ndarray:
     return a.astype(np.int64).view(np.uint64)
 
 
-_PIECE_K = (1, _K_LEN, _K_M, _K_N)  # weights of the 16-bit pieces of a canonical value
-_EXACT = 1 << 13  # positions summed at a time in float64: 2**13 * 2**16 * 2**24 < 2**53, exact
+_PIECE_K = (1, _K_LEN, _K_M, _K_N)  # weights of (32-bit piece, coefficient set) sums
+_EXACT = 1 << 13  # positions summed at a time in float64: 2**13 * 2**32 * 2**8 = 2**53, exact
 _BLOCK = 1 << 18  # elements per work block (reused buffers of 2 MB: no page faults per block)
 
 
 class _Hasher:
     """Linear hashes of every row and column: for a vector ``v`` of canonical values (32 or 64
-    bits, cut in 16-bit pieces ``v_p``), ``H(v) = sum_p K_p * sum_j c_p[j] * v_p[j] + len * K`` mod
-    2**64, with random 24-bit coefficients ``c_p``. The inner sums are computed as float64
-    matrix-vector products (BLAS) over at most 2**13 positions at a time, where every partial sum is
-    an integer below 2**53 and so exact in any order: a row of A and a column of B hash equal exactly
-    when their values are equal (up to the hash), and no transpose is ever made."""
+    bits, cut in 32-bit pieces ``v_p``), ``H(v) = sum_{p,s} K_ps * sum_j c_s[j] * v_p[j] + len * K``
+    mod 2**64, with two sets of random 8-bit coefficients ``c_s``. The inner sums are float64
+    matrix-vector products (BLAS) over at most 2**13 positions at a time, where every partial sum
+    is an integer below 2**53 and so exact in any order: a row of A and a column of B hash equal
+    exactly when their values are equal (up to the hash), and no transpose is ever made."""
 
     def __init__(self, length: int, workers: int = 2) -> None:
         import numpy as np
 
         rng = np.random.default_rng(0x5747E)
         n = max(length, 1)
-        self.c = rng.integers(1, 1 << 24, size=(4, n)).astype(np.float64)
+        self.c = rng.integers(1, 1 << 8, size=(2, n)).astype(np.float64)
+        self.c16 = self.c * 65536.0  # bfloat16: its bits times 2**16 are its canonical value
         self.d = rng.integers(0, 2**63, size=n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self.workers = max(1, workers)
 
@@ -246,7 +247,7 @@ class _Hasher:
     def _part(
         self, x: np.ndarray, dt: DType, f64_as_f32: bool, spans: list[tuple[int, int]], rows: np.ndarray, with_cols: bool = True
     ) -> np.ndarray:
-        """Add the pieces of rows ``spans`` to ``rows`` (in place) and return their column sums."""
+        """Add the hashes of rows ``spans`` to ``rows`` (in place) and return their column sums."""
         import numpy as np
 
         m, n = x.shape
@@ -256,6 +257,7 @@ class _Hasher:
         piece = np.empty((step, width), dtype=np.float64)
         wide = _canon_wide(dt, f64_as_f32)
         tmp = np.empty((step, width), dtype=np.uint64 if wide else np.uint32)
+        coef = self.c16 if dt.name == "bfloat16" else self.c
         for r0, r1 in spans:
             k = r1 - r0
             for j0 in range(0, n, _EXACT):
@@ -263,29 +265,24 @@ class _Hasher:
                 w = j1 - j0
                 buf = piece[:k, :w]
                 block = x[r0:r1, j0:j1]
-                todo: tuple[tuple[int, bool], ...]
-                if dt.name == "bfloat16":  # canonical = bits << 16: the low piece is 0
-                    src, todo = block, ((1, False),)
-                elif dt.name == "float32":
-                    src, todo = block.view(np.uint32), ((0, False), (1, True))
+                if dt.name in ("bfloat16", "float32"):
+                    src = block.view(np.uint32) if dt.name == "float32" else block
                 else:
                     src = tmp[:k, :w]
                     _canon_into(block, dt, f64_as_f32, src)
-                    todo = tuple((p, p > 0) for p in range(4 if wide else 2))
-                for p, shift in todo:
-                    if wide and p:
-                        np.right_shift(src, 16, out=src)  # tmp: ours to change
-                        np.bitwise_and(src, 0xFFFF, out=buf, casting="unsafe")
-                    elif shift:
-                        np.right_shift(src, 16, out=buf, casting="unsafe")
-                    elif dt.name == "bfloat16":
-                        np.copyto(buf, src, casting="unsafe")
+                for p in range(2 if wide else 1):
+                    if wide:
+                        if p == 0:
+                            np.bitwise_and(src, np.uint64(0xFFFFFFFF), out=buf, casting="unsafe")
+                        else:
+                            np.right_shift(src, np.uint64(32), out=buf, casting="unsafe")
                     else:
-                        np.bitwise_and(src, 0xFFFF, out=buf, casting="unsafe")
-                    kp = np.uint64(_PIECE_K[p])
-                    rows[r0:r1] += (buf @ self.c[p, j0:j1]).astype(np.uint64) * kp
-                    if with_cols:
-                        cols[j0:j1] += (self.c[p, r0:r1] @ buf).astype(np.uint64) * kp
+                        np.copyto(buf, src, casting="unsafe")
+                    for q in (0, 1):
+                        kp = np.uint64(_PIECE_K[2 * p + q])
+                        rows[r0:r1] += (buf @ coef[q, j0:j1]).astype(np.uint64) * kp
+                        if with_cols:
+                            cols[j0:j1] += (coef[q, r0:r1] @ buf).astype(np.uint64) * kp
         return cols
 
 

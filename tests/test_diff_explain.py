@@ -326,7 +326,13 @@ def test_suggest_from_values_llama_rotary(root, tmp_path, capsys):
     draft = tmp_path / "llama.yaml"
     assert main(["suggest", str(meta), str(hf), "--values", "-o", str(draft), "-q"]) == 0
     text = draft.read_text()
-    assert "dims: [0, 2, 1, 3]" in text and "shape: [4, 4, 2, 32]" in text
+    from statemap.suggest_values import has_rearrange
+
+    if has_rearrange():  # one rule per projection: q (4 heads) and k (2 kv heads)
+        assert text.count("rearrange:") == 2 and text.count("pattern: (h d two) c -> (h two d) c") == 2
+        assert "sizes: {h: 4, two: 2}" in text and "sizes: {h: 2, two: 2}" in text
+    else:
+        assert "dims: [0, 2, 1, 3]" in text and "shape: [4, 4, 2, 32]" in text
     out = _apply(str(draft), meta, tmp_path / "out.safetensors")
     assert main(["diff", str(hf), str(out), "--values", "-q"]) == 0
 
@@ -355,3 +361,97 @@ def test_empty_and_repeated_tensors_are_bounded():
             lambda k: np.broadcast_to(np.float32(1), (2**16, 2**16)),
             names=("a.pt", "b.pt"),
         )
+
+
+def test_swap_pattern_exact_and_negatives():
+    """The row orders drafted as one `rearrange` rule, found exactly; other orders are not."""
+    import numpy as np
+
+    from statemap.suggest_values import known_rearrange, swap_pattern
+
+    rot = [h * 8 + j for h in range(4) for j in (0, 2, 4, 6, 1, 3, 5, 7)]  # Meta pairs -> HF halves, 4 heads of 8
+    assert swap_pattern(rot) == (4, 4, 2, 1)
+    assert known_rearrange(rot, 2) == (
+        "(h d two) c -> (h two d) c",
+        {"h": 4, "two": 2},
+        "rotary: interleaved pairs -> halves, per head",
+    )
+    assert known_rearrange(list(np.argsort(rot)), 2)[0] == "(h two d) c -> (h d two) c"
+    qkv = list(np.arange(6 * 3 * 5).reshape(1, 6, 3, 5).transpose(0, 2, 1, 3).reshape(-1))  # 6 heads of 5, [h, 3, d]
+    assert swap_pattern(qkv) == (1, 6, 3, 5)
+    assert known_rearrange(qkv, 1) == (
+        "(h three d) -> (three h d)",
+        {"h": 6, "three": 3},
+        "fused q/k/v: per head [h, 3, d] -> q|k|v blocks",
+    )
+    assert known_rearrange(list(np.argsort(qkv)), 2)[:2] == ("(three h d) c -> (h three d) c", {"h": 6, "three": 3})
+    one_head = list(range(32))
+    one_head[16:24] = one_head[16:24][::-1]
+    random = list(np.random.default_rng(0).permutation(32))
+    for bad in (list(range(32)), one_head, random, [1, 0, 2, 3]):
+        assert swap_pattern(bad) is None and known_rearrange(bad, 2) is None
+    assert (
+        known_rearrange(list(np.arange(24).reshape(2, 3, 2, 2).transpose(0, 2, 1, 3).reshape(-1)), 2) is None
+    )  # fits, not known
+
+
+def _neox_pair(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A tiny GPT-NeoX saved by transformers (query_key_value rows per head [h, 3, d]) and the
+    same weights with q, k, v as separate projections, cut as GPTNeoXAttention reads them
+    (view(..., h, 3 * d), then the three d-wide slices) -- by numpy here, no tool writes this layout."""
+    import numpy as np
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    h, d = 4, 8
+    model = GPTNeoXForCausalLM(
+        GPTNeoXConfig(hidden_size=h * d, num_hidden_layers=2, num_attention_heads=h, intermediate_size=64, vocab_size=50)
+    )
+    fused = tmp_path / "neox"
+    model.save_pretrained(fused)
+    sd = load_file(str(fused / "model.safetensors"))
+    sep = {}
+    for k, v in sd.items():
+        if ".query_key_value." not in k:
+            sep[k] = v
+            continue
+        x = v.numpy().reshape(h, 3, d, *v.shape[1:])
+        for j, name in enumerate(("query", "key", "value")):
+            sep[k.replace("query_key_value", name)] = torch.from_numpy(np.ascontiguousarray(x[:, j]).reshape(h * d, *v.shape[1:]))
+    out = tmp_path / "neox_separate.safetensors"
+    save_file(sep, str(out))
+    return fused / "model.safetensors", out, sd
+
+
+def test_suggest_from_values_gpt_neox_fused_qkv(tmp_path, capsys):
+    """Per-head fused q/k/v <-> separate projections: one `rearrange` and a `split` (or a `merge`
+    and a `rearrange`); each draft reproduces the other side bitwise, and applied by `statemap
+    apply` too."""
+    from statemap.suggest_values import has_rearrange
+
+    if not has_rearrange():
+        pytest.skip("the rearrange op is not in this engine yet")
+    fused, sep, _ = _neox_pair(tmp_path)
+    for a, b, want in (
+        (fused, sep, "pattern: (h three d) c -> (three h d) c"),
+        (sep, fused, "pattern: (three h d) c -> (h three d) c"),
+    ):
+        draft = tmp_path / "draft.yaml"
+        assert main(["suggest", str(a), str(b), "--values", "-o", str(draft), "--json", "--force"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["verified"] and out["from_names"] == 0
+        text = draft.read_text()
+        assert want in text and "h: 4" in text and text.count("rearrange:") == 2  # weight and bias, layers folded
+        again = _apply(str(draft), a, tmp_path / "again.safetensors")
+        assert main(["diff", str(b), str(again), "--values", "-q"]) == 0
+    # negative: a plain split (q|k|v blocks) is not what GPT-NeoX holds
+    from statemap.cli import main as cli
+
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(
+        "name: plain\nversion: 1\nrules:\n  - split: {from: 'gpt_neox.layers.{i}.attention.query_key_value.{p}', "
+        "to: ['gpt_neox.layers.{i}.attention.query.{p}', 'gpt_neox.layers.{i}.attention.key.{p}', "
+        "'gpt_neox.layers.{i}.attention.value.{p}'], dim: 0}\n"
+    )
+    wrong = _apply(str(plain), fused, tmp_path / "wrong.safetensors")
+    assert cli(["diff", str(sep), str(wrong), "--values", "-q"]) == 1
