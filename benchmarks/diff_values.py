@@ -19,6 +19,9 @@ under /usr/bin/time (wall seconds, peak RSS), page cache warmed first:
   read both once      every tensor of A and of B through statemap's readers (one at a time)
   diff --values       `statemap diff A B --values -q` (target: <= 2x `read both once`)
 
+Wall and CPU seconds (user + system) are both reported: on a loaded machine the wall ratio swings
+with the load; the CPU ratio is the work done.
+
 Interleaving matters on a shared machine: each round runs the three commands back to back, so
 a burst of load hits all of them. Needs numpy, safetensors and torch (torch for the .pt only).
 """
@@ -37,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (the DeltaLM layout, its split/transpose spec, the timing helper)
+import bench  # noqa: E402  (the DeltaLM layout, its split/transpose spec, the read-both script)
 
 GPT2 = dict(d=1024, layers=24, vocab=50257, positions=1024)
 
@@ -63,6 +66,15 @@ def gpt2_layout(d: int, layers: int, vocab: int, positions: int) -> dict[str, tu
         }
     shapes |= {"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
     return shapes
+
+
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB) and CPU seconds (user + system) of one command, from /usr/bin/time."""
+    r = subprocess.run(["/usr/bin/time", "-f", "%e %M %U %S", *cmd], capture_output=True, text=True)
+    if r.returncode not in (0, 1):  # diff exits 1: "different"
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    wall, rss_kb, user, system = r.stderr.strip().splitlines()[-1].split()
+    return float(wall), int(rss_kb) / 1024, float(user) + float(system)
 
 
 def generate(d: Path) -> dict[str, tuple[Path, Path]]:
@@ -122,16 +134,18 @@ def run(d: Path, repeat: int) -> None:
             "read both once": [py, "-c", bench.READ_BOTH, str(a), str(b)],
             "diff --values": [py, "-m", "statemap", "diff", str(a), str(b), "--values", "-q"],
         }
-        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
+        runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in cases}
         for _ in range(repeat):
             for case, cmd in cases.items():
-                runs[case].append(bench.timed(cmd))
+                runs[case].append(timed(cmd))
         size = a.stat().st_size + b.stat().st_size
         med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+        cpu = {k: sorted(c for _, _, c in v)[len(v) // 2] for k, v in runs.items()}
         for case in cases:
-            walls = " / ".join(f"{w:.2f}" for w, _ in runs[case])
+            walls = " / ".join(f"{w:.2f}" for w, _, _ in runs[case])
             ratio = med[case][0] / med["read both once"][0]
-            rows.append((name, case, walls, med[case][0], ratio, med[case][1]))
+            cratio = cpu[case] / cpu["read both once"]
+            rows.append((name, case, walls, med[case][0], ratio, cpu[case], cratio, med[case][1]))
         print(
             f"  {name}: {size / 1e9:.2f} GB; diff --values {med['diff --values'][0]:.2f} s, read both {med['read both once'][0]:.2f} s",
             flush=True,
@@ -142,10 +156,10 @@ def run(d: Path, repeat: int) -> None:
     )
     print(f"median of {repeat} interleaved rounds, warm page cache")
     print()
-    print("| pair | command | wall s (each run) | median s | x read both | peak RSS MB |")
-    print("| --- | --- | --- | ---: | ---: | ---: |")
-    for name, case, walls, m, ratio, rss in rows:
-        print(f"| {name} | {case} | {walls} | {m:.2f} | {ratio:.2f} | {rss:.0f} |")
+    print("| pair | command | wall s (each run) | median wall s | x read both | median CPU s | CPU x read both | peak RSS MB |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, case, walls, m, ratio, c, cratio, rss in rows:
+        print(f"| {name} | {case} | {walls} | {m:.2f} | {ratio:.2f} | {c:.2f} | {cratio:.2f} | {rss:.0f} |")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ shapes) for keys the values do not explain, saying so in each rule's ``note``. T
 draft on the source and runs it in memory, one tensor at a time, comparing every output with the
 target bitwise: ``verified`` is True only if the draft reproduces the target exactly.
 
-Rows reordered the same way inside every block of ``k`` rows, as a ``[k/g, g]`` transpose (the
-rotary permutation between Meta's LLaMA and HF, and its inverse), are drafted as reshape ->
-permute -> reshape. Other row permutations (arbitrary per-head orders) are not drafted: written
-as one rule they need a ``rearrange`` op that statemap does not have yet; such keys are listed.
+Rows reordered by a known pattern are drafted as one ``rearrange`` rule (:func:`known_rearrange`):
+the rotary permutation between Meta's LLaMA (interleaved pairs) and HF (halves), either way, and
+a fused q/k/v between per-head rows ``[h, 3, d]`` (GPT-NeoX, BLOOM) and q|k|v blocks, either way
+(with the ``split`` or ``merge`` around it). Other row orders are listed, not drafted.
 
 Example::
 
@@ -333,7 +333,7 @@ def _fused_split_draft(
     if len(set(lengths)) > 1:
         split["sizes"] = lengths
     body = {"from": ak, "pattern": pattern, "sizes": sizes}
-    note = f"from values: {what}, then split into {', '.join(outs)}"
+    note = f"from values: {what}, then split along dim 0 into the {len(outs)} targets below"
     return _Draft("rearrange", body, (ak,), tuple(outs), note, order[ak], [{"split": split}])
 
 
@@ -573,7 +573,8 @@ def suggest_from_values(a: Any, b: Any) -> ValueSuggestion:
     used_a = {s for d in drafts for s in d.sources}
     made_b = {t for d in drafts for t in d.targets}
     not_drafted = [
-        f"{c.b}: {c.kind}: {c.detail}" + ("; needs a rearrange op (not in statemap yet)" if c.kind == "permuted" else "")
+        f"{c.b}: {c.kind}: {c.detail}"
+        + ("; no known row order (rotary, per-head q/k/v) fits: write its `rearrange` by hand" if c.kind == "permuted" else "")
         for c in left
         if c.kind == "permuted"
     ]

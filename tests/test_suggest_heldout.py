@@ -173,3 +173,31 @@ def test_gpt_neox_fused_qkv_is_not_a_confident_split() -> None:
     assert not any(".attention.query." in o.name for o in plan.outputs)
     plan = statemap.make_plan(statemap.load_spec(s.to_yaml(accept=["*query_key_value*"])), neox)
     assert any(".attention.query." in o.name for o in plan.outputs)
+
+
+@pytest.mark.parametrize("family", list(VALUE_PAIRS))
+def test_values_draft_reproduces_the_real_conversion(family: str, tmp_path: Path, capsys) -> None:
+    """`suggest --values` on the same pairs: the draft reproduces the real tool's output bitwise
+    (checked before writing, and again by `statemap apply` + `diff --values`), every rule from
+    values; OPT's K, V, Q split and LLaMA's rotary permutation included."""
+    import json
+
+    from statemap.cli import main
+
+    a, b = VALUE_PAIRS[family]
+    draft = tmp_path / "draft.yaml"
+    assert main(["suggest", str(a), str(b), "--values", "-o", str(draft), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verified"] and out["from_names"] == 0 and out["problems"] == []
+    text = draft.read_text()
+    if family.startswith("OPT"):  # k rows first, then v, then q
+        order = ", ".join(f"'decoder.layers.{{i}}.self_attn.{x}_proj.weight'" for x in "kvq")
+        assert f"to: [{order}]" in text
+        plan = statemap.make_plan(statemap.load_spec(draft), statemap.open_checkpoint(a).metas.values())
+        q = {o.name: o.node for o in plan.outputs}["decoder.layers.1.self_attn.q_proj.weight"]
+        assert q.kind == "slice" and q.args[:3] == (0, 32, 48)
+    if family.startswith("LLaMA"):
+        assert text.count("pattern: (h d two) c -> (h two d) c") == 2
+    res = tmp_path / "out.safetensors"
+    assert main(["apply", str(draft), str(a), str(res), "-q", "--tied", "clone"]) == 0
+    assert main(["diff", str(b), str(res), "--values", "-q"]) == 0
