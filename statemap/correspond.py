@@ -1,12 +1,13 @@
 """correspond: explain every tensor of checkpoint B by the content of checkpoint A.
 
-Each side is read once, one tensor at a time; only fingerprints are kept: per-row and
-per-column hashes of the tensor seen as a matrix ``[first dim, rest]`` (size-1 dims dropped),
-over its values (bfloat16 / float16 / float32 compare as float32 values, so a lossless cast
-hashes the same), plus the same hashes of A rounded to each narrower float type B holds (so a
-lossy cast still matches). The hashes are linear (a sum of random odd 64-bit coefficients times
-element bits, mod 2**64), so a row of A and a column of B compare directly: that is how
-transposes, splits and merges along a dim, and row reorders are found.
+Each side is read once, one tensor at a time (and the A tensors that could explain what is left
+again); only fingerprints are kept: per-row and per-column hashes of the tensor seen as a matrix
+``[first dim, rest]`` (size-1 dims dropped), over its values (bfloat16 / float16 / float32
+compare as float32 values, so a lossless cast hashes the same), plus the same hashes of A rounded
+to each narrower float type B holds (so a lossy cast still matches). The hashes are linear and
+exact (integer sums of random 8-bit coefficients times element bits, computed as float64
+matrix-vector products; see :class:`_Hasher`), so a row of A and a column of B compare directly:
+that is how transposes, splits and merges along a dim, and row reorders are found.
 
 Every B key gets one :class:`Correspondence`:
 
