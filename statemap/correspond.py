@@ -407,11 +407,13 @@ def _quick_all(
     metas: Mapping[str, TensorMeta],
     read: Callable[[str], np.ndarray],
     then: Callable[[str, TensorMeta, np.ndarray, tuple[Any, ...]], None] | None = None,
+    skip: Callable[[str, TensorMeta], bool] = lambda k, m: False,
 ) -> dict[str, tuple[Any, ...]]:
     """The whole-tensor identity of every tensor; hashing one tensor overlaps reading the next
     (both release the GIL), so at most two tensors are in memory. ``then(key, meta, array,
     identity)`` runs on each tensor while it is still in memory (to fingerprint it without
-    reading it again)."""
+    reading it again). Tensors ``skip`` names get an identity that matches nothing (no whole
+    hash: they are fingerprinted by ``then``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     out: dict[str, tuple[Any, ...]] = {}
@@ -430,7 +432,8 @@ def _quick_all(
             a = read(k)
             if pending is not None:
                 finish(pending)
-            pending = (k, _quick_parts(meta, a, pool), a, meta)  # the array stays alive until hashed
+            parts = [meta.numel, "skipped", id(metas), k] if skip(k, meta) else _quick_parts(meta, a, pool)
+            pending = (k, parts, a, meta)  # the array stays alive until hashed
             del a
         if pending is not None:
             finish(pending)
@@ -812,13 +815,20 @@ def explain(
 
         round_all = narrower_in(b_metas.values())
 
+        def transposed(k: str, meta: TensorMeta, other: Mapping[str, TensorMeta]) -> bool:
+            """The other side holds this name with another shape of as many elements and the same
+            dtype (a transpose, most likely): its whole identity is left out, its fingerprint is
+            taken instead (``full`` still finds an equal tensor of the same shape under another name)."""
+            o = other.get(k)
+            return o is not None and tuple(o.shape) != tuple(meta.shape) and o.numel == meta.numel and o.dtype == meta.dtype
+
         def changed_in_b(k: str, meta: TensorMeta, x: np.ndarray, q: tuple[Any, ...]) -> None:
             bm = b_metas.get(k)
             if bm is not None and meta.numel and (tuple(bm.shape) != tuple(meta.shape) or bm.dtype != meta.dtype):
                 collect()
                 running.append(("a", bg.submit(_fingerprint_one, k, meta, x, hasher, round_all, False)))
 
-        qa = _quick_all(a_metas, a_read, changed_in_b)
+        qa = _quick_all(a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas))
         collect()
         a_quick = set(qa.values())
 
@@ -827,7 +837,7 @@ def explain(
                 collect()
                 running.append(("b", bg.submit(_fingerprint_one, k, meta, x, hasher, lambda m: [])))
 
-        qb = _quick_all(b_metas, b_read, fingerprint_misses)
+        qb = _quick_all(b_metas, b_read, fingerprint_misses, lambda k, m: transposed(k, m, a_metas))
         collect()
     score = _Scorer()
     ex = Explanation()
