@@ -460,3 +460,36 @@ def test_suggest_from_values_gpt_neox_fused_qkv(tmp_path, capsys):
     )
     wrong = _apply(str(plain), fused, tmp_path / "wrong.safetensors")
     assert cli(["diff", str(sep), str(wrong), "--values", "-q"]) == 1
+
+
+def test_row_and_column_hashes_are_exact():
+    """A row of A hashes like the same column of A transposed (no transpose is made); a bfloat16
+    tensor like its exact float32 widening; float64 holding float32 values like float32; one bit
+    flipped changes exactly that row's and that column's hash; blocks wider than the exact span
+    (2**13 positions) and row chunks split across threads give the same hashes."""
+    import numpy as np
+
+    from statemap.correspond import _Hasher
+    from statemap.dtypes import cast
+    from statemap.dtypes import dtype as dt
+    from statemap.meta import TensorMeta
+
+    def fp(h, x, name="float32"):
+        return h.fingerprint("k", TensorMeta("k", x.shape, name), x)
+
+    rng = np.random.default_rng(3)
+    h = _Hasher(20000)
+    x = rng.standard_normal((300, 9000), dtype=np.float32)  # 9000 > 2**13: two column blocks
+    a, t = fp(h, x), fp(h, np.ascontiguousarray(x.T))
+    assert np.array_equal(a.rows, t.cols) and np.array_equal(a.cols, t.rows)
+    assert len(set(a.rows.tolist())) == 300 and len(set(a.cols.tolist())) == 9000
+    one = _Hasher(20000, workers=1)
+    assert np.array_equal(fp(one, x).rows, a.rows) and fp(one, x).full == a.full
+    y = x.copy()
+    y.view(np.uint32)[17, 4321] ^= 1  # the lowest mantissa bit of one element
+    b = fp(h, y)
+    assert list(np.nonzero(a.rows != b.rows)[0]) == [17] and list(np.nonzero(a.cols != b.cols)[0]) == [4321]
+    bf = cast(x[:, :64], dt("float32"), dt("bfloat16"))
+    assert np.array_equal(fp(h, bf, "bfloat16").rows, fp(h, cast(bf, dt("bfloat16"), dt("float32"))).rows)
+    assert np.array_equal(fp(h, x[:, :64].astype(np.float64), "float64").rows, fp(h, np.ascontiguousarray(x[:, :64])).rows)
+    assert not np.array_equal(fp(h, (x[:, :64].astype(np.float64) + 1e-12), "float64").rows, fp(h, np.ascontiguousarray(x[:, :64])).rows)
