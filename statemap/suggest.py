@@ -306,7 +306,7 @@ class SuggestedRule:
             return True
         if accept is False:
             return False
-        pats = list(accept)  # type: ignore[arg-type]
+        pats = list(accept)
         return any(fnmatch.fnmatchcase(k, p) for p in pats for k in (*self.sources, *self.targets))
 
     def to_spec_rules(self) -> list[dict[str, Any]]:
@@ -887,7 +887,8 @@ def _distinct(k: Kind, group: list[Kind]) -> set[str]:
     others = [_canon_tokens(g) for g in group if g is not k]
     if not others:
         return own - scope
-    return own - set.intersection(*others) - scope
+    common = others[0].intersection(*others[1:])
+    return own - common - scope
 
 
 def _cover(x: set[str], y: set[str], common: set[str]) -> float:

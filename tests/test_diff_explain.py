@@ -492,4 +492,6 @@ def test_row_and_column_hashes_are_exact():
     bf = cast(x[:, :64], dt("float32"), dt("bfloat16"))
     assert np.array_equal(fp(h, bf, "bfloat16").rows, fp(h, cast(bf, dt("bfloat16"), dt("float32"))).rows)
     assert np.array_equal(fp(h, x[:, :64].astype(np.float64), "float64").rows, fp(h, np.ascontiguousarray(x[:, :64])).rows)
-    assert not np.array_equal(fp(h, (x[:, :64].astype(np.float64) + 1e-12), "float64").rows, fp(h, np.ascontiguousarray(x[:, :64])).rows)
+    assert not np.array_equal(
+        fp(h, (x[:, :64].astype(np.float64) + 1e-12), "float64").rows, fp(h, np.ascontiguousarray(x[:, :64])).rows
+    )
