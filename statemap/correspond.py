@@ -221,7 +221,8 @@ class _Hasher:
         f64_as_f32 = False
         if dt.name == "float64" and m * n:
             f64_as_f32 = bool(np.array_equal(x.astype(np.float32).astype(np.float64), x, equal_nan=True))
-        if m > _MAX_ROWS or m * n == 0 or m > self.c.shape[1] or n > self.c.shape[1]:
+        big = dt.kind == "complex" and dt.native and dt.itemsize > 8  # complex128: 16 bytes a value, hashed whole
+        if big or m > _MAX_ROWS or m * n == 0 or m > self.c.shape[1] or n > self.c.shape[1]:
             h = hashlib.blake2b(digest_size=8, person=str((m, n)).encode()[:16])
             for buf in _canon_bytes(x, dt):
                 h.update(buf)
@@ -307,7 +308,7 @@ def _canon_into(x: np.ndarray, dt: DType, f64_as_f32: bool, out: np.ndarray) -> 
         np.left_shift(x, 16, out=out, casting="unsafe")
     elif dt.name == "float16" or (dt.name == "float64" and f64_as_f32):
         np.copyto(out, x.astype(np.float32).view(np.uint32))
-    elif dt.name == "float64":
+    elif dt.name == "float64" or (dt.kind == "complex" and dt.native):  # complex64: both parts, 64 bits
         np.copyto(out, x.view(np.uint64))
     elif not dt.native:  # float8: the bits, tagged so they never equal another type's
         np.bitwise_or(x.astype(np.uint64), np.uint64(1 << 62), out=out)
@@ -354,8 +355,8 @@ def _canon_bytes(a: np.ndarray, dt: DType) -> Iterable[Any]:
     import numpy as np
 
     flat = np.ascontiguousarray(a).reshape(-1)
-    if dt.name == "float32" or (not dt.native and dt.name != "bfloat16"):
-        yield flat.data  # float32 as is; float8 bits as is (tagged by the caller)
+    if dt.name == "float32" or dt.kind == "complex" or (not dt.native and dt.name != "bfloat16"):
+        yield flat.data  # float32 as is; complex as is (both parts); float8 bits as is (tagged by the caller)
         return
     if dt.name == "float64":
         as32 = bool(np.array_equal(flat.astype(np.float32).astype(np.float64), flat, equal_nan=True))

@@ -495,3 +495,22 @@ def test_row_and_column_hashes_are_exact():
     assert not np.array_equal(
         fp(h, (x[:, :64].astype(np.float64) + 1e-12), "float64").rows, fp(h, np.ascontiguousarray(x[:, :64])).rows
     )
+
+
+def test_complex_values_compare_both_parts():
+    """A complex tensor equal in its real parts only is not explained as the same values."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    re_, im = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
+    z = (re_ + 1j * im).astype(np.complex64)
+    w = (re_ + 1j * (im + 1)).astype(np.complex64)
+    c = _explain_arrays(
+        {"z": z, "zz": (re_ + 1j * im).astype(np.complex128)},
+        {"z": z.copy(), "w": w, "zz_t": np.ascontiguousarray((re_ + 1j * im).astype(np.complex128).T)},
+    )
+    assert c["z"].kind == "same"
+    assert c["w"].kind != "renamed" and c["w"].a != ("z",)
+    assert c["zz_t"].kind in ("unmatched", "constant") or c["zz_t"].a != ("z",)
+    c = _explain_arrays({"z": z}, {"t": np.ascontiguousarray(z.T)})
+    assert c["t"].kind == "transposed" and c["t"].a == ("z",)
