@@ -259,7 +259,9 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     if args.values:
         return _suggest_values(args, name)
     s = suggest_files(args.source, args.target)
-    text = s.to_yaml(name=name)
+    accept: bool | list[str] = False if args.accept is None else (args.accept or True)
+    text = s.to_yaml(name=name, accept=accept)
+    held = [r for r in s.rules if not r.accepted_by(accept)]
     if args.output:
         _write_text(args.output, text, args.force)
     if args.json:
@@ -269,6 +271,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
                 "unmapped_sources": list(s.unmapped_sources),
                 "unmapped_targets": list(s.unmapped_targets),
                 "output": args.output,
+                "verify": [
+                    {"sources": list(r.sources), "targets": list(r.targets), "why": r.verify, "accepted": r not in held}
+                    for r in s.to_verify
+                ],
             }
         )
     elif not args.output:
@@ -278,6 +284,11 @@ def cmd_suggest(args: argparse.Namespace) -> int:
             f"statemap: {len(s.rules)} rules drafted; {len(s.unmapped_sources)} source and {len(s.unmapped_targets)} target "
             "key kinds not mapped (listed as comments). Review it, then `statemap lint` and `statemap check --against`.\n"
         )
+        if held:
+            sys.stderr.write(
+                f"statemap: {len(held)} rule(s) marked VERIFY (names and shapes do not decide them) are commented out; "
+                "check them, then uncomment or rerun with --accept [PATTERN].\n"
+            )
     return EXIT_OK
 
 
@@ -449,6 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--values",
         action="store_true",
         help="both hold the same weights: draft from the tensor values and check the draft reproduces TARGET bitwise (exit 1 if not)",
+    )
+    sg.add_argument(
+        "--accept",
+        nargs="*",
+        metavar="PATTERN",
+        help="write rules marked VERIFY (no evidence in names or shapes) as active rules: all of them, or those whose "
+        "source or target pattern matches a glob PATTERN (default: they are written commented out)",
     )
     common(sg)
     sg.set_defaults(func=cmd_suggest)

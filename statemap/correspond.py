@@ -1,12 +1,13 @@
 """correspond: explain every tensor of checkpoint B by the content of checkpoint A.
 
-Each side is read once, one tensor at a time; only fingerprints are kept: per-row and
-per-column hashes of the tensor seen as a matrix ``[first dim, rest]`` (size-1 dims dropped),
-over its values (bfloat16 / float16 / float32 compare as float32 values, so a lossless cast
-hashes the same), plus the same hashes of A rounded to each narrower float type B holds (so a
-lossy cast still matches). The hashes are linear (a sum of random odd 64-bit coefficients times
-element bits, mod 2**64), so a row of A and a column of B compare directly: that is how
-transposes, splits and merges along a dim, and row reorders are found.
+Each side is read once, one tensor at a time (and the A tensors that could explain what is left
+again); only fingerprints are kept: per-row and per-column hashes of the tensor seen as a matrix
+``[first dim, rest]`` (size-1 dims dropped), over its values (bfloat16 / float16 / float32
+compare as float32 values, so a lossless cast hashes the same), plus the same hashes of A rounded
+to each narrower float type B holds (so a lossy cast still matches). The hashes are linear and
+exact (integer sums of random 8-bit coefficients times element bits, computed as float64
+matrix-vector products; see :class:`_Hasher`), so a row of A and a column of B compare directly:
+that is how transposes, splits and merges along a dim, and row reorders are found.
 
 Every B key gets one :class:`Correspondence`:
 
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["Correspondence", "Dropped", "Explanation", "Piece", "explain", "render_explanation"]
 
 _CHUNK = 1 << 20  # elements hashed at a time: bounds the temporaries
-_MAX_ROWS = 1 << 23  # longer first dims are hashed whole (no row index)
+_MAX_ROWS = 1 << 21  # longer dims are hashed whole (no row index; bounds the coefficient tables)
 _ALIAS_LIMIT = 1 << 30  # bytes a stride-0 (repeated) view may expand to when compared
 _MAX_CANDIDATES = 32  # candidate positions tried per row (constant rows match everywhere)
 _K_LEN, _K_M, _K_N = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -188,15 +189,30 @@ def _canon(a: np.ndarray, dt: DType, f64_as_f32: bool) -> np.ndarray:
     return a.astype(np.int64).view(np.uint64)
 
 
+_PIECE_K = (1, _K_LEN, _K_M, _K_N)  # weights of (32-bit piece, coefficient set) sums
+_EXACT = 1 << 13  # positions summed at a time in float64: 2**13 * 2**32 * 2**8 = 2**53, exact
+_BLOCK = 1 << 18  # elements per work block (reused buffers of 2 MB: no page faults per block)
+
+
 class _Hasher:
-    def __init__(self, length: int) -> None:
+    """Linear hashes of every row and column: for a vector ``v`` of canonical values (32 or 64
+    bits, cut in 32-bit pieces ``v_p``), ``H(v) = sum_{p,s} K_ps * sum_j c_s[j] * v_p[j] + len * K``
+    mod 2**64, with two sets of random 8-bit coefficients ``c_s``. The inner sums are float64
+    matrix-vector products (BLAS) over at most 2**13 positions at a time, where every partial sum
+    is an integer below 2**53 and so exact in any order: a row of A and a column of B hash equal
+    exactly when their values are equal (up to the hash), and no transpose is ever made."""
+
+    def __init__(self, length: int, workers: int = 2) -> None:
         import numpy as np
 
         rng = np.random.default_rng(0x5747E)
-        self.c = rng.integers(0, 2**63, size=max(length, 1), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-        self.d = rng.integers(0, 2**63, size=max(length, 1), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        n = max(length, 1)
+        self.c = rng.integers(1, 1 << 8, size=(2, n)).astype(np.float64)
+        self.c16 = self.c * 65536.0  # bfloat16: its bits times 2**16 are its canonical value
+        self.d = rng.integers(0, 2**63, size=n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self.workers = max(1, workers)
 
-    def fingerprint(self, key: str, meta: TensorMeta, a: np.ndarray, variant: str = "") -> _FP:
+    def fingerprint(self, key: str, meta: TensorMeta, a: np.ndarray, variant: str = "", cols: bool = True) -> _FP:
         import numpy as np
 
         dt = lookup_dtype(meta.dtype)
@@ -205,23 +221,99 @@ class _Hasher:
         f64_as_f32 = False
         if dt.name == "float64" and m * n:
             f64_as_f32 = bool(np.array_equal(x.astype(np.float32).astype(np.float64), x, equal_nan=True))
-        if m > _MAX_ROWS or m * n == 0 or m > len(self.c) or n > len(self.c):
+        big = dt.kind == "complex" and dt.native and dt.itemsize > 8  # complex128: 16 bytes a value, hashed whole
+        if big or m > _MAX_ROWS or m * n == 0 or m > self.c.shape[1] or n > self.c.shape[1]:
             h = hashlib.blake2b(digest_size=8, person=str((m, n)).encode()[:16])
             for buf in _canon_bytes(x, dt):
                 h.update(buf)
             return _FP(key, meta, m, n, None, None, int.from_bytes(h.digest(), "little"), variant)
-        rows = np.empty(m, dtype=np.uint64)
-        cols = np.zeros(n, dtype=np.uint64)
-        step = max(1, _CHUNK // max(n, 1))
-        cn = self.c[:n]
-        for r0 in range(0, m, step):
-            u = _canon(x[r0 : r0 + step], dt, f64_as_f32)
-            rows[r0 : r0 + len(u)] = (u * cn).sum(axis=1)
-            cols += (u * self.c[r0 : r0 + len(u), None]).sum(axis=0)
+        rows = np.zeros(m, dtype=np.uint64)
+        step = max(1, min(_EXACT, _BLOCK // min(n, _EXACT)))
+        spans = [(r0, min(m, r0 + step)) for r0 in range(0, m, step)]
+        if self.workers > 1 and m * n >= 4 * _BLOCK and len(spans) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            half = (len(spans) + 1) // 2
+            with ThreadPoolExecutor(2) as pool:  # numpy and BLAS release the GIL
+                parts = list(pool.map(lambda sp: self._part(x, dt, f64_as_f32, sp, rows, cols), (spans[:half], spans[half:])))
+            col = parts[0] + parts[1] if cols else None
+        else:
+            part = self._part(x, dt, f64_as_f32, spans, rows, cols)
+            col = part if cols else None
         rows += np.uint64((n * _K_LEN) & _MASK)
-        cols += np.uint64((m * _K_LEN) & _MASK)
+        if col is not None:
+            col += np.uint64((m * _K_LEN) & _MASK)
         full = (int((rows * self.d[:m]).sum()) + m * _K_M + n * _K_N) & _MASK
-        return _FP(key, meta, m, n, rows, cols, full, variant)
+        return _FP(key, meta, m, n, rows, col, full, variant)
+
+    def _part(
+        self, x: np.ndarray, dt: DType, f64_as_f32: bool, spans: list[tuple[int, int]], rows: np.ndarray, with_cols: bool = True
+    ) -> np.ndarray:
+        """Add the hashes of rows ``spans`` to ``rows`` (in place) and return their column sums."""
+        import numpy as np
+
+        m, n = x.shape
+        cols = np.zeros(n, dtype=np.uint64)
+        step = spans[0][1] - spans[0][0]
+        width = min(n, _EXACT)
+        piece = np.empty((step, width), dtype=np.float64)
+        wide = _canon_wide(dt, f64_as_f32)
+        tmp = np.empty((step, width), dtype=np.uint64 if wide else np.uint32)
+        coef = self.c16 if dt.name == "bfloat16" else self.c
+        for r0, r1 in spans:
+            k = r1 - r0
+            for j0 in range(0, n, _EXACT):
+                j1 = min(n, j0 + _EXACT)
+                w = j1 - j0
+                buf = piece[:k, :w]
+                block = x[r0:r1, j0:j1]
+                if dt.name in ("bfloat16", "float32"):
+                    src = block.view(np.uint32) if dt.name == "float32" else block
+                else:
+                    src = tmp[:k, :w]
+                    _canon_into(block, dt, f64_as_f32, src)
+                for p in range(2 if wide else 1):
+                    if wide:
+                        if p == 0:
+                            np.bitwise_and(src, np.uint64(0xFFFFFFFF), out=buf, casting="unsafe")
+                        else:
+                            np.right_shift(src, np.uint64(32), out=buf, casting="unsafe")
+                    else:
+                        np.copyto(buf, src, casting="unsafe")
+                    for q in (0, 1):
+                        kp = np.uint64(_PIECE_K[2 * p + q])
+                        rows[r0:r1] += (buf @ coef[q, j0:j1]).astype(np.uint64) * kp
+                        if with_cols:
+                            cols[j0:j1] += (coef[q, r0:r1] @ buf).astype(np.uint64) * kp
+        return cols
+
+
+def _canon_wide(dt: DType, f64_as_f32: bool) -> bool:
+    """The canonical value of ``dt`` takes 64 bits (else 32)."""
+    if dt.name in ("bfloat16", "float16", "float32"):
+        return False
+    if dt.name == "float64":
+        return not f64_as_f32
+    return True
+
+
+def _canon_into(x: np.ndarray, dt: DType, f64_as_f32: bool, out: np.ndarray) -> None:
+    """The canonical values of :func:`_canon` of block ``x``, written into ``out`` (uint32 for
+    values that fit 32 bits, else uint64)."""
+    import numpy as np
+
+    if dt.name == "float32":
+        np.copyto(out, x.view(np.uint32))
+    elif dt.name == "bfloat16":
+        np.left_shift(x, 16, out=out, casting="unsafe")
+    elif dt.name == "float16" or (dt.name == "float64" and f64_as_f32):
+        np.copyto(out, x.astype(np.float32).view(np.uint32))
+    elif dt.name == "float64" or (dt.kind == "complex" and dt.native):  # complex64: both parts, 64 bits
+        np.copyto(out, x.view(np.uint64))
+    elif not dt.native:  # float8: the bits, tagged so they never equal another type's
+        np.bitwise_or(x.astype(np.uint64), np.uint64(1 << 62), out=out)
+    else:
+        np.copyto(out, x.astype(np.int64).view(np.uint64))
 
 
 def _narrower(src: str, dst: str) -> bool:
@@ -234,19 +326,26 @@ def _fingerprints(
     read: Callable[[str], np.ndarray],
     hasher: _Hasher,
     round_to: Callable[[TensorMeta], list[str]] = lambda m: [],
+    cols: bool = True,
 ) -> list[_FP]:
     out = []
     for k, meta in metas.items():
         if meta.numel == 0:
             continue
-        a = read(k)
-        out.append(hasher.fingerprint(k, meta, a))
-        for x in round_to(meta):
-            r = cast_values(a, lookup_dtype(meta.dtype), lookup_dtype(x))
-            fp = hasher.fingerprint(k, TensorMeta(k, meta.shape, x), r, variant=x)
-            fp.orig = meta.dtype
-            out.append(fp)
-        del a
+        out += _fingerprint_one(k, meta, read(k), hasher, round_to, cols)
+    return out
+
+
+def _fingerprint_one(
+    k: str, meta: TensorMeta, a: np.ndarray, hasher: _Hasher, round_to: Callable[[TensorMeta], list[str]], cols: bool = True
+) -> list[_FP]:
+    """The fingerprint of ``a``, and of ``a`` rounded to each dtype ``round_to`` names."""
+    out = [hasher.fingerprint(k, meta, a, cols=cols)]
+    for x in round_to(meta):
+        r = cast_values(a, lookup_dtype(meta.dtype), lookup_dtype(x))
+        fp = hasher.fingerprint(k, TensorMeta(k, meta.shape, x), r, variant=x, cols=cols)
+        fp.orig = meta.dtype
+        out.append(fp)
     return out
 
 
@@ -256,8 +355,8 @@ def _canon_bytes(a: np.ndarray, dt: DType) -> Iterable[Any]:
     import numpy as np
 
     flat = np.ascontiguousarray(a).reshape(-1)
-    if dt.name == "float32" or (not dt.native and dt.name != "bfloat16"):
-        yield flat.data  # float32 as is; float8 bits as is (tagged by the caller)
+    if dt.name == "float32" or dt.kind == "complex" or (not dt.native and dt.name != "bfloat16"):
+        yield flat.data  # float32 as is; complex as is (both parts); float8 bits as is (tagged by the caller)
         return
     if dt.name == "float64":
         as32 = bool(np.array_equal(flat.astype(np.float32).astype(np.float64), flat, equal_nan=True))
@@ -305,25 +404,40 @@ def _quick_parts(meta: TensorMeta, a: np.ndarray, pool: Any) -> list[Any]:
     return [meta.numel, tag, *parts]
 
 
-def _quick_all(metas: Mapping[str, TensorMeta], read: Callable[[str], np.ndarray]) -> dict[str, tuple[Any, ...]]:
+def _quick_all(
+    metas: Mapping[str, TensorMeta],
+    read: Callable[[str], np.ndarray],
+    then: Callable[[str, TensorMeta, np.ndarray, tuple[Any, ...]], None] | None = None,
+    skip: Callable[[str, TensorMeta], bool] = lambda k, m: False,
+) -> dict[str, tuple[Any, ...]]:
     """The whole-tensor identity of every tensor; hashing one tensor overlaps reading the next
-    (both release the GIL), so at most two tensors are in memory."""
+    (both release the GIL), so at most two tensors are in memory. ``then(key, meta, array,
+    identity)`` runs on each tensor while it is still in memory (to fingerprint it without
+    reading it again). Tensors ``skip`` names get an identity that matches nothing (no whole
+    hash: they are fingerprinted by ``then``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     out: dict[str, tuple[Any, ...]] = {}
+
+    def finish(p: tuple[str, list[Any], Any, TensorMeta]) -> None:
+        out[p[0]] = tuple(x.result() if hasattr(x, "result") else x for x in p[1])
+        if then is not None:
+            then(p[0], p[3], p[2], out[p[0]])
+
     with ThreadPoolExecutor(2) as pool:
-        pending: tuple[str, list[Any], Any] | None = None
+        pending: tuple[str, list[Any], Any, TensorMeta] | None = None
         for k, meta in metas.items():
             if meta.numel == 0:  # no values (and nothing to read: its claimed dims may be absurd)
                 out[k] = (0, "", "empty")
                 continue
             a = read(k)
             if pending is not None:
-                out[pending[0]] = tuple(p.result() if hasattr(p, "result") else p for p in pending[1])
-            pending = (k, _quick_parts(meta, a, pool), a)  # the array stays alive until hashed
+                finish(pending)
+            parts = [meta.numel, "skipped", id(metas), k] if skip(k, meta) else _quick_parts(meta, a, pool)
+            pending = (k, parts, a, meta)  # the array stays alive until hashed
             del a
         if pending is not None:
-            out[pending[0]] = tuple(p.result() if hasattr(p, "result") else p for p in pending[1])
+            finish(pending)
     return out
 
 
@@ -363,8 +477,8 @@ class _Index:
             if fp.rows is None:
                 continue
             for o, arr in ((0, fp.rows), (1, fp.cols)):
-                if o == 1 and fp.n == 1:
-                    continue  # a vector's one column is the whole vector: the full hash covers it
+                if o == 1 and (fp.n == 1 or arr is None):
+                    continue  # a vector's one column is the whole vector: the full hash covers it; or not taken
                 hs.append(arr)
                 fs.append(np.full(len(arr), i, dtype=np.int32))
                 os_.append(np.full(len(arr), o, dtype=np.int8))
@@ -665,8 +779,67 @@ def explain(
 
     rule_of = rule_of or {}
     a_read, b_read = _bounded(a_read, names[0]), _bounded(b_read, names[1])
-    qa = _quick_all(a_metas, a_read)
-    qb = _quick_all(b_metas, b_read)
+    length = 1
+    for m in (*a_metas.values(), *b_metas.values()):
+        length = max(length, *(d for d in _view2d(m.shape) if d <= _MAX_ROWS), 1)
+    hasher = _Hasher(length)
+
+    def narrower_in(bm: Iterable[TensorMeta]) -> Callable[[TensorMeta], list[str]]:
+        b_dtypes: dict[str, set[int]] = {}
+        for m in bm:
+            b_dtypes.setdefault(m.dtype, set()).update({m.numel, *_view2d(m.shape)})
+
+        def round_to(meta: TensorMeta) -> list[str]:
+            sizes = {meta.numel, *_view2d(meta.shape)}
+            return [x for x, have in b_dtypes.items() if _narrower(meta.dtype, x) and sizes & have]
+
+        return round_to
+
+    # Rows and columns are taken while a tensor is in memory, on a second thread, one at a time
+    # (bounded): of A tensors whose name B holds with another shape or dtype (a transpose, a cast:
+    # B cannot hold them whole under that name), and of B tensors no A tensor holds whole.
+    a_early: dict[str, list[_FP]] = {}
+    b_early: dict[str, _FP] = {}
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as bg:
+        running: list[tuple[str, Future[list[_FP]]]] = []
+
+        def collect() -> None:
+            for side, f in running:
+                fps = f.result()
+                if side == "b":
+                    b_early[fps[0].key] = fps[0]
+                else:
+                    a_early[fps[0].key] = fps
+            running.clear()
+
+        round_all = narrower_in(b_metas.values())
+
+        def transposed(k: str, meta: TensorMeta, other: Mapping[str, TensorMeta]) -> bool:
+            """The other side holds this name with another shape of as many elements and the same
+            dtype (a transpose, most likely): its whole identity is left out, its fingerprint is
+            taken instead (``full`` still finds an equal tensor of the same shape under another name)."""
+            o = other.get(k)
+            return o is not None and tuple(o.shape) != tuple(meta.shape) and o.numel == meta.numel and o.dtype == meta.dtype
+
+        def changed_in_b(k: str, meta: TensorMeta, x: np.ndarray, q: tuple[Any, ...]) -> None:
+            bm = b_metas.get(k)
+            if bm is not None and meta.numel and (tuple(bm.shape) != tuple(meta.shape) or bm.dtype != meta.dtype):
+                collect()
+                running.append(("a", bg.submit(_fingerprint_one, k, meta, x, hasher, round_all, False)))
+
+        qa = _quick_all(a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas))
+        collect()
+        a_quick = set(qa.values())
+
+        def fingerprint_misses(k: str, meta: TensorMeta, x: np.ndarray, q: tuple[Any, ...]) -> None:
+            if q not in a_quick and meta.numel:  # no A tensor holds these values whole
+                collect()
+                running.append(("b", bg.submit(_fingerprint_one, k, meta, x, hasher, lambda m: [])))
+
+        qb = _quick_all(b_metas, b_read, fingerprint_misses, lambda k, m: transposed(k, m, a_metas))
+        collect()
     score = _Scorer()
     ex = Explanation()
     out: dict[str, Correspondence] = {}
@@ -709,47 +882,56 @@ def explain(
             if other is not None and other.a == (bk,):
                 out[bk] = Correspondence(bk, "swapped", c.a, f"B holds A:{c.a[0]}; B:{c.a[0]} holds A:{bk}", cast=c.cast)
 
-    # 2. the rest: row / column fingerprints of B's unexplained keys and of the A tensors that could
-    # explain them (a dim in common), read again; A also rounded to B's narrower float types
+    # 2. the rest: row / column fingerprints of B's unexplained keys (taken while B was read) and of
+    # the A tensors that could explain them (a dim in common), read again; A also rounded to B's
+    # narrower float types. A tensors B holds whole are left out unless something stays unexplained.
     rest = {k: m for k, m in b_metas.items() if k not in out and m.numel}
     own: dict[str, _FP] = {}
-    bfps: list[_FP] = []
+    bfps: list[_FP] = [b_early[k] for k in rest if k in b_early]
+    bfps += _fingerprints({k: m for k, m in rest.items() if k not in b_early}, b_read, hasher)
     if rest:
         dims = {d for m in rest.values() for d in _view2d(m.shape)}
         cand = {k: m for k, m in a_metas.items() if m.numel and (dims & set(_view2d(m.shape)) or k in rest)}
-        length = 1
-        for m in (*cand.values(), *rest.values()):
-            mm, nn = _view2d(m.shape)
-            if mm <= _MAX_ROWS:
-                length = max(length, mm, nn)
-        hasher = _Hasher(min(length, _MAX_ROWS))
-        b_dtypes: dict[str, set[int]] = {}
-        for m in rest.values():
-            b_dtypes.setdefault(m.dtype, set()).update({m.numel, *_view2d(m.shape)})
-
-        def round_to(meta: TensorMeta) -> list[str]:
-            sizes = {meta.numel, *_view2d(meta.shape)}
-            return [x for x, have in b_dtypes.items() if _narrower(meta.dtype, x) and sizes & have]
-
-        afps = _fingerprints(cand, a_read, hasher, round_to)
-        bfps = _fingerprints(rest, b_read, hasher)
-        own = {fp.key: fp for fp in afps if not fp.variant}
-        mt = _Matcher(afps, set(a_metas))
-        mt.score = score
-        for b in bfps:
-            full = mt.full_candidates(b)
-            if full:  # B is A rounded to B's dtype
-                i = max(full, key=lambda j: score(afps[j].key, b.key))
-                a = afps[i]
-                out[b.key] = _describe_same(
-                    b.key, b.meta, a.key, a_metas[a.key], "same" if a.key == b.key else "renamed", rounded=a.variant
-                )
-                continue
-            found = mt.structural(b)
-            if found is not None and found.kind == "gathered" and b.m > 1 and bool((b.rows == b.rows[0]).all()):
-                found = None  # repeated rows (e.g. all zeros) gathered from anywhere: a constant is likelier
-            if found is not None:
-                out[b.key] = found
+        whole = {k for k in cand if k in used and k not in rest and k not in a_early}
+        round_to = narrower_in(rest.values())
+        afps = [fp for k, fps in a_early.items() for fp in fps]
+        # A's rows only: B's rows and columns against A's rows find copies, splits and merges along
+        # dim 0, reorders and transposes; A's columns only when something is left (below)
+        afps += _fingerprints(
+            {k: m for k, m in cand.items() if k not in whole and k not in a_early}, a_read, hasher, round_to, cols=False
+        )
+        todo = bfps
+        for attempt in (0, 1):
+            own = {fp.key: fp for fp in afps if not fp.variant}
+            mt = _Matcher(afps, set(a_metas))
+            mt.score = score
+            left = []
+            for b in todo:
+                full = mt.full_candidates(b)
+                if full:  # B is A rounded to B's dtype
+                    i = max(full, key=lambda j: score(afps[j].key, b.key))
+                    a = afps[i]
+                    out[b.key] = _describe_same(
+                        b.key, b.meta, a.key, a_metas[a.key], "same" if a.key == b.key else "renamed", rounded=a.variant
+                    )
+                    continue
+                found = mt.structural(b)
+                if found is not None and found.kind == "gathered" and b.m > 1 and bool((b.rows == b.rows[0]).all()):
+                    found = None  # repeated rows (e.g. all zeros) gathered from anywhere: a constant is likelier
+                if found is not None and (found.kind != "gathered" or attempt):
+                    out[b.key] = found
+                else:
+                    left.append(b)
+            if attempt or not left:
+                break
+            # something is unexplained (or only gathered): A's columns (B's columns may be A's columns:
+            # a split along dim 1), and the A tensors B also holds whole, for the A tensors that could
+            # explain what is left, read again
+            dims_left = {d for b in left for d in (b.m, b.n)}
+            again = {k: m for k, m in cand.items() if dims_left & set(_view2d(m.shape))}
+            afps = [fp for fp in afps if fp.key not in again]
+            afps += _fingerprints(again, a_read, hasher, round_to, cols=True)
+            todo = left
 
     # 3. values that differ (same name and shape), constants, nothing
     for b in bfps:

@@ -289,10 +289,25 @@ class SuggestedRule:
     transpose: bool = False  # split/merge/copy: transpose as well
     shape: tuple[int, ...] = ()  # reshape: the target shape
     transpose_targets: tuple[str, ...] = ()  # copy: targets that need a transpose
+    verify: str = ""  # non-empty: no name evidence; the rule is left out of the draft unless accepted
 
     @property
     def note(self) -> str:
+        if self.verify:
+            return f"VERIFY (confidence {self.confidence:.2f}): {self.verify}; {self.reason}"
         return f"confidence {self.confidence:.2f}: {self.reason}"
+
+    def accepted_by(self, accept: bool | Iterable[str]) -> bool:
+        """Active in the draft: not marked for verification, or accepted (``True``: all; else
+        glob patterns matched against the rule's source and target patterns)."""
+        import fnmatch
+
+        if not self.verify or accept is True:
+            return True
+        if accept is False:
+            return False
+        pats = list(accept)
+        return any(fnmatch.fnmatchcase(k, p) for p in pats for k in (*self.sources, *self.targets))
 
     def to_spec_rules(self) -> list[dict[str, Any]]:
         note = self.note
@@ -344,10 +359,18 @@ class Suggestion:
         """Rule number (1-based, in file order) -> confidence."""
         return {n: r.confidence for n, r in enumerate(self.rules, 1)}
 
-    def spec_dict(self, name: str = "suggested") -> dict[str, Any]:
+    @property
+    def to_verify(self) -> list[SuggestedRule]:
+        """Rules the names and shapes do not support (square-matrix coincidences, fused layouts
+        with several known row orders, rotary q/k): left out of the draft unless accepted."""
+        return [r for r in self.rules if r.verify]
+
+    def spec_dict(self, name: str = "suggested", accept: bool | Iterable[str] = False) -> dict[str, Any]:
+        """The draft as a spec mapping: rules marked for verification only when ``accept``ed."""
         rules: list[dict[str, Any]] = []
         for r in self.rules:
-            rules.extend(r.to_spec_rules())
+            if r.accepted_by(accept):
+                rules.extend(r.to_spec_rules())
         return {
             "name": name,
             "version": 1,
@@ -358,21 +381,48 @@ class Suggestion:
             "rules": rules,
         }
 
-    def to_yaml(self, name: str = "suggested") -> str:
-        """The whole draft file: a header, the spec, and what could not be mapped, as comments."""
+    def to_yaml(self, name: str = "suggested", accept: bool | Iterable[str] = False) -> str:
+        """The whole draft file: a header, the spec, and what could not be mapped, as comments.
+
+        A rule marked for verification and not accepted stays in its place as YAML comments:
+        applying the draft leaves its targets unproduced (``--expect`` reports them missing)."""
         import yaml
 
         from .textsafe import show  # comment lines: a newline in a key must not start a YAML line
 
+        accept = accept if isinstance(accept, bool) else list(accept)
+        held = [r for r in self.rules if not r.accepted_by(accept)]
+        taken = [r for r in self.rules if r.verify and r.accepted_by(accept)]
         head = [
             "# DRAFT spec written by `statemap suggest`: review every rule before use.",
             f"# source: {show(self.source_label, None)} ({self.n_source_keys} keys)",
             f"# target: {show(self.target_label, None)} ({self.n_target_keys} keys)",
             f"# {len(self.rules)} suggested rule(s); each note gives a confidence in [0, 1] and the evidence.",
-            "# Check it with: statemap check THIS.yaml --against SOURCE, then apply with --expect TARGET.",
         ]
+        if held:
+            head.append(
+                f"# {len(held)} rule(s) marked VERIFY are commented out (not applied): names and shapes do not decide them."
+            )
+            head.append("# Check each (e.g. `statemap suggest SOURCE TARGET --values` on checkpoints holding the same weights,")
+            head.append("# or the converted model's outputs), then uncomment it or rerun with --accept [PATTERN].")
+        if taken:
+            head.append(f"# {len(taken)} rule(s) marked VERIFY were accepted (--accept) without evidence in the names.")
+        head.append("# Check it with: statemap check THIS.yaml --against SOURCE, then apply with --expect TARGET.")
         head += [f"# {show(n, None)}" for n in self.notes]
-        body = yaml.safe_dump(self.spec_dict(name), sort_keys=False, default_flow_style=None, width=200, allow_unicode=True)
+        spec = self.spec_dict(name, accept=True)
+        spec["rules"] = []
+        top = yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=200, allow_unicode=True)
+        top = top.replace("rules: []\n", "rules:\n")
+        lines: list[str] = []
+        for r in self.rules:
+            items = yaml.safe_dump(r.to_spec_rules(), sort_keys=False, default_flow_style=None, width=200, allow_unicode=True)
+            if r.accepted_by(accept):
+                lines += items.splitlines()
+            else:
+                lines += ["# " + x for x in items.splitlines()]
+        body = top + "\n".join(lines) + ("\n" if lines else "")
+        if not any(r.accepted_by(accept) for r in self.rules):
+            body = body.replace("rules:\n", "rules: []\n", 1)
         tail: list[str] = []
         if self.unmapped_sources:
             tail.append("")
@@ -403,6 +453,7 @@ class _Edge:
     transpose: bool = False
     ambiguous: bool = False  # square matrices: transposed or not is decided by the block's vote
     why: str = ""
+    verify: str = ""  # why the names do not support this edge (empty: they do, or shapes do)
 
 
 class _Matcher:
@@ -699,6 +750,7 @@ def suggest(
             used_t.add(b.pattern)
 
     _vote_transposes(chosen)
+    _mark_unsupported(chosen, m, src, tgt)
 
     rules: list[SuggestedRule] = []
     for e in chosen:
@@ -809,6 +861,171 @@ def _vote_transposes(edges: list[_Edge]) -> None:
             e.why = (e.why + "; " if e.why else "") + f"square; transposed like the {v[True]} other matrices of its block"
 
 
+# -- evidence: which edges the names (or shapes) actually support ---------------------------------
+
+_VERIFY_CAP = 0.45  # a rule marked for verification never reads as confident
+_ROLE_TOKENS = {"weight", "bias", "w", "b", "gamma", "beta", "kernel", "scale"}
+_LIBRARY_QKV = {"in_proj", "c_attn"}  # fused layouts a library defines as [q; k; v] (torch MultiheadAttention, GPT-2 Conv1D)
+QKV_ORDERS = (
+    "q|k|v blocks (torch in_proj, GPT-2 c_attn, timm qkv), k|v|q blocks (metaseq OPT), per head [h, 3, d] (GPT-NeoX, BLOOM)"
+)
+
+
+def _group_key(k: Kind) -> tuple[str, tuple[int, ...], str]:
+    return (k.scope, _shape_sig(k.shape), _WEIGHT_ROLES.get(k.last.lower(), k.last))
+
+
+def _canon_tokens(k: Kind) -> set[str]:
+    return {_SYNONYMS.get(t, t) for t in k.tokens}
+
+
+def _distinct(k: Kind, group: list[Kind]) -> set[str]:
+    """The tokens that tell ``k`` apart from the other kinds of its group (all its own tokens but
+    the block's and the role's when it is alone)."""
+    own = _canon_tokens(k) - _ROLE_TOKENS
+    scope = {_SYNONYMS.get(t, t) for t in tokens_of(k.scope)} if k.scope else set()
+    others = [_canon_tokens(g) for g in group if g is not k]
+    if not others:
+        return own - scope
+    common = others[0].intersection(*others[1:])
+    return own - common - scope
+
+
+def _cover(x: set[str], y: set[str], common: set[str]) -> float:
+    """Share of ``x``'s words found in ``y`` (``common`` words, a layout's prefixes, weigh 0.2)."""
+    if not x:
+        return 0.0
+    w = {t: 0.2 if t in common else 1.0 for t in x}
+    return sum(w[t] * max((token_similarity(t, u) for u in y), default=0.0) for t in x) / sum(w.values())
+
+
+def _name_evidence(a: Kind, b: Kind, ga: list[Kind], gb: list[Kind], common: tuple[set[str], set[str]]) -> float:
+    """How well the words that set ``a`` and ``b`` apart from their groups are found on the other
+    side, both ways (0..1): ``attention_norm`` -> ``post_attention_layernorm`` leaves ``post``
+    unexplained; ``self_attn.q_proj`` -> ``attention.self.query`` finds ``self`` and ``q``."""
+    da, db = _distinct(a, ga), _distinct(b, gb)
+    return min(_cover(da, _canon_tokens(b), common[0]), _cover(db, _canon_tokens(a), common[1]))
+
+
+def _common_tokens(kinds: list[Kind]) -> set[str]:
+    """Tokens in more than half of a layout's kinds."""
+    df: Counter[str] = Counter()
+    for k in kinds:
+        df.update(_canon_tokens(k))
+    return {t for t, n in df.items() if n > len(kinds) / 2}
+
+
+def _is_qk(k: Kind) -> bool:
+    segs = k.pattern.split(".")
+    module = segs[-2] if len(segs) >= 2 else ""
+    canon = [_SYNONYMS.get(t, t) for t in tokens_of(module)]
+    return bool(canon) and canon[0] in ("q", "k") or module.lower() in ("wq", "wk")
+
+
+def _has_positions(kinds: list[Kind]) -> bool:
+    return any(_SYNONYMS.get(t, t) == "pos" or t in ("positions", "wpe", "pe") for k in kinds for t in k.tokens)
+
+
+def _mark_unsupported(edges: list[_Edge], m: _Matcher, src: list[Kind], tgt: list[Kind]) -> None:
+    """Set ``verify`` on the edges that names and shapes do not decide.
+
+    * one-to-one edges inside a group of same-shaped kinds (square projections, norms), unless the
+      words that set the two kinds apart from their group match both ways, or elimination leaves
+      one candidate on each side (every other fitting kind is taken by a supported edge);
+    * splits / merges of a fused q/k/v tensor, whose row order names do not tell (several known
+      orders), except library-defined ones (``in_proj``, ``c_attn``); other fused tensors unless
+      the whole's name spells its parts in order (``gate_up_proj`` -> ``gate``, ``up``);
+    * q / k projections renamed between layouts with no position-embedding tensor (rotary models
+      order their rows per head in one of two ways; names do not say which).
+    """
+    groups_s: dict[Any, list[Kind]] = defaultdict(list)
+    groups_t: dict[Any, list[Kind]] = defaultdict(list)
+    for k in src:
+        groups_s[_group_key(k)].append(k)
+    for k in tgt:
+        groups_t[_group_key(k)].append(k)
+    rotary = not _has_positions(src) and not _has_positions(tgt)
+    vocab_s = set().union(*(_canon_tokens(k) for k in src))
+    vocab_t = set().union(*(_canon_tokens(k) for k in tgt))
+    common = (_common_tokens(src) - vocab_t, _common_tokens(tgt) - vocab_s)  # prefixes like `model.`, `roberta.`
+    one = [e for e in edges if e.op in ("same", "rename", "transpose", "reshape")]
+    supported: set[int] = set()
+    for e in one:
+        a, b = e.sources[0], e.targets[0]
+        if e.op == "same":
+            supported.add(id(e))
+            continue
+        ga, gb = groups_s[_group_key(a)], groups_t[_group_key(b)]
+        if len(ga) == 1 and len(gb) == 1:
+            supported.add(id(e))  # a shape unique in its block on both sides
+            continue
+        exact_a = [k for k in ga if k.shape == a.shape]
+        exact_b = [k for k in gb if k.shape == b.shape]
+        if a.shape == b.shape and len(exact_a) == 1 and len(exact_b) == 1 and a.shape[0] != a.shape[-1]:
+            supported.add(id(e))  # the only [m, n] on both sides (the others are [n, m])
+            continue
+        ev = _name_evidence(a, b, ga, gb, common)
+        rivals = [_name_evidence(a, x, ga, gb, common) for x in gb if x is not b]
+        rivals += [_name_evidence(x, b, ga, gb, common) for x in ga if x is not a]
+        if ev >= 0.75 and all(r <= ev - 0.2 for r in rivals):
+            supported.add(id(e))
+    # elimination (the only fitting kinds left on both sides) and modules (a bias goes where its
+    # weight went), until nothing changes
+    taken_s = {k.pattern for e in edges if id(e) in supported or e.op in ("split", "merge") for k in e.sources}
+    taken_t = {k.pattern for e in edges if id(e) in supported or e.op in ("split", "merge") for k in e.targets}
+    changed = True
+    while changed:
+        changed = False
+        for e in one:
+            if id(e) in supported:
+                continue
+            a, b = e.sources[0], e.targets[0]
+            fit_t = [x for x in tgt if x.pattern not in taken_t and m.same_block(a, x) and _fits(a, x)]
+            fit_s = [x for x in src if x.pattern not in taken_s and m.same_block(x, b) and _fits(x, b)]
+            modules = {_edge_modules(x) for x in one if id(x) in supported}
+            forced = [x.pattern for x in fit_t] == [b.pattern] and [x.pattern for x in fit_s] == [a.pattern]
+            if forced or _edge_modules(e) in modules:
+                supported.add(id(e))
+                taken_s.add(a.pattern)
+                taken_t.add(b.pattern)
+                changed = True
+    for e in one:
+        a, b = e.sources[0], e.targets[0]
+        if id(e) not in supported:
+            same = len(groups_s[_group_key(a)]) + len(groups_t[_group_key(b)]) - 2
+            e.verify = (
+                f"no name evidence: {list(a.shape)} fits {same} other kind(s) of the block as well; chosen by order"
+                if same
+                else "no name evidence"
+            )
+        elif rotary and e.op != "same" and (_is_qk(a) or _is_qk(b)) and a.pattern.split(".")[-2:] != b.pattern.split(".")[-2:]:
+            e.verify = (
+                "rotary q/k: the rows of each head may be interleaved pairs (Meta, GGUF) or halves (HF); "
+                "a rename is right only if both use the same order"
+            )
+    for e in edges:
+        if e.op not in ("split", "merge"):
+            continue
+        whole = e.sources[0] if e.op == "split" else e.targets[0]
+        parts = e.targets if e.op == "split" else e.sources
+        canon = {_SYNONYMS.get(d, d) for d in _distinct_tokens(list(parts))}
+        module = whole.pattern.split(".")[-2] if "." in whole.pattern else whole.pattern
+        library = any(module.startswith(x) or whole.last.startswith(x) for x in _LIBRARY_QKV)
+        if canon <= {"q", "k", "v"} and len(canon) >= 2:
+            if not library:
+                e.verify = f"fused q/k/v: the row order is not in the names; known orders: {QKV_ORDERS}"
+        else:
+            spelled = [_SYNONYMS.get(t, t) for t in whole.tokens]
+            order = [_SYNONYMS.get(d, d) for d in _distinct_tokens(list(parts))]
+            pos = [spelled.index(x) if x in spelled else -1 for x in order]
+            if -1 in pos or pos != sorted(pos):
+                e.verify = "fused tensor: its name does not list the parts in this order"
+
+
+def _fits(a: Kind, b: Kind) -> bool:
+    return shape_relation(a.shape, b.shape) is not None and not _roles_clash(a, b) and _index_map(a, b) is not None
+
+
 def _reason(e: _Edge) -> str:
     a, b = e.sources[0], e.targets[0]
     common: list[str] = []
@@ -825,6 +1042,8 @@ def _reason(e: _Edge) -> str:
 
 def _rule_for(e: _Edge, copies: list[tuple[Kind, float, str]]) -> SuggestedRule | None:
     conf = round(min(1.0, max(0.0, e.score)), 2)
+    if e.verify:
+        conf = min(conf, _VERIFY_CAP)
     if e.op in ("same", "rename", "transpose", "reshape"):
         a, b = e.sources[0], e.targets[0]
         op = "rename" if e.op == "same" else e.op
@@ -835,14 +1054,16 @@ def _rule_for(e: _Edge, copies: list[tuple[Kind, float, str]]) -> SuggestedRule 
             return None  # the key already has its target name
         why = _reason(e)
         if op == "reshape":
-            return SuggestedRule("reshape", (a.pattern,), (tmpl,), conf, why, shape=b.shape)
-        return SuggestedRule(op, (a.pattern,), (tmpl,), conf, why)
+            return SuggestedRule("reshape", (a.pattern,), (tmpl,), conf, why, shape=b.shape, verify=e.verify)
+        return SuggestedRule(op, (a.pattern,), (tmpl,), conf, why, verify=e.verify)
     parts = e.targets if e.op == "split" else e.sources
     whole = e.sources[0] if e.op == "split" else e.targets[0]
     sizes = [p.shape[e.dim] for p in parts]
     common = sorted(set(whole.tokens) & set().union(*(set(p.tokens) for p in parts)))
     why = f"tokens {', '.join(common) or '-'}; {e.why}" + ("; transposed" if e.transpose else "")
     conf = round(min(1.0, e.score), 2)
+    if e.verify:
+        conf = min(conf, _VERIFY_CAP)
     if e.op == "split":
         return SuggestedRule(
             "split",
@@ -853,6 +1074,7 @@ def _rule_for(e: _Edge, copies: list[tuple[Kind, float, str]]) -> SuggestedRule 
             dim=e.dim,
             sizes=tuple(sizes) if len(set(sizes)) > 1 else (),
             transpose=e.transpose,
+            verify=e.verify,
         )
     return SuggestedRule(
         "merge",
@@ -862,6 +1084,7 @@ def _rule_for(e: _Edge, copies: list[tuple[Kind, float, str]]) -> SuggestedRule 
         why,
         dim=e.dim,
         transpose=e.transpose,
+        verify=e.verify,
     )
 
 
@@ -872,7 +1095,12 @@ def _copy_rule(
     transposed = ([first] if op == "transpose" else []) + [b.pattern for b, _, rel in copies if rel == "transpose"]
     low = min([conf] + [round(0.5 + 0.4 * s, 2) for _, s, _ in copies])
     why = f"shape {list(a.shape)}; one source, {len(targets)} targets (tied weights?)"
-    return SuggestedRule("copy", (a.pattern,), tuple(targets), low, why, transpose_targets=tuple(transposed))
+    verify = e.verify if e is not None else ""
+    if any(s < 0.3 for _, s, _ in copies):
+        verify = verify or "a copy chosen by shape alone (no name evidence)"
+    if verify:
+        low = min(low, _VERIFY_CAP)
+    return SuggestedRule("copy", (a.pattern,), tuple(targets), low, why, transpose_targets=tuple(transposed), verify=verify)
 
 
 def _order_rules(rules: list[SuggestedRule], src: list[Kind]) -> list[SuggestedRule]:

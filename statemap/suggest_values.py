@@ -9,10 +9,10 @@ shapes) for keys the values do not explain, saying so in each rule's ``note``. T
 draft on the source and runs it in memory, one tensor at a time, comparing every output with the
 target bitwise: ``verified`` is True only if the draft reproduces the target exactly.
 
-Rows reordered the same way inside every block of ``k`` rows, as a ``[k/g, g]`` transpose (the
-rotary permutation between Meta's LLaMA and HF, and its inverse), are drafted as reshape ->
-permute -> reshape. Other row permutations (arbitrary per-head orders) are not drafted: written
-as one rule they need a ``rearrange`` op that statemap does not have yet; such keys are listed.
+Rows reordered by a known pattern are drafted as one ``rearrange`` rule (:func:`known_rearrange`):
+the rotary permutation between Meta's LLaMA (interleaved pairs) and HF (halves), either way, and
+a fused q/k/v between per-head rows ``[h, 3, d]`` (GPT-NeoX, BLOOM) and q|k|v blocks, either way
+(with the ``split`` or ``merge`` around it). Other row orders are listed, not drafted.
 
 Example::
 
@@ -25,14 +25,14 @@ Example::
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .correspond import Correspondence, Explanation, explain
 from .meta import TensorMeta
 
-__all__ = ["ValueSuggestion", "suggest_from_values"]
+__all__ = ["ValueSuggestion", "known_rearrange", "suggest_from_values", "swap_pattern"]
 
 _PH = "ijklmn"
 _INT = re.compile(r"(?<![^.])\d+(?![^.])")
@@ -117,6 +117,7 @@ def _literal_drafts(
     order = {k: i for i, k in enumerate(am)}
     whole: dict[str, list[Correspondence]] = {}
     pieces: dict[str, list[Correspondence]] = {}
+    gathered: dict[str, list[Correspondence]] = {}
     for c in ex.b:
         if c.kind in ("same", "renamed", "tied", "swapped", "cast", "reshaped") and len(c.a) == 1 and not c.pieces:
             whole.setdefault(c.a[0], []).append(c)
@@ -137,10 +138,20 @@ def _literal_drafts(
             v = float(c.detail.split()[2])  # "every element V (...)"
             body = {"to": c.b, "shape": list(m.shape), "value": int(v) if v.is_integer() else v, "dtype": m.dtype}
             drafts.append(_Draft("inject", body, (), (c.b,), "from values: every element is this value", 10**9))
-        elif c.kind == "permuted" and len(c.a) == 1 and (bt := _blockwise_transpose(c, am[c.a[0]], bm[c.b], order)):
+        elif c.kind == "permuted" and len(c.a) == 1 and (bt := _permuted_draft(c, am[c.a[0]], bm[c.b], order)):
             drafts.append(bt)
+        elif c.kind == "gathered" and len(c.a) > 1 and (gd := _fused_merge_draft(c, am, bm, order)):
+            drafts.append(gd)
+        elif c.kind == "gathered" and len(c.a) == 1:
+            gathered.setdefault(c.a[0], []).append(c)
         else:
             left.append(c)
+    for ak, cs in gathered.items():
+        gd = _fused_split_draft(ak, cs, am, bm, order)
+        if gd is None:
+            left += cs
+        else:
+            drafts.append(gd)
     for ak, cs in whole.items():
         targets = [c.b for c in cs]
         extras = sorted({c.detail.split("; ", 1)[-1] for c in cs if c.kind in ("cast", "reshaped") or "; " in c.detail})
@@ -192,6 +203,175 @@ def _literal_drafts(
     for x in ex.a_left:
         drafts.append(_Draft("drop", {"from": x.a}, (x.a,), (), f"from values: no target holds it ({x.kind})", -1))
     return drafts, left
+
+
+def swap_pattern(perm: Sequence[int]) -> tuple[int, int, int, int] | None:
+    """``(a, b, c, e)`` when row ``i`` of B is row ``perm[i]`` of A and B is A's rows seen as
+    ``[a, b, c, e]`` with the middle two swapped (einops ``(a b c e) -> (a c b e)``), with
+    ``b, c >= 2``; else None. Found in one pass: ``e`` is the first run of consecutive rows,
+    ``c * e`` the first step, ``b`` how many such steps follow.
+
+    Example::
+
+        >>> swap_pattern([0, 2, 4, 6, 1, 3, 5, 7])  # one head of 8, rotary halves from pairs
+        (1, 4, 2, 1)
+    """
+    import numpy as np
+
+    p = np.asarray(perm, dtype=np.int64)
+    m = len(p)
+    if m < 4 or p[0] != 0:
+        return None
+    e = 1
+    while e < m and p[e] == e:
+        e += 1
+    if e == m:
+        return None
+    step = int(p[e])
+    if step % e:
+        return None
+    c = step // e
+    b = 1
+    while b * e < m and p[b * e] == b * step:
+        b += 1
+    if b < 2 or c < 2 or m % (b * c * e):
+        return None
+    a = m // (b * c * e)
+    if np.array_equal(p, np.arange(m).reshape(a, b, c, e).transpose(0, 2, 1, 3).reshape(-1)):
+        return a, b, c, e
+    return None
+
+
+def known_rearrange(perm: Sequence[int], ndim: int) -> tuple[str, dict[str, int], str] | None:
+    """A row order that a known pattern explains, as (``rearrange`` pattern, sizes, what it is):
+    the rotary permutation between Meta's LLaMA layout (pairs) and HF's (halves), either way, and a
+    fused q/k/v between per-head rows ``[h, 3, d]`` (GPT-NeoX, BLOOM) and q|k|v blocks, either way.
+
+    Example::
+
+        >>> known_rearrange([h * 8 + j for h in range(4) for j in (0, 2, 4, 6, 1, 3, 5, 7)], 2)
+        ('(h d two) c -> (h two d) c', {'h': 4, 'two': 2}, 'rotary: interleaved pairs -> halves, per head')
+    """
+    found = swap_pattern(perm)
+    if found is None:
+        return None
+    a, b, c, e = found
+    rest = " c" if ndim == 2 else "".join(f" c{i}" for i in range(1, ndim))
+    if e == 1 and c == 2:
+        return f"(h d two){rest} -> (h two d){rest}", {"h": a, "two": 2}, "rotary: interleaved pairs -> halves, per head"
+    if e == 1 and b == 2:
+        return f"(h two d){rest} -> (h d two){rest}", {"h": a, "two": 2}, "rotary: halves -> interleaved pairs, per head"
+    if a == 1 and c == 3 and e > 1:
+        return f"(h three d){rest} -> (three h d){rest}", {"h": b, "three": 3}, "fused q/k/v: per head [h, 3, d] -> q|k|v blocks"
+    if a == 1 and b == 3 and e > 1:
+        return f"(three h d){rest} -> (h three d){rest}", {"h": c, "three": 3}, "fused q/k/v: q|k|v blocks -> per head [h, 3, d]"
+    return None
+
+
+def has_rearrange() -> bool:
+    """The spec engine knows the ``rearrange`` op."""
+    from .errors import StatemapError
+    from .spec import load_spec
+
+    try:
+        load_spec(
+            {
+                "name": "probe",
+                "version": 1,
+                "rules": [{"rearrange": {"from": "x", "pattern": "(a b) -> (b a)", "sizes": {"a": 2}}}],
+            }
+        )
+    except StatemapError:
+        return False
+    return True
+
+
+def _rows_perm(c: Correspondence) -> list[int]:
+    return [p.a_range[0] + j for p in c.pieces for j in range(p.b[1] - p.b[0])]
+
+
+def _permuted_draft(c: Correspondence, a: TensorMeta, b: TensorMeta, order: Mapping[str, int]) -> _Draft | None:
+    """B is A with its rows reordered by a known pattern: one ``rearrange`` rule (when the engine
+    has it; else the reshape -> permute -> reshape of :func:`_blockwise_transpose`)."""
+    if any(p.a_axis != "rows" or p.b_axis != "rows" for p in c.pieces) or tuple(a.shape) != tuple(b.shape):
+        return None
+    if not a.shape or any(d == 1 for d in a.shape):
+        return None
+    if has_rearrange():
+        known = known_rearrange(_rows_perm(c), len(a.shape))
+        if known is None:
+            return None
+        pattern, sizes, what = known
+        body = {"from": c.a[0], "to": c.b, "pattern": pattern, "sizes": sizes}
+        return _Draft("rearrange", body, c.a, (c.b,), f"from values: {what}: {c.detail}", order[c.a[0]])
+    return _blockwise_transpose(c, a, b, order)
+
+
+def _fused_split_draft(
+    ak: str, cs: list[Correspondence], am: Mapping[str, TensorMeta], bm: Mapping[str, TensorMeta], order: Mapping[str, int]
+) -> _Draft | None:
+    """B tensors each gathered from row blocks of one A tensor, together all of it, in an order a
+    known pattern explains (per-head q/k/v): ``rearrange`` A in place, then ``split`` it."""
+    a = am[ak]
+    if not has_rearrange() or not a.shape or any(d == 1 for d in a.shape):
+        return None
+    if any(p.a != ak or p.a_axis != "rows" or p.b_axis != "rows" for c in cs for p in c.pieces):
+        return None
+    if any(tuple(bm[c.b].shape[1:]) != tuple(a.shape[1:]) for c in cs):
+        return None
+    cs = sorted(cs, key=lambda c: c.pieces[0].a_range[0])
+    perm = [r for c in cs for r in _rows_perm(c)]
+    if sorted(perm) != list(range(a.shape[0])):
+        return None
+    known = known_rearrange(perm, len(a.shape))
+    if known is None:
+        return None
+    pattern, sizes, what = known
+    outs = [c.b for c in cs]
+    split: dict[str, Any] = {"from": ak, "to": outs, "dim": 0}
+    lengths = [bm[o].shape[0] for o in outs]
+    if len(set(lengths)) > 1:
+        split["sizes"] = lengths
+    body = {"from": ak, "pattern": pattern, "sizes": sizes}
+    note = f"from values: {what}, then split along dim 0 into the {len(outs)} targets below"
+    return _Draft("rearrange", body, (ak,), tuple(outs), note, order[ak], [{"split": split}])
+
+
+def _fused_merge_draft(
+    c: Correspondence, am: Mapping[str, TensorMeta], bm: Mapping[str, TensorMeta], order: Mapping[str, int]
+) -> _Draft | None:
+    """B gathered from whole A tensors in an order a known pattern explains: ``merge`` them, then
+    ``rearrange`` B in place."""
+    b = bm[c.b]
+    if not has_rearrange() or any(p.a_axis != "rows" or p.b_axis != "rows" for p in c.pieces):
+        return None
+    keys = sorted(c.a, key=lambda k: min(p.b[0] for p in c.pieces if p.a == k))
+    if any(tuple(am[k].shape[1:]) != tuple(b.shape[1:]) for k in keys):
+        return None
+    offset, start = 0, {}
+    for k in keys:
+        start[k] = offset
+        offset += am[k].shape[0]
+    if offset != b.shape[0]:
+        return None
+    perm = [start[p.a] + p.a_range[0] + j for p in c.pieces for j in range(p.b[1] - p.b[0])]
+    if sorted(perm) != list(range(offset)):
+        return None
+    known = known_rearrange(perm, len(b.shape))
+    if known is None:
+        return None
+    pattern, sizes, what = known
+    merge = {"from": keys, "to": c.b, "dim": 0}
+    note = f"from values: merged, then {what}"
+    return _Draft(
+        "merge",
+        merge,
+        tuple(keys),
+        (c.b,),
+        note,
+        min(order[k] for k in keys),
+        [{"rearrange": {"from": c.b, "pattern": pattern, "sizes": sizes}}],
+    )
 
 
 def _blockwise_transpose(c: Correspondence, a: TensorMeta, b: TensorMeta, order: Mapping[str, int]) -> _Draft | None:
@@ -393,7 +573,8 @@ def suggest_from_values(a: Any, b: Any) -> ValueSuggestion:
     used_a = {s for d in drafts for s in d.sources}
     made_b = {t for d in drafts for t in d.targets}
     not_drafted = [
-        f"{c.b}: {c.kind}: {c.detail}" + ("; needs a rearrange op (not in statemap yet)" if c.kind == "permuted" else "")
+        f"{c.b}: {c.kind}: {c.detail}"
+        + ("; no known row order (rotary, per-head q/k/v) fits: write its `rearrange` by hand" if c.kind == "permuted" else "")
         for c in left
         if c.kind == "permuted"
     ]
@@ -406,7 +587,7 @@ def suggest_from_values(a: Any, b: Any) -> ValueSuggestion:
         except SuggestError:
             s = None
         if s is not None:
-            for r in s.spec_dict()["rules"]:
+            for r in s.spec_dict(accept=True)["rules"]:  # the bitwise check below is the verification
                 body = next(iter(r.values()))
                 if isinstance(body, dict):
                     body["note"] = "from names and shapes (values gave no evidence): " + str(body.get("note", ""))
