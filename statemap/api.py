@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import progress
 from .apply import byte_segments, execute, execute_streaming, produce
 from .errors import CheckpointError, StatemapError
 from .load import Checkpoint, from_state_dict, open_checkpoint
@@ -19,7 +20,7 @@ from .source import bind_vars, open_input, open_source
 from .spec import Spec, load_spec
 from .textsafe import short_repr
 from .verify import run_checks
-from .write import Written, check_outputs, check_resources, output_files, output_format, write_checkpoint
+from .write import Written, check_outputs, check_resources, check_writer, output_files, output_format, write_checkpoint
 
 
 def _version() -> str:
@@ -175,7 +176,21 @@ def plan_for(spec: Spec, ck: Checkpoint) -> Plan:
     if not ck.metas:
         raise CheckpointError(f"{ck.path}: holds no tensors; nothing to convert")
     spec.require_vars()
-    return make_plan(spec, ck.metas.values(), ck.tied_groups())
+    from .errors import PlanError
+
+    try:
+        return make_plan(spec, ck.metas.values(), ck.tied_groups())
+    except PlanError as e:
+        text = str(e)
+        if "matched no key" not in text:
+            raise
+        from .diagnose import wrong_input
+
+        hint = wrong_input(spec, ck.metas)
+        if hint is None:
+            raise
+        head = text.split("matched no key")[0]  # the rule's file:line, then the real mistake
+        raise PlanError(f"{head}matched no key: {hint}") from None
 
 
 def _input_rows(ck: Checkpoint) -> list[dict[str, Any]]:
@@ -313,6 +328,8 @@ def convert(
         (True, 395)
     """
     t0 = time.perf_counter()
+    if workers < 1:
+        raise StatemapError(f"workers={workers} is out of range: must be 1 or more")
     spec = load_spec(spec, vars)
     lost: tuple[str, ...] = ()
     if reverse:
@@ -337,6 +354,7 @@ def convert(
             report.output = os.fspath(dst)
         if not report.dry_run:
             assert dst is not None
+            check_writer(dst)
             outs = _to_write(spec, plan, tied)
             streaming = output_format(dst) == "safetensors"
             inputs = _inputs(ck, spec, expect, config)
@@ -349,20 +367,28 @@ def convert(
             metadata = provenance(spec, ck.path, [f.path for f in ck.inputs])
             get = _Producer(spec, os.fspath(src), tied) if streaming and workers > 1 else None
             produced = execute_streaming(outs, ck.read, ck.locations) if streaming else execute(outs, ck.read)
-            written: Written = write_checkpoint(
-                dst,
-                [o.meta for o in outs],
-                (a for _, a in produced),
-                metadata=metadata,
-                max_shard_size=max_shard_size,
-                ties=plan.ties,
-                inputs=inputs,
-                force=force,
-                on_tensor=on_tensor,
-                fsync=fsync,
-                workers=workers,
-                get=get,
-            )
+            metas = [o.meta for o in outs]
+            with progress.task(f"writing {os.fspath(dst)}", len(metas), sum(m.nbytes for m in metas)) as bar:
+
+                def step(m: TensorMeta) -> None:
+                    bar.advance(1, m.nbytes)
+                    if on_tensor is not None:
+                        on_tensor(m)
+
+                written: Written = write_checkpoint(
+                    dst,
+                    metas,
+                    (a for _, a in produced),
+                    metadata=metadata,
+                    max_shard_size=max_shard_size,
+                    ties=plan.ties,
+                    inputs=inputs,
+                    force=force,
+                    on_tensor=step,
+                    fsync=fsync,
+                    workers=workers,
+                    get=get,
+                )
             report.files = list(written.files)
             report.n_bytes = written.n_bytes
     report.seconds = time.perf_counter() - t0

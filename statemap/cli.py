@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import StatemapError
@@ -18,6 +18,17 @@ def _console(args: argparse.Namespace) -> Any:
     from .textsafe import console
 
     return console(quiet=getattr(args, "quiet", False))
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    """Progress bars on stderr, only on a terminal and never with --json or -q (see statemap.progress)."""
+    from .progress import RichReporter, reporting
+
+    if getattr(args, "json", False) or getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return reporting(None)
+    from .textsafe import console
+
+    return reporting(RichReporter(console(stderr=True)))
 
 
 def _vars(pairs: Sequence[str] | None) -> dict[str, str]:
@@ -41,8 +52,28 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def _not_swapped(spec: str) -> None:
+    """A checkpoint given where the spec goes: say so, with the usage, instead of a YAML error."""
+    from pathlib import Path
+
+    from .load.formats import detect
+
+    p = Path(spec)
+    if not p.is_file():
+        return
+    try:
+        fmt = detect(p)
+    except (StatemapError, OSError):
+        return
+    if fmt is not None and fmt.name != "index-json":  # a JSON spec is JSON too
+        raise StatemapError(
+            f"{spec}: this looks like a checkpoint ({fmt.name}), not a spec; usage: statemap apply SPEC INPUT [OUTPUT]"
+        )
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from .api import convert
+    from .load.hf_meta import is_hf_target
     from .report import render
 
     con = _console(args)
@@ -60,21 +91,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
         workers=args.workers,
         vars_from=args.vars_from,
     )
-    if not args.json and not args.dry_run and sys.stderr.isatty() and not args.quiet:
-        from rich.markup import escape
-        from rich.progress import Progress
+    _not_swapped(args.spec)
+    if args.config and not is_hf_target(args.expect):  # the spec's own `expect:` may be the hf: one
+        from .spec import load_spec
 
-        from .textsafe import show
-
-        with Progress(transient=True, console=_console(args)) as progress:  # on a terminal only, and never with --json
-            task = progress.add_task("writing", total=None)
-
-            def step(m: Any) -> None:
-                progress.update(task, advance=1, description=escape(show(m.name[-40:])))
-
-            report = convert(args.spec, args.input, args.output, on_tensor=step, **options)
-    else:
-        report = convert(args.spec, args.input, args.output, **options)
+        if not is_hf_target(args.expect or load_spec(args.spec, options["vars"]).expect):
+            raise StatemapError(
+                f"--config {args.config}: a model config is used only with --expect hf:ModelClass; leave --config out"
+            )
+    report = convert(args.spec, args.input, args.output, **options)
     if args.json:
         _print_json(report.to_json())
     else:
@@ -127,7 +152,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import module_rows, render_inspect
     from .load import open_checkpoint
-    from .report import fold
+    from .report import fold, human_size
     from .source import is_pattern, open_input
 
     unwrap = tuple(args.unwrap.split("/")) if args.unwrap else None
@@ -160,6 +185,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if args.keys:
             for r in fold((m.name, m) for m in ck.metas.values()):
                 con.print(f"  {r}")
+        n_bytes = sum(m.nbytes for m in ck.metas.values())
+        n_params = sum(m.numel for m in ck.metas.values())
+        con.print(f"inspect: {len(ck.metas)} tensors, {n_params:,} parameters, {human_size(n_bytes)} ({ck.format}) -> ok")
     return EXIT_OK
 
 
@@ -175,15 +203,22 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     from .textsafe import show, styled
 
+    con = _console(args)
     t = Table(show_edge=False, show_lines=False)
-    for c in ("name", "source -> target", "verified"):
-        t.add_column(c, overflow="fold")
-    for e in items:
-        name = styled((e.name, "bold"))
-        name.append("\n")
-        name.append(show(e.description))
-        t.add_row(name, Text(f"{show(e.source)}\n-> {show(e.target)}"), e.verified)
-    _console(args).print(t)
+    if con.is_terminal:  # fit the screen: the description under the name, source over target
+        for c in ("name", "source -> target", "verified"):
+            t.add_column(c, overflow="fold")
+        for e in items:
+            name = styled((e.name, "bold"))
+            name.append("\n")
+            name.append(show(e.description))
+            t.add_row(name, Text(f"{show(e.source)}\n-> {show(e.target)}"), e.verified)
+    else:  # piped: one line per spec, so `statemap list | grep bart` shows whole entries
+        for c in ("name", "description", "source", "target", "verified"):
+            t.add_column(c, no_wrap=True)
+        for e in items:
+            t.add_row(e.name, show(e.description), show(e.source), show(e.target), show(e.verified))
+    con.print(t)
     return EXIT_OK
 
 
@@ -246,7 +281,11 @@ def cmd_lint(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{show(str(f), None)}\n")
     if not args.quiet:
         worst = exit_code(findings)
-        sys.stdout.write(f"{len(findings)} finding(s)" + (": clean\n" if worst == 0 else "\n"))
+        by = {sev: sum(1 for f in findings if f.severity == sev) for sev in ("error", "warning", "info")}
+        verdict = {0: "clean", 1: "warnings"}.get(worst, "errors")
+        sys.stdout.write(
+            f"lint: {len(findings)} finding(s): {by['error']} error(s), {by['warning']} warning(s), {by['info']} info -> {verdict}\n"
+        )
     return exit_code(findings)
 
 
@@ -353,53 +392,194 @@ def cmd_check(args: argparse.Namespace) -> int:
                 con.print(styled(("matched nothing:", "yellow"), f" {r}"))
             if result["passthrough"]:
                 con.print(f"{len(result['passthrough'])} keys pass through untouched", style="yellow")
+        plans = (
+            f"; plans {result['outputs']} outputs, {len(result['passthrough'])} pass through, "
+            f"{len(result['unmatched_rules'])} optional rule(s) matched nothing"
+            if args.against
+            else ""
+        )
+        con.print(f"check: {spec.name!r} valid, {len(spec.rules)} rules{plans} -> ok", style="green")
     return EXIT_OK
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written (examples stay one per line); each option's default shown."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+# Exit codes per command, shown by `statemap COMMAND --help` and in docs/cli.md (tests/test_cli_docs.py
+# checks they agree).
+EXIT_CODES = {
+    "apply": "0 written (and matching --expect / the spec's expect, if any); 1 written or planned, but not matching "
+    "the expectation (missing or unexpected keys, a shape or a dtype mismatch); 2 error; 130 interrupted",
+    "check": "0 valid; 2 error",
+    "diff": "0 same; 1 different (keys, shapes, dtypes, or with --values / --spec values beyond the tolerances); 2 error",
+    "inspect": "0 ok; 2 error",
+    "list": "0 ok",
+    "invert": "0 written or printed, complete (or every loss accepted); 1 printed, but incomplete or ambiguous; "
+    "2 error (including -o with losses not accepted: nothing written)",
+    "suggest": "0 drafted (with --values: and the draft reproduces TARGET bitwise); 1 with --values, the draft does not "
+    "reproduce TARGET; 2 error",
+    "lint": "0 clean (infos only); 1 at least one warning; 2 at least one error, or an error running it",
+}
+
+EXAMPLES = {
+    "apply": [
+        "statemap apply deltalm-fairseq-to-hf examples/deltalm-tiny.pt /tmp/deltalm-hf.safetensors --force",
+        "statemap apply my-spec.yaml in.pt --dry-run",
+        "statemap apply my-spec.yaml in.pt out.safetensors --set vocab=50265 --expect ref.safetensors",
+        "statemap apply my-spec.yaml in.pt out.safetensors --max-shard-size 5GB --workers 4",
+        "statemap apply nanogpt-to-gpt2-hf ckpt.pt --dry-run --expect hf:GPT2LMHeadModel --config config.json",
+    ],
+    "check": ["statemap check my-spec.yaml", "statemap check my-spec.yaml --against in.pt"],
+    "diff": [
+        "statemap diff a.pt b.safetensors",
+        "statemap diff a.pt b.safetensors --values --atol 1e-4",
+        "statemap diff source.pt converted.safetensors --spec my-spec.yaml",
+        "statemap diff out.safetensors hf:BertModel --config config.json",
+    ],
+    "inspect": ["statemap inspect model.safetensors", "statemap inspect ckpt.pt --keys | grep attn"],
+    "list": ["statemap list", "statemap list | grep gpt2", "statemap list --json"],
+    "invert": ["statemap invert vit-timm-to-hf", "statemap invert vit-timm-to-hf -o vit-hf-to-timm.yaml"],
+    "suggest": [
+        "statemap suggest source.pt target.safetensors -o draft.yaml",
+        "statemap suggest source.pt target.safetensors --values -o draft.yaml",
+    ],
+    "lint": ["statemap lint draft.yaml", "statemap lint draft.yaml --against source.pt"],
+}
+
+
+def _epilog(command: str) -> str:
+    lines = ["examples:", *(f"  {e}" for e in EXAMPLES[command]), "", f"exit codes: {EXIT_CODES[command]}"]
+    return "\n".join(lines)
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{n} is out of range: must be {minimum} or more")
+        return n
+
+    return parse
+
+
+def _tolerance(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not x >= 0 or x == float("inf"):  # also NaN
+        raise argparse.ArgumentTypeError(f"{text} is out of range: must be a finite number, 0 or more (e.g. 1e-6)")
+    return x
+
+
+def _size(text: str) -> str:
+    from .write import parse_size
+
+    try:
+        n = parse_size(text)
+    except StatemapError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not n:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: must be more than 0 bytes, e.g. 5GB, 500MB")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="statemap", description="Map PyTorch state dicts between layouts with YAML specs.")
+    p = argparse.ArgumentParser(
+        prog="statemap",
+        description="Map PyTorch state dicts between layouts with YAML specs.",
+        epilog="`statemap COMMAND --help` explains each command. Exit codes: 0 ok, 1 a difference, 2 an error, 130 interrupted.",
+        formatter_class=_Help,
+    )
     p.add_argument("--version", action="version", version=f"statemap {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        import textwrap
+
+        text = textwrap.fill(description, 100)
+        sp = sub.add_parser(name, help=summary, description=text, epilog=_epilog(name), formatter_class=_Help)
+        return sp
+
     def common(sp: argparse.ArgumentParser, json_: bool = True) -> None:
         if json_:
-            sp.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-        sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+            sp.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout (no tables, no progress)")
+        sp.add_argument(
+            "-q", "--quiet", action="store_true", help="print nothing but errors (with --json: the JSON still prints)"
+        )
 
-    a = sub.add_parser("apply", help="convert a checkpoint with a spec")
+    def set_(sp: argparse.ArgumentParser, what: str = "a spec var") -> None:
+        sp.add_argument(
+            "--set", action="append", metavar="NAME=VALUE", help=f"override {what} (repeatable; default: the spec's vars)"
+        )
+
+    a = command(
+        "apply",
+        "convert a checkpoint with a spec",
+        "Convert a checkpoint with a spec. Every check runs on metadata before a tensor is read; the output appears "
+        "only when complete, never over an input. On a terminal, a progress bar shows tensors, bytes, rate and time "
+        "left on stderr.",
+    )
     a.add_argument("spec", help="spec file, or the name of a catalog spec (statemap list)")
     a.add_argument(
         "input",
         help="checkpoint file or directory; for a spec with `inputs:` the folder of files, or a pattern ('ckpt/consolidated.{rank:int}.pth')",
     )
     a.add_argument("output", nargs="?", help="output .safetensors or .pt (omit with --dry-run)")
-    a.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a spec var (repeatable)")
+    set_(a)
     a.add_argument(
         "--expect",
         metavar="REF",
-        help="reference checkpoint, key listing, or hf:ModelClass (with --config) to compare the result with",
+        help="reference checkpoint, key listing, or hf:ModelClass (with --config) to compare the result with "
+        "(default: the spec's expect, if any)",
     )
-    a.add_argument("--config", metavar="CONFIG.json", help="model config for --expect hf:ModelClass (built without weights)")
+    a.add_argument(
+        "--config", metavar="CONFIG.json", help="model config for --expect hf:ModelClass (built without weights; default: none)"
+    )
     a.add_argument(
         "--vars-from",
         metavar="FILE",
-        help="JSON/YAML file the spec's {config: KEY} vars are read from (instead of its `config:`)",
+        help="JSON/YAML file the spec's {config: KEY} vars are read from (default: the spec's config:)",
     )
     a.add_argument("--dry-run", action="store_true", help="plan and report; read no tensor, write nothing")
-    a.add_argument("--force", action="store_true", help="replace an existing output")
-    a.add_argument("--max-shard-size", metavar="SIZE", help="shard safetensors output, e.g. 5GB")
-    a.add_argument("--tied", choices=("clone", "dedupe"), help="tied outputs: write each (clone) or only the first (dedupe)")
+    a.add_argument("--force", action="store_true", help="replace an existing output (never an input)")
     a.add_argument(
-        "--workers", type=int, default=1, metavar="N", help="write output shards in N parallel processes (with --max-shard-size)"
+        "--max-shard-size",
+        metavar="SIZE",
+        type=_size,
+        help="shard safetensors output into files of at most SIZE, e.g. 5GB, 500MB or a number of bytes (default: one file)",
     )
-    a.add_argument("--reverse", action="store_true", help="apply the spec's reverse (see `statemap invert`)")
+    a.add_argument(
+        "--tied",
+        choices=("clone", "dedupe"),
+        help="tied outputs: write each name (clone) or each group once (dedupe) (default: the spec's tied)",
+    )
+    a.add_argument(
+        "--workers",
+        type=_count(1),
+        default=1,
+        metavar="N",
+        help="with --max-shard-size: write output shards in N parallel processes",
+    )
+    a.add_argument("--reverse", action="store_true", help="apply the spec's reverse (see statemap invert)")
     a.add_argument(
         "--accept-loss",
         action="append",
         metavar="KEY",
-        help="with --reverse: accept that the reverse cannot restore what this key's rule removed (repeatable; 'all' for every loss)",
+        help="with --reverse: accept that the reverse cannot restore what this key's rule removed (repeatable; 'all' "
+        "for every loss; default: none accepted)",
     )
     a.add_argument(
         "--no-fsync", action="store_true", help="do not wait for the disk before the final rename (faster; less durable)"
@@ -408,58 +588,90 @@ def build_parser() -> argparse.ArgumentParser:
     common(a)
     a.set_defaults(func=cmd_apply)
 
-    d = sub.add_parser("diff", help="compare two checkpoints (exit 0 same, 1 different)")
-    d.add_argument("a")
-    d.add_argument("b")
+    d = command(
+        "diff",
+        "compare two checkpoints (exit 0 same, 1 different)",
+        "Compare two checkpoints: keys on one side only, shape and dtype mismatches; with --values every B key is "
+        "explained by A's content and common keys' values are compared; with --spec, B is compared with what SPEC "
+        "makes of A.",
+    )
+    d.add_argument("a", help="first checkpoint, or hf:ModelClass (with --config)")
+    d.add_argument("b", help="second checkpoint, or hf:ModelClass (with --config)")
     d.add_argument(
         "--values", action="store_true", help="also read every tensor: explain each B key by A's content, compare common keys"
     )
     d.add_argument("--spec", metavar="SPEC", help="compare B with SPEC applied to A (in memory; implies --values)")
-    d.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a var of --spec (repeatable)")
-    d.add_argument("--atol", type=float, default=1e-6)
-    d.add_argument("--rtol", type=float, default=1e-5)
+    set_(d, "a var of --spec")
+    d.add_argument("--atol", type=_tolerance, default=1e-6, help="absolute tolerance for values, 0 or more")
+    d.add_argument("--rtol", type=_tolerance, default=1e-5, help="relative tolerance for values, 0 or more")
     d.add_argument("--unwrap", metavar="KEY[/KEY]", help="state dict location inside both files (default: auto)")
-    d.add_argument("--config", metavar="CONFIG.json", help="model config when A or B is hf:ModelClass (built without weights)")
+    d.add_argument(
+        "--config",
+        metavar="CONFIG.json",
+        help="model config when A or B is hf:ModelClass (built without weights; default: none)",
+    )
     common(d)
     d.set_defaults(func=cmd_diff)
 
-    i = sub.add_parser("inspect", help="tensors and parameters per module, folded by layer")
-    i.add_argument(
-        "file", help="checkpoint file or directory, or a pattern naming several files ('ckpt/consolidated.{rank:int}.pth')"
+    i = command(
+        "inspect",
+        "tensors and parameters per module, folded by layer",
+        "Tensors and parameters per module, folded by layer index (encoder.layer.{0-11}).",
     )
-    i.add_argument("--depth", type=int, default=2, help="module depth for keys without a layer index (default 2)")
+    i.add_argument(
+        "file",
+        help="checkpoint file or directory, in any format statemap reads (docs/formats.md), or a pattern naming several "
+        "files ('ckpt/consolidated.{rank:int}.pth')",
+    )
+    i.add_argument("--depth", type=_count(1), default=2, help="module depth for keys without a layer index, 1 or more")
     i.add_argument("--keys", action="store_true", help="also list every key, folded by layer index")
     i.add_argument("--unwrap", metavar="KEY[/KEY]", help="state dict location inside the file (default: auto)")
     common(i)
     i.set_defaults(func=cmd_inspect)
 
-    li = sub.add_parser("list", help="the catalog of shipped specs")
+    li = command(
+        "list",
+        "the catalog of shipped specs",
+        "The catalog of shipped specs: name, description, source, target and how each was verified. Any name it "
+        "prints can be passed where a spec is expected. Piped, each spec is one line.",
+    )
     common(li)
     li.set_defaults(func=cmd_list)
 
-    v = sub.add_parser("invert", help="write the reverse spec (lossy rules need a declared `inverse:`)")
-    v.add_argument("spec")
-    v.add_argument("-o", "--output", metavar="OUT.yaml", help="write here instead of stdout")
-    v.add_argument("--force", action="store_true", help="replace an existing OUT")
-    v.add_argument("--set", action="append", metavar="NAME=VALUE")
+    v = command(
+        "invert",
+        "write the reverse spec (lossy rules need a declared `inverse:`)",
+        "Write the reverse of a spec as YAML (to stdout, or to -o), rule by rule in reverse order. Rules that drop "
+        "information need a declared `inverse:`, or are listed as not restored.",
+    )
+    v.add_argument("spec", help="spec file, or the name of a catalog spec")
+    v.add_argument("-o", "--output", metavar="OUT.yaml", help="write here (default: print to stdout)")
+    v.add_argument("--force", action="store_true", help="replace an existing OUT.yaml")
+    set_(v)
     v.add_argument(
         "--accept-loss",
         action="append",
         metavar="KEY",
-        help="write the reverse although it cannot restore what this key's rule removed (repeatable; 'all' for every loss)",
+        help="write the reverse although it cannot restore what this key's rule removed (repeatable; 'all' for every "
+        "loss; default: none accepted)",
     )
     common(v)
     v.set_defaults(func=cmd_invert)
 
-    sg = sub.add_parser("suggest", help="draft a spec from a source checkpoint and a target (checkpoint or key listing)")
-    sg.add_argument("source")
+    sg = command(
+        "suggest",
+        "draft a spec from a source checkpoint and a target (checkpoint or key listing)",
+        "Draft a spec from two layouts. The draft is a starting point: review every rule, then run statemap lint and "
+        "statemap check --against.",
+    )
+    sg.add_argument("source", help="source checkpoint")
     sg.add_argument("target", help="target checkpoint, or a .json/.yaml listing {key: [shape]}")
-    sg.add_argument("-o", "--output", metavar="DRAFT.yaml", help="write the draft here instead of stdout")
+    sg.add_argument("-o", "--output", metavar="DRAFT.yaml", help="write the draft here (default: print to stdout)")
     sg.add_argument("--force", action="store_true", help="replace an existing DRAFT.yaml")
     sg.add_argument(
         "--values",
         action="store_true",
-        help="both hold the same weights: draft from the tensor values and check the draft reproduces TARGET bitwise (exit 1 if not)",
+        help="both hold the same weights: draft from the tensor values and check the draft reproduces TARGET bitwise",
     )
     sg.add_argument(
         "--accept",
@@ -471,25 +683,68 @@ def build_parser() -> argparse.ArgumentParser:
     common(sg)
     sg.set_defaults(func=cmd_suggest)
 
-    lt = sub.add_parser("lint", help="find rules that overlap, cascade, collide, are shadowed or match nothing")
-    lt.add_argument("spec")
-    lt.add_argument(
-        "--against", metavar="CHECKPOINT", help="also plan against a checkpoint (rules matching nothing, plan errors)"
+    lt = command(
+        "lint",
+        "find rules that overlap, cascade, collide, are shadowed or match nothing",
+        "Find rules that are probably wrong even though the spec is valid: rules that overlap, cascade, collide, are "
+        "shadowed, or match nothing.",
     )
-    lt.add_argument("--set", action="append", metavar="NAME=VALUE")
+    lt.add_argument("spec", help="spec file, or the name of a catalog spec")
+    lt.add_argument(
+        "--against",
+        metavar="CHECKPOINT",
+        help="also plan against a checkpoint: rules matching nothing, plan errors (default: the spec alone)",
+    )
+    set_(lt)
     common(lt)
     lt.set_defaults(func=cmd_lint)
 
-    c = sub.add_parser("check", help="validate a spec (and plan it against a checkpoint with --against)")
-    c.add_argument("spec")
-    c.add_argument("--against", metavar="CHECKPOINT")
-    c.add_argument("--set", action="append", metavar="NAME=VALUE")
+    c = command(
+        "check",
+        "validate a spec (and plan it against a checkpoint with --against)",
+        "Validate a spec: every field, pattern, template and var. With --against, also plan it against a "
+        "checkpoint's metadata (no tensor is read).",
+    )
+    c.add_argument("spec", help="spec file, or the name of a catalog spec")
     c.add_argument(
-        "--vars-from", metavar="FILE", help="JSON/YAML file the spec's {config: KEY} vars are read from (with --against)"
+        "--against", metavar="CHECKPOINT", help="plan the spec against this checkpoint (default: validate the spec alone)"
+    )
+    set_(c)
+    c.add_argument(
+        "--vars-from",
+        metavar="FILE",
+        help="JSON/YAML file the spec's {config: KEY} vars are read from, with --against (default: the spec's config:)",
     )
     common(c)
     c.set_defaults(func=cmd_check)
     return p
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Option combinations that mean nothing: refused with the subcommand's usage (exit 2)."""
+    from .load.hf_meta import is_hf_target
+
+    cmd = args.command
+    sub = _subparser(parser, cmd)
+    if cmd == "apply":
+        if args.output is None and not args.dry_run:
+            sub.error("apply needs an OUTPUT (or --dry-run)")
+        if args.workers > 1 and not args.max_shard_size:
+            sub.error(f"--workers {args.workers} writes shards in parallel: it needs --max-shard-size (or use --workers 1)")
+        if args.accept_loss and not args.reverse:
+            sub.error("--accept-loss applies to --reverse only")
+    if cmd == "diff":
+        if args.config and not (is_hf_target(args.a) or is_hf_target(args.b)):
+            sub.error("--config is the model config for an hf:ModelClass side; neither A nor B is one")
+        if args.set and not args.spec:
+            sub.error("--set overrides vars of --spec; without --spec, leave it out")
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    return parser
 
 
 def _inputs(args: argparse.Namespace) -> str:
@@ -512,11 +767,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     stderr naming the file and the problem; never a traceback), 130 interrupted (Ctrl-C).
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "command", None) == "apply" and args.output is None and not args.dry_run:
-        parser.error("apply needs an OUTPUT (or --dry-run)")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # with the subcommand's usage, not the top level's
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
+    _check_args(parser, args)
     try:
-        return int(args.func(args))
+        with _progress(args):
+            return int(args.func(args))
     except StatemapError as e:
         return _fail(str(e))
     except KeyboardInterrupt:

@@ -1091,12 +1091,11 @@ def fold_correspondences(items: Iterable[tuple[str, str, str, str]]) -> list[tup
 def render_explanation(ex: Explanation, console: Any, verbose: bool = False) -> None:
     """Print B's keys by kind, folded by layer index; problems first, then (with ``verbose``, or
     when few) the keys that are the same or only renamed."""
-    from rich.table import Table
+    from .report import table
 
     counts = ex.counts
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     console.print(f"content: {summary}" if summary else "content: B has no tensors")
-    has_rule = any(c.rule for c in ex.b)
     problems = [c for c in ex.b if c.kind in PROBLEMS or c.cast]
     fine = [c for c in ex.b if c not in problems]
     sections = [("B keys not equal to an A tensor", problems, "red")]
@@ -1105,23 +1104,19 @@ def render_explanation(ex: Explanation, console: Any, verbose: bool = False) -> 
     for title, cs, style in sections:
         if not cs:
             continue
-        t = Table(title=f"{title} ({len(cs)})", title_justify="left", title_style=style, show_edge=False)
-        for col in ("B key", "kind", "from A", *(["rule"] if has_rule else []), "count"):
-            t.add_column(col)
-        for key, kind, detail, rule, n in fold_correspondences((c.b, c.kind, c.detail, c.rule) for c in cs):
-            t.add_row(key, kind, detail, *([rule] if has_rule else []), f"x{n}" if n > 1 else "")
-        console.print(t)
+        cells: list[tuple[str, ...]] = [
+            (key, kind, detail, rule or "", f"x{n}" if n > 1 else "")
+            for key, kind, detail, rule, n in fold_correspondences((c.b, c.kind, c.detail, c.rule) for c in cs)
+        ]
+        console.print(table(f"{title} ({len(cs)})", ("B key", "kind", "from A", "rule", "count"), cells, style))
     if ex.a_left:
-        t = Table(title=f"A keys with no counterpart in B ({len(ex.a_left)})", title_justify="left", show_edge=False)
-        left_rule = any(d.rule for d in ex.a_left)
-        for col in ("A key", "kind", *(["rule"] if left_rule else []), "count"):
-            t.add_column(col)
-        for key, kind, detail, rule, n in fold_correspondences(
-            (d.a, d.kind, f"same values as A:{d.of}" if d.of else "", d.rule) for d in ex.a_left
-        ):
-            what = kind + (f" ({detail})" if detail else "")
-            t.add_row(key, what, *([rule] if left_rule else []), f"x{n}" if n > 1 else "")
-        console.print(t)
+        cells = [
+            (key, kind + (f" ({detail})" if detail else ""), rule or "", f"x{n}" if n > 1 else "")
+            for key, kind, detail, rule, n in fold_correspondences(
+                (d.a, d.kind, f"same values as A:{d.of}" if d.of else "", d.rule) for d in ex.a_left
+            )
+        ]
+        console.print(table(f"A keys with no counterpart in B ({len(ex.a_left)})", ("A key", "kind", "rule", "count"), cells))
 
 
 # -- diff --spec -------------------------------------------------------------------------------

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import progress
 from .dtypes import dtype as lookup_dtype
 from .dtypes import to_compute
 from .load import Checkpoint
@@ -37,6 +41,26 @@ class DiffResult:
     compared_values: bool = False
     explanation: Any = None  # correspond.Explanation with --values: every B key explained by A's content
 
+    def summary(self) -> str:
+        """The last line of a diff, with the verdict.
+
+        Example::
+
+            >>> DiffResult("a.pt", "b.pt", n_common=3).summary()
+            'diff: 3 common keys, 0 only in A, 0 only in B, 0 shape mismatches, 0 dtype mismatches -> same'
+        """
+        parts = [
+            f"{self.n_common} common keys",
+            f"{len(self.only_a)} only in A",
+            f"{len(self.only_b)} only in B",
+            f"{len(self.shape)} shape mismatch{'' if len(self.shape) == 1 else 'es'}",
+            f"{len(self.dtype)} dtype mismatch{'' if len(self.dtype) == 1 else 'es'}",
+        ]
+        if self.compared_values:
+            bad = sum(1 for v in self.values if not v.allclose)
+            parts.append(f"{bad} value mismatch{'' if bad == 1 else 'es'}")
+        return "diff: " + ", ".join(parts) + (" -> same" if self.same else " -> different")
+
     @property
     def same(self) -> bool:
         return not (self.only_a or self.only_b or self.shape or self.dtype or any(not v.allclose for v in self.values))
@@ -60,22 +84,36 @@ class DiffResult:
 
 
 def diff_checkpoints(
-    a: Checkpoint,
-    b: Checkpoint,
+    a: Checkpoint | str | os.PathLike[str],
+    b: Checkpoint | str | os.PathLike[str],
     values: bool = False,
     atol: float = 1e-6,
     rtol: float = 1e-5,
     rule_of: dict[str, str] | None = None,
 ) -> DiffResult:
-    """Compare two opened checkpoints. ``values`` also reads every tensor once and explains each B
-    key by A's content (:func:`statemap.correspond.explain`), and compares common keys' values.
-    ``rule_of``: A key -> the rule (file:line) that produced it, when A is a planned spec.
+    """Compare two checkpoints (paths, or opened checkpoints). ``values`` also reads every tensor
+    once and explains each B key by A's content (:func:`statemap.correspond.explain`), and
+    compares common keys' values. ``rule_of``: A key -> the rule (file:line) that produced it,
+    when A is a planned spec.
 
     Example::
 
-        >>> with open_checkpoint("a.pt") as a, open_checkpoint("b.safetensors") as b:
-        ...     print(diff_checkpoints(a, b).same)
+        >>> diff_checkpoints("examples/deltalm-tiny.pt", "examples/deltalm-tiny.pt").same
+        True
+        >>> with open_checkpoint("examples/deltalm-tiny.pt") as a:
+        ...     len(diff_checkpoints(a, "examples/deltalm-tiny.pt", values=True).values)
+        395
     """
+    if not isinstance(a, Checkpoint) or not isinstance(b, Checkpoint):
+        from .load import open_checkpoint
+
+        for ref in (a, b):
+            if not isinstance(ref, (Checkpoint, str, os.PathLike)):
+                raise TypeError(f"diff_checkpoints: expected a path or an opened checkpoint, got {type(ref).__name__}")
+        with contextlib.ExitStack() as stack:
+            ca = a if isinstance(a, Checkpoint) else stack.enter_context(open_checkpoint(a))
+            cb = b if isinstance(b, Checkpoint) else stack.enter_context(open_checkpoint(b))
+            return diff_checkpoints(ca, cb, values, atol, rtol, rule_of)
     r = DiffResult(a.path, b.path)
     r.only_a = [m for k, m in a.metas.items() if k not in b.metas]
     r.only_b = [m for k, m in b.metas.items() if k not in a.metas]
@@ -88,29 +126,61 @@ def diff_checkpoints(
         if ma.dtype != mb.dtype:
             r.dtype.append(Mismatch(k, ma.dtype, mb.dtype))
     if values:
-        import numpy as np
-
         from .correspond import explain
 
         r.compared_values = True
-        r.explanation = explain(a.metas, a.read, b.metas, b.read, rule_of, names=(a.path, b.path))
-        for k in common:
-            ma, mb = a.metas[k], b.metas[k]
-            if ma.shape != mb.shape:
-                continue
-            if k in r.explanation.equal:  # equal values, proven by the fingerprints: not read again
-                r.values.append(ValueDiff(k, 0.0, True))
-                continue
-            xa = _values(a.read(k), ma.dtype)
-            xb = _values(b.read(k), mb.dtype)
-            if xa.size == 0:
-                r.values.append(ValueDiff(k, 0.0, True))
-                continue
-            d = np.abs(xa - xb)
-            max_abs = float(np.nanmax(d)) if not np.isnan(d).all() else float("nan")
-            close = bool(np.allclose(xa, xb, atol=atol, rtol=rtol, equal_nan=True))
-            r.values.append(ValueDiff(k, max_abs, close))
+        total = [m for m in a.metas.values()] + [m for m in b.metas.values()]
+        with progress.task("reading A and B", len(total), sum(m.nbytes for m in total)) as bar:
+            a_read, b_read = _counted(a, bar), _counted(b, bar)
+            r.explanation = explain(a.metas, a_read, b.metas, b_read, rule_of, names=(a.path, b.path))
+            r.values = _compare_values(r, a_read, b_read, a, b, common, atol, rtol)
     return r
+
+
+def _counted(ck: Checkpoint, bar: progress.Task) -> Callable[[str], Any]:
+    """``ck.read`` that advances ``bar`` the first time each tensor is read."""
+    seen: set[str] = set()
+
+    def read(k: str) -> Any:
+        a = ck.read(k)
+        if k not in seen and k in ck.metas:
+            seen.add(k)
+            bar.advance(1, ck.metas[k].nbytes)
+        return a
+
+    return read
+
+
+def _compare_values(
+    r: DiffResult,
+    a_read: Callable[[str], Any],
+    b_read: Callable[[str], Any],
+    a: Checkpoint,
+    b: Checkpoint,
+    common: list[str],
+    atol: float,
+    rtol: float,
+) -> list[ValueDiff]:
+    import numpy as np
+
+    out: list[ValueDiff] = []
+    for k in common:
+        ma, mb = a.metas[k], b.metas[k]
+        if ma.shape != mb.shape:
+            continue
+        if k in r.explanation.equal:  # equal values, proven by the fingerprints: not read again
+            out.append(ValueDiff(k, 0.0, True))
+            continue
+        xa = _values(a_read(k), ma.dtype)
+        xb = _values(b_read(k), mb.dtype)
+        if xa.size == 0:
+            out.append(ValueDiff(k, 0.0, True))
+            continue
+        d = np.abs(xa - xb)
+        max_abs = float(np.nanmax(d)) if not np.isnan(d).all() else float("nan")
+        close = bool(np.allclose(xa, xb, atol=atol, rtol=rtol, equal_nan=True))
+        out.append(ValueDiff(k, max_abs, close))
+    return out
 
 
 def _values(a: np.ndarray, dt_name: str) -> np.ndarray:
@@ -123,8 +193,8 @@ def _values(a: np.ndarray, dt_name: str) -> np.ndarray:
 
 
 def render_diff(r: DiffResult, console: Any) -> None:
-    from rich.table import Table
-
+    """Print a diff: each section as a table, then one summary line with the verdict (``-> same`` / ``-> different``)."""
+    from .report import table
     from .textsafe import styled
 
     console.print(styled(("A", "bold"), f" {r.a}"))
@@ -132,33 +202,24 @@ def render_diff(r: DiffResult, console: Any) -> None:
     console.print(f"{r.n_common} common keys, {len(r.only_a)} only in A, {len(r.only_b)} only in B")
     for title, metas in (("only in A", r.only_a), ("only in B", r.only_b)):
         if metas:
-            t = Table(title=f"{title} ({len(metas)})", title_justify="left", title_style="red", show_edge=False)
-            for c in ("key", "shape", "dtype", "count"):
-                t.add_column(c)
-            for row in fold((m.name, m) for m in metas):
-                t.add_row(row.name, str(list(row.shape or ())), row.dtype or "", f"x{row.count}" if row.count > 1 else "")
-            console.print(t)
+            cells: list[tuple[str, ...]] = [
+                (row.name, str(list(row.shape or ())), row.dtype or "", f"x{row.count}" if row.count > 1 else "")
+                for row in fold((m.name, m) for m in metas)
+            ]
+            console.print(table(f"{title} ({len(metas)})", ("key", "shape", "dtype", "count"), cells, "red"))
     for title, mism in (("shape mismatch", r.shape), ("dtype mismatch", r.dtype)):
         if mism:
-            t = Table(title=f"{title} ({len(mism)})", title_justify="left", title_style="red", show_edge=False)
-            for c in ("key", "A", "B"):
-                t.add_column(c)
-            for m in mism:
-                t.add_row(m.name, str(m.expected), str(m.got))
-            console.print(t)
+            cells = [(m.name, str(m.expected), str(m.got)) for m in mism]
+            console.print(table(f"{title} ({len(mism)})", ("key", "A", "B"), cells, "red"))
     if r.compared_values:
         bad = [v for v in r.values if not v.allclose]
         worst = max((v.max_abs for v in r.values), default=0.0)
         console.print(f"values: {len(r.values) - len(bad)}/{len(r.values)} allclose; max abs diff {worst:.3g}")
         if bad:
-            t = Table(title=f"value mismatch ({len(bad)})", title_justify="left", title_style="red", show_edge=False)
-            t.add_column("key")
-            t.add_column("max abs diff", justify="right")
-            for v in bad:
-                t.add_row(v.name, f"{v.max_abs:.4g}")
-            console.print(t)
+            cells = [(v.name, f"{v.max_abs:.4g}") for v in bad]
+            console.print(table(f"value mismatch ({len(bad)})", ("key", "max abs diff"), cells, "red"))
     if r.explanation is not None:
         from .correspond import render_explanation
 
         render_explanation(r.explanation, console)
-    console.print("same" if r.same else "different", style="green" if r.same else "red")
+    console.print(r.summary(), style="green" if r.same else "red")

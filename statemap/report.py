@@ -100,6 +100,23 @@ def fold_names(names: Iterable[str]) -> list[str]:
     return [str(r) for r in fold((n, None) for n in names)]
 
 
+def human_size(n: int) -> str:
+    """Bytes for people, in the units ``--max-shard-size`` reads (1 KB = 1000 bytes).
+
+    Example::
+
+        >>> [human_size(n) for n in (0, 999, 1500, 231_400, 12_345_678, 3_000_000_000)]
+        ['0 bytes', '999 bytes', '1.5 KB', '231.4 KB', '12.3 MB', '3.00 GB']
+    """
+    if n < 1000:
+        return f"{n} byte{'' if n == 1 else 's'}"
+    if n < 1e6:
+        return f"{n / 1e3:.1f} KB"
+    if n < 1e9:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB" if n < 1e12 else f"{n / 1e12:.2f} TB"
+
+
 # -- the report ------------------------------------------------------------------------------
 
 
@@ -150,6 +167,45 @@ class Report:
     metas: dict[str, TensorMeta] = field(default_factory=dict, repr=False)
 
     @property
+    def written_to(self) -> str:
+        """The output as written: the file, or ``INDEX and N shards`` for a sharded output."""
+        if len(self.files) <= 1:
+            return self.files[0] if self.files else self.output or "(memory)"
+        index = [f for f in self.files if f.endswith(".index.json")]
+        shards = len(self.files) - len(index)
+        return f"{index[0]} and {shards} shards" if index else ", ".join(self.files)
+
+    def summary(self) -> str:
+        """The last line of a report: what happened, then ``-> ok`` or ``-> differs``.
+
+        Example::
+
+            >>> Report(produced=[TensorMeta("w", (2,), "float32")], output="out.safetensors", n_bytes=8).summary()
+            'apply: wrote 1 tensor (8 bytes) to out.safetensors -> ok'
+            >>> r = Report(expected="ref.safetensors", missing=[TensorMeta("b", (2,), "float32")])
+            >>> r.dtype_mismatch = [Mismatch("w", "float32", "uint16")]
+            >>> r.summary()
+            'expect: 1 missing, 0 unexpected, 0 shape mismatches, 1 dtype mismatch -> differs'
+        """
+        if not self.ok:
+            counts = (
+                (len(self.missing), "missing", "missing"),
+                (len(self.unexpected), "unexpected", "unexpected"),
+                (len(self.shape_mismatch), "shape mismatch", "shape mismatches"),
+                (len(self.dtype_mismatch), "dtype mismatch", "dtype mismatches"),
+            )
+            return "expect: " + ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in counts) + " -> differs"
+        n = len(self.produced)
+        what = f"{n} tensor{'' if n == 1 else 's'}"
+        if self.dry_run:
+            head = f"apply (dry run): would write {what}"
+        else:
+            head = f"apply: wrote {what} ({human_size(self.n_bytes)}) to {self.written_to}"
+        if self.expected:
+            head += f"; matches {self.expected}"
+        return f"{head} -> ok"
+
+    @property
     def ok(self) -> bool:
         """True when the output matches the expectation (or none was given)."""
         return not (self.missing or self.unexpected or self.shape_mismatch or self.dtype_mismatch)
@@ -185,33 +241,46 @@ class Report:
 # -- rendering ---------------------------------------------------------------------------------
 
 
-def _rows_table(title: str, rows: list[FoldedRow], style: str) -> Any:
+def table(title: str, heads: Sequence[str], cells: Sequence[Sequence[str]], style: str = "") -> Any:
+    """A rich table of text cells with no empty column (the first is always kept); a ``count``
+    column is right-aligned.
+
+    Example::
+
+        >>> t = table("dropped (1)", ("key", "shape", "count"), [("w", "[2]", "")])
+        >>> [c.header for c in t.columns]
+        ['key', 'shape']
+    """
     from rich.table import Table
 
-    t = Table(
-        title=f"{title} ({sum(r.count for r in rows)})", title_justify="left", title_style=style, show_edge=False, pad_edge=False
-    )
-    cells = [
-        (r.name, "" if r.shape is None else str(list(r.shape)), r.dtype or r.extra, f"x{r.count}" if r.count > 1 else "")
-        for r in rows
-    ]
-    heads = [("key", "left"), ("shape", "left"), ("dtype", "left"), ("count", "right")]
-    keep = [i for i in range(4) if i == 0 or any(c[i] for c in cells)]  # no empty columns
+    t = Table(title=title, title_justify="left", title_style=style, show_edge=False, pad_edge=False)
+    keep = [i for i in range(len(heads)) if i == 0 or any(c[i] for c in cells)]
     for i in keep:
-        t.add_column(heads[i][0], justify=heads[i][1])  # type: ignore[arg-type]
+        t.add_column(heads[i], justify="right" if heads[i] == "count" else "left")
     for c in cells:
         t.add_row(*(c[i] for i in keep))
     return t
 
 
+def _rows_table(title: str, rows: list[FoldedRow], style: str) -> Any:
+    cells = [
+        (r.name, "" if r.shape is None else str(list(r.shape)), r.dtype or r.extra, f"x{r.count}" if r.count > 1 else "")
+        for r in rows
+    ]
+    return table(f"{title} ({sum(r.count for r in rows)})", ("key", "shape", "dtype", "count"), cells, style)
+
+
 def render(report: Report, console: Any, verbose: bool = False) -> None:
-    """Print a report with rich: summary line first, then one folded table per non-empty section."""
+    """Print a report with rich: what was written first, then one folded table per non-empty
+    section, then the one-line summary with the verdict (:meth:`Report.summary`)."""
     from rich.table import Table
 
     from .textsafe import styled
 
     action = "would write" if report.dry_run else "wrote"
     target = report.output or "(memory)"
+    if report.files:  # sharded: there is no file named OUTPUT; say what was written
+        target = report.written_to
     where = ("", (f" (from {report.container!r})", "dim")) if report.container else ("",)
     console.print(styled((report.spec or "statemap", "bold"), f": {report.source}", *where, f" -> {target}"))
     if report.alternatives:
@@ -231,12 +300,15 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
     if report.vars_from:
         shown = ", ".join(f"{k}={v}" for k, v in report.vars.items())
         console.print(styled((f"vars from {report.vars_from}: ", "dim"), (shown, "dim")))
-    size = f", {report.n_bytes / 1e6:.1f} MB" if report.n_bytes else ""
+    size = f", {human_size(report.n_bytes)}" if report.n_bytes else ""
     once = sum(len(g) - 1 for g in report.written_once)
     stored = f" ({len(report.produced) - once} stored: each tied group once)" if once else ""
     console.print(
         f"{action} {len(report.produced)} tensors{stored}{size}" + (f" in {report.seconds:.2f}s" if report.seconds else "")
     )
+    if len(report.files) > 1:
+        for f in report.files:
+            console.print(f"  {f}")
     if verbose:
         console.print(_rows_table("produced", fold((m.name, m) for m in report.produced), "bold"))
     info = report.metas
@@ -263,7 +335,7 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
         console.print("the reverse cannot restore what these rules removed (declare `inverse:` on them):", style="yellow")
         for line in report.not_restored:
             console.print(f"  {line}")
-    if report.source_ties:
+    if report.source_ties and (verbose or not report.written_once):  # with dedupe, "written once" says it all
         console.print(
             "tied in the source (one tensor, several names): "
             + "; ".join(" = ".join(g) for g in report.source_ties)
@@ -276,7 +348,10 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
         console.print(f"written once: {g[0]}; re-tied on load: {', '.join(g[1:])}", markup=False)
     if report.expected:
         if report.ok:
-            console.print(f"matches {report.expected}: every expected key present with the expected shape", style="green")
+            console.print(
+                f"matches {report.expected}: every expected key present with the expected shape (and dtype, where given)",
+                style="green",
+            )
         for title, metas in (
             ("missing (expected, not produced)", report.missing),
             ("unexpected (produced, not expected)", report.unexpected),
@@ -285,10 +360,6 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
                 console.print(_rows_table(title, fold((m.name, m) for m in metas), "red"))
         for title, mism in (("shape mismatch", report.shape_mismatch), ("dtype mismatch", report.dtype_mismatch)):
             if mism:
-                t = Table(title=f"{title} ({len(mism)})", title_justify="left", title_style="red", show_edge=False)
-                t.add_column("key")
-                t.add_column("expected")
-                t.add_column("got")
-                for m in mism:
-                    t.add_row(m.name, str(m.expected), str(m.got))
-                console.print(t)
+                cells = [(m.name, str(m.expected), str(m.got)) for m in mism]
+                console.print(table(f"{title} ({len(mism)})", ("key", "expected", "got"), cells, "red"))
+    console.print(report.summary(), style="green" if report.ok else "red")

@@ -358,7 +358,8 @@ def parse_spec(data: Any, file: str = "<string>") -> Spec:
             raise unknown_field(key, _HEADER_FIELDS, at(key), "spec field")
     for required in ("name", "version", "rules"):
         if required not in data:
-            raise SpecError(f"{file}:{top}: spec has no {required!r} field")
+            fix = {"version": f"; add `version: {SPEC_VERSION}`", "name": "; add `name: my-spec`"}.get(required, "")
+            raise SpecError(f"{file}:{top}: spec has no {required!r} field{fix}")
     if data["version"] != SPEC_VERSION:
         raise SpecError(
             f"{at('version')}spec format version {data['version']!r} is not supported (this statemap reads version {SPEC_VERSION})"
@@ -577,6 +578,20 @@ def _expand(
     return out
 
 
+def _binary_hint(path: Path) -> str:
+    """What a binary file given as a spec is, when it is a checkpoint (SPEC and INPUT swapped)."""
+    from .errors import StatemapError
+    from .load.formats import detect
+
+    try:
+        fmt = detect(path)
+    except (StatemapError, OSError):
+        return ""
+    if fmt is None:
+        return ""
+    return f"; it looks like a checkpoint ({fmt.name}), not a spec: were the spec and the checkpoint swapped?"
+
+
 def load_spec(spec: str | os.PathLike[str] | Mapping[str, Any] | Spec, vars: Mapping[str, Any] | None = None) -> Spec:
     """Load a spec from a path, a catalog name, a YAML string or a dict.
 
@@ -611,7 +626,7 @@ def load_spec(spec: str | os.PathLike[str] | Mapping[str, Any] | Spec, vars: Map
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SpecError(f"{path}: cannot read spec: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise SpecError(f"{path}: cannot read spec: not UTF-8 text ({e.reason} at byte {e.start}){_binary_hint(path)}") from None
     return parse_spec(_load_yaml(text, str(path)), str(path)).with_vars(vars)
 
 

@@ -75,10 +75,15 @@ def short_repr(value: object, limit: int = 200) -> str:
     return show(r, limit)
 
 
+PIPE_WIDTH = 1_000_000  # "columns" of a console that is not a terminal: lines are never wrapped
+
+
 def console(quiet: bool = False, **kwargs: Any) -> Any:
     """A rich Console that renders every string as plain text (see the module docstring).
 
-    Styles are given with ``style=`` or :func:`styled`, never with markup.
+    Styles are given with ``style=`` or :func:`styled`, never with markup. On a terminal, rich
+    fits tables to its width; anywhere else (a pipe, a file, a log) nothing is ever wrapped: a
+    table row or a path stays on one line, so ``grep`` and log readers see whole lines.
     """
     from rich.console import Console
 
@@ -89,7 +94,17 @@ def console(quiet: bool = False, **kwargs: Any) -> Any:
             kw["highlight"] = False
             return super().render_str(show(text), *args, **kw)
 
-    return _SafeConsole(quiet=quiet, markup=False, emoji=False, highlight=False, **kwargs)
+        def _render_buffer(self, buffer: Any) -> str:
+            text = super()._render_buffer(buffer)
+            if self.width == PIPE_WIDTH:  # not a terminal: no cell padding at the end of a line
+                text = "\n".join(line.rstrip(" ") for line in text.split("\n"))
+            return text
+
+    c = _SafeConsole(quiet=quiet, markup=False, emoji=False, highlight=False, **kwargs)
+    if "width" not in kwargs and not c.is_terminal:
+        c.width = PIPE_WIDTH
+        c.soft_wrap = True
+    return c
 
 
 def styled(*parts: str | tuple[str, str]) -> Any:
@@ -105,4 +120,4 @@ def styled(*parts: str | tuple[str, str]) -> Any:
     return out
 
 
-__all__ = ["MAX_SHOWN", "console", "short_repr", "show", "styled"]
+__all__ = ["MAX_SHOWN", "PIPE_WIDTH", "console", "short_repr", "show", "styled"]

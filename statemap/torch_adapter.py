@@ -29,9 +29,28 @@ def to_numpy(t: Any) -> tuple[np.ndarray, str]:
     return t.numpy(), dt.name
 
 
+def require_torch(what: str) -> Any:
+    """``import torch``, or one clear error saying what needs it and what works without it.
+
+    Example::
+
+        >>> require_torch("writing out.pt").__name__
+        'torch'
+    """
+    try:
+        import torch
+    except ImportError:
+        from .errors import StatemapError
+
+        raise StatemapError(
+            f"{what} needs torch, which is not installed: pip install torch (safetensors files need no torch)"
+        ) from None
+    return torch
+
+
 def to_torch(a: np.ndarray, dtype_name: str) -> Any:
     """Numpy bits -> a torch tensor of ``dtype_name`` (copies read-only arrays)."""
-    import torch
+    torch = require_torch("returning torch tensors")
 
     dt = lookup_dtype(dtype_name)
     a = np.asarray(a, order="C")

@@ -154,7 +154,7 @@ def check_outputs(files: Sequence[Path], inputs: Sequence[str | os.PathLike[str]
         if not f.parent.is_dir():
             raise OutputError(f"{f.parent}: output folder does not exist")
         if os.path.lexists(f) and not force:
-            raise OutputError(f"{f}: already exists; pass --force (force=True) to replace it")
+            raise OutputError(f"{f}: already exists; pass --force to replace it")
 
 
 def check_output(path: str | os.PathLike[str], inputs: Sequence[str], force: bool) -> Path:
@@ -602,6 +602,18 @@ def _write_safetensors(
     return total
 
 
+def check_writer(path: str | os.PathLike[str]) -> None:
+    """Refuse, before anything is read or written, an output format whose writer is not installed (.pt: torch)."""
+    if output_format(path) == "torch":
+        from .errors import StatemapError
+        from .torch_adapter import require_torch
+
+        try:
+            require_torch(f"{os.fspath(path)}: writing a .pt file")
+        except StatemapError as e:
+            raise OutputError(f"{e}; or name the output .safetensors") from None
+
+
 def write_checkpoint(
     path: str | os.PathLike[str],
     metas: Sequence[TensorMeta],
@@ -639,8 +651,11 @@ def write_checkpoint(
     fmt = output_format(path)
     out = Path(path)
     limit = parse_size(max_shard_size)
+    if limit is not None and limit <= 0:
+        raise OutputError(f"{out}: shard size {max_shard_size!r} is out of range: must be more than 0 bytes, e.g. 5GB")
     if fmt != "safetensors" and limit:
         raise OutputError(f"{out}: sharding is supported for safetensors outputs only")
+    check_writer(out)
     files = output_files(out, metas, limit)
     check_outputs(files, inputs, force)
     check_resources(out, metas, metas if fmt != "safetensors" else (), together=True)
@@ -667,7 +682,7 @@ def write_checkpoint(
                 nbytes = _write_flax(out, stage, metas, counted(), fsync)
             else:
                 nbytes = _write_safetensors_maybe_sharded(
-                    out, stage, metas, counted(), metadata or {}, limit, fsync, workers, get
+                    out, stage, metas, counted(), metadata or {}, limit, fsync, workers, get, on_tensor
                 )
             with _signals_held():
                 stage.commit()
@@ -787,7 +802,10 @@ def _write_safetensors_maybe_sharded(
     fsync: bool = True,
     workers: int = 1,
     get: Callable[[int], Any] | None = None,
+    on_tensor: Callable[[TensorMeta], None] | None = None,
 ) -> int:
+    """``on_tensor``: called for each tensor of a shard a worker has written (the workers path only;
+    otherwise the caller counts the tensors it hands over in ``arrays``)."""
     from .load.safetensors_format import read_header
 
     md = {"format": "pt", **metadata}
@@ -806,8 +824,13 @@ def _write_safetensors_maybe_sharded(
             pool = multiprocessing.get_context("spawn").Pool(
                 min(workers, len(groups)), initializer=_worker_init, initargs=(os.getpid(),)
             )
+        sizes = []
         with pool:
-            sizes = pool.map(_shard_task, jobs, chunksize=1)
+            for job, size in zip(jobs, pool.imap(_shard_task, jobs, chunksize=1)):  # in order, as each shard is done
+                sizes.append(size)
+                if on_tensor is not None:
+                    for m in job[1]:
+                        on_tensor(m)
         for tmp, idxs in zip(tmps, groups):  # re-read every shard header before anything is renamed
             got, _, _ = read_header(str(tmp))
             if [(g.name, g.shape, g.dtype) for g in got.values()] != [

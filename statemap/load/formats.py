@@ -281,6 +281,22 @@ def _other_zip(p: Probe) -> str | None:
     return f"a zip archive of other files ({listed})"
 
 
+def _text_head(p: Probe) -> str | None:
+    """The first bytes as text, if they are text (UTF-8, printable or whitespace); else None."""
+    head = p.head[: HEAD - 4]  # a multi-byte character may be cut at the end
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not text.strip() or any(not (c.isprintable() or c in "\n\r\t") for c in text):
+        return None
+    return text
+
+
+def _looks_like_spec(text: str) -> bool:
+    return any(line.split(":")[0].strip() in ("rules", "version") for line in text.splitlines())
+
+
 def open_path(path: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
     """Open a file or folder with the format its bytes show (the extension only as a fallback)."""
     if path.is_dir():
@@ -305,6 +321,10 @@ def open_path(path: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
         by_name = next((f for f in FORMATS if path.suffix.lower() in f.suffixes), None)
         if pr.size == 0 and (by_name is None or by_name.name != "safetensors"):
             raise CheckpointError(f"{path}: file is empty")
+        text = _text_head(pr)
+        if text is not None:  # no reader's error about "header length" for what is plainly text
+            spec = " (a statemap spec? usage: statemap apply SPEC INPUT [OUTPUT])" if _looks_like_spec(text) else ""
+            raise CheckpointError(f"{path}: not a checkpoint: looks like a text file{spec}, starting {text[:60]!r}")
         if by_name is None:
             names = ", ".join(f.name for f in FORMATS)
             raise CheckpointError(f"{path}: not a checkpoint format statemap recognises ({names})")

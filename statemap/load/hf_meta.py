@@ -9,8 +9,11 @@ Flax, jax/flax) is needed only for this: ``pip install transformers``.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..errors import CheckpointError
 from ..meta import TensorMeta
@@ -60,6 +63,20 @@ def _check_config(path: Path) -> None:
             todo.extend(node)
 
 
+def _spinner(build: Callable[[str, Any], Checkpoint]) -> Callable[[str, Any], Checkpoint]:
+    """Show a spinner while a transformers model is built (importing and instantiating takes seconds)."""
+
+    @functools.wraps(build)
+    def wrapper(ref: str, config: Any) -> Checkpoint:
+        from ..progress import task
+
+        with task(f"building {ref} from {config or 'no config'} (transformers)"):
+            return build(ref, config)
+
+    return wrapper
+
+
+@_spinner
 def hf_layout(ref: str, config: str | os.PathLike[str] | None) -> Checkpoint:
     """``hf:ClassName`` + config.json -> a Checkpoint with metadata only (reading a tensor raises).
 
