@@ -4,9 +4,12 @@ The data flow, one module each: ``load`` -> ``plan`` -> ``apply`` -> ``write`` -
 
 Example::
 
-    import statemap
-    new_sd, report = statemap.map_state_dict("deltalm-fairseq-to-hf", fairseq_model.state_dict())
-    hf_model.load_state_dict(new_sd, strict=True)
+    >>> import statemap
+    >>> fairseq_sd = statemap.load_state_dict("checkpoint_best.pt")     # or fairseq_model.state_dict()
+    >>> new_sd, report = statemap.map_state_dict("deltalm-fairseq-to-hf", fairseq_sd)
+    >>> report.ok, len(new_sd)
+    (True, 395)
+    >>> # then: hf_model.load_state_dict(new_sd, strict=True)
 """
 
 from __future__ import annotations

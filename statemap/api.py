@@ -323,7 +323,7 @@ def convert(
 
     Example::
 
-        >>> report = convert("deltalm-fairseq-to-hf", "checkpoint_best.pt", "model.safetensors")
+        >>> report = convert("deltalm-fairseq-to-hf", "checkpoint_best.pt", "model.safetensors", force=True)
         >>> report.ok, len(report.produced)
         (True, 395)
     """
@@ -438,8 +438,13 @@ def map_state_dict(
 
     Example::
 
-        >>> new_sd, report = map_state_dict("gpt2-hf-to-nanogpt", hf_model.state_dict())
-        >>> nano_model.load_state_dict(new_sd, strict=True)
+        >>> import torch
+        >>> sd = {"encoder.layers.0.fc1.weight": torch.ones(4, 2), "encoder.version": torch.ones(1)}
+        >>> spec = "name: t\\nversion: 1\\nrules:\\n  - drop: encoder.version\\n  - rename: encoder.{r:path} -> model.encoder.{r}\\n"
+        >>> new_sd, report = map_state_dict(spec, sd)
+        >>> list(new_sd), new_sd["model.encoder.layers.0.fc1.weight"] is sd["encoder.layers.0.fc1.weight"]
+        (['model.encoder.layers.0.fc1.weight'], True)
+        >>> # then: model.load_state_dict(new_sd, strict=True)
     """
     spec = load_spec(spec, vars)
     if spec.unwrap:
@@ -555,6 +560,8 @@ def load_state_dict(path: str | os.PathLike[str], unwrap: str | Sequence[str] | 
     Example::
 
         >>> sd = load_state_dict("checkpoint_best.pt")          # fairseq: takes ["model"]
+        >>> len(sd), type(sd["encoder.version"]).__name__
+        (395, 'Tensor')
         >>> ema = load_state_dict("timm_train.pth.tar", unwrap="state_dict_ema")
     """
     from .torch_adapter import to_torch
@@ -570,7 +577,9 @@ def save_state_dict(
 
     Example::
 
-        >>> save_state_dict(model.state_dict(), "model.safetensors", force=True)
+        >>> import torch
+        >>> save_state_dict({"w": torch.zeros(2, 3)}, "saved.safetensors", force=True).files
+        ('saved.safetensors',)
     """
     ck = from_state_dict(state_dict)
     metas = list(ck.metas.values())

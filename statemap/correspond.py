@@ -770,10 +770,11 @@ def explain(
 
     Example::
 
+        >>> from statemap import open_checkpoint
         >>> with open_checkpoint("model.pt") as a, open_checkpoint("model.safetensors") as b:
         ...     ex = explain(a.metas, a.read, b.metas, b.read)
         ...     print(ex.counts)
-        {'renamed': 393, 'tied': 1, 'constant': 1}
+        {'renamed': 392, 'constant': 1}
     """
     import numpy as np
 
@@ -1128,10 +1129,11 @@ def planned_checkpoint(spec: Any, a: Any, vars: Mapping[str, Any] | None = None)
 
     Example::
 
+        >>> from statemap import open_checkpoint
         >>> with open_checkpoint("model.pt") as a:
         ...     planned, rule_of = planned_checkpoint("deltalm-fairseq-to-hf", a)
         ...     rule_of["lm_head.weight"]
-        '.../deltalm-fairseq-to-hf.yaml:21'
+        '.../deltalm-fairseq-to-hf.yaml:22 (rename)'
     """
     from .apply import run_node
     from .load.checkpoint import Checkpoint

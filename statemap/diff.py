@@ -98,10 +98,11 @@ def diff_checkpoints(
 
     Example::
 
-        >>> diff_checkpoints("examples/deltalm-tiny.pt", "examples/deltalm-tiny.pt").same
+        >>> diff_checkpoints("model.pt", "model.pt").same
         True
-        >>> with open_checkpoint("examples/deltalm-tiny.pt") as a:
-        ...     len(diff_checkpoints(a, "examples/deltalm-tiny.pt", values=True).values)
+        >>> from statemap import open_checkpoint
+        >>> with open_checkpoint("model.pt") as a:
+        ...     len(diff_checkpoints(a, "model.pt", values=True).values)
         395
     """
     if not isinstance(a, Checkpoint) or not isinstance(b, Checkpoint):

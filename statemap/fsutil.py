@@ -9,7 +9,7 @@ the open file itself (so a path swapped after the check is caught too) and reads
 Example::
 
     >>> check_regular("spec.yaml", "spec")            # a regular file: returns its size
-    1234
+    45
     >>> check_regular("/dev/zero", "spec")
     Traceback (most recent call last):
     statemap.errors.CheckpointError: /dev/zero: spec is a character device, not a regular file; refusing to read it

@@ -22,7 +22,7 @@ KEY is a template: the matched key's captures and the spec's vars fill it.
 Example::
 
     >>> parse_when({"absent": "lm_head.weight"}, "spec.yaml:3: ")
-    (Cond(kind='absent', arg=Template(text='lm_head.weight', ...)),)
+    (Cond(kind='absent', arg=Template(text='lm_head.weight', ...), text='lm_head.weight'),)
 """
 
 from __future__ import annotations

@@ -42,9 +42,12 @@ def module_rows(ck: Checkpoint, depth: int = 2) -> list[ModuleRow]:
 
     Example::
 
-        >>> for row in module_rows(open_checkpoint("xlmr.pt")):
+        >>> from statemap import open_checkpoint
+        >>> for row in module_rows(open_checkpoint("model.pt"))[:3]:     # fairseq DeltaLM, 6 + 6 layers
         ...     print(row.module, row.per_instance, row.instances)
-        roberta.encoder.layer.{0-11} 16 12
+        encoder 1 1
+        encoder.embed_tokens 1 1
+        encoder.embed_positions 1 1
     """
     groups: dict[str, dict[int | None, list[str]]] = {}
     params: dict[str, int] = {}

@@ -26,6 +26,7 @@ drop, slice, pad, reshape, cast, view              need facts the spec does not 
 
 Example::
 
+    >>> from statemap.spec import load_spec
     >>> inv = invert(load_spec("vit-timm-to-hf"))
     >>> inv.lossless, inv.lost
     (True, ())

@@ -7,8 +7,13 @@ this module only evaluates recipes the planner has already checked.
 
 Example::
 
-    >>> metas, ties = torch_metas(model.state_dict())
-    >>> t = run_node_torch(plan.outputs[0].node, model.state_dict().__getitem__)
+    >>> import torch
+    >>> from statemap import load_spec, make_plan
+    >>> sd = {"enc.w": torch.ones(2, 3)}
+    >>> metas, ties = torch_metas(sd)
+    >>> plan = make_plan(load_spec("name: t\\nversion: 1\\nrules:\\n  - rename: enc.w -> model.enc.w\\n"), metas.values())
+    >>> run_node_torch(plan.outputs[0].node, sd.__getitem__) is sd["enc.w"]   # a rename: the same tensor
+    True
 """
 
 from __future__ import annotations

@@ -6,8 +6,12 @@ one line naming both keys and how they differ, and nothing is written.
 
 Example::
 
-    >>> run_checks(plan, ck.read)        # raises AssumptionError, or returns the lines verified
-    ['cls.predictions.decoder.bias == cls.predictions.bias (bert.yaml:31): bytes compared']
+    >>> import numpy as np
+    >>> from statemap import load_spec, make_plan, TensorMeta
+    >>> spec = load_spec("name: t\\nversion: 1\\nrules:\\n  - drop: {from: b, assume: {equal: a}}\\n")
+    >>> plan = make_plan(spec, [TensorMeta("a", (2,), "float32"), TensorMeta("b", (2,), "float32")])
+    >>> run_checks(plan, {"a": np.ones(2, "f4"), "b": np.ones(2, "f4")}.__getitem__)  # raises AssumptionError if not
+    ['b == a (<string>:4): bytes compared']
 """
 
 from __future__ import annotations

@@ -82,7 +82,8 @@ def output_files(
 
     Example::
 
-        >>> [p.name for p in output_files("model.safetensors", metas, "5GB")]   # 12 GB of tensors
+        >>> metas = [TensorMeta(f"w{i}", (1000, 1000, 1000), "float32") for i in range(3)]   # 12 GB of tensors
+        >>> [p.name for p in output_files("model.safetensors", metas, "5GB")]
         ['model-00001-of-00003.safetensors', 'model-00002-of-00003.safetensors', 'model-00003-of-00003.safetensors',
          'model.safetensors.index.json']
     """
@@ -646,7 +647,8 @@ def write_checkpoint(
 
     Example::
 
-        >>> write_checkpoint("out.safetensors", [TensorMeta("w", (2,), "float32")], [np.zeros(2, "f4")])
+        >>> write_checkpoint("out.safetensors", [TensorMeta("w", (2,), "float32")], [np.zeros(2, "f4")], force=True)
+        Written(files=('out.safetensors',), n_tensors=1, n_bytes=...)
     """
     fmt = output_format(path)
     out = Path(path)

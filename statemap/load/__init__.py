@@ -63,7 +63,7 @@ def _open(
         >>> ck = open_checkpoint("checkpoint_best.pt")        # fairseq: finds "model"
         >>> ck.container, len(ck.metas)
         ('model', 395)
-        >>> open_checkpoint("timm_train.pth.tar").alternatives
+        >>> open_checkpoint("timm_train.pth.tar").alternatives   # timm's CheckpointSaver with an EMA model
         ['state_dict_ema']
     """
     p = Path(path)

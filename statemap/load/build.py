@@ -38,8 +38,11 @@ def from_object(
 
     Example::
 
+        >>> from statemap.load.torch_format import load_zip, tensor_location
         >>> obj, locs = load_zip("ckpt.pt")
         >>> ck = from_object("ckpt.pt", "torch-zip", obj, lambda r, k: tensor_location(r, locs, k, "ckpt.pt"), None, None)
+        >>> ck.container, len(ck.metas)
+        ('model', 395)
     """
     from ..dtypes import from_numpy
 

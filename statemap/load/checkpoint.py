@@ -122,7 +122,8 @@ class Checkpoint:
     Example::
 
         >>> with open_checkpoint("model.safetensors") as ck:
-        ...     print(len(ck.metas), ck.metas["lm_head.weight"].shape)
+        ...     print(len(ck.metas), ck.metas["final_logits_bias"].shape)
+        393 (1, 64)
     """
 
     path: str

@@ -92,7 +92,11 @@ def module_state(obj: Opaque, path: str) -> dict[str, Any]:
 
     Example::
 
-        >>> sd = module_state(loaded_yolo["model"], "yolo.pt")   # {'model.0.conv.weight': <tensor>, ...}
+        >>> from statemap.load.torch_format import load_zip
+        >>> obj, _ = load_zip("yolo.pt")                 # {"model": <a pickled nn.Module>, "epoch": ...}
+        >>> sd = module_state(obj["model"], "yolo.pt")   # {'model.0.conv.weight': <tensor>, ...}
+        >>> list(sd)[:4]
+        ['steps', 'proj_t', 'emb.weight', 'fc.weight']
     """
     out: dict[str, Any] = {}
     budget = [MAX_VISITS]

@@ -135,7 +135,7 @@ def load_dcp(d: Path) -> dict[str, Any]:
 
         >>> tree = load_dcp(Path("step_100"))     # written by torch.distributed.checkpoint.save
         >>> sorted(tree)
-        ['model', 'optim']
+        ['model', 'optimizer', 'step']
     """
     where = str(d / METADATA)
     mpath = d / METADATA

@@ -239,7 +239,7 @@ def detect(path: str | os.PathLike[str]) -> Format | None:
 
     Example::
 
-        >>> detect("model.pt").name          # a safetensors file misnamed .pt
+        >>> detect("hf.pt").name          # a safetensors file misnamed .pt
         'safetensors'
     """
     p = Path(path)

@@ -100,8 +100,13 @@ def script_state(obj: Any, decls: Decls, path: str) -> dict[str, Any]:
 
     Example::
 
-        >>> obj, locs = load_zip("ViT-B-32.pt"); zf = zipfile.ZipFile("ViT-B-32.pt")
-        >>> sd = script_state(obj, declarations(zf, "ViT-B-32/", "ViT-B-32.pt"), "ViT-B-32.pt")
+        >>> from statemap.load.torch_format import load_zip
+        >>> obj, locs = load_zip("ViT-B-32.pt")     # torch.jit.save of OpenAI CLIP (tiny here)
+        >>> zf = zipfile.ZipFile("ViT-B-32.pt")
+        >>> root = zf.namelist()[0].split("/")[0] + "/"
+        >>> sd = script_state(obj, declarations(zf, root, "ViT-B-32.pt"), "ViT-B-32.pt")
+        >>> "visual.conv1.weight" in sd
+        True
     """
     if not (isinstance(obj, Opaque) and obj.qualname in decls):
         what = obj.qualname if isinstance(obj, Opaque) else type(obj).__name__

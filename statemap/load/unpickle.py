@@ -1163,7 +1163,11 @@ def safe_load(data: bytes | Any, source: str) -> tuple[Any, dict[str, StorageRef
 
     Example::
 
-        >>> obj, storages = safe_load(open("model.pt.data.pkl", "rb").read(), "model.pt")
+        >>> import zipfile
+        >>> pkl = zipfile.ZipFile("model.pt").read("deltalm-tiny/data.pkl")   # a torch.save archive's pickle
+        >>> obj, storages = safe_load(pkl, "model.pt")
+        >>> sorted(obj)[:2], len(storages)
+        (['args', 'cfg'], ...)
     """
     up = SafeUnpickler(data, source)
     try:
@@ -1396,7 +1400,9 @@ def to_plain(obj: Any, _depth: int = 0, _path: frozenset[int] = frozenset()) -> 
 
     Example::
 
-        >>> to_plain(ckpt["args"])["lr"]
+        >>> import argparse, pickle
+        >>> obj, _ = safe_load(pickle.dumps({"args": argparse.Namespace(lr=0.0005)}), "ckpt.pt")
+        >>> to_plain(obj["args"])["lr"]
         0.0005
     """
     if _depth > 100:
