@@ -14,6 +14,80 @@ def root() -> Path:
     return ROOT
 
 
+# -- two tiers: `--tier unit` (fast, run first) and `--tier proofs` ------------------------------
+# The proofs tier holds the tests that prove mappings against the real implementations
+# (transformers, jax, fairseq, timm, paddle, open_clip fixtures), the corpus of files real tools
+# wrote, and the exhaustive attack / fuzz / fault / packaging runs. Everything else is the unit
+# tier, which must stay under 60 s (tests/test_tiers.py). Without --tier, both run.
+PROOFS = (
+    "test_catalog_*.py",
+    "test_attacks.py",
+    "test_clip_torchscript.py",
+    "test_corpus.py",
+    "test_deltalm.py",
+    "test_diff_explain.py",
+    "test_docstrings.py",
+    "test_expect_hf.py",
+    "test_fairseq_*.py",
+    "test_faults.py",
+    "test_fuzz.py",
+    "test_invert.py",
+    "test_packaging.py",
+    "test_security.py",
+    "test_streaming.py",
+    "test_unpickle_v2.py",
+)
+
+
+# single tests of unit-tier files that run a real implementation (transformers, jax) or a long sweep
+PROOF_TESTS = (
+    "test_suggest.py::test_accuracy_on_real_layouts",
+    "test_flax_format.py::test_written_msgpack_is_read_by_flax",
+    "test_tied_dedupe.py::test_written_once_loads_with_from_pretrained",
+    "test_containers.py::test_yolo_style_checkpoint_takes_the_model_not_the_optimizer",
+)
+
+
+def tier_of(path: Path) -> str:
+    return "proofs" if any(path.match(p) for p in PROOFS) else "unit"
+
+
+def _item_tier(item: pytest.Item) -> str:
+    path = Path(str(item.fspath))
+    name = f"{path.name}::{item.name.split('[')[0]}"
+    return "proofs" if name in PROOF_TESTS else tier_of(path)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--tier",
+        choices=("unit", "proofs"),
+        help="run one tier: unit (fast, run first) or proofs (real implementations, attacks, packaging)",
+    )
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    tier = config.getoption("--tier")
+    if tier and collection_path.is_file() and collection_path.name.startswith("test_") and collection_path.suffix == ".py":
+        if tier == "unit" and tier_of(collection_path) == "proofs":
+            return True  # not even imported: the unit tier imports no transformers
+        if tier == "proofs" and tier_of(collection_path) == "unit":
+            return not any(t.startswith(collection_path.name + "::") for t in PROOF_TESTS) or None
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tier = config.getoption("--tier")
+    keep, drop = [], []
+    for item in items:
+        t = _item_tier(item)
+        item.add_marker(getattr(pytest.mark, t))
+        (keep if tier in (None, t) else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 # In CI every dependency is installed, so a skipped test means a proof silently did not run
 # (e.g. a catalog test whose library went missing): fail the run instead.
 _SKIPPED: list[str] = []

@@ -43,7 +43,10 @@ def test_readme_starts_with_the_two_commands(root):
     first_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
     commands = [line for line in first_block.splitlines() if line and not line.startswith("#")]
     assert commands[0].startswith("pip install torch==2.13.0 && pip install -e . && statemap apply ")
-    assert commands[1] == 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
+    assert (
+        commands[1]
+        == 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q --tier unit && python -m pytest -q --tier proofs'
+    )
     ci = (root / ".ci" / "run").read_text()
     assert commands[1] in ci, ".ci/run must run the README's test command"
 
