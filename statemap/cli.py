@@ -421,8 +421,8 @@ EXIT_CODES = {
     "diff": "0 same; 1 different (keys, shapes, dtypes, or with --values / --spec values beyond the tolerances); 2 error",
     "inspect": "0 ok; 2 error",
     "list": "0 ok",
-    "invert": "0 written or printed, complete (or every loss accepted); 1 printed, but incomplete or ambiguous; "
-    "2 error (including -o with losses not accepted: nothing written)",
+    "invert": "0 complete (or every loss accepted), printed or written; 1 printed without -o but incomplete, or "
+    "ambiguous (with -o, written all the same); 2 error (including -o with losses not accepted: nothing written)",
     "suggest": "0 drafted (with --values: and the draft reproduces TARGET bitwise); 1 with --values, the draft does not "
     "reproduce TARGET; 2 error",
     "lint": "0 clean (infos only); 1 at least one warning; 2 at least one error, or an error running it",
@@ -513,12 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=summary, description=text, epilog=_epilog(name), formatter_class=_Help)
         return sp
 
-    def common(sp: argparse.ArgumentParser, json_: bool = True) -> None:
-        if json_:
-            sp.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout (no tables, no progress)")
-        sp.add_argument(
-            "-q", "--quiet", action="store_true", help="print nothing but errors (with --json: the JSON still prints)"
-        )
+    def common(sp: argparse.ArgumentParser, quiet: str = "print nothing but errors; --json still prints its JSON") -> None:
+        sp.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout (no tables, no progress)")
+        sp.add_argument("-q", "--quiet", action="store_true", help=quiet)
 
     def set_(sp: argparse.ArgumentParser, what: str = "a spec var") -> None:
         sp.add_argument(
@@ -535,9 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("spec", help="spec file, or the name of a catalog spec (statemap list)")
     a.add_argument(
         "input",
-        help="checkpoint file or directory; for a spec with `inputs:` the folder of files, or a pattern ('ckpt/consolidated.{rank:int}.pth')",
+        help="checkpoint file or directory, in any format statemap reads (docs/formats.md); for a spec with `inputs:` "
+        "the folder of files, or a pattern ('ckpt/consolidated.{rank:int}.pth')",
     )
-    a.add_argument("output", nargs="?", help="output .safetensors or .pt (omit with --dry-run)")
+    a.add_argument(
+        "output", nargs="?", help="output .safetensors, .pt / .pth / .bin / .ckpt, or .msgpack (Flax); omit with --dry-run"
+    )
     set_(a)
     a.add_argument(
         "--expect",
@@ -655,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the reverse although it cannot restore what this key's rule removed (repeatable; 'all' for every "
         "loss; default: none accepted)",
     )
-    common(v)
+    common(v, "print nothing but errors and the reverse spec itself (on stdout, without -o)")
     v.set_defaults(func=cmd_invert)
 
     sg = command(
@@ -680,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write rules marked VERIFY (no evidence in names or shapes) as active rules: all of them, or those whose "
         "source or target pattern matches a glob PATTERN (default: they are written commented out)",
     )
-    common(sg)
+    common(sg, "print nothing but errors and the draft itself (on stdout, without -o)")
     sg.set_defaults(func=cmd_suggest)
 
     lt = command(
@@ -696,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also plan against a checkpoint: rules matching nothing, plan errors (default: the spec alone)",
     )
     set_(lt)
-    common(lt)
+    common(lt, "print only warnings and errors (no infos, no summary line)")
     lt.set_defaults(func=cmd_lint)
 
     c = command(
