@@ -368,7 +368,7 @@ def convert(
             get = _Producer(spec, os.fspath(src), tied) if streaming and workers > 1 else None
             produced = execute_streaming(outs, ck.read, ck.locations) if streaming else execute(outs, ck.read)
             metas = [o.meta for o in outs]
-            with progress.task(f"writing {os.fspath(dst)}", len(metas), sum(m.nbytes for m in metas)) as bar:
+            with progress.task(f"writing {Path(dst).name}", len(metas), sum(m.nbytes for m in metas)) as bar:
 
                 def step(m: TensorMeta) -> None:
                     bar.advance(1, m.nbytes)

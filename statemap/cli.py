@@ -600,7 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--values", action="store_true", help="also read every tensor: explain each B key by A's content, compare common keys"
     )
-    d.add_argument("--spec", metavar="SPEC", help="compare B with SPEC applied to A (in memory; implies --values)")
+    d.add_argument(
+        "--spec",
+        metavar="SPEC",
+        help="compare B with SPEC applied to A (in memory; implies --values; default: compare A and B as they are)",
+    )
     set_(d, "a var of --spec")
     d.add_argument("--atol", type=_tolerance, default=1e-6, help="absolute tolerance for values, 0 or more")
     d.add_argument("--rtol", type=_tolerance, default=1e-5, help="relative tolerance for values, 0 or more")

@@ -441,7 +441,7 @@ def parse_spec(data: Any, file: str = "<string>") -> Spec:
                     raise SpecError(f"{at('expect')}expected shape of {k!r} must be a list of integers, got {v!r}")
             expect = {k: tuple(v) for k, v in expect.items()}
         elif isinstance(expect, str):
-            if file not in ("<string>", "<dict>") and not os.path.isabs(expect):
+            if file not in ("<string>", "<dict>") and not os.path.isabs(expect) and not expect.startswith("hf:"):
                 expect = str(Path(file).parent / expect)
         else:
             raise SpecError(f"{at('expect')}'expect' is a reference file path or a mapping of key: shape")
