@@ -292,7 +292,7 @@ MSGPACK = [
 
 PICKLES = [
     Bad("garbage.pt", b"\x00\x01garbage" * 10, r"corrupt or unsupported pickle"),
-    Bad("text.bin", b"hello world", r"corrupt or unsupported pickle"),
+    Bad("text.bin", b"hello world", r"not a checkpoint: looks like a text file"),
     Bad("empty.pt", b"", r"file is empty"),
     Bad("badop.pt", b"\x80\x02}\xff", r"corrupt or unsupported pickle"),
     Bad("truncated.bin", _np_pickle()[:-3], r"corrupt|truncated|unsupported"),

@@ -321,7 +321,7 @@ def open_path(path: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
         by_name = next((f for f in FORMATS if path.suffix.lower() in f.suffixes), None)
         if pr.size == 0 and (by_name is None or by_name.name != "safetensors"):
             raise CheckpointError(f"{path}: file is empty")
-        text = _text_head(pr)
+        text = _text_head(pr) if by_name is None or by_name.name != "index-json" else None  # JSON's reader says more
         if text is not None:  # no reader's error about "header length" for what is plainly text
             spec = " (a statemap spec? usage: statemap apply SPEC INPUT [OUTPUT])" if _looks_like_spec(text) else ""
             raise CheckpointError(f"{path}: not a checkpoint: looks like a text file{spec}, starting {text[:60]!r}")
