@@ -89,7 +89,7 @@ def render_inspect(ck: Checkpoint, rows: list[ModuleRow], console: Any, show_ext
         )
     console.print(f"{total_t} tensors, {total_p:,} parameters, dtypes: " + ", ".join(f"{k} x{v}" for k, v in dtypes.items()))
     t = Table(show_edge=False)
-    t.add_column("module")
+    t.add_column("module", overflow="fold")
     t.add_column("tensors", justify="right")
     t.add_column("x", justify="right")
     t.add_column("total", justify="right")

@@ -256,7 +256,7 @@ def table(title: str, heads: Sequence[str], cells: Sequence[Sequence[str]], styl
     t = Table(title=title, title_justify="left", title_style=style, show_edge=False, pad_edge=False)
     keep = [i for i in range(len(heads)) if i == 0 or any(c[i] for c in cells)]
     for i in keep:
-        t.add_column(heads[i], justify="right" if heads[i] == "count" else "left")
+        t.add_column(heads[i], justify="right" if heads[i] == "count" else "left", overflow="fold")  # never cut with …
     for c in cells:
         t.add_row(*(c[i] for i in keep))
     return t

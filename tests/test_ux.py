@@ -417,3 +417,16 @@ def test_diff_checkpoints_of_two_pt_paths_works_without_torch(tmp_path):
         from statemap import diff_checkpoints
 
         diff_checkpoints({"w": 1}, "b.pt")  # type: ignore[arg-type]
+
+
+def test_tables_on_a_narrow_terminal_fold_and_never_cut():
+    from statemap.report import table
+    from statemap.textsafe import console
+
+    buf = io.StringIO()
+    con = console(file=buf, force_terminal=True, width=40)
+    key = "model.decoder.layers.{0-11}.self_attn.k_proj.weight"
+    con.print(table("dropped (12)", ("key", "shape", "dtype", "count"), [(key, "[1024, 1024]", "float32", "x12")]))
+    text = re.sub(r"\x1b\[[0-9;]*m", "", buf.getvalue())
+    assert "…" not in text
+    assert "".join(ln.split("│")[0].strip() for ln in text.splitlines()[3:]) == key  # folded onto lines, whole
