@@ -737,6 +737,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             sub.error(f"--workers {args.workers} writes shards in parallel: it needs --max-shard-size (or use --workers 1)")
         if args.accept_loss and not args.reverse:
             sub.error("--accept-loss applies to --reverse only")
+    if cmd == "check" and args.vars_from and not args.against:
+        sub.error("--vars-from reads vars for planning with --against; without --against, leave it out")
     if cmd == "diff":
         if args.config and not (is_hf_target(args.a) or is_hf_target(args.b)):
             sub.error("--config is the model config for an hf:ModelClass side; neither A nor B is one")

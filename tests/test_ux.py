@@ -306,6 +306,7 @@ BAD_VALUES = [
     (["diff", "a", "b", "--rtol", "nan"], "diff", r"--rtol: nan is out of range"),
     (["diff", "a", "b", "--config", "c.json"], "diff", r"--config is the model config for an hf:ModelClass side"),
     (["diff", "a", "b", "--set", "v=1"], "diff", r"--set overrides vars of --spec"),
+    (["check", "s", "--vars-from", "params.json"], "check", r"--vars-from reads vars for planning with --against"),
     (["inspect", "f", "--depth", "-1"], "inspect", r"--depth: -1 is out of range: must be 1 or more"),
     (["inspect", "f", "--depth", "0"], "inspect", r"--depth: 0 is out of range"),
 ]
