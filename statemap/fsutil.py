@@ -91,8 +91,8 @@ def write_text_new(
 
     Example::
 
-        >>> write_text_new("draft.yaml", "version: 1\n")
-        >>> write_text_new("draft.yaml", "version: 1\n")
+        >>> write_text_new("draft.yaml", "version: 1\\n")
+        >>> write_text_new("draft.yaml", "version: 1\\n")
         Traceback (most recent call last):
         statemap.errors.StatemapError: draft.yaml: already exists; pass --force to replace it
     """

@@ -3,9 +3,10 @@ bound to its config (``config:`` / ``--vars-from``). Metadata only.
 
 Example::
 
+    >>> from statemap import load_spec
     >>> ck, spec = open_source(load_spec("llama.yaml"), "llama-2-13b/")   # consolidated.00.pth, .01.pth
-    >>> ck.inputs[1].name, spec.var_dict["n_heads"]
-    ('consolidated.01.pth', 40)
+    >>> ck.inputs[1].name, spec.var_dict["n_heads"]                      # n_heads from params.json
+    ('consolidated.01.pth', 4)
 """
 
 from __future__ import annotations

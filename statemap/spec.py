@@ -126,6 +126,8 @@ class Spec:
 
         Example::
 
+            >>> vars_ = "vars:\\n  n_heads: {config: n_heads}\\n  dim: {config: dim}\\n  head_dim: dim // n_heads\\n"
+            >>> spec = load_spec("name: t\\nversion: 1\\n" + vars_ + "rules:\\n  - keep: '{k:path}'\\n")
             >>> spec.bind_config({"n_heads": 32, "dim": 4096}, "params.json").var_dict["head_dim"]
             128
         """

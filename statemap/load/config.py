@@ -7,8 +7,8 @@ the checkpoint runs.
 
 Example::
 
-    >>> read_config("llama-2-7b/params.json")["n_heads"]
-    32
+    >>> read_config("llama-2-7b/params.json")["n_heads"]      # Meta's params.json (a tiny one here)
+    4
     >>> checkpoint_config(open_checkpoint("checkpoint_best.pt"), "cfg.model")["encoder_layers"]
     12
 """

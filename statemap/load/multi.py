@@ -64,6 +64,7 @@ def find_inputs(folder: str | os.PathLike[str], inputs: Inputs) -> list[tuple[Pa
 
     Example::
 
+        >>> from statemap.inputs import parse_inputs
         >>> [name for _, name, _ in find_inputs("llama-2-13b", parse_inputs("consolidated.{rank:int}.pth"))]
         ['consolidated.00.pth', 'consolidated.01.pth']
     """
