@@ -382,7 +382,7 @@ MALFORMED = [
         r"runs past the end of the file \(truncated\?\)|file ends inside storage",
     ),
     ("garbage.pt", lambda t: b"\x00\x01garbage" * 10, r"corrupt or unsupported pickle"),
-    ("text.bin", lambda t: b"hello world", r"corrupt or unsupported pickle"),
+    ("text.bin", lambda t: b"hello world", r"not a checkpoint: looks like a text file"),
     ("empty.pt", lambda t: b"", r"file is empty"),
     ("notdict.pt", lambda t: pickle.dumps([1, 2, 3]), r"holds a list, not a state dict"),
     ("strings.pt", lambda t: pickle.dumps({"a": "x", "b": 3}), r"no tensors found \(top-level keys: a, b\)"),
