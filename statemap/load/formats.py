@@ -324,14 +324,14 @@ def open_path(path: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
         text = _text_head(pr) if by_name is None or by_name.name != "index-json" else None  # JSON's reader says more
         if text is not None:  # no reader's error about "header length" for what is plainly text
             spec = " (a statemap spec? usage: statemap apply SPEC INPUT [OUTPUT])" if _looks_like_spec(text) else ""
-            seems = CheckpointError(f"{path}: not a checkpoint: looks like a text file{spec}, starting {text[:60]!r}")
+            text_error = CheckpointError(f"{path}: not a checkpoint: looks like a text file{spec}, starting {text[:60]!r}")
             if by_name is None or by_name.open is not _open_torch:
-                raise seems
+                raise text_error
             try:  # a protocol-0 pickle is text too: let the pickle reader try it first
                 return by_name.open(path, unwrap, strip_prefix)
             except CheckpointError as e:
                 if "corrupt or unsupported pickle" in str(e):
-                    raise seems from None
+                    raise text_error from None
                 raise
         if by_name is None:
             names = ", ".join(f.name for f in FORMATS)
