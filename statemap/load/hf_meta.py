@@ -2,15 +2,23 @@
 
 ``hf:BartForConditionalGeneration`` with a ``config.json`` builds the model on torch's meta
 device (no memory for weights, no download) and reads ``state_dict()`` names, shapes and
-dtypes: exactly what ``load_state_dict(strict=True)`` will ask for. ``hf:FlaxBertModel`` builds a
-Flax model's parameter shape tree with ``_do_init=False`` (no arrays). transformers (and for
+dtypes. Under transformers 4 that is exactly what ``save_pretrained`` writes and what
+``load_state_dict(strict=True)`` asks for. transformers 5 renames some models' weights in memory
+and converts them when loading and saving (ViT: ``encoder.layer.0.attention.attention.query`` on
+disk, ``layers.0.attention.q_proj`` in memory); there the layout is the one ``save_pretrained``
+writes, obtained with transformers' own reverse conversion, and the in-memory names are the
+alternative ``from_pretrained`` accepts too: a comparison uses whichever of the two the other
+side is closer to. ``hf:FlaxBertModel`` builds a Flax model's parameter shape tree with
+``_do_init=False`` (no arrays); Flax classes exist in transformers 4 only. transformers (and for
 Flax, jax/flax) is needed only for this: ``pip install transformers``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import CheckpointError
 from ..meta import TensorMeta
@@ -60,8 +68,71 @@ def _check_config(path: Path) -> None:
             todo.extend(node)
 
 
-def hf_layout(ref: str, config: str | os.PathLike[str] | None) -> Checkpoint:
+def transformers_major() -> int | None:
+    """The installed transformers' major version (read from its metadata, nothing imported), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("transformers").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return None
+
+
+def _quiet_transformers() -> Any:
+    """Silence transformers' config warnings while a class is built (restored afterwards)."""
+    import contextlib
+
+    from transformers.utils import logging
+
+    @contextlib.contextmanager
+    def quiet() -> Iterator[None]:
+        before = logging.get_verbosity()
+        logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            logging.set_verbosity(before)
+
+    return quiet()
+
+
+def _torch_layouts(ref: str, cls: Any, cfg: Any) -> tuple[dict[str, TensorMeta], dict[str, TensorMeta] | None]:
+    """(the layout ``save_pretrained`` writes, the in-memory layout when it differs) of a torch class."""
+    import torch
+
+    def metas(sd: Any) -> dict[str, TensorMeta]:
+        return {k: TensorMeta(k, tuple(int(d) for d in t.shape), str(t.dtype).removeprefix("torch.")) for k, t in sd.items()}
+
+    with torch.device("meta"):
+        model = cls(cfg)
+    in_memory = model.state_dict()
+    try:  # transformers 5: the checkpoint conversion mapping, reversed as save_pretrained does
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: what is in memory is what is saved
+        return metas(in_memory), None
+    try:
+        # as for a model from_pretrained loaded from a checkpoint in the original format: every
+        # transform reverted, prefix changes included (CLIPVisionModel: vision_model.*)
+        model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
+        saved = revert_weight_conversion(model, dict(in_memory))
+    except Exception as e:
+        import transformers
+
+        raise CheckpointError(
+            f"{ref}: transformers {transformers.__version__} could not compute the layout save_pretrained writes "
+            f"for this class ({type(e).__name__}: {str(e)[:200]}); compare with a file save_pretrained wrote instead"
+        ) from None
+    saved_metas = metas(saved)
+    return saved_metas, (metas(in_memory) if set(saved_metas) != set(in_memory) else None)
+
+
+def hf_layout(ref: str, config: str | os.PathLike[str] | None, closest_to: Collection[str] | None = None) -> Checkpoint:
     """``hf:ClassName`` + config.json -> a Checkpoint with metadata only (reading a tensor raises).
+
+    The layout is the one ``save_pretrained`` writes. Under transformers 5, for a model whose
+    in-memory names differ from it (both load with ``from_pretrained``), ``closest_to`` (the keys
+    being compared) picks the in-memory layout when those keys are closer to it; the label says which.
 
     Example::
 
@@ -84,6 +155,13 @@ def hf_layout(ref: str, config: str | os.PathLike[str] | None) -> Checkpoint:
         raise CheckpointError(
             f"{ref}: checking against a transformers class needs transformers (pip install transformers)"
         ) from None
+    major = transformers_major()
+    if name.startswith("Flax") and major is not None and major >= 5:
+        raise CheckpointError(
+            f"{ref}: transformers {transformers.__version__} has no Flax classes (they were removed in transformers 5); "
+            f"install transformers<5 with jax and flax (pip install 'transformers<5' flax), "
+            "or compare with a reference file (--expect flax_model.msgpack)"
+        )
     cls = getattr(transformers, name, None)
     if cls is None or not hasattr(cls, "config_class"):
         import difflib
@@ -97,23 +175,27 @@ def hf_layout(ref: str, config: str | os.PathLike[str] | None) -> Checkpoint:
         cfg = cls.config_class.from_json_file(str(cfg_path))
     except Exception as e:
         raise CheckpointError(f"{cfg_path}: not a valid {cls.config_class.__name__} config: {e}") from None
-    metas: dict[str, TensorMeta] = {}
-    if name.startswith("Flax"):
-        from flax.traverse_util import flatten_dict
+    label = f"{ref} ({cfg_path})"
+    with _quiet_transformers():
+        if name.startswith("Flax"):
+            from flax.traverse_util import flatten_dict
 
-        model = cls(cfg, _do_init=False)
-        for path, leaf in flatten_dict(model.params_shape_tree).items():
-            key = ".".join(map(str, path))
-            metas[key] = TensorMeta(key, tuple(int(d) for d in leaf.shape), str(leaf.dtype))
-    else:
-        import torch
-
-        with torch.device("meta"):
-            model = cls(cfg)
-        for key, t in model.state_dict().items():
-            metas[key] = TensorMeta(key, tuple(int(d) for d in t.shape), str(t.dtype).removeprefix("torch."))
+            model = cls(cfg, _do_init=False)
+            metas = {}
+            for path, leaf in flatten_dict(model.params_shape_tree).items():
+                key = ".".join(map(str, path))
+                metas[key] = TensorMeta(key, tuple(int(d) for d in leaf.shape), str(leaf.dtype))
+        else:
+            metas, in_memory = _torch_layouts(ref, cls, cfg)
+            if in_memory is not None:
+                kind = "checkpoint names"
+                if closest_to is not None:
+                    keys = set(closest_to)
+                    if len(keys ^ set(in_memory)) < len(keys ^ set(metas)):
+                        metas, kind = in_memory, "in-memory names, as load_state_dict asks"
+                label = f"{ref} ({cfg_path}; transformers {transformers.__version__}: {kind})"
 
     def no_bytes(k: str) -> object:
         raise CheckpointError(f"{ref}: a layout built from a class has no tensor values ({k!r})")
 
-    return Checkpoint(f"{ref} ({cfg_path})", "hf-meta", metas, no_bytes)  # type: ignore[arg-type]
+    return Checkpoint(label, "hf-meta", metas, no_bytes)  # type: ignore[arg-type]
