@@ -209,3 +209,19 @@ def test_bad_hf_targets(root, capsys, argv, message, monkeypatch):
     monkeypatch.chdir(root)
     assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_transformers_5_ci_extra_matches_the_test_extra(root):
+    """CI's second run installs the test-tf5 extra: transformers 5.x, every other pin as in `test`."""
+    import re
+
+    text = (root / "pyproject.toml").read_text()
+    pins = {
+        name: dict(re.findall(r'"([\w.-]+)==([^"]+)"', re.search(rf"^{name} = \[(.*?)^\]", text, re.S | re.M).group(1)))
+        for name in ("test", "test-tf5")
+    }
+    assert pins["test"]["transformers"].startswith("4.") and pins["test-tf5"]["transformers"].startswith("5.")
+    for pkg, v in pins["test-tf5"].items():
+        assert pkg == "transformers" or pins["test"][pkg] == v, pkg
+    ci = (root / ".ci" / "run").read_text()
+    assert '-e ".[test-tf5]"' in ci and '-m "transformers and not flax"' in ci

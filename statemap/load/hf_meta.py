@@ -96,8 +96,13 @@ def _quiet_transformers() -> Any:
     return quiet()
 
 
-def _torch_layouts(ref: str, cls: Any, cfg: Any) -> tuple[dict[str, TensorMeta], dict[str, TensorMeta] | None]:
-    """(the layout ``save_pretrained`` writes, the in-memory layout when it differs) of a torch class."""
+def _torch_layouts(ref: str, cls: Any, cfg: Any) -> list[tuple[str, dict[str, TensorMeta]]]:
+    """The layouts ``from_pretrained`` loads for a torch class, as (what they are, metas), the
+    default first. transformers 4: one, ``state_dict()``. transformers 5, when its checkpoint
+    conversion mapping renames this model: the checkpoint names (every transform reverted as
+    ``save_pretrained`` does for a model loaded from such a checkpoint, the model's own prefix
+    changes included: CLIPVisionModel's ``vision_model.``), the in-memory names, and what
+    ``save_pretrained`` writes for a model built from its config (no prefix change), where they differ."""
     import torch
 
     def metas(sd: Any) -> dict[str, TensorMeta]:
@@ -108,31 +113,38 @@ def _torch_layouts(ref: str, cls: Any, cfg: Any) -> tuple[dict[str, TensorMeta],
     in_memory = model.state_dict()
     try:  # transformers 5: the checkpoint conversion mapping, reversed as save_pretrained does
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.core_model_loading import PrefixChange, revert_weight_conversion
     except ImportError:  # transformers 4: what is in memory is what is saved
-        return metas(in_memory), None
+        return [("", metas(in_memory))]
     try:
-        # as for a model from_pretrained loaded from a checkpoint in the original format: every
-        # transform reverted, prefix changes included (CLIPVisionModel: vision_model.*)
-        model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
-        saved = revert_weight_conversion(model, dict(in_memory))
+        transforms = get_model_conversion_mapping(model, add_legacy=False)
+        # a sub-model's prefix change applies only to checkpoints of that sub-model on its own
+        model._weight_conversions = [t for t in transforms if not (isinstance(t, PrefixChange) and t.scope_prefix)]
+        layouts = [("checkpoint names", metas(revert_weight_conversion(model, dict(in_memory))))]
+        layouts.append(("in-memory names, as load_state_dict asks", metas(in_memory)))
+        del model._weight_conversions  # as save_pretrained does for a new model: prefix changes dropped
+        layouts.append(("names save_pretrained writes for a new model", metas(revert_weight_conversion(model, dict(in_memory)))))
     except Exception as e:
         import transformers
 
         raise CheckpointError(
-            f"{ref}: transformers {transformers.__version__} could not compute the layout save_pretrained writes "
-            f"for this class ({type(e).__name__}: {str(e)[:200]}); compare with a file save_pretrained wrote instead"
+            f"{ref}: transformers {transformers.__version__} could not compute the checkpoint layout of this class "
+            f"({type(e).__name__}: {str(e)[:200]}); compare with a file save_pretrained wrote instead (--expect FILE)"
         ) from None
-    saved_metas = metas(saved)
-    return saved_metas, (metas(in_memory) if set(saved_metas) != set(in_memory) else None)
+    distinct: list[tuple[str, dict[str, TensorMeta]]] = []
+    for kind, layout in layouts:
+        if all(set(layout) != set(seen) for _, seen in distinct):
+            distinct.append((kind, layout))
+    return distinct if len(distinct) > 1 else [("", distinct[0][1])]
 
 
 def hf_layout(ref: str, config: str | os.PathLike[str] | None, closest_to: Collection[str] | None = None) -> Checkpoint:
     """``hf:ClassName`` + config.json -> a Checkpoint with metadata only (reading a tensor raises).
 
     The layout is the one ``save_pretrained`` writes. Under transformers 5, for a model whose
-    in-memory names differ from it (both load with ``from_pretrained``), ``closest_to`` (the keys
-    being compared) picks the in-memory layout when those keys are closer to it; the label says which.
+    in-memory names differ from its checkpoint names (``from_pretrained`` loads either),
+    ``closest_to`` (the keys being compared) picks the layout those keys are closest to; the label
+    says which.
 
     Example::
 
@@ -171,12 +183,12 @@ def hf_layout(ref: str, config: str | os.PathLike[str] | None, closest_to: Colle
         raise CheckpointError(
             f"{ref}: transformers has no model class {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
         )
-    try:
-        cfg = cls.config_class.from_json_file(str(cfg_path))
-    except Exception as e:
-        raise CheckpointError(f"{cfg_path}: not a valid {cls.config_class.__name__} config: {e}") from None
     label = f"{ref} ({cfg_path})"
     with _quiet_transformers():
+        try:
+            cfg = cls.config_class.from_json_file(str(cfg_path))
+        except Exception as e:
+            raise CheckpointError(f"{cfg_path}: not a valid {cls.config_class.__name__} config: {e}") from None
         if name.startswith("Flax"):
             from flax.traverse_util import flatten_dict
 
@@ -186,13 +198,12 @@ def hf_layout(ref: str, config: str | os.PathLike[str] | None, closest_to: Colle
                 key = ".".join(map(str, path))
                 metas[key] = TensorMeta(key, tuple(int(d) for d in leaf.shape), str(leaf.dtype))
         else:
-            metas, in_memory = _torch_layouts(ref, cls, cfg)
-            if in_memory is not None:
-                kind = "checkpoint names"
-                if closest_to is not None:
-                    keys = set(closest_to)
-                    if len(keys ^ set(in_memory)) < len(keys ^ set(metas)):
-                        metas, kind = in_memory, "in-memory names, as load_state_dict asks"
+            layouts = _torch_layouts(ref, cls, cfg)
+            kind, metas = layouts[0]
+            if closest_to is not None:  # the layout the compared keys are closest to (fewest differing names)
+                keys = set(closest_to)
+                kind, metas = min(layouts, key=lambda kl: len(keys ^ set(kl[1])))
+            if kind:
                 label = f"{ref} ({cfg_path}; transformers {transformers.__version__}: {kind})"
 
     def no_bytes(k: str) -> object:
