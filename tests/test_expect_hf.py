@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -209,6 +210,39 @@ def test_bad_hf_targets(root, capsys, argv, message, monkeypatch):
     monkeypatch.chdir(root)
     assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+_RENAMED_IN_5 = {
+    "ViTForImageClassification",
+    "ViTModel",
+    "DeiTModel",
+    "CLIPVisionModel",
+    "CLIPTextModel",
+    "SiglipVisionModel",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "GPTNeoXForCausalLM",
+}
+_LAYOUTS = json.loads((Path(__file__).parent / "fixtures" / "hf_layouts" / "layouts.json").read_text())
+
+
+@pytest.mark.parametrize("cls", sorted(_LAYOUTS))
+def test_hf_class_layout_is_the_one_transformers_4_wrote(tmp_path, cls):
+    """hf:Class builds, under the installed transformers, the names and shapes transformers 4.57.6
+    wrote for the same config (fixtures/hf_layouts, make_fixtures.py there). Under 5.x, nine of
+    these classes hold other names in memory (ViT, DeiT, CLIP towers, SigLIP, Mixtral, Qwen2-MoE,
+    GPT-NeoX): their checkpoint names come from transformers' own conversion mapping."""
+    from hf_compat import TF_MAJOR
+
+    from statemap.load.hf_meta import hf_layout
+
+    (tmp_path / "config.json").write_text(json.dumps(_LAYOUTS[cls]["config"]))
+    want = {k: tuple(v) for k, v in _LAYOUTS[cls]["keys"].items()}
+    ck = hf_layout(f"hf:{cls}", tmp_path / "config.json")
+    assert {k: m.shape for k, m in ck.metas.items()} == want
+    # under 5.x the label says which layout it is exactly for the classes renamed in memory
+    assert ("checkpoint names" in ck.path) == (TF_MAJOR >= 5 and cls in _RENAMED_IN_5), ck.path
+    assert hf_layout(f"hf:{cls}", tmp_path / "config.json", closest_to=list(want)).metas.keys() == want.keys()
 
 
 def test_the_transformers_5_ci_extra_matches_the_test_extra(root):
