@@ -171,8 +171,8 @@ def hf_layout(ref: str, config: str | os.PathLike[str] | None, closest_to: Colle
     if name.startswith("Flax") and major is not None and major >= 5:
         raise CheckpointError(
             f"{ref}: transformers {transformers.__version__} has no Flax classes (they were removed in transformers 5); "
-            f"install transformers<5 with jax and flax (pip install 'transformers<5' flax), "
-            "or compare with a reference file (--expect flax_model.msgpack)"
+            "install transformers<5 with flax (pip install 'transformers<5' flax), "
+            "or compare with a reference file the Flax model wrote (its flax_model.msgpack)"
         )
     cls = getattr(transformers, name, None)
     if cls is None or not hasattr(cls, "config_class"):
