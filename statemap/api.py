@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,13 @@ def _expect_meta(label: str, k: Any, v: Any) -> TensorMeta:
 
 
 def load_expect(
-    ref: str | os.PathLike[str] | Mapping[str, Any], config: str | os.PathLike[str] | None = None
+    ref: str | os.PathLike[str] | Mapping[str, Any],
+    config: str | os.PathLike[str] | None = None,
+    produced: Collection[str] | None = None,
 ) -> tuple[dict[str, TensorMeta], str]:
     """An expected target layout: a checkpoint file, a JSON/YAML listing ``{key: shape}``, a dict,
-    or ``hf:ClassName`` with ``config`` (built on the meta device: no weights, no download).
+    or ``hf:ClassName`` with ``config`` (built on the meta device: no weights, no download; under
+    transformers 5 the saved or the in-memory layout, whichever the ``produced`` keys are closer to).
 
     A listing is checked whole (shapes are lists of non-negative ints, dtypes known) before any
     output is written, so a bad listing fails with one error and nothing to clean up.
@@ -77,7 +80,7 @@ def load_expect(
     from .load.hf_meta import hf_layout, is_hf_target
 
     if is_hf_target(ref):
-        ck = hf_layout(str(ref), config)
+        ck = hf_layout(str(ref), config, closest_to=produced)
         return dict(ck.metas), ck.path
     if isinstance(ref, Mapping):
         label = "the spec's expect list"
@@ -238,7 +241,7 @@ def _report(spec: Spec, ck: Checkpoint, plan: Plan, expect: Any, config: Any = N
     r.metas.update({k: ck.metas[k] for k in plan.passthrough if k in ck.metas})
     ref = expect if expect is not None else spec.expect
     if ref is not None:
-        metas, label = load_expect(ref, config)
+        metas, label = load_expect(ref, config, produced=[m.name for m in plan.output_metas])
         r.compare(metas, label)
     return r
 

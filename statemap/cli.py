@@ -126,14 +126,20 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
         spec = load_spec(args.spec, _vars(args.set))
 
-    def opener(ref: str, side_a: bool = False) -> Any:
-        if is_hf_target(ref):
-            return hf_layout(ref, args.config)
+    def open_file(ref: str, side_a: bool) -> Any:
         if side_a and spec is not None and spec.inputs is not None:
             return open_input(ref, spec.inputs, unwrap if unwrap is not None else spec.unwrap, spec.strip_prefix)
         return open_input(ref, None, unwrap) if is_pattern(ref) else open_checkpoint(ref, unwrap)
 
-    with opener(args.a, True) as a, opener(args.b) as b:
+    def opener(ref: str, other: str, side_a: bool = False) -> Any:
+        if not is_hf_target(ref):
+            return open_file(ref, side_a)
+        if is_hf_target(other):
+            return hf_layout(ref, args.config)
+        with open_file(other, not side_a) as o:  # transformers 5: the class's layout o's keys are closest to
+            return hf_layout(ref, args.config, closest_to=list(o.metas))
+
+    with opener(args.a, args.b, True) as a, opener(args.b, args.a) as b:
         rule_of = None
         if spec is not None:  # compare B with what SPEC makes of A, computed in memory, never written
             from .correspond import planned_checkpoint

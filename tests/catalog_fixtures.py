@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from seed_layouts import deltalm_pretrained
 
@@ -51,3 +52,9 @@ for _f in sorted(HERE.glob("test_catalog_*.py")):
     for _name, _fn in getattr(_mod, "STREAMING_FIXTURES", {}).items():
         assert _name not in FIXTURES, f"{_name} registered twice"
         FIXTURES[_name] = _fn
+
+
+def spec_params(specs: list[str]) -> list[Any]:
+    """``specs`` as pytest parameters; the PyTorch <-> Flax ones carry the ``flax`` mark (their
+    fixtures are built with transformers' Flax classes, which transformers 5 no longer has)."""
+    return [pytest.param(n, marks=pytest.mark.flax) if "flax" in n else n for n in specs]

@@ -14,6 +14,15 @@ def root() -> Path:
     return ROOT
 
 
+def _transformers_major() -> int | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("transformers").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return None
+
+
 # -- two tiers: `--tier unit` (fast, run first) and `--tier proofs` ------------------------------
 # The proofs tier holds the tests that prove mappings against the real implementations
 # (transformers, jax, fairseq, timm, paddle, open_clip fixtures), the corpus of files real tools
@@ -86,6 +95,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    # transformers 5 removed the Flax model classes: the Flax proofs cannot run there. CI runs them
+    # under transformers 4 and deselects them (-m "not flax") in its transformers 5 run, so this skip
+    # only shows in a local run of the whole suite under 5.x.
+    major = _transformers_major()
+    if major is not None and major >= 5:
+        skip = pytest.mark.skip(reason=f"transformers {major}.x has no Flax classes (removed in 5.0): needs transformers<5")
+        for item in items:
+            if item.get_closest_marker("flax"):
+                item.add_marker(skip)
 
 
 # In CI every dependency is installed, so a skipped test means a proof silently did not run

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_compat import features, load_converted
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel
 
 import statemap
+
+pytestmark = pytest.mark.transformers
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "clip"
 PLAIN = FIX / "openai_state_dict.pt"  # torch.save(model.state_dict())
@@ -46,9 +49,7 @@ def _config(**text: object) -> CLIPConfig:
 
 
 def _hf_model(state: dict[str, torch.Tensor], **text: object) -> CLIPModel:
-    model = CLIPModel(_config(**text)).eval()
-    model.load_state_dict(state, strict=True)
-    return model
+    return load_converted(CLIPModel, _config(**text), state)
 
 
 def _io() -> dict[str, torch.Tensor]:
@@ -59,8 +60,8 @@ def _diffs(model: CLIPModel, io: dict[str, torch.Tensor]) -> dict[str, float]:
     pixel_values = io["pixel_values"].float()  # stored as float16; open_clip ran on these float32 values
     with torch.no_grad():
         got = {
-            "image_features": model.get_image_features(pixel_values=pixel_values),
-            "text_features": model.get_text_features(input_ids=io["input_ids"]),
+            "image_features": features(model.get_image_features(pixel_values=pixel_values)),
+            "text_features": features(model.get_text_features(input_ids=io["input_ids"])),
             "logits_per_image": model(input_ids=io["input_ids"], pixel_values=pixel_values).logits_per_image,
         }
     return {k: (v - io[k]).abs().max().item() for k, v in got.items()}

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 import statemap
 
+pytestmark = pytest.mark.transformers
+
 FIX = Path(__file__).resolve().parent / "fixtures" / "fairseq"
 TOL = 1e-5
 D, HEADS, FFN, LAYERS, MAX_POS = 16, 4, 24, 2, 16

@@ -29,6 +29,8 @@ from torch import nn
 import statemap
 from statemap.errors import AssumptionError
 
+pytestmark = pytest.mark.transformers
+
 FIX = Path(__file__).resolve().parent / "fixtures" / "gpt2"
 HF_DIR = FIX / "hf"
 NANO_CKPT = FIX / "ckpt.pt"

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
+from hf_compat import load_converted, saved_layout
 from safetensors.torch import load_file
 from torch import nn
 
@@ -27,6 +29,8 @@ VIT = FIX / "vit.pdparams"
 CONVBN = FIX / "convbn.pdparams"
 REF = np.load(FIX / "reference.npz")
 PIXELS = torch.from_numpy(REF["pixel_values"])
+
+pytestmark = pytest.mark.transformers
 
 
 def _vit_config(**overrides: Any):
@@ -55,9 +59,10 @@ def _hf_vit_logits(state: dict[str, torch.Tensor], **overrides: Any) -> torch.Te
     from transformers import ViTForImageClassification
 
     torch.manual_seed(0)
-    model = ViTForImageClassification(_vit_config(**overrides)).eval()
-    assert set(state) == set(model.state_dict()), set(state) ^ set(model.state_dict())
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):
+        saved = set(saved_layout(ViTForImageClassification(_vit_config(**overrides))))
+    assert set(state) == saved, set(state) ^ saved  # exactly the names save_pretrained writes
+    model = load_converted(ViTForImageClassification, _vit_config(**overrides), state)
     with torch.no_grad():
         return model(pixel_values=PIXELS).logits
 

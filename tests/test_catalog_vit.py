@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
+from hf_compat import TF_MAJOR, load_converted, loading_problems, saved_layout
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTForImageClassification, ViTModel
 
 import statemap
+
+pytestmark = pytest.mark.transformers
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures" / "vit"
@@ -62,9 +66,7 @@ def _timm_to_hf_classifier(tmp_path: Path, spec="vit-timm-to-hf", **config_over)
     out = tmp_path / "hf.safetensors"
     report = statemap.convert(spec, TIMM, out, force=True)
     assert report.passthrough == [] and report.dropped == []
-    model = ViTForImageClassification(_hf_vit_config_for_timm(**config_over)).eval()
-    model.load_state_dict(load_file(out), strict=True)
-    return model
+    return load_converted(ViTForImageClassification, _hf_vit_config_for_timm(**config_over), load_file(out))
 
 
 def test_timm_to_hf_logits_match_timm(tmp_path):
@@ -77,14 +79,33 @@ def test_timm_to_hf_logits_match_timm(tmp_path):
     assert _max_diff(feats, want["features"]) <= TOL  # timm forward_features: every token, normed
 
 
+def test_loading_a_converted_state_dict_under_each_transformers_major(tmp_path):
+    """What the README says about loading map_state_dict's result: under 4.x
+    load_state_dict(strict=True) takes the catalog's ViT output; under 5.x the model's in-memory
+    names differ and it refuses them, while from_pretrained(None, config=, state_dict=) loads it
+    under both majors (it converts the names as for a saved file)."""
+    sd, _ = statemap.map_state_dict("vit-timm-to-hf", statemap.load_state_dict(TIMM))
+    cfg = _hf_vit_config_for_timm()
+    model = ViTForImageClassification(cfg)
+    if TF_MAJOR < 5:
+        model.load_state_dict(sd, strict=True)
+    else:
+        with pytest.raises(RuntimeError, match="Missing key"):
+            model.load_state_dict(sd, strict=True)
+    model, info = ViTForImageClassification.from_pretrained(None, config=cfg, state_dict=sd, output_loading_info=True)
+    assert loading_problems(info) == {}, info
+    with torch.no_grad():
+        logits = model.eval()(pixel_values=_images()).logits
+    assert _max_diff(logits, load_file(FIX / "timm_outputs.safetensors")["logits"]) <= TOL
+
+
 def test_timm_to_hf_headless_prefix_gives_vit_model(tmp_path):
     """prefix= on a timm model without head.* keys -> ViTModel(add_pooling_layer=False), strict."""
     sd = statemap.load_state_dict(TIMM)
     headless = {k: v for k, v in sd.items() if not k.startswith("head.")}
     new, report = statemap.map_state_dict("vit-timm-to-hf", headless, vars={"prefix": ""})
     assert report.passthrough == []
-    model = ViTModel(_hf_vit_config_for_timm(), add_pooling_layer=False).eval()
-    model.load_state_dict(new, strict=True)
+    model = load_converted(ViTModel, _hf_vit_config_for_timm(), new, add_pooling_layer=False)
     want = load_file(FIX / "timm_outputs.safetensors")
     with torch.no_grad():
         hs = model(pixel_values=_images()).last_hidden_state
@@ -124,7 +145,7 @@ def test_timm_to_hf_to_timm_is_bitwise(tmp_path):
 def test_hf_vit_model_to_timm_drops_pooler():
     """A ViTModel (pooler, no classifier) maps to a headless timm layout."""
     vit = ViTModel(_hf_vit_config_for_timm())
-    new, report = statemap.map_state_dict("vit-hf-to-timm", vit.state_dict())
+    new, report = statemap.map_state_dict("vit-hf-to-timm", saved_layout(vit))
     assert set(report.dropped) == {"pooler.dense.weight", "pooler.dense.bias"}
     src = load_file(TIMM)
     assert {k: tuple(v.shape) for k, v in new.items()} == {k: tuple(v.shape) for k, v in src.items() if not k.startswith("head.")}
@@ -162,10 +183,9 @@ def _clip_from_fixture(tmp_path: Path, bypass_pre_layrnorm: bool, fold_patch_bia
     if fold_patch_bias:  # the exact repair the docs describe; statemap has no add op
         bias = load_file(HF_VIT)["embeddings.patch_embeddings.projection.bias"]
         sd["vision_model.embeddings.position_embedding.weight"][1:] += bias
-    model = CLIPVisionModel(_clip_config(**over)).eval()
-    model.load_state_dict(sd, strict=True)
+    model = load_converted(CLIPVisionModel, _clip_config(**over), sd)
     if bypass_pre_layrnorm:
-        model.vision_model.pre_layrnorm = torch.nn.Identity()
+        getattr(model, "vision_model", model).pre_layrnorm = torch.nn.Identity()  # 5.x has no vision_model wrapper
     return model
 
 

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_compat import features, load_converted
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel
 
 import statemap
+
+pytestmark = pytest.mark.transformers
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "clip"
 JIT = FIX / "openai_jit.pt"
@@ -54,12 +57,11 @@ def _config(**text: object) -> CLIPConfig:
 
 
 def _outputs(state: dict[str, torch.Tensor], io: dict[str, torch.Tensor], **text: object) -> dict[str, torch.Tensor]:
-    model = CLIPModel(_config(**text)).eval()
-    model.load_state_dict(state, strict=True)  # float16 weights are copied into the float32 model
+    model = load_converted(CLIPModel, _config(**text), state)  # float16 weights are copied into the float32 model
     with torch.no_grad():
         return {
-            "image_features": model.get_image_features(pixel_values=io["pixel_values"]),
-            "text_features": model.get_text_features(input_ids=io["input_ids"]),
+            "image_features": features(model.get_image_features(pixel_values=io["pixel_values"])),
+            "text_features": features(model.get_text_features(input_ids=io["input_ids"])),
             "logits_per_image": model(input_ids=io["input_ids"], pixel_values=io["pixel_values"]).logits_per_image,
         }
 

@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 import statemap
 from statemap.cli import main
 
+pytestmark = pytest.mark.transformers
+
 FIX = Path(__file__).resolve().parent / "fixtures" / "fairseq_train"
 TOL = 1e-5
 SPEC = {"xlmr": "xlmr-fairseq-to-hf", "bart": "bart-fairseq-to-hf"}

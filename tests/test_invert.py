@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from catalog_fixtures import FIXTURES
+from catalog_fixtures import FIXTURES, spec_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,7 +82,7 @@ def test_some_catalog_specs_are_lossless():
     assert {"vit-timm-to-hf", "gpt2-flax-to-pt", "batchnorm-paddle-to-torch"} <= set(INVERTIBLE)
 
 
-@pytest.mark.parametrize("spec", [n for n in INVERTIBLE if n in FIXTURES])
+@pytest.mark.parametrize("spec", spec_params([n for n in INVERTIBLE if n in FIXTURES]))
 def test_lossless_catalog_spec_round_trips_on_its_fixture(tmp_path, spec):
     src, vars_ = FIXTURES[spec](tmp_path)
     s = statemap.load_spec(spec, vars=vars_)

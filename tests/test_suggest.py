@@ -276,7 +276,10 @@ for _hf, _oa in (("text_model", "transformer"), ("vision_model", "visual.transfo
 
 
 def _metas(model) -> list[TensorMeta]:
-    return [TensorMeta(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()]
+    """The model's checkpoint layout (under transformers 5 not its in-memory names)."""
+    from hf_compat import saved_layout
+
+    return [TensorMeta(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in saved_layout(model).items()]
 
 
 def _open(path: Path) -> list[TensorMeta]:
@@ -506,7 +509,7 @@ def test_cli_suggest_writes_a_loadable_draft(tmp_path, capsys):
 
     with torch.device("meta"):
         model = ViTForImageClassification(cfg)
-    listing.write_text(json.dumps({k: list(v.shape) for k, v in model.state_dict().items()}))
+    listing.write_text(json.dumps({m.name: list(m.shape) for m in _metas(model)}))
     assert main(["suggest", str(root / fix), str(listing), "-o", str(out)]) == 0
     assert "rules drafted" in capsys.readouterr().err
     spec = statemap.load_spec(out)
