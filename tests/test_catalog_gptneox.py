@@ -115,12 +115,12 @@ def test_a_wrong_head_count_is_caught(tmp_path):
 def _neox_folder(tmp: Path) -> tuple[Path, dict[str, Any]]:
     model = _model(4, seed=5)
     model.save_pretrained(tmp / "neox")
-    return tmp / "neox", {}
+    return tmp / "neox", {"n_heads": 4}  # the in-memory side has no config.json
 
 
 def _separate_file(tmp: Path) -> tuple[Path, dict[str, Any]]:
     src, _ = _neox_folder(tmp)
-    statemap.convert("gptneox-fused-to-separate-qkv", src, tmp / "sep.safetensors")
+    statemap.convert("gptneox-fused-to-separate-qkv", src, tmp / "sep.safetensors")  # n_heads from its config.json
     return tmp / "sep.safetensors", {"n_heads": 4}
 
 

@@ -101,6 +101,10 @@ def test_llama_to_phi3_logits_equal(tmp_path, heads, kv):
     )
     orig = load_file(src / "model.safetensors")
     assert sorted(new) == sorted(orig) and all(torch.equal(new[k], orig[k]) for k in orig)
+    # and llama-to-phi3's own reverse (its declared inverse: q rows = o_proj's input dim), no vars
+    statemap.convert("llama-to-phi3", tmp_path / "phi3.safetensors", tmp_path / "back.safetensors", reverse=True)
+    back = load_file(tmp_path / "back.safetensors")
+    assert sorted(back) == sorted(orig) and all(torch.equal(back[k], orig[k]) for k in orig)
 
 
 def test_a_wrong_spec_is_caught(tmp_path):
@@ -132,7 +136,8 @@ def test_a_wrong_spec_is_caught(tmp_path):
 def _phi3_file(tmp: Path) -> tuple[Path, dict[str, Any]]:
     from transformers import Phi3ForCausalLM
 
-    return _save(_randomized(Phi3ForCausalLM(_configs(4, 2)[0]), seed=5), tmp / "phi3"), {}
+    vars_ = {"n_heads": 4, "n_kv_heads": 2, "hidden": 32, "head_dim": 8}  # the in-memory side has no config.json
+    return _save(_randomized(Phi3ForCausalLM(_configs(4, 2)[0]), seed=5), tmp / "phi3"), vars_
 
 
 def _llama_file(tmp: Path) -> tuple[Path, dict[str, Any]]:
