@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import statemap
 from statemap.catalog import find

@@ -94,7 +94,9 @@ def test_lossless_catalog_spec_round_trips_on_its_fixture(tmp_path, spec):
         mid, _ = statemap.map_state_dict(s, per_file)
         back, _ = statemap.map_state_dict(invert(s).spec, mid)
         # the reverse writes an int capture as the number it stands for: 00/ -> 0/
-        _same(back, {"/".join(str(int(x)) for x in r.split("/")) + "/" + k: v for r, sd in per_file.items() for k, v in sd.items()})
+        _same(
+            back, {"/".join(str(int(x)) for x in r.split("/")) + "/" + k: v for r, sd in per_file.items() for k, v in sd.items()}
+        )
         return
     with statemap.open_checkpoint(src, s.unwrap, s.strip_prefix) as ck:
         from statemap.torch_adapter import to_torch
