@@ -108,7 +108,7 @@ def test_a_wrong_head_count_is_caught(tmp_path):
     ref = _transformers_qkv(model.gpt_neox.layers[0].attention, 32)
     assert not torch.equal(sep["gpt_neox.layers.0.attention.q_proj.weight"], ref["q_proj.weight"])
     # and a head count that does not divide the rows is refused, showing the arithmetic
-    with pytest.raises(StatemapError, match=r"96"):
+    with pytest.raises(StatemapError, match=r"length 96 into h\*three = 5\*3 = 15 parts \(96 % 15 = 6\)"):
         statemap.convert("gptneox-fused-to-separate-qkv", tmp_path / "neox", tmp_path / "x.safetensors", vars={"n_heads": 5})
 
 
