@@ -81,11 +81,8 @@ def bind_vars(spec: Spec, ck: Checkpoint | None, base: Path | None, vars_from: A
     from .load.config import checkpoint_config, read_config
 
     from_config = [d.name for d in spec.var_defs if d.config]
-    if vars_from is None and set(from_config) <= set(dict(spec.overrides)):
-        if from_config:
-            return spec.bind_config(None, "")  # every var the config would give is set (--set / vars=): not read
-        if spec.config is not None and spec.config[0] == "checkpoint" and ck is None:
-            return spec  # no var reads the checkpoint's config: an in-memory state dict needs none
+    if vars_from is None and from_config and set(from_config) <= set(dict(spec.overrides)):
+        return spec.bind_config(None, "")  # every var the config would give is set (--set / vars=): not read
     data: Any = None
     label = ""
     if isinstance(vars_from, Mapping):

@@ -65,6 +65,22 @@ def test_the_pattern_as_input_and_the_in_memory_api(tmp_path):
     assert (got - want).abs().max() <= TOL
 
 
+def test_the_reverse_gives_back_every_rank_tensor(tmp_path):
+    """GPT-2 -> ranks with the derived reverse: one file keyed 0/..., 1/..., bitwise the ranks' tensors.
+    The vars are given, so the reverse reads no `args` (a GPT-2 file has none)."""
+    statemap.convert(SPEC, FIX, tmp_path / "gpt2.safetensors")
+    statemap.convert(SPEC, tmp_path / "gpt2.safetensors", tmp_path / "ranks.safetensors", reverse=True,
+                     vars={"n_heads": 4, "n_ranks": 2})  # fmt: skip
+    back = load_file(tmp_path / "ranks.safetensors")
+    want = {
+        f"{r}/{k}": v
+        for r in (0, 1)
+        for k, v in torch.load(FIX / f"mp_rank_{r:02d}" / "model_optim_rng.pt", weights_only=False)["model"].items()
+        if isinstance(v, torch.Tensor)
+    }
+    assert sorted(back) == sorted(want) and all(torch.equal(back[k], want[k]) for k in want)
+
+
 def _copy_with(tmp: Path, rank: int, edit) -> Path:
     dst = tmp / "ckpt"
     shutil.copytree(FIX, dst)
