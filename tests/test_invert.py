@@ -92,7 +92,7 @@ def test_lossless_catalog_spec_round_trips_on_its_fixture(tmp_path, spec):
         per_file = {"/".join(c.values()): statemap.load_state_dict(p) for p, _, c in find_inputs(src, s.inputs)}
         s = s.__class__(**{**s.__dict__, "unwrap": None})
         mid, _ = statemap.map_state_dict(s, per_file)
-        back, _ = statemap.map_state_dict(invert(s).spec, mid, vars=vars_)  # the reverse re-reads its config: pass the vars
+        back, _ = statemap.map_state_dict(invert(s).spec, mid, vars=vars_)
         # the reverse writes an int capture as the number it stands for: 00/ -> 0/
         _same(
             back, {"/".join(str(int(x)) for x in r.split("/")) + "/" + k: v for r, sd in per_file.items() for k, v in sd.items()}
