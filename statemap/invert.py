@@ -124,7 +124,8 @@ def invert(spec: Spec) -> Inversion:
         data["vars"] = declared(spec.var_defs, dict(spec.overrides))
     elif vars_:
         data["vars"] = dict(vars_)
-    if spec.config is not None:
+    reads_config = any(isinstance(v, dict) and "config" in v for v in data.get("vars", {}).values())
+    if spec.config is not None and reads_config:  # vars given when inverting are values: no config to read
         data["config"] = spec.config[1] if spec.config[0] == "file" else {"checkpoint": spec.config[1]}
     data["strict"] = spec.strict
     data["tied"] = spec.tied

@@ -80,6 +80,9 @@ def bind_vars(spec: Spec, ck: Checkpoint | None, base: Path | None, vars_from: A
     config key and that declares no ``config:`` is returned as it is."""
     from .load.config import checkpoint_config, read_config
 
+    from_config = [d.name for d in spec.var_defs if d.config]
+    if vars_from is None and from_config and set(from_config) <= set(dict(spec.overrides)):
+        return spec.bind_config(None, "")  # every var the config would give is set (--set / vars=): not read
     data: Any = None
     label = ""
     if isinstance(vars_from, Mapping):
