@@ -33,7 +33,8 @@ from statemap.errors import StatemapError
 FIX = Path(__file__).resolve().parent / "fixtures" / "mixtral"
 EXPERTS = (2, 4)
 TOL = 1e-5
-TF5_PYTHON = Path(os.environ.get("STATEMAP_TF5_PYTHON", "/work/venvs/moe/bin/python"))
+# transformers 5 lives in a venv of its own: CI builds .venv-tf5 (.ci/run) before the tests run
+TF5_PYTHON = Path(os.environ.get("STATEMAP_TF5_PYTHON", Path(__file__).resolve().parents[1] / ".venv-tf5" / "bin" / "python"))
 
 
 def _sha(t: torch.Tensor) -> str:
@@ -101,7 +102,7 @@ def test_stacked_to_per_expert_runs_in_transformers4(tmp_path, e):
     assert diff <= TOL, diff
 
 
-@pytest.mark.skipif(not TF5_PYTHON.exists(), reason="transformers 5 venv not present (fixture logits cover CI)")
+@pytest.mark.skipif(not TF5_PYTHON.exists(), reason="no transformers 5 venv (.venv-tf5, built by .ci/run; or set STATEMAP_TF5_PYTHON): the stored logits still cover it")
 def test_transformers5_runs_statemaps_stacked_output(tmp_path):
     args = []
     for e in EXPERTS:
