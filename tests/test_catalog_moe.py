@@ -102,7 +102,10 @@ def test_stacked_to_per_expert_runs_in_transformers4(tmp_path, e):
     assert diff <= TOL, diff
 
 
-@pytest.mark.skipif(not TF5_PYTHON.exists(), reason="no transformers 5 venv (.venv-tf5, built by .ci/run; or set STATEMAP_TF5_PYTHON): the stored logits still cover it")
+@pytest.mark.skipif(
+    not TF5_PYTHON.exists(),
+    reason="no transformers 5 venv (.venv-tf5, built by .ci/run; or set STATEMAP_TF5_PYTHON): the stored logits still cover it",
+)
 def test_transformers5_runs_statemaps_stacked_output(tmp_path):
     args = []
     for e in EXPERTS:
