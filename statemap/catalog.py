@@ -1,8 +1,8 @@
-"""The catalog: specs shipped in ``mappings/``, found by name."""
+"""The catalog: specs shipped in ``mappings/``, found by name (files only: parsing them is
+:func:`statemap.spec.catalog_entries`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -26,25 +26,3 @@ def find(name: str) -> Path | None:
         if cand.is_file() and cand.parent == d:
             return cand
     return None
-
-
-@dataclass(frozen=True)
-class Entry:
-    name: str
-    description: str
-    source: str
-    target: str
-    verified: str
-    path: str
-
-
-def entries() -> list[Entry]:
-    """Every catalog spec, parsed (a broken catalog spec raises SpecError naming its file)."""
-    from .spec import load_spec
-
-    out = []
-    for n in names():
-        p = catalog_dir() / f"{n}.yaml"
-        s = load_spec(p)
-        out.append(Entry(s.name, s.description, s.source, s.target, s.verified, str(p)))
-    return out

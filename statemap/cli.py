@@ -198,7 +198,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .catalog import entries
+    from .spec import catalog_entries as entries
 
     items = entries()
     if args.json:

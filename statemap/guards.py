@@ -81,7 +81,7 @@ def parse_when(value: Any, where: str) -> tuple[Cond, ...]:
     out: list[Cond] = []
     for kind, v in value.items():
         if kind not in WHEN_KINDS:
-            from .spec import unknown_field
+            from .rules import unknown_field
 
             raise unknown_field(str(kind), set(WHEN_KINDS), w, "condition")
         if kind == "dtype":
@@ -113,7 +113,7 @@ def parse_assume(value: Any, where: str) -> tuple[Assume, ...]:
     out: list[Assume] = []
     for kind, v in value.items():
         if kind not in ASSUME_KINDS:
-            from .spec import unknown_field
+            from .rules import unknown_field
 
             raise unknown_field(str(kind), set(ASSUME_KINDS), w, "assumption")
         if kind == "equal":

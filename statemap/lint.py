@@ -54,8 +54,9 @@ from typing import Any
 from .errors import PlanError
 from .meta import TensorMeta
 from .ops import REGISTRY
-from .spec import Rule, Spec
-from .template import Pattern, Template, _fields, eval_expr, expr_names, expr_str
+from .rules import Rule
+from .spec import Spec
+from .template import Cap, Pattern, Template, eval_expr, expr_names, expr_str
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 _SEVERITY_RANK = {ERROR: 2, WARNING: 1, INFO: 0}
@@ -301,16 +302,18 @@ def _regex_nfa(src: str) -> NFA:
     return nfa
 
 
+def _parts(p: Pattern) -> list[tuple[str, str]]:
+    """A pattern's parsed parts as ("lit", text) / ("field", "name" or "name:kind")."""
+    return [
+        ("field", x.name if x.kind == "seg" else f"{x.name}:{x.kind}") if isinstance(x, Cap) else ("lit", x.text) for x in p.parts
+    ]
+
+
 def pattern_kinds(p: Pattern) -> dict[str, Pred]:
     """Capture name -> the predicate its characters satisfy (regex groups: any text)."""
     if p.is_regex:
         return {n: _ANY for n in p.captures}
-    out: dict[str, Pred] = {}
-    for kind, value in _fields(p.text):
-        if kind == "field":
-            name, _, typ = value.partition(":")
-            out.setdefault(name.strip(), _KIND_PRED[typ.strip() or "seg"])
-    return out
+    return {name: _KIND_PRED[kind] for name, kind in p.kinds.items()}
 
 
 def pattern_nfa(p: Pattern) -> NFA | None:
@@ -322,14 +325,10 @@ def pattern_nfa(p: Pattern) -> NFA | None:
             return None
     nfa = NFA()
     s = 0
-    for kind, value in _fields(p.text):
-        if kind == "lit":
-            s = nfa.lit(s, value)
-        else:
-            name, _, typ = value.partition(":")
-            s = nfa.plus(s, _KIND_PRED[typ.strip() or "seg"])
+    for x in p.parts:
+        s = nfa.plus(s, _KIND_PRED[x.kind]) if isinstance(x, Cap) else nfa.lit(s, x.text)
     nfa.accept = s
-    _ends(nfa, [(k, v) if k == "lit" else ("field", v) for k, v in _fields(p.text)])
+    _ends(nfa, _parts(p))
     return nfa
 
 
@@ -454,10 +453,7 @@ def _try_witness(pos: Sequence[NFA], neg: Sequence[NFA] = ()) -> str | None | bo
 def _identity_parts(p: Pattern) -> tuple[tuple[str, Any], ...] | None:
     if p.is_regex:
         return None
-    parts: list[tuple[str, Any]] = []
-    for kind, value in _fields(p.text):
-        parts.append(("lit", value) if kind == "lit" else ("expr", value.partition(":")[0].strip()))
-    return tuple(parts)
+    return tuple(("expr", x.name) if isinstance(x, Cap) else ("lit", x.text) for x in p.parts)
 
 
 @dataclass
@@ -481,7 +477,7 @@ class _Info:
 
 def _literal_count(p: Pattern) -> int:
     if not p.is_regex:
-        return sum(len(v) for k, v in _fields(p.text) if k == "lit")
+        return sum(len(v) for k, v in _parts(p) if k == "lit")
 
     def count(items: Any) -> int:
         n = 0
@@ -506,9 +502,9 @@ def _info(rule: Rule, vars_: Mapping[str, Any]) -> _Info:
     op = REGISTRY[rule.op]
     src = rule.sources[0] if rule.sources else None
     kinds = pattern_kinds(src) if src is not None else {}
-    over = rule.p.get("over")
-    if over and over not in kinds:  # split over: the targets' index
-        kinds = {**kinds, over: _INT}
+    extra = op.target_kinds(rule.p)  # names the op adds to its targets (split over: an index)
+    if extra:
+        kinds = {**kinds, **{n: _KIND_PRED[k] for n, k in extra.items() if n not in kinds}}
     ident = _identity_parts(src) if src is not None else None
     outs = []
     has_identity = False
@@ -681,7 +677,7 @@ def _check_cascade(spec: Spec, infos: list[_Info]) -> list[Finding]:
         for p in r.rule.sources[:1]:
             if p.is_regex:
                 continue
-            parts = _fields(p.text)
+            parts = _parts(p)
             for n, (kind, value) in enumerate(parts):
                 if kind != "field":
                     continue
@@ -821,8 +817,8 @@ def _check_writes(spec: Spec, infos: list[_Info], dead: set[int]) -> list[Findin
             if t.text in seen:
                 out.append(_f("SM104", ERROR, r, spec, f"lists target {t.text!r} twice", "remove the duplicate"))
             seen.add(t.text)
-        if r.rule.sources and r.rule.op not in ("drop", "keep"):
-            caps = set(r.rule.sources[0].captures) - {r.rule.p.get("over")}
+        if r.rule.sources:
+            caps = set(r.rule.sources[0].captures) - REGISTRY[r.rule.op].joined(r.rule.p)
             for t, _, _ in r.outs:
                 unused = sorted(caps - t.names)
                 if unused:
@@ -873,79 +869,13 @@ def _check_writes(spec: Spec, infos: list[_Info], dead: set[int]) -> list[Findin
     return out
 
 
-def _int_or_none(expr: Any, vars_: Mapping[str, Any]) -> int | None:
-    try:
-        v = eval_expr(expr, dict(vars_))
-    except Exception:  # noqa: BLE001 - unknown until planned
-        return None
-    return v if isinstance(v, int) else None
-
-
 def _check_params(spec: Spec, infos: list[_Info]) -> list[Finding]:
-    """SM108: sizes and dims that cannot work (evaluated with the vars' defaults)."""
+    """SM108: sizes and dims that cannot work (evaluated with the vars' defaults), as each op sees them."""
     out: list[Finding] = []
     vars_ = spec.var_dict
-
-    def bad(r: _Info, msg: str, hint: str = "") -> None:
-        out.append(_f("SM108", ERROR, r, spec, msg, hint))
-
     for r in infos:
-        p = r.rule.p
-        op = r.rule.op
-        if op == "split" and p.get("sizes") is not None:
-            sizes = p["sizes"]
-            n = len(r.rule.targets)
-            if len(sizes) != n:
-                bad(r, f"{len(sizes)} sizes for {n} targets", "give one size per target")
-            vals = [_int_or_none(s, vars_) for s in sizes]
-            if vals.count(-1) > 1:
-                bad(r, f"sizes {vals} have more than one -1", "only one size may be 'the rest'")
-            neg = [v for v in vals if v is not None and v < -1]
-            if neg:
-                bad(r, f"sizes {vals} include a negative size {neg[0]}")
-        elif op == "rearrange":
-            for name, v in p["sizes"] or ():
-                size = _int_or_none(v, vars_)
-                if size is not None and size <= 0:
-                    bad(r, f"axis {name}={size}: sizes must be positive")
-        elif op in ("merge", "split") and p.get("over"):
-            count = None if p.get("count") is None else _int_or_none(p["count"], vars_)
-            if count is not None and count < 1:
-                bad(r, f"count {count} must be at least 1")
-        elif op == "merge":
-            if len(r.rule.sources) < 2:
-                out.append(_f("SM108", WARNING, r, spec, "merges a single source", "use rename (or reshape) instead"))
-        elif op == "reshape" or op == "inject":
-            shape = p.get("shape") or ()
-            vals = [_int_or_none(e[1], vars_) if e[0] == "expr" else None for e in shape]
-            if op == "reshape" and vals.count(-1) > 1:
-                bad(r, f"shape {vals} has more than one -1")
-            low = [v for v in vals if v is not None and (v < -1 or (v == -1 and op == "inject"))]
-            if low:
-                bad(r, f"shape {vals} has a negative dim {low[0]}")
-        elif op == "permute":
-            dims = list(p.get("dims") or ())
-            if sorted(d % len(dims) if dims else d for d in dims) != list(range(len(dims))):
-                bad(r, f"dims {dims} is not a permutation of 0..{len(dims) - 1}")
-        elif op == "transpose" and p.get("dims") is not None:
-            dims = list(p["dims"])
-            if len(dims) != 2:
-                bad(r, f"'dims' names two dims to swap, got {dims}")
-            elif dims[0] == dims[1]:
-                out.append(_f("SM108", WARNING, r, spec, f"dims {dims} swap a dim with itself: a no-op"))
-        elif op == "slice":
-            start, step = _int_or_none(p.get("start", 0), vars_), _int_or_none(p.get("step", 1), vars_)
-            stop = None if p.get("stop") is None else _int_or_none(p["stop"], vars_)
-            if step is not None and step <= 0:
-                bad(r, f"step must be positive, got {step}")
-            if start is not None and start < 0:
-                bad(r, f"start {start} is negative")
-            if start is not None and stop is not None and start > stop:
-                bad(r, f"start {start} is after stop {stop}")
-        elif op == "pad":
-            size = _int_or_none(p.get("size"), vars_)
-            if size is not None and size < 0:
-                bad(r, f"pad size {size} is negative")
+        for fact in REGISTRY[r.rule.op].lint(r.rule, vars_):
+            out.append(_f("SM108", WARNING if fact.severity == "warning" else ERROR, r, spec, fact.message, fact.hint))
     return out
 
 

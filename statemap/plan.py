@@ -23,8 +23,9 @@ from .errors import PlanError, SpecError
 from .guards import holds
 from .meta import Node, TensorMeta
 from .ops import REGISTRY, Ctx
-from .spec import Rule, Spec
-from .template import Pattern, Template, _fields
+from .rules import Rule
+from .spec import Spec
+from .template import Cap, Pattern, Template
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
         rule_ties: list[list[str]] = []
         kept: set[str] = set()
         admitted = 0
-        if rule.op == "rename" and len(rule.sources) == 1 and len(rule.targets) == 1 and not rule.when and not rule.assume:
+        if op.moves_only and len(rule.sources) == 1 and len(rule.targets) == 1 and not rule.when and not rule.assume:
             # the common case, without the general loop's per-key machinery (same result)
             fill = _filler(rule.targets[0], rule)
             for key, caps in found:
@@ -401,14 +402,14 @@ def _literals(pattern: Pattern) -> tuple[str, str, tuple[str, ...], bool] | None
         return _LITERALS[text]
     got: tuple[str, str, tuple[str, ...], bool] | None = None
     if not pattern.is_regex:
-        parts = _fields(text)
-        lits = [v for kind, v in parts if kind == "lit"]
-        if all(kind == "lit" for kind, _ in parts):
+        parts = pattern.parts
+        lits = [p.text for p in parts if not isinstance(p, Cap)]
+        if not pattern.captures:
             got = ("".join(lits), "", (), True)
         else:
-            pre = parts[0][1] if parts[0][0] == "lit" else ""
-            suf = parts[-1][1] if parts[-1][0] == "lit" else ""
-            inner = tuple(v for i, (kind, v) in enumerate(parts) if kind == "lit" and 0 < i < len(parts) - 1)
+            pre = parts[0].text if not isinstance(parts[0], Cap) else ""
+            suf = parts[-1].text if not isinstance(parts[-1], Cap) else ""
+            inner = tuple(p.text for i, p in enumerate(parts) if not isinstance(p, Cap) and 0 < i < len(parts) - 1)
             got = (pre, suf, inner, False)
     _LITERALS[text] = got
     return got

@@ -25,6 +25,7 @@ import yaml
 from .errors import SpecError
 from .fsutil import read_regular
 from .inputs import Inputs, parse_inputs
+from .rules import Loc, Rule, unknown_field
 from .template import Pattern, Template, parse_pattern, parse_template
 from .textsafe import short_repr
 from .vardefs import VarDef, parse_vars, resolve
@@ -34,44 +35,6 @@ MAX_SPEC_BYTES = 4 << 20
 MAX_YAML_NODES = 200_000
 _MAP_TAG, _SEQ_TAG = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
 MAX_YAML_DEPTH = 64  # nesting levels; a spec needs about five
-
-
-@dataclass(frozen=True)
-class Loc:
-    file: str
-    line: int
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}"
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One canonical rule. ``params`` holds the op's checked fields (see :mod:`statemap.ops`)."""
-
-    op: str
-    index: int
-    loc: Loc
-    sources: tuple[Pattern, ...]
-    targets: tuple[Template, ...]
-    params: tuple[tuple[str, Any], ...] = ()
-    optional: bool = False
-    inverse: Any = None  # declared inverse rule(s) (raw mapping, or list of them), for lossy ops
-    when: tuple[Any, ...] = ()  # guards.Cond: which matched keys the rule acts on (metadata only)
-    assume: tuple[Any, ...] = ()  # guards.Assume: facts the rule relies on, verified before writing
-    note: str = ""  # the spec's free-text note; plan errors of this rule end with it (the author's hint)
-
-    @property
-    def p(self) -> dict[str, Any]:
-        return dict(self.params)
-
-    @property
-    def label(self) -> str:
-        src = ", ".join(map(str, self.sources)) or "-"
-        return f"rule #{self.index} ({self.op} {src})"
-
-    def where(self) -> str:
-        return f"{self.loc}: {self.label}: "
 
 
 @dataclass(frozen=True)
@@ -149,6 +112,12 @@ class Spec:
         from .invert import invert
 
         return invert(self).spec
+
+    @classmethod
+    def from_data(cls, data: Any, file: str = "<dict>") -> Spec:
+        """Parse YAML-shaped data (what :func:`parse_spec` takes); lets lower modules such as
+        :mod:`statemap.invert` build a spec without importing this module."""
+        return parse_spec(data, file)
 
     def with_vars(self, overrides: Mapping[str, Any] | None) -> Spec:
         """Return a copy with some ``vars`` overridden (names must exist in the spec)."""
@@ -327,12 +296,6 @@ _HEADER_FIELDS = {
     "inputs",
     "config",
 }
-
-
-def unknown_field(name: str, valid: set[str] | list[str], where: str, what: str) -> SpecError:
-    close = difflib.get_close_matches(name, list(valid), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return SpecError(f"{where}unknown {what} {name!r}; {hint}valid: {', '.join(sorted(valid))}")
 
 
 def _str_list(value: Any, where: str, what: str) -> tuple[str, ...]:
@@ -632,4 +595,40 @@ def load_spec(spec: str | os.PathLike[str] | Mapping[str, Any] | Spec, vars: Map
     return parse_spec(_load_yaml(text, str(path)), str(path)).with_vars(vars)
 
 
-__all__ = ["Loc", "Rule", "Spec", "load_spec", "parse_spec", "Pattern", "Template", "parse_pattern", "parse_template"]
+__all__ = [
+    "Loc",
+    "Rule",
+    "Spec",
+    "CatalogEntry",
+    "catalog_entries",
+    "load_spec",
+    "parse_spec",
+    "Pattern",
+    "Template",
+    "parse_pattern",
+    "parse_template",
+]
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One catalog spec, as ``statemap list`` shows it."""
+
+    name: str
+    description: str
+    source: str
+    target: str
+    verified: str
+    path: str
+
+
+def catalog_entries() -> list[CatalogEntry]:
+    """Every catalog spec, parsed (a broken catalog spec raises SpecError naming its file)."""
+    from .catalog import catalog_dir, names
+
+    out = []
+    for n in names():
+        p = catalog_dir() / f"{n}.yaml"
+        s = load_spec(p)
+        out.append(CatalogEntry(s.name, s.description, s.source, s.target, s.verified, str(p)))
+    return out

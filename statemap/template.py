@@ -267,51 +267,89 @@ def _fields(text: str) -> list[tuple[str, str]]:
 
 
 @dataclass(frozen=True)
+class Lit:
+    """Literal text of a key pattern (braces already unescaped)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Cap:
+    """A capture of a key pattern: ``{name}`` (kind ``seg``), ``{name:int}`` or ``{name:path}``."""
+
+    name: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class Pattern:
-    """Matches whole keys; ``captures`` lists the names it binds, in order."""
+    """Matches whole keys; ``captures`` lists the names it binds, in order.
+
+    ``parts`` is the pattern parsed once (literal text and typed captures; empty for ``re:``):
+    the planner, ``invert``, ``lint`` and ``suggest`` read it instead of re-parsing ``text``.
+    """
 
     text: str
     regex: str
     captures: tuple[str, ...]
     is_regex: bool = False
+    parts: tuple[Lit | Cap, ...] = ()
 
     @property
     def is_literal(self) -> bool:
         return not self.captures and not self.is_regex
 
+    @property
+    def kinds(self) -> dict[str, str]:
+        """Capture name -> ``seg`` / ``int`` / ``path`` (a regex's groups: ``regex``)."""
+        if self.is_regex:
+            return dict.fromkeys(self.captures, "regex")
+        out: dict[str, str] = {}
+        for p in self.parts:
+            if isinstance(p, Cap):
+                out.setdefault(p.name, p.kind)
+        return out
+
+    @property
+    def identity(self) -> str:
+        """The template that rebuilds a matched key: ``a.{i:int}.{rest:path}`` -> ``a.{i}.{rest}``."""
+        return "".join(_esc(p.text) if isinstance(p, Lit) else "{" + p.name + "}" for p in self.parts)
+
     def match(self, key: str) -> dict[str, str] | None:
         """Capture name -> text when the whole key matches, else None; linear time in ``len(key)``."""
-        return _matcher(self.text, self.is_regex).match(key)
+        return _matcher(self).match(key)
 
     def spans(self, key: str) -> dict[str, tuple[int, int] | None] | None:
         """Like :meth:`match`, but capture name -> (start, end) in ``key``."""
-        return _matcher(self.text, self.is_regex).spans(key)
+        return _matcher(self).spans(key)
 
     def __str__(self) -> str:
         return self.text
 
 
+def _esc(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 _CACHE: dict[tuple[str, bool], Matcher] = {}
 
 
-def _matcher(text: str, is_regex: bool) -> Matcher:
-    m = _CACHE.get((text, is_regex))
+def _matcher(p: Pattern) -> Matcher:
+    m = _CACHE.get((p.text, p.is_regex))
     if m is None:
         if len(_CACHE) > 4096:
             _CACHE.clear()
-        m = _CACHE[(text, is_regex)] = compile_regex(text[3:]) if is_regex else compile_template(_template_parts(text))
+        m = _CACHE[(p.text, p.is_regex)] = compile_regex(p.text[3:]) if p.is_regex else compile_template(_matcher_parts(p))
     return m
 
 
+def _matcher_parts(p: Pattern) -> list[tuple[str, ...]]:
+    return [("lit", x.text) if isinstance(x, Lit) else ("cap", x.name, x.kind) for x in p.parts]
+
+
 def _template_parts(text: str) -> list[tuple[str, ...]]:
-    parts: list[tuple[str, ...]] = []
-    for kind, value in _fields(text):
-        if kind == "lit":
-            parts.append(("lit", value))
-        else:
-            name, _, typ = value.partition(":")
-            parts.append(("cap", name.strip(), typ.strip() or "seg"))
-    return parts
+    """The automaton's view of a (non-regex) pattern text."""
+    return _matcher_parts(parse_pattern(text))
 
 
 def parse_pattern(text: str) -> Pattern:
@@ -326,13 +364,16 @@ def parse_pattern(text: str) -> Pattern:
             rx = re.compile(src)
         except (re.error, RecursionError, OverflowError, ValueError) as e:
             raise SpecError(f"invalid regex {src!r}: {e}") from None
-        _matcher(text, True)  # refuses what the linear-time matcher cannot do, at load time
-        return Pattern(text, src, tuple(rx.groupindex), is_regex=True)
+        pat = Pattern(text, src, tuple(rx.groupindex), is_regex=True)
+        _matcher(pat)  # refuses what the linear-time matcher cannot do, at load time
+        return pat
     out: list[str] = []
     names: list[str] = []
+    parts: list[Lit | Cap] = []
     for kind, value in _fields(text):
         if kind == "lit":
             out.append(re.escape(value))
+            parts.append(Lit(value))
             continue
         name, _, typ = value.partition(":")
         name, typ = name.strip(), (typ.strip() or "seg")
@@ -343,13 +384,15 @@ def parse_pattern(text: str) -> Pattern:
             )
         if typ not in _KINDS:
             raise SpecError(f"unknown capture type {typ!r} in {{{value}}} of {text!r}; use int or path")
+        parts.append(Cap(name, typ))
         if name in names:
             out.append(f"(?P={name})")
         else:
             names.append(name)
             out.append(f"(?P<{name}>{_KINDS[typ]})")
-    _matcher(text, False)
-    return Pattern(text, "".join(out), tuple(names))
+    pat = Pattern(text, "".join(out), tuple(names), parts=tuple(parts))
+    _matcher(pat)
+    return pat
 
 
 # -- templates -----------------------------------------------------------------------------
