@@ -502,7 +502,7 @@ def _info(rule: Rule, vars_: Mapping[str, Any]) -> _Info:
     op = REGISTRY[rule.op]
     src = rule.sources[0] if rule.sources else None
     kinds = pattern_kinds(src) if src is not None else {}
-    extra = op.target_kinds(rule.p)  # names the op adds to its targets (split over: an index)
+    extra = op.target_kinds(op.params(rule))  # names the op adds to its targets (split over: an index)
     if extra:
         kinds = {**kinds, **{n: _KIND_PRED[k] for n, k in extra.items() if n not in kinds}}
     ident = _identity_parts(src) if src is not None else None
@@ -818,7 +818,7 @@ def _check_writes(spec: Spec, infos: list[_Info], dead: set[int]) -> list[Findin
                 out.append(_f("SM104", ERROR, r, spec, f"lists target {t.text!r} twice", "remove the duplicate"))
             seen.add(t.text)
         if r.rule.sources:
-            caps = set(r.rule.sources[0].captures) - REGISTRY[r.rule.op].joined(r.rule.p)
+            caps = set(r.rule.sources[0].captures) - REGISTRY[r.rule.op].joined(REGISTRY[r.rule.op].params(r.rule))
             for t, _, _ in r.outs:
                 unused = sorted(caps - t.names)
                 if unused:

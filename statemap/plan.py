@@ -190,7 +190,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
 
     for rule in spec.rules:
         op = REGISTRY[rule.op]
-        p = rule.p
+        p = op.params(rule)
 
         if op.n_sources == "0" and not rule.sources:
             if not admits(rule, None, dict(vars_)):

@@ -479,7 +479,8 @@ def _generalize(drafts: list[_Draft], a_keys: Iterable[str]) -> list[_Draft]:
         body = {k: gen(v) if k in _KEY_FIELDS else v for k, v in d0.body.items()}
         pattern = body["from"][0] if isinstance(body["from"], list) else body["from"]
         try:
-            matched = {k for k in a_keys if parse_pattern(pattern).match(k) is not None}
+            pat = parse_pattern(pattern)
+            matched = {k for k in a_keys if pat.match(k) is not None}
         except Exception:  # a key that is not a valid pattern: keep the literal rules
             matched = set()
         if matched != {m.sources[0] for m in members}:

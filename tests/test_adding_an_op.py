@@ -48,3 +48,23 @@ def test_the_documented_op_is_one_module(root, tmp_path):
     check.write_text(CHECK)
     r = subprocess.run([sys.executable, str(check), str(path)], capture_output=True, text=True, cwd=root)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_every_op_declares_typed_params_matching_its_fields():
+    """Each op's Params dataclass has exactly its non-key fields, with the same defaults."""
+    import dataclasses
+
+    from statemap.ops import REGISTRY
+    from statemap.ops.base import KEY_FIELDS
+
+    for name, op in REGISTRY.items():
+        assert dataclasses.is_dataclass(op.Params) and op.Params.__dataclass_params__.frozen, name
+        params = {f.name: f for f in dataclasses.fields(op.Params)}
+        declared = {k: f for k, f in op.fields.items() if k not in KEY_FIELDS}
+        assert set(params) == set(declared), (name, sorted(params), sorted(declared))
+        for k, f in declared.items():
+            default = params[k].default
+            if f.required:
+                assert default is dataclasses.MISSING, (name, k)
+            else:
+                assert default == f.default, (name, k, default, f.default)

@@ -5,7 +5,8 @@ An op (one subclass of :class:`Op`, registered with :func:`register`) owns its w
 =================  ===============================================  ==============================
 hook               what it says                                      asked by
 =================  ===============================================  ==============================
-``fields``         typed fields, checked at spec-load time           :mod:`statemap.ops.parse`
+``fields``         fields as written, checked at spec-load time      :mod:`statemap.ops.parse`
+``Params``         the checked fields (besides keys) as a dataclass  every hook below
 ``expand``         its YAML shorthands -> field mappings             parse, schema
 ``check_rule``     checks across fields                              parse
 ``schema``         its JSON-Schema fragments                         :mod:`statemap.schema`
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import yaml
 
@@ -158,12 +159,23 @@ Gathered = tuple[str, dict[str, str], tuple[str, ...]]  # (first key, captures, 
 
 # -- ops -------------------------------------------------------------------------------------
 
+KEY_FIELDS = ("from", "to", "for")  # fields that become the rule's sources and targets, not params
 
-class Op:
+
+@dataclass(frozen=True)
+class NoParams:
+    """The params of an op whose fields are all keys (rename, drop, copy, ...)."""
+
+
+P = TypeVar("P")
+
+
+class Op(Generic[P]):
     name: ClassVar[str]
     summary: ClassVar[str]
     example: ClassVar[str]
     fields: ClassVar[dict[str, Field]]
+    Params: ClassVar[type] = NoParams  # frozen dataclass: the checked fields besides from / to / for, typed
     n_sources: ClassVar[str] = "1"  # "0", "1", "n"
     n_targets: ClassVar[str] = "1"  # "0", "1", "n", "same"
     # why `statemap invert` cannot undo this op from the spec alone ("" = it can)
@@ -172,6 +184,10 @@ class Op:
     keeps_sources: ClassVar[bool] = False  # matched keys stay as they are (inject with `for`)
     moves_only: ClassVar[bool] = False  # 1 -> 1, the value untouched (the planner's fast path)
     aliases: ClassVar[dict[str, str]] = {"key": "from"}
+
+    def params(self, rule: Rule) -> P:
+        """The rule's checked fields as this op's typed :attr:`Params`."""
+        return self.Params(**dict(rule.params))
 
     # -- parsing
 
@@ -183,35 +199,35 @@ class Op:
             return [{"from": value}]
         raise SpecError(f"{where}'{self.name}' takes a mapping of {', '.join(self.fields)}; see docs/spec.md")
 
-    def check_rule(self, p: Mapping[str, Any], sources: tuple[Any, ...], targets: tuple[Template, ...], where: str) -> None:
+    def check_rule(self, p: P, sources: tuple[Any, ...], targets: tuple[Template, ...], where: str) -> None:
         """Checks across fields, at spec-load time (after each field is checked on its own)."""
 
-    def target_kinds(self, p: Mapping[str, Any]) -> dict[str, str]:
+    def target_kinds(self, p: P) -> dict[str, str]:
         """Names a target may use besides the source's captures and the vars, with their capture
         kind (split's ``over`` index: ``int``)."""
         return {}
 
-    def joined(self, p: Mapping[str, Any]) -> set[str]:
+    def joined(self, p: P) -> set[str]:
         """Captures of the source the targets leave out on purpose (merge's ``over``)."""
         return set()
 
     # -- planning
 
-    def gather(self, rule: Rule, found: list[tuple[str, dict[str, str]]], p: Mapping[str, Any]) -> list[Gathered]:
+    def gather(self, rule: Rule, found: list[tuple[str, dict[str, str]]], p: P) -> list[Gathered]:
         """Matched keys -> (first key, captures, other input keys) per planning step. Default: one key each."""
         return [(k, caps, ()) for k, caps in found]
 
-    def target_names(self, rule: Rule, inputs: list[Node], p: Mapping[str, Any], ctx: Ctx) -> list[str]:
+    def target_names(self, rule: Rule, inputs: list[Node], p: P, ctx: Ctx) -> list[str]:
         """The keys this step writes. Default: the rule's target templates, filled."""
         return [ctx.fill(t) for t in rule.targets]
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: P, ctx: Ctx) -> list[Node]:
         raise NotImplementedError
 
     # -- inverting
 
     def keymap(self, rule: Rule, vars_: dict[str, Any]) -> KeyMap:
-        return KeyMap(rule.sources[0] if rule.sources else None, vars_, self.target_kinds(rule.p))
+        return KeyMap(rule.sources[0] if rule.sources else None, vars_, self.target_kinds(self.params(rule)))
 
     def invert(self, rule: Rule, vars_: dict[str, Any]) -> list[dict[str, Any]]:
         """The reverse rule(s) as YAML-shaped data; raises NotInvertible saying why there are none.
@@ -222,9 +238,9 @@ class Op:
             raise NotInvertible("a conditional rule (`when:`) cannot be reversed from the spec alone; declare `inverse:`")
         if self.inverse_needs:
             raise NotInvertible(f"{self.name} is lossy: {self.inverse_needs}; declare `inverse:` on the rule")
-        return self.inverse(rule, self.keymap(rule, vars_), rule.p)
+        return self.inverse(rule, self.keymap(rule, vars_), self.params(rule))
 
-    def inverse(self, rule: Rule, km: KeyMap, p: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def inverse(self, rule: Rule, km: KeyMap, p: P) -> list[dict[str, Any]]:
         raise NotInvertible(f"no inverse known for op {self.name!r}; declare `inverse:`")
 
     @staticmethod
@@ -342,10 +358,12 @@ class Op:
         return {f"rule_{self.name}": self.schema_rule(), self.name: self.schema_value(), f"op_{self.name}": self.schema_mapping()}
 
 
-REGISTRY: dict[str, Op] = {}
+REGISTRY: dict[str, Op[Any]] = {}
+
+OpClass = TypeVar("OpClass", bound=type[Op[Any]])
 
 
-def register(cls: type[Op]) -> type[Op]:
+def register(cls: OpClass) -> OpClass:
     """Class decorator: add the op to :data:`REGISTRY` under its ``name``."""
     REGISTRY[cls.name] = cls()
     return cls

@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from ..meta import Node
 from ..rules import Rule
 from ..template import parse_pattern, parse_template
-from .base import Ctx, Op, register
+from .base import Ctx, NoParams, Op, register
 from .fields import Field
 from .keymap import KeyMap
 
 
 @register
-class Copy(Op):
+class Copy(Op[NoParams]):
     name = "copy"
     summary = "One source to several targets (independent copies). List the source among the targets to keep it."
     example = "copy: {from: model.shared.weight, to: [model.encoder.embed_tokens.weight, model.decoder.embed_tokens.weight]}"
     fields = {"from": Field("pattern", True), "to": Field("templates", True)}
     n_targets = "n"
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: NoParams, ctx: Ctx) -> list[Node]:
         return [inputs[0]] * len(targets)
 
-    def inverse(self, rule: Rule, km: KeyMap, p: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def inverse(self, rule: Rule, km: KeyMap, p: NoParams) -> list[dict[str, Any]]:
         """Rename the first target back; drop the other copies, verified equal to it."""
         first = km.pattern(rule.targets[0])
         extras = self.extras(rule)

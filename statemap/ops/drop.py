@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from ..meta import Node
 from ..rules import Rule
 from ..template import Template
-from .base import Ctx, Op, register
+from .base import Ctx, NoParams, Op, register
 from .fields import Field
 from .keymap import KeyMap, NotInvertible
 
@@ -30,7 +29,7 @@ def _restore_copy(rule: Rule, other: Template, when_absent: bool) -> list[dict[s
 
 
 @register
-class Drop(Op):
+class Drop(Op[NoParams]):
     name = "drop"
     summary = "Remove matching keys from the output (they are listed in the report)."
     example = 'drop: "decoder.layers.{i}.attn.masked_bias"'
@@ -43,7 +42,7 @@ class Drop(Op):
             return [{"from": v} if isinstance(v, str) else dict(v) for v in value]
         return super().expand(value, where)
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: NoParams, ctx: Ctx) -> list[Node]:
         return []
 
     def invert(self, rule: Rule, vars_: dict[str, Any]) -> list[dict[str, Any]]:
@@ -67,11 +66,11 @@ class Keep(Drop):
     n_targets = "same"
     inverse_needs = ""
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: NoParams, ctx: Ctx) -> list[Node]:
         return [inputs[0]]
 
     def invert(self, rule: Rule, vars_: dict[str, Any]) -> list[dict[str, Any]]:
         return Op.invert(self, rule, vars_)
 
-    def inverse(self, rule: Rule, km: KeyMap, p: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def inverse(self, rule: Rule, km: KeyMap, p: NoParams) -> list[dict[str, Any]]:
         return [{"keep": {"from": rule.sources[0].text, **self.extras(rule)}}]

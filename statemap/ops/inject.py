@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ..dtypes import dtype as lookup_dtype
@@ -15,8 +16,15 @@ from .fields import Field
 from .keymap import KeyMap, NotInvertible
 
 
+@dataclass(frozen=True)
+class InjectParams:
+    shape: tuple[tuple[Any, ...], ...]
+    value: float = 0
+    dtype: str = "float32"
+
+
 @register
-class Inject(Op):
+class Inject(Op[InjectParams]):
     name = "inject"
     summary = (
         "Create a tensor filled with one value; its shape may use vars and other tensors' dims. "
@@ -30,26 +38,27 @@ class Inject(Op):
         "value": Field("number", default=0),
         "dtype": Field("dtype", default="float32"),
     }
+    Params = InjectParams
     aliases = {"key": "to"}
     n_sources = "0"
     keeps_sources = True
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
-        shape = ctx.shape(p["shape"])
+    def plan(self, inputs: list[Node], targets: list[str], p: InjectParams, ctx: Ctx) -> list[Node]:
+        shape = ctx.shape(p.shape)
         if any(d < 0 for d in shape):
             raise ctx.fail(f"injected shape {shape} has a negative dim")
-        dt = lookup_dtype(p["dtype"])
+        dt = lookup_dtype(p.dtype)
         if len(shape) > 64 or math.prod(shape) * dt.itemsize >= 1 << 62:
             raise ctx.fail(f"injected shape {short_repr(shape, 80)} is too large to create")
-        if dt.kind == "bool" and p["value"] not in (0, 1):
-            raise ctx.fail(f"value {p['value']!r} does not fit bool")
-        return [Node("fill", tuple(shape), dt.name, (), (p["value"],))]
+        if dt.kind == "bool" and p.value not in (0, 1):
+            raise ctx.fail(f"value {p.value!r} does not fit bool")
+        return [Node("fill", tuple(shape), dt.name, (), (p.value,))]
 
-    def inverse(self, rule: Rule, km: KeyMap, p: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def inverse(self, rule: Rule, km: KeyMap, p: InjectParams) -> list[dict[str, Any]]:
         if not rule.targets:
             raise NotInvertible("inject without a target")
         extras = self.extras(rule)
         return [{"drop": {"from": km.pattern(rule.targets[0]), **extras}}]
 
     def lint(self, rule: Rule, vars_: Mapping[str, Any]) -> list[LintFact]:
-        return shape_facts(rule.p.get("shape"), vars_, rest_ok=False)
+        return shape_facts(self.params(rule).shape, vars_, rest_ok=False)

@@ -60,7 +60,9 @@ def parse_rule(item: Any, loc: Loc, index: int, var_names: set[str]) -> list[Rul
     return rules
 
 
-def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc, idx: int, var_names: set[str], w: str) -> Rule:
+def _canonical(
+    op: Op[Any], fields: dict[str, Any], common: dict[str, Any], loc: Loc, idx: int, var_names: set[str], w: str
+) -> Rule:
     sources: tuple[Any, ...] = ()
     each = fields.pop("for", None)
     if each is not None:
@@ -92,7 +94,8 @@ def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc,
         targets = (to,)
     if op.n_targets == "n" and len(targets) < 1:
         raise SpecError(f"{w}'to' needs at least one target")
-    op.check_rule(fields, sources, targets, w)
+    params = op.Params(**fields)  # the fields besides the keys, typed
+    op.check_rule(params, sources, targets, w)
     captures = set(sources[0].captures) if sources else set()
     guard_names = cond_names(common.get("when", ())) | {
         n for a in common.get("assume", ()) if a.kind == "equal" for n in a.arg.names
@@ -105,7 +108,7 @@ def _canonical(op: Op, fields: dict[str, Any], common: dict[str, Any], loc: Loc,
         raise SpecError(f"{w}'assume' states a fact about matched tensors; this rule matches none")
     if any(c.kind in ("dtype", "tied_to", "not_tied_to") for c in common.get("when", ())) and not sources:
         raise SpecError(f"{w}'when: dtype/tied_to' need a matched key; this rule has no 'from'")
-    extra = set(op.target_kinds(fields))
+    extra = set(op.target_kinds(params))
     for k, v in fields.items():  # a dim names vars or captures (other integers may use vars set at plan time)
         unknown = int_names(v) - captures - var_names if op.fields[k].kind == "axis" and v is not None else set()
         if unknown:

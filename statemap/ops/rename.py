@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from ..errors import SpecError
 from ..meta import Node
 from ..rules import Rule
-from .base import Ctx, Op, register
+from .base import Ctx, NoParams, Op, register
 from .fields import Field
 from .keymap import KeyMap
 
@@ -22,7 +21,7 @@ def arrow(value: str, where: str, op: str) -> dict[str, Any]:
 
 
 @register
-class Rename(Op):
+class Rename(Op[NoParams]):
     name = "rename"
     summary = "Give matching keys new names; values are untouched."
     example = 'rename: "encoder.layers.{i}.ffn.{rest:path} -> encoder.layers.{i}.{rest}"'
@@ -36,9 +35,9 @@ class Rename(Op):
             return [arrow(v, where, self.name) if isinstance(v, str) else dict(v) for v in value]
         return super().expand(value, where)
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: NoParams, ctx: Ctx) -> list[Node]:
         return [inputs[0]]
 
-    def inverse(self, rule: Rule, km: KeyMap, p: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def inverse(self, rule: Rule, km: KeyMap, p: NoParams) -> list[dict[str, Any]]:
         src = km.pattern(rule.targets[0])
         return [{"rename": {"from": src, "to": km.template(rule.sources[0]), **self.extras(rule)}}]

@@ -4,14 +4,15 @@ over a capture (experts, tensor-parallel ranks, replicas)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Union
 
 from ..errors import PlanError, SpecError
 from ..meta import Node
 from ..rules import Rule
 from ..template import Template
 from .base import Ctx, Gathered, LintFact, Op, int_or_none, norm_dim, register
-from .fields import Field, int_yaml
+from .fields import Field, IntValue, int_yaml
 from .keymap import KeyMap, NotInvertible
 
 
@@ -22,15 +23,35 @@ def _over_index(rule: Rule, key: str, caps: Mapping[str, str], over: str) -> int
     return int(text)
 
 
-def _check_count(ctx: Ctx, p: Mapping[str, Any], n: int, what: str) -> None:
-    if p.get("count") is not None:
-        want = ctx.to_int(p["count"])
+def _check_count(ctx: Ctx, p: OverParams, n: int, what: str) -> None:
+    if p.count is not None:
+        want = ctx.to_int(p.count)
         if want != n:
             raise ctx.fail(f"count is {want}, but {what} {n}")
 
 
+@dataclass(frozen=True)
+class SplitParams:
+    dim: IntValue = 0
+    sizes: tuple[IntValue, ...] | None = None
+    over: str | None = None
+    mode: str = "concat"
+    count: IntValue | None = None
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    dim: IntValue = 0
+    mode: str = "concat"
+    over: str | None = None
+    count: IntValue | None = None
+
+
+OverParams = Union[SplitParams, MergeParams]  # noqa: UP007
+
+
 @register
-class Split(Op):
+class Split(Op[SplitParams]):
     name = "split"
     summary = (
         "Cut one tensor along a dim into several targets: equal chunks, or explicit sizes (one may be -1). "
@@ -56,13 +77,14 @@ class Split(Op):
         "count": Field("expr", doc="with over: the number of targets (stack: asserted, the dim's length is used)"),
     }
     n_targets = "n"
+    Params = SplitParams
 
-    def check_rule(self, p: Mapping[str, Any], sources: tuple[Any, ...], targets: tuple[Template, ...], where: str) -> None:
-        over = p.get("over")
+    def check_rule(self, p: SplitParams, sources: tuple[Any, ...], targets: tuple[Template, ...], where: str) -> None:
+        over = p.over
         if over is None:
-            if p["mode"] != "concat" or p.get("count") is not None:
+            if p.mode != "concat" or p.count is not None:
                 raise SpecError(f"{where}'mode' and 'count' go with 'over: CAPTURE' (one target per index)")
-            if len(targets) < 2 and p.get("sizes") is None:
+            if len(targets) < 2 and p.sizes is None:
                 raise SpecError(f"{where}split into fewer than 2 targets; list the targets in 'to'")
             return
         if len(targets) != 1:
@@ -71,38 +93,39 @@ class Split(Op):
             raise SpecError(f"{where}'to' {targets[0].text!r} must use {{{over}}} (the index of each piece)")
         if over in sources[0].captures:
             raise SpecError(f"{where}{{{over}}} is already a capture of {sources[0].text!r}; 'over' names a new index")
-        if p.get("sizes") is not None:
+        if p.sizes is not None:
             raise SpecError(f"{where}'sizes' does not go with 'over' (the pieces are equal)")
-        if p["mode"] in ("concat", "same") and p.get("count") is None:
-            raise SpecError(f"{where}split over {over} with mode {p['mode']} needs 'count' (how many pieces)")
+        if p.mode in ("concat", "same") and p.count is None:
+            raise SpecError(f"{where}split over {over} with mode {p.mode} needs 'count' (how many pieces)")
 
-    def target_kinds(self, p: Mapping[str, Any]) -> dict[str, str]:
-        return {p["over"]: "int"} if p.get("over") else {}
+    def target_kinds(self, p: SplitParams) -> dict[str, str]:
+        return {p.over: "int"} if p.over else {}
 
-    def _count(self, src: Node, p: Mapping[str, Any], ctx: Ctx) -> int:
-        if p["mode"] == "stack":
-            dim = norm_dim(ctx, p["dim"], len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
+    def _count(self, src: Node, p: SplitParams, ctx: Ctx) -> int:
+        if p.mode == "stack":
+            dim = norm_dim(ctx, p.dim, len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
             n = src.shape[dim]
             _check_count(ctx, p, n, f"dim {dim} of {list(src.shape)} has length")
             return n
-        n = ctx.to_int(p["count"])
+        assert p.count is not None  # check_rule: concat and same need count
+        n = ctx.to_int(p.count)
         if not 1 <= n <= 1 << 16:
             raise ctx.fail(f"count {n} is not between 1 and {1 << 16}")
         return n
 
-    def target_names(self, rule: Rule, inputs: list[Node], p: Mapping[str, Any], ctx: Ctx) -> list[str]:
-        if p.get("over") is None:
+    def target_names(self, rule: Rule, inputs: list[Node], p: SplitParams, ctx: Ctx) -> list[str]:
+        if p.over is None:
             return super().target_names(rule, inputs, p, ctx)
-        return [ctx.fill(rule.targets[0], {p["over"]: v}) for v in range(self._count(inputs[0], p, ctx))]
+        return [ctx.fill(rule.targets[0], {p.over: v}) for v in range(self._count(inputs[0], p, ctx))]
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: SplitParams, ctx: Ctx) -> list[Node]:
         src = inputs[0]
-        if p.get("over") is not None and p["mode"] == "same":
+        if p.over is not None and p.mode == "same":
             ctx.tie = True
             return [src] * len(targets)
-        dim = norm_dim(ctx, p["dim"], len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
+        dim = norm_dim(ctx, p.dim, len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
         length, n = src.shape[dim], len(targets)
-        if p.get("over") is not None and p["mode"] == "stack":
+        if p.over is not None and p.mode == "stack":
             shape = list(src.shape)
             del shape[dim]
             one = list(src.shape)
@@ -117,7 +140,7 @@ class Split(Op):
                 )
                 for v in range(n)
             ]
-        if p.get("sizes") is None:
+        if p.sizes is None:
             if length % n:
                 raise ctx.fail(
                     f"can't split dim {dim} of length {length} into {n} equal chunks "
@@ -125,7 +148,7 @@ class Split(Op):
                 )
             sizes = [length // n] * n
         else:
-            sizes = [ctx.to_int(s) for s in p["sizes"]]
+            sizes = [ctx.to_int(s) for s in p.sizes]
             if len(sizes) != n:
                 raise ctx.fail(f"{len(sizes)} sizes for {n} targets")
             if sizes.count(-1) > 1:
@@ -147,33 +170,33 @@ class Split(Op):
             start += s
         return out
 
-    def inverse(self, rule: Rule, km: KeyMap, p: Mapping[str, Any]) -> list[dict[str, Any]]:
-        if p.get("over"):  # merge over the same name
-            over = p["over"]
+    def inverse(self, rule: Rule, km: KeyMap, p: SplitParams) -> list[dict[str, Any]]:
+        if p.over:  # merge over the same name
+            over = p.over
             src = km.pattern(rule.targets[0])
             if km.solution.get(over) != over:
                 raise NotInvertible(f"the target uses {{{over}}} with arithmetic; declare `inverse:`")
-            body = {"from": src, "over": over, "mode": p["mode"], "to": km.template(rule.sources[0])}
-            if p["mode"] != "same":
-                body["dim"] = int_yaml(p["dim"])
-            if p.get("count") is not None:
-                body["count"] = int_yaml(p["count"])
+            body = {"from": src, "over": over, "mode": p.mode, "to": km.template(rule.sources[0])}
+            if p.mode != "same":
+                body["dim"] = int_yaml(p.dim)
+            if p.count is not None:
+                body["count"] = int_yaml(p.count)
             return [{"merge": {**body, **self.extras(rule)}}]
         first = km.pattern(rule.targets[0])
         others = [km.template(t) for t in rule.targets[1:]]
         km.same_captures(rule.targets[1:])
         to = km.template(rule.sources[0])
-        return [{"merge": {"from": [first, *others], "to": to, "dim": int_yaml(p["dim"]), **self.extras(rule)}}]
+        return [{"merge": {"from": [first, *others], "to": to, "dim": int_yaml(p.dim), **self.extras(rule)}}]
 
     def lint(self, rule: Rule, vars_: Mapping[str, Any]) -> list[LintFact]:
-        p = rule.p
+        p = self.params(rule)
         out: list[LintFact] = []
-        if p.get("over"):
-            count = None if p.get("count") is None else int_or_none(p["count"], vars_)
+        if p.over:
+            count = None if p.count is None else int_or_none(p.count, vars_)
             if count is not None and count < 1:
                 out.append(LintFact(f"count {count} must be at least 1"))
-        elif p.get("sizes") is not None:
-            sizes = p["sizes"]
+        elif p.sizes is not None:
+            sizes = p.sizes
             n = len(rule.targets)
             if len(sizes) != n:
                 out.append(LintFact(f"{len(sizes)} sizes for {n} targets", "give one size per target"))
@@ -187,7 +210,7 @@ class Split(Op):
 
 
 @register
-class Merge(Op):
+class Merge(Op[MergeParams]):
     name = "merge"
     summary = (
         "Join several tensors into one along a dim (mode: concat or stack). Captures bind in the "
@@ -209,11 +232,12 @@ class Merge(Op):
         "count": Field("expr", doc="with over: the number of pieces, asserted"),
     }
     n_sources = "n"
+    Params = MergeParams
 
-    def check_rule(self, p: Mapping[str, Any], sources: tuple[Any, ...], targets: tuple[Template, ...], where: str) -> None:
-        over = p.get("over")
+    def check_rule(self, p: MergeParams, sources: tuple[Any, ...], targets: tuple[Template, ...], where: str) -> None:
+        over = p.over
         if over is None:
-            if p["mode"] == "same" or p.get("count") is not None:
+            if p.mode == "same" or p.count is not None:
                 raise SpecError(f"{where}'mode: same' and 'count' go with 'over: CAPTURE' (join every index)")
             return
         if len(sources) != 1:
@@ -223,8 +247,8 @@ class Merge(Op):
         if over in targets[0].names:
             raise SpecError(f"{where}'to' {targets[0].text!r} uses {{{over}}}, but the pieces over {over} become one key")
 
-    def gather(self, rule: Rule, found: list[tuple[str, dict[str, str]]], p: Mapping[str, Any]) -> list[Gathered]:
-        over = p.get("over")
+    def gather(self, rule: Rule, found: list[tuple[str, dict[str, str]]], p: MergeParams) -> list[Gathered]:
+        over = p.over
         if over is None:
             return super().gather(rule, found, p)
         groups: dict[tuple[tuple[str, str], ...], list[tuple[int, str, dict[str, str]]]] = {}
@@ -248,26 +272,26 @@ class Merge(Op):
             out.append((members[0][1], caps, tuple(m[1] for m in members[1:])))
         return out
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: MergeParams, ctx: Ctx) -> list[Node]:
         first = inputs[0]
-        if p.get("over") is not None:
-            _check_count(ctx, p, len(inputs), f"merging over {p['over']} found")
+        if p.over is not None:
+            _check_count(ctx, p, len(inputs), f"merging over {p.over} found")
         if any(n.dtype != first.dtype for n in inputs):
             raise ctx.fail(f"can't merge dtypes {[n.dtype for n in inputs]}; cast first")
         ndim = len(first.shape)
-        if p["mode"] == "same":
+        if p.mode == "same":
             if any(n.shape != first.shape for n in inputs):
                 raise ctx.fail(f"replicas have different shapes {[list(n.shape) for n in inputs]}")
             ctx.equal.extend((ctx.keys[0], k, "replica") for k in ctx.keys[1:])
             return [first]
-        if p["mode"] == "stack":
-            dim = norm_dim(ctx, p["dim"], ndim + 1, "the stacked result")
+        if p.mode == "stack":
+            dim = norm_dim(ctx, p.dim, ndim + 1, "the stacked result")
             if any(n.shape != first.shape for n in inputs):
                 raise ctx.fail(f"can't stack shapes {[list(n.shape) for n in inputs]}: they must be equal")
             shape = list(first.shape)
             shape.insert(dim, len(inputs))
             return [Node("stack", tuple(shape), first.dtype, tuple(inputs), (dim,))]
-        dim = norm_dim(ctx, p["dim"], ndim, f"{ctx.key!r} of shape {list(first.shape)}")
+        dim = norm_dim(ctx, p.dim, ndim, f"{ctx.key!r} of shape {list(first.shape)}")
         for n in inputs:
             other = [d for i, d in enumerate(n.shape) if i != dim]
             if len(n.shape) != ndim or other != [d for i, d in enumerate(first.shape) if i != dim]:
@@ -278,32 +302,32 @@ class Merge(Op):
         shape[dim] = sum(n.shape[dim] for n in inputs)
         return [Node("concat", tuple(shape), first.dtype, tuple(inputs), (dim,))]
 
-    def joined(self, p: Mapping[str, Any]) -> set[str]:
-        return {p["over"]} if p.get("over") else set()
+    def joined(self, p: MergeParams) -> set[str]:
+        return {p.over} if p.over else set()
 
-    def inverse(self, rule: Rule, km: KeyMap, p: Mapping[str, Any]) -> list[dict[str, Any]]:
-        if p.get("over"):  # split over the same name
-            over = p["over"]
+    def inverse(self, rule: Rule, km: KeyMap, p: MergeParams) -> list[dict[str, Any]]:
+        if p.over:  # split over the same name
+            over = p.over
             src = km.pattern(rule.targets[0])
             km.solution[over] = over
-            body = {"from": src, "over": over, "mode": p["mode"], "to": km.template(rule.sources[0])}
-            if p["mode"] != "same":
-                body["dim"] = int_yaml(p["dim"])
-            if p.get("count") is not None:
-                body["count"] = int_yaml(p["count"])
-            elif p["mode"] != "stack":
+            body = {"from": src, "over": over, "mode": p.mode, "to": km.template(rule.sources[0])}
+            if p.mode != "same":
+                body["dim"] = int_yaml(p.dim)
+            if p.count is not None:
+                body["count"] = int_yaml(p.count)
+            elif p.mode != "stack":
                 raise NotInvertible(f"the number of pieces over {over} is not in the spec; give `count:`")
             return [{"split": {**body, **self.extras(rule)}}]
-        if p["mode"] != "concat":
+        if p.mode != "concat":
             raise NotInvertible("merge with mode: stack needs a declared `inverse:` (a split and a reshape)")
         src = km.pattern(rule.targets[0])
         targets = [km.template(rule.sources[0])] + [km.template(t) for t in rule.sources[1:]]
-        return [{"split": {"from": src, "to": targets, "dim": int_yaml(p["dim"]), **self.extras(rule)}}]
+        return [{"split": {"from": src, "to": targets, "dim": int_yaml(p.dim), **self.extras(rule)}}]
 
     def lint(self, rule: Rule, vars_: Mapping[str, Any]) -> list[LintFact]:
-        p = rule.p
-        if p.get("over"):
-            count = None if p.get("count") is None else int_or_none(p["count"], vars_)
+        p = self.params(rule)
+        if p.over:
+            count = None if p.count is None else int_or_none(p.count, vars_)
             return [LintFact(f"count {count} must be at least 1")] if count is not None and count < 1 else []
         if len(rule.sources) < 2:
             return [LintFact("merges a single source", "use rename (or reshape) instead", "warning")]

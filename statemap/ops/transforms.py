@@ -4,17 +4,53 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ..dtypes import dtype as lookup_dtype
 from ..meta import Node
 from ..rules import Rule
-from .base import Ctx, LintFact, Op, int_or_none, norm_dim, permute_node, register, shape_facts
-from .fields import Field
+from .base import Ctx, LintFact, Op, P, int_or_none, norm_dim, permute_node, register, shape_facts
+from .fields import Field, IntValue
 from .keymap import KeyMap
 
 
-class Transform(Op):
+@dataclass(frozen=True)
+class TransposeParams:
+    dims: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class PermuteParams:
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShapeParams:
+    shape: tuple[tuple[Any, ...], ...]
+
+
+@dataclass(frozen=True)
+class SliceParams:
+    dim: IntValue = 0
+    start: IntValue = 0
+    stop: IntValue | None = None
+    step: IntValue = 1
+
+
+@dataclass(frozen=True)
+class PadParams:
+    size: IntValue
+    dim: IntValue = 0
+    value: float = 0
+
+
+@dataclass(frozen=True)
+class DtypeParams:
+    dtype: str
+
+
+class Transform(Op[P]):
     """1 -> 1 ops that change values; ``to`` is optional (default: same key)."""
 
     n_targets = "same"
@@ -26,16 +62,17 @@ class Transform(Op):
 
 
 @register
-class Transpose(Transform):
+class Transpose(Transform[TransposeParams]):
     name = "transpose"
     summary = "Swap two dims (default: the two dims of a matrix), e.g. Linear [out, in] <-> Conv1D/Flax [in, out]."
     example = 'transpose: "h.{i}.attn.c_attn.weight"'
     fields = {"from": Field("pattern", True), "to": Field("template"), "dims": Field("axes")}
+    Params = TransposeParams
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: TransposeParams, ctx: Ctx) -> list[Node]:
         src = inputs[0]
         nd = len(src.shape)
-        dims = p.get("dims")
+        dims = p.dims
         if dims is None:
             if nd != 2:
                 raise ctx.fail(f"shape {list(src.shape)} is not a matrix; give 'dims: [a, b]' to choose two dims")
@@ -47,13 +84,14 @@ class Transpose(Transform):
         axes[a], axes[b] = axes[b], axes[a]
         return [permute_node(src, tuple(axes))]
 
-    def inverse(self, rule: Rule, km: KeyMap, p: Mapping[str, Any]) -> list[dict[str, Any]]:
-        return self.one_to_one_inverse(rule, km, {"dims": list(p["dims"])} if p.get("dims") is not None else {})
+    def inverse(self, rule: Rule, km: KeyMap, p: TransposeParams) -> list[dict[str, Any]]:
+        return self.one_to_one_inverse(rule, km, {"dims": list(p.dims)} if p.dims is not None else {})
 
     def lint(self, rule: Rule, vars_: Mapping[str, Any]) -> list[LintFact]:
-        if rule.p.get("dims") is None:
+        given = self.params(rule).dims
+        if given is None:
             return []
-        dims = list(rule.p["dims"])
+        dims = list(given)
         if len(dims) != 2:
             return [LintFact(f"'dims' names two dims to swap, got {dims}")]
         if dims[0] == dims[1]:
@@ -62,40 +100,42 @@ class Transpose(Transform):
 
 
 @register
-class Permute(Transform):
+class Permute(Transform[PermuteParams]):
     name = "permute"
     summary = "Reorder all dims, e.g. conv OIHW -> HWIO is dims [2, 3, 1, 0]."
     example = "permute: {from: 'embeddings.patch_embeddings.projection.weight', dims: [2, 3, 1, 0]}"
     fields = {"from": Field("pattern", True), "to": Field("template"), "dims": Field("axes", True)}
+    Params = PermuteParams
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
-        src, dims = inputs[0], tuple(p["dims"])
+    def plan(self, inputs: list[Node], targets: list[str], p: PermuteParams, ctx: Ctx) -> list[Node]:
+        src, dims = inputs[0], tuple(p.dims)
         if sorted(dims) != list(range(len(src.shape))):
             raise ctx.fail(f"dims {list(dims)} is not a permutation of the {len(src.shape)} dims of {list(src.shape)}")
         return [permute_node(src, dims)]
 
-    def inverse(self, rule: Rule, km: KeyMap, p: Mapping[str, Any]) -> list[dict[str, Any]]:
-        dims = list(p["dims"])
+    def inverse(self, rule: Rule, km: KeyMap, p: PermuteParams) -> list[dict[str, Any]]:
+        dims = list(p.dims)
         return self.one_to_one_inverse(rule, km, {"dims": [dims.index(i) for i in range(len(dims))]})
 
     def lint(self, rule: Rule, vars_: Mapping[str, Any]) -> list[LintFact]:
-        dims = list(rule.p.get("dims") or ())
+        dims = list(self.params(rule).dims or ())
         if sorted(d % len(dims) if dims else d for d in dims) != list(range(len(dims))):
             return [LintFact(f"dims {dims} is not a permutation of 0..{len(dims) - 1}")]
         return []
 
 
 @register
-class Reshape(Transform):
+class Reshape(Transform[ShapeParams]):
     name = "reshape"
     summary = "Change the shape, keeping the element order; one dim may be -1; dims may use vars."
     example = "reshape: {from: 'cls_token', shape: [1, 1, -1]}"
     fields = {"from": Field("pattern", True), "to": Field("template"), "shape": Field("shape", True)}
+    Params = ShapeParams
     inverse_needs = "the original shape is not in the spec"
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: ShapeParams, ctx: Ctx) -> list[Node]:
         src = inputs[0]
-        shape = ctx.shape(p["shape"])
+        shape = ctx.shape(p.shape)
         total = math.prod(src.shape)
         if shape.count(-1) > 1:
             raise ctx.fail(f"only one dim may be -1 in {shape}")
@@ -109,11 +149,11 @@ class Reshape(Transform):
         return [Node("reshape", tuple(shape), src.dtype, (src,), (tuple(shape),))]
 
     def lint(self, rule: Rule, vars_: Mapping[str, Any]) -> list[LintFact]:
-        return shape_facts(rule.p.get("shape"), vars_, rest_ok=True)
+        return shape_facts(self.params(rule).shape, vars_, rest_ok=True)
 
 
 @register
-class Slice(Transform):
+class Slice(Transform[SliceParams]):
     name = "slice"
     summary = "Keep a range along a dim, e.g. the first `vocab` rows of an embedding."
     example = "slice: {from: 'encoder.embed_tokens.weight', dim: 0, stop: vocab}"
@@ -125,15 +165,16 @@ class Slice(Transform):
         "stop": Field("expr"),
         "step": Field("expr", default=1),
     }
+    Params = SliceParams
     inverse_needs = "the cut-off part (and the original length) is not in the spec"
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: SliceParams, ctx: Ctx) -> list[Node]:
         src = inputs[0]
-        dim = norm_dim(ctx, p["dim"], len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
+        dim = norm_dim(ctx, p.dim, len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
         length = src.shape[dim]
-        start = ctx.to_int(p["start"])
-        stop = length if p.get("stop") is None else ctx.to_int(p["stop"])
-        step = ctx.to_int(p["step"])
+        start = ctx.to_int(p.start)
+        stop = length if p.stop is None else ctx.to_int(p.stop)
+        step = ctx.to_int(p.step)
         if step <= 0:
             raise ctx.fail(f"step must be positive, got {step}")
         if not 0 <= start <= stop <= length:
@@ -143,9 +184,9 @@ class Slice(Transform):
         return [Node("slice", tuple(shape), src.dtype, (src,), (dim, start, stop, step))]
 
     def lint(self, rule: Rule, vars_: Mapping[str, Any]) -> list[LintFact]:
-        p = rule.p
-        start, step = int_or_none(p.get("start", 0), vars_), int_or_none(p.get("step", 1), vars_)
-        stop = None if p.get("stop") is None else int_or_none(p["stop"], vars_)
+        p = self.params(rule)
+        start, step = int_or_none(p.start, vars_), int_or_none(p.step, vars_)
+        stop = None if p.stop is None else int_or_none(p.stop, vars_)
         out = []
         if step is not None and step <= 0:
             out.append(LintFact(f"step must be positive, got {step}"))
@@ -157,7 +198,7 @@ class Slice(Transform):
 
 
 @register
-class Pad(Transform):
+class Pad(Transform[PadParams]):
     name = "pad"
     summary = "Grow a dim to `size` by appending `value` (e.g. resize a vocab); the inverse of slice."
     example = "pad: {from: 'lm_head.weight', dim: 0, size: vocab, value: 0}"
@@ -168,25 +209,26 @@ class Pad(Transform):
         "size": Field("expr", True),
         "value": Field("number", default=0),
     }
+    Params = PadParams
     inverse_needs = "the original length is not in the spec"
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: PadParams, ctx: Ctx) -> list[Node]:
         src = inputs[0]
-        dim = norm_dim(ctx, p["dim"], len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
-        size = ctx.to_int(p["size"])
+        dim = norm_dim(ctx, p.dim, len(src.shape), f"{ctx.key!r} of shape {list(src.shape)}")
+        size = ctx.to_int(p.size)
         if size < src.shape[dim]:
             raise ctx.fail(f"pad size {size} is smaller than dim {dim} of length {src.shape[dim]}; use slice to shrink")
         shape = list(src.shape)
         shape[dim] = size
-        return [Node("pad", tuple(shape), src.dtype, (src,), (dim, size, p["value"]))]
+        return [Node("pad", tuple(shape), src.dtype, (src,), (dim, size, p.value))]
 
     def lint(self, rule: Rule, vars_: Mapping[str, Any]) -> list[LintFact]:
-        size = int_or_none(rule.p.get("size"), vars_)
+        size = int_or_none(self.params(rule).size, vars_)
         return [LintFact(f"pad size {size} is negative")] if size is not None and size < 0 else []
 
 
 @register
-class View(Transform):
+class View(Transform[DtypeParams]):
     name = "view"
     summary = (
         "Reinterpret the bits as another dtype of the same width, without converting values "
@@ -194,11 +236,12 @@ class View(Transform):
     )
     example = "view: {from: '{k:path}', dtype: bfloat16}"
     fields = {"from": Field("pattern", True), "to": Field("template"), "dtype": Field("dtype", True)}
+    Params = DtypeParams
     inverse_needs = "the original dtype is not in the spec"
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: DtypeParams, ctx: Ctx) -> list[Node]:
         src = inputs[0]
-        a, b = lookup_dtype(src.dtype), lookup_dtype(p["dtype"])
+        a, b = lookup_dtype(src.dtype), lookup_dtype(p.dtype)
         if a.itemsize != b.itemsize:
             raise ctx.fail(f"can't view {a.name} ({a.itemsize} bytes) as {b.name} ({b.itemsize} bytes): widths differ; use cast")
         if a == b:
@@ -213,7 +256,7 @@ class View(Transform):
         km = self.keymap(rule, vars_)
         to = rule.targets[0] if rule.targets else None
         src = km.pattern(to) if to is not None else rule.sources[0].text
-        view: dict[str, Any] = {"from": src, "dtype": dtypes[0][0], "when": {"dtype": rule.p["dtype"]}}
+        view: dict[str, Any] = {"from": src, "dtype": dtypes[0][0], "when": {"dtype": self.params(rule).dtype}}
         back = km.template(rule.sources[0]) if to is not None else None
         if back is not None and back != src:
             view["to"] = back
@@ -221,16 +264,17 @@ class View(Transform):
 
 
 @register
-class Cast(Transform):
+class Cast(Transform[DtypeParams]):
     name = "cast"
     summary = "Convert values to another dtype (bfloat16 rounds to nearest even)."
     example = "cast: {from: '{x:path}', dtype: float16}"
     fields = {"from": Field("pattern", True), "to": Field("template"), "dtype": Field("dtype", True)}
+    Params = DtypeParams
     inverse_needs = "the original dtype (and precision) is not in the spec"
 
-    def plan(self, inputs: list[Node], targets: list[str], p: Mapping[str, Any], ctx: Ctx) -> list[Node]:
+    def plan(self, inputs: list[Node], targets: list[str], p: DtypeParams, ctx: Ctx) -> list[Node]:
         src = inputs[0]
-        dst = lookup_dtype(p["dtype"])
+        dst = lookup_dtype(p.dtype)
         if src.dtype == dst.name:
             return [src]
         for d in (lookup_dtype(src.dtype), dst):
