@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["statemap", "statemap.errors", "statemap.textsafe"]),
     ("values", ["statemap.dtypes", "statemap.fsutil", "statemap.keymatch", "statemap.axes"]),
     ("keys and tensors", ["statemap.template", "statemap.meta", "statemap.torch_adapter"]),
-    ("rules", ["statemap.guards", "statemap.rules"]),
+    ("rules", ["statemap.guards", "statemap.rules", "statemap.inputs", "statemap.vardefs"]),
     ("ops", ["statemap.ops.fields", "statemap.ops.keymap", "statemap.ops.base"]),
     (
         "op modules",
@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("derived specs", ["statemap.invert"]),
     ("specs", ["statemap.catalog", "statemap.spec", "statemap.schema"]),
     ("reading", ["statemap.load.*", "statemap.report"]),
-    ("planning", ["statemap.plan", "statemap.lint", "statemap.apply", "statemap.torch_apply"]),
+    ("planning", ["statemap.source", "statemap.plan", "statemap.lint", "statemap.apply", "statemap.torch_apply"]),
     ("checking and writing", ["statemap.verify", "statemap.write", "statemap.correspond", "statemap.inspect"]),
     ("api", ["statemap.api", "statemap.diff"]),
     ("tools", ["statemap.suggest", "statemap.suggest_values"]),
