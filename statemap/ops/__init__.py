@@ -21,7 +21,11 @@ and its section in docs/spec.md: see docs/architecture.md.
 
 from __future__ import annotations
 
-from . import copy, drop, inject, rearrange, rename, split_merge, transforms  # noqa: F401 - registers the ops
+# isort: off
+# importing an op module registers its ops; this order is the order ops are listed in (messages, schema)
+from . import rename, drop, copy, inject, split_merge, transforms, rearrange  # noqa: F401
+
+# isort: on
 from .base import COMMON, REGISTRY, Ctx, LintFact, Op, register
 from .fields import DimOf, Field, int_value, int_yaml
 from .keymap import KeyMap, NotInvertible
@@ -42,7 +46,3 @@ __all__ = [
     "parse_rule",
     "register",
 ]
-
-# one predictable order wherever the ops are listed (messages, schema): by name
-for _name in sorted(REGISTRY):
-    REGISTRY[_name] = REGISTRY.pop(_name)
