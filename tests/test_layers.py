@@ -15,9 +15,10 @@ import pytest
 # bottom to top; a module may import its own layer or a lower one (and never in a cycle)
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["statemap", "statemap.errors", "statemap.textsafe"]),
-    ("values", ["statemap.dtypes", "statemap.fsutil", "statemap.keymatch", "statemap.axes"]),
+    ("values", ["statemap.dtypes", "statemap.fsutil", "statemap.keymatch", "statemap.axes", "statemap.progress"]),
     ("keys and tensors", ["statemap.template", "statemap.meta", "statemap.torch_adapter"]),
     ("rules", ["statemap.guards", "statemap.rules", "statemap.inputs", "statemap.vardefs"]),
+    ("reading", ["statemap.load.*", "statemap.report"]),
     ("ops", ["statemap.ops.fields", "statemap.ops.keymap", "statemap.ops.base"]),
     (
         "op modules",
@@ -33,8 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ),
     ("op registry", ["statemap.ops.parse", "statemap.ops"]),
     ("derived specs", ["statemap.invert"]),
-    ("specs", ["statemap.catalog", "statemap.spec", "statemap.schema"]),
-    ("reading", ["statemap.load.*", "statemap.report"]),
+    ("specs", ["statemap.catalog", "statemap.spec", "statemap.schema", "statemap.diagnose"]),
     ("planning", ["statemap.source", "statemap.plan", "statemap.lint", "statemap.apply", "statemap.torch_apply"]),
     ("checking and writing", ["statemap.verify", "statemap.write", "statemap.correspond", "statemap.inspect"]),
     ("api", ["statemap.api", "statemap.diff"]),

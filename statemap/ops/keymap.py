@@ -6,6 +6,7 @@ source pattern into a reverse target template, solving affine arithmetic on capt
 
 Example::
 
+    >>> from statemap.template import parse_pattern, parse_template
     >>> km = KeyMap(parse_pattern("h.{i:int}.w"), {})
     >>> km.pattern(parse_template("b.{2*i+1}.w")), km.template(parse_pattern("h.{i:int}.w"))
     ('b.{_i0:int}.w', 'h.{((_i0-1)//2)}.w')
