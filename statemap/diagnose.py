@@ -75,15 +75,16 @@ def _catalog() -> Iterable[Spec]:
     """The catalog specs, parsed with the C YAML loader (a hint must not cost seconds)."""
     import yaml
 
-    from .catalog import entries
+    from .catalog import catalog_dir, names
     from .errors import StatemapError
     from .spec import parse_spec
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    for e in entries():
+    for n in names():
+        path = str(catalog_dir() / f"{n}.yaml")
         try:
-            with open(e.path, encoding="utf-8") as f:
-                yield parse_spec(yaml.load(f.read(), Loader=loader), e.path)  # noqa: S506 - a safe loader
+            with open(path, encoding="utf-8") as f:
+                yield parse_spec(yaml.load(f.read(), Loader=loader), path)  # noqa: S506 - a safe loader
         except (OSError, StatemapError, yaml.YAMLError):
             continue
 

@@ -136,7 +136,7 @@ def test_progress_on_a_terminal_only_and_never_with_json_or_quiet(tmp_path):
 
 
 def test_list_piped_is_one_line_per_spec():
-    from statemap.catalog import entries
+    from statemap.spec import catalog_entries as entries
 
     r = cli("list")
     lines = r.stdout.splitlines()
