@@ -213,3 +213,64 @@ def test_bad_specs(rule, message):
 def test_bad_plans(rule, sd, message):
     with pytest.raises(PlanError, match=message):
         run(spec_of([rule]), sd)
+
+
+# -- a concat's derived reverse never cuts parts it cannot know (GQA: q is wider than k and v) -----
+
+QKV = ["l.{i}.q", "l.{i}.k", "l.{i}.v"]
+
+
+def _gqa() -> dict:
+    return {"l.0.q": torch.randn(8, 4, generator=g), "l.0.k": torch.randn(2, 4, generator=g), "l.0.v": torch.randn(2, 4, generator=g)}
+
+
+def test_list_merge_without_sizes_has_no_derived_reverse():
+    """Before: the reverse cut [12, 4] into 4/4/4 and called itself lossless (q=8, k=v=2 came back wrong)."""
+    spec = spec_of([{"merge": {"from": QKV, "to": "l.{i}.qkv"}}])
+    inv = invert(spec)
+    assert not inv.lossless and "give `sizes:`" in inv.lost[0]
+
+
+def test_list_merge_with_sizes_is_checked_and_reversed_exactly():
+    sd = _gqa()
+    spec = spec_of([{"merge": {"from": QKV, "to": "l.{i}.qkv", "sizes": ["h*d", "kv*d", "kv*d"]}}], {"h": 4, "kv": 1, "d": 2})
+    out = run(spec, sd)
+    assert torch.equal(out["l.0.qkv"], torch.cat([sd["l.0.q"], sd["l.0.k"], sd["l.0.v"]]))
+    inv = invert(spec)
+    assert inv.lossless
+    back = run(inv.spec, out)
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    with pytest.raises(PlanError, match=r"parts have lengths \[8, 2, 2\] along dim 0, but 'sizes' says \[4, 4, 4\]"):
+        run(spec_of([{"merge": {"from": QKV, "to": "l.{i}.qkv", "sizes": [4, 4, 4]}}]), sd)
+
+
+def test_list_merge_sizes_equal_is_checked_and_reverses_to_equal_blocks():
+    eq = {f"l.0.{p}": torch.randn(3, 4, generator=g) for p in "qkv"}
+    spec = spec_of([{"merge": {"from": QKV, "to": "l.{i}.qkv", "sizes": "equal"}}])
+    back = run(invert(spec).spec, run(spec, eq))
+    assert all(torch.equal(back[k], eq[k]) for k in eq)
+    with pytest.raises(PlanError, match=r"parts have lengths \[8, 2, 2\] along dim 0, but 'sizes: equal'"):
+        run(spec, _gqa())
+
+
+def test_concat_over_with_count_refuses_unequal_pieces():
+    sd = {"0/w": torch.randn(3, 2, generator=g), "1/w": torch.randn(2, 2, generator=g)}
+    spec = spec_of([{"merge": {"from": "{r:int}/w", "over": "r", "to": "w", "count": 2}}])
+    with pytest.raises(PlanError, match=r"pieces over r have lengths \[3, 2\] along dim 0; with 'count' they must be equal"):
+        run(spec, sd)
+    out = run(spec_of([{"merge": {"from": "{r:int}/w", "over": "r", "to": "w"}}]), sd)  # no count: no reverse, fine
+    assert torch.equal(out["w"], torch.cat([sd["0/w"], sd["1/w"]]))
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        ({"merge": {"from": QKV, "to": "x", "sizes": [1, 2]}}, r"2 sizes for 3 sources"),
+        ({"merge": {"from": QKV, "to": "x", "sizes": "same"}}, r"expected 'equal' or a list"),
+        ({"merge": {"from": QKV, "to": "x", "mode": "stack", "sizes": "equal"}}, r"'sizes' goes with a concat of a list"),
+        ({"merge": {"from": "{r:int}/w", "over": "r", "to": "w", "sizes": "equal"}}, r"'sizes' goes with a concat of a list"),
+    ],
+)
+def test_bad_merge_sizes(rule, message):
+    with pytest.raises(SpecError, match=message):
+        spec_of([rule])

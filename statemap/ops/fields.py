@@ -146,6 +146,14 @@ def _exprs(f: Field, v: Any, w: str) -> tuple[IntValue, ...]:
     return tuple(int_value(x, w) for x in v)
 
 
+def _sizes_or_equal(f: Field, v: Any, w: str) -> tuple[IntValue, ...] | str:
+    if v == "equal":
+        return "equal"
+    if not isinstance(v, list) or not v:
+        raise SpecError(f"{w}expected 'equal' or a list of integers or expressions, got {v!r}")
+    return _exprs(f, v, w)
+
+
 def _shape_entry(v: Any, where: str) -> tuple[Any, ...]:
     """A dim of a shape: an int, an expression over vars, or {dim: N, of: KEY}."""
     if isinstance(v, bool):
@@ -312,6 +320,17 @@ KINDS: dict[str, Kind] = {
     ),
     "exprs": Kind(
         _exprs, _s({"type": "array", "items": _INT, "minItems": 1, "description": "a list of integers or expressions"})
+    ),
+    "sizes_or_equal": Kind(
+        _sizes_or_equal,
+        _s(
+            {
+                "anyOf": [
+                    {"const": "equal", "description": "every part has the same length along dim (checked)"},
+                    {"type": "array", "items": _INT, "minItems": 1, "description": "one length per part (checked)"},
+                ]
+            }
+        ),
     ),
     "shape": Kind(
         _shape,

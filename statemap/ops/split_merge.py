@@ -12,7 +12,7 @@ from ..meta import Node
 from ..rules import Rule
 from ..template import Template
 from .base import Ctx, Gathered, LintFact, Op, int_or_none, norm_dim, register
-from .fields import Field, IntValue, int_yaml
+from .fields import DimOf, Field, IntValue, int_yaml
 from .keymap import KeyMap, NotInvertible
 
 
@@ -45,6 +45,7 @@ class MergeParams:
     mode: str = "concat"
     over: str | None = None
     count: IntValue | None = None
+    sizes: tuple[IntValue, ...] | str | None = None
 
 
 OverParams = Union[SplitParams, MergeParams]  # noqa: UP007
@@ -230,12 +231,20 @@ class Merge(Op[MergeParams]):
         ),
         "over": Field("name", doc="a capture of the source: join every matched key, ordered by it (0 .. n-1)"),
         "count": Field("expr", doc="with over: the number of pieces, asserted"),
+        "sizes": Field(
+            "sizes_or_equal",
+            doc="concat of a list: each part's length along dim (or 'equal'), checked; the derived reverse cuts the same parts",
+        ),
     }
     n_sources = "n"
     Params = MergeParams
 
     def check_rule(self, p: MergeParams, sources: tuple[Any, ...], targets: tuple[Template, ...], where: str) -> None:
         over = p.over
+        if p.sizes is not None and (over is not None or p.mode != "concat"):
+            raise SpecError(f"{where}'sizes' goes with a concat of a list of sources (pieces over a capture are equal)")
+        if isinstance(p.sizes, tuple) and len(p.sizes) != len(sources):
+            raise SpecError(f"{where}{len(p.sizes)} sizes for {len(sources)} sources; give one length per source")
         if over is None:
             if p.mode == "same" or p.count is not None:
                 raise SpecError(f"{where}'mode: same' and 'count' go with 'over: CAPTURE' (join every index)")
@@ -298,8 +307,21 @@ class Merge(Op[MergeParams]):
                 raise ctx.fail(
                     f"can't concat shapes {[list(x.shape) for x in inputs]} along dim {dim}: all other dims must agree"
                 )
+        lengths = [n.shape[dim] for n in inputs]
+        if p.over is not None and p.count is not None and len(set(lengths)) > 1:
+            # the derived reverse (a split over with count) cuts equal pieces: unequal ones would come back wrong
+            raise ctx.fail(
+                f"pieces over {p.over} have lengths {lengths} along dim {dim}; with 'count' they must be equal "
+                "(the reverse cuts equal pieces); drop 'count' to merge unequal pieces"
+            )
+        if p.sizes == "equal" and len(set(lengths)) > 1:
+            raise ctx.fail(f"parts have lengths {lengths} along dim {dim}, but 'sizes: equal' says they are equal")
+        if isinstance(p.sizes, tuple):
+            want = [ctx.to_int(x) for x in p.sizes]
+            if want != lengths:
+                raise ctx.fail(f"parts have lengths {lengths} along dim {dim}, but 'sizes' says {want}")
         shape = list(first.shape)
-        shape[dim] = sum(n.shape[dim] for n in inputs)
+        shape[dim] = sum(lengths)
         return [Node("concat", tuple(shape), first.dtype, tuple(inputs), (dim,))]
 
     def joined(self, p: MergeParams) -> set[str]:
@@ -320,9 +342,17 @@ class Merge(Op[MergeParams]):
             return [{"split": {**body, **self.extras(rule)}}]
         if p.mode != "concat":
             raise NotInvertible("merge with mode: stack needs a declared `inverse:` (a split and a reshape)")
+        if p.sizes is None:
+            raise NotInvertible(
+                "the parts' lengths along dim are not in the spec; give `sizes:` (a list, or `equal`; checked when "
+                "converting) so the reverse cuts them back exactly"
+            )
+        if isinstance(p.sizes, tuple) and any(isinstance(x, DimOf) for x in p.sizes):
+            raise NotInvertible("`sizes:` names other tensors ({dim, of}), which the reverse does not have; give numbers or vars")
         src = km.pattern(rule.targets[0])
         targets = [km.template(rule.sources[0])] + [km.template(t) for t in rule.sources[1:]]
-        return [{"split": {"from": src, "to": targets, "dim": int_yaml(p.dim), **self.extras(rule)}}]
+        sizes = {} if p.sizes == "equal" else {"sizes": [int_yaml(x) for x in p.sizes]}
+        return [{"split": {"from": src, "to": targets, "dim": int_yaml(p.dim), **sizes, **self.extras(rule)}}]
 
     def lint(self, rule: Rule, vars_: Mapping[str, Any]) -> list[LintFact]:
         p = self.params(rule)
