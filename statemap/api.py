@@ -283,6 +283,16 @@ class _Producer:
         return produce(outs[i], ck.read, ck.locations)
 
 
+def _output_ties(plan: Plan, outs: Sequence[Any]) -> list[list[str]]:
+    """Names that are one tensor in the output (a .pt file stores each group once): the spec's
+    ``tie`` groups, and source keys stored as one tensor that pass through untouched."""
+    written = {o.name for o in outs}
+    ties = [[n for n in g if n in written] for g in plan.ties]
+    keep = set(plan.passthrough) & written
+    ties += [[n for n in g if n in keep] for g in plan.source_ties]
+    return [g for g in ties if len(g) > 1]
+
+
 def _inputs(ck: Checkpoint, spec: Spec, expect: Any, config: Any) -> list[str]:
     """Every file a conversion reads: none of them may be an output, not even with ``force``."""
     files = [ck.path, spec.path, *(f.path for f in ck.inputs), *sorted({loc.file for loc in ck.locations.values()})]
@@ -359,17 +369,23 @@ def convert(
             assert dst is not None
             check_writer(dst)
             outs = _to_write(spec, plan, tied)
-            streaming = output_format(dst) == "safetensors"
+            fmt = output_format(dst)
+            streaming = fmt == "safetensors"
+            if fmt == "flax":  # the file holds each module's members together: produce them in that order
+                from .stream_formats import flax_tree_order
+
+                outs = [outs[i] for i in flax_tree_order([o.meta for o in outs])]
             inputs = _inputs(ck, spec, expect, config)
             # the cheap checks first: every output file, free space, memory (write_checkpoint repeats
             # the file checks under its lock); then assumptions that read tensors; then writing
             check_outputs(output_files(dst, [o.meta for o in outs], max_shard_size), inputs, force)
-            in_memory = [o.meta for o in outs if not streaming or byte_segments(o.node, ck.locations) is None]
-            check_resources(Path(dst), [o.meta for o in outs], in_memory, together=not streaming)
+            # every format streams: only tensors that are computed (not byte moves) are held, one at a time
+            in_memory = [o.meta for o in outs if byte_segments(o.node, ck.locations) is None]
+            check_resources(Path(dst), [o.meta for o in outs], in_memory, together=False)
             report.assumptions = run_checks(plan, ck.read)
             metadata = provenance(spec, ck.path, [f.path for f in ck.inputs])
             get = _Producer(spec, os.fspath(src), tied) if streaming and workers > 1 else None
-            produced = execute_streaming(outs, ck.read, ck.locations) if streaming else execute(outs, ck.read)
+            produced = execute_streaming(outs, ck.read, ck.locations)
             metas = [o.meta for o in outs]
             with progress.task(f"writing {Path(dst).name}", len(metas), sum(m.nbytes for m in metas)) as bar:
 
@@ -384,7 +400,7 @@ def convert(
                     (a for _, a in produced),
                     metadata=metadata,
                     max_shard_size=max_shard_size,
-                    ties=plan.ties,
+                    ties=_output_ties(plan, outs),
                     inputs=inputs,
                     force=force,
                     on_tensor=step,

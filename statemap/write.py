@@ -660,7 +660,16 @@ def write_checkpoint(
     check_writer(out)
     files = output_files(out, metas, limit)
     check_outputs(files, inputs, force)
-    check_resources(out, metas, metas if fmt != "safetensors" else (), together=True)
+    # every format streams: one computed tensor in memory at a time (the caller checks which are computed)
+    check_resources(out, metas, metas if fmt != "safetensors" else (), together=False)
+    if fmt == "torch":
+        from .stream_formats import check_torch_output
+
+        check_torch_output(metas, str(out))
+    if fmt == "flax":
+        from .stream_formats import flax_tree_order
+
+        flax_tree_order(metas)  # a name that is both a tensor and a module: refused before anything is written
     stage = _Staging(force)
     it = iter(arrays)
 
@@ -679,7 +688,7 @@ def write_checkpoint(
         check_outputs(files, inputs, force)  # again, under the lock: another writer may have just finished
         try:
             if fmt == "torch":
-                nbytes = _write_torch(out, stage, metas, counted(), ties)
+                nbytes = _write_torch(out, stage, metas, counted(), ties, fsync)
             elif fmt == "flax":
                 nbytes = _write_flax(out, stage, metas, counted(), fsync)
             else:
@@ -852,77 +861,205 @@ def _write_safetensors_maybe_sharded(
     return total
 
 
+def _zip_root(out: Path) -> str:
+    """The folder name inside the zip: the file name without its extension, as torch.save names it."""
+    stem = out.name.rpartition(".")[0] if "." in out.name else out.name
+    return stem or "archive"
+
+
 def _write_torch(
-    out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[np.ndarray], ties: Sequence[Sequence[str]]
+    out: Path,
+    stage: _Staging,
+    metas: Sequence[TensorMeta],
+    arrays: Iterator[Any],
+    ties: Sequence[Sequence[str]],
+    fsync: bool = True,
+    serialization_id: str | None = None,
 ) -> int:
-    import numpy as np
-    import torch
+    """torch.save's zip format, streamed: the pickle is written from the plan's metadata, then each
+    storage (tied names share one) as a 64-byte-aligned stored entry, one tensor in memory at a time."""
+    import zlib
 
-    from .torch_adapter import to_torch
+    from .stream_formats import ZipEntry, central_directory, data_descriptor, local_header, storage_keys, torch_pickle
 
-    alias: dict[str, str] = {}
-    for group in ties:
-        for name in group[1:]:
-            alias[name] = group[0]
-    state: dict[str, Any] = {}
+    keys, stored = storage_keys(metas, ties)
+    is_stored = [False] * len(metas)
+    for i in stored:
+        is_stored[i] = True
+    root = _zip_root(out).encode("utf-8")
+    tmp, f = stage.open(out)
+    entries: list[ZipEntry] = []
+    pos = 0
+    fds: dict[str, int] = {}
+    buf = bytearray()
     total = 0
-    for m in metas:
-        a = next(arrays)
-        if hasattr(a, "parts"):
-            raise AssertionError("byte-range outputs are for safetensors only")
-        if m.name in alias and alias[m.name] in state:
-            state[m.name] = state[alias[m.name]]
-            continue
-        state[m.name] = to_torch(np.array(a, copy=True), m.dtype)
-        total += m.nbytes
-    tmp, raw = stage.open(out)
-    with open(raw.fileno(), "wb", closefd=False) as f, raw:  # buffered: a failed write raises, never stops short
-        try:
-            torch.save(state, f)
-            f.flush()
-        except OSError:
-            raise
-        except RuntimeError as e:  # torch's zip writer reports a failed write as RuntimeError
-            cause = e.__context__ if isinstance(e.__context__, OSError) else None
-            if cause is not None:
-                raise cause from None
-            raise OutputError(f"{out}: write failed ({str(e).splitlines()[0][:200]}); no output left behind") from None
-        os.fsync(f.fileno())
+
+    def begin(name: str, size: int) -> ZipEntry:
+        nonlocal pos
+        e = ZipEntry(root + b"/" + name.encode("utf-8"), pos, size)
+        head = local_header(e.name, pos, size)
+        pos += f.write(head)
+        entries.append(e)
+        return e
+
+    def end(e: ZipEntry) -> None:
+        nonlocal pos
+        pos += e.size + f.write(data_descriptor(e))
+
+    def record(name: str, data: bytes) -> None:
+        e = begin(name, len(data))
+        f.write(data)
+        e.crc = zlib.crc32(data)
+        end(e)
+
+    try:
+        with f:
+            record("data.pkl", torch_pickle(metas, keys))
+            record(".format_version", b"1")
+            record(".storage_alignment", b"64")
+            record("byteorder", b"little")
+            for i, m in enumerate(metas):
+                a = next(arrays)
+                if not is_stored[i]:
+                    continue  # a tied name: its group's storage is written once
+                e = begin(f"data/{keys[m.name]}", m.nbytes)
+                n, e.crc = _write_crc(f, a, m, fds, buf)
+                total += n
+                end(e)
+            record("version", b"3\n")
+            record(".data/serialization_id", (serialization_id or _serialization_id()).encode())
+            f.write(central_directory(entries, pos))
+            if fsync:
+                os.fsync(f.fileno())
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     from .load import open_checkpoint
 
-    with open_checkpoint(tmp, unwrap=(), strip_prefix=()) as ck:
+    with open_checkpoint(tmp, unwrap=(), strip_prefix=()) as ck:  # re-read with statemap's own reader
         if [(k, v.shape, v.dtype) for k, v in ck.metas.items()] != [(m.name, m.shape, m.dtype) for m in metas]:
             raise OutputError(f"{out}: written file does not match the plan (bug); output removed")
     return total
 
 
+def _serialization_id() -> str:
+    """40 random decimal digits, like the id torch.save records for each file it writes."""
+    return str(int.from_bytes(os.urandom(17), "little")).zfill(40)[:40]
+
+
+def _write_crc(f: Any, a: Any, want: TensorMeta, fds: dict[str, int], buf: bytearray) -> tuple[int, int]:
+    """Write one tensor's bytes (file ranges or an array) and return (bytes, CRC-32 of them).
+
+    File ranges go through ``buf`` (at most 8 MiB), so memory stays bounded whatever their size."""
+    import zlib
+
+    crc = 0
+    if hasattr(a, "parts"):
+        if a.nbytes != want.nbytes:
+            raise AssertionError(f"{want.name}: {a.nbytes} bytes planned as {want.nbytes}")
+        if not buf:
+            buf.extend(bytes(min(8 << 20, max(a.nbytes, 1))))
+        elif len(buf) < min(8 << 20, a.nbytes):
+            buf.extend(bytes(min(8 << 20, a.nbytes) - len(buf)))
+        view = memoryview(buf)
+        for src, off, n in a.parts:
+            if src not in fds:
+                fds[src] = os.open(src, os.O_RDONLY)
+            done = 0
+            while done < n:
+                k = os.preadv(fds[src], [view[: min(len(view), n - done)]], off + done)
+                if k <= 0:
+                    raise OutputError(f"{src}: ended early while copying tensor bytes (file changed or truncated?)")
+                crc = zlib.crc32(view[:k], crc)
+                f.write(view[:k])
+                done += k
+        return int(a.nbytes), crc
+    data = _as_bytes(a, want)
+    crc = zlib.crc32(data)
+    f.write(data)
+    return len(data), crc
+
+
+def _as_bytes(a: Any, want: TensorMeta) -> Any:
+    """An array's bytes in ``want``'s dtype, C order, checked against the planned shape."""
+    import numpy as np
+
+    dt = lookup_dtype(want.dtype)
+    if a.dtype != dt.np:
+        a = a.astype(dt.np)
+    a = np.asarray(a, order="C")
+    if tuple(a.shape) != want.shape:
+        raise AssertionError(f"{want.name}: writing {a.shape}, planned {want.shape}")
+    return memoryview(a).cast("B") if a.size else b""
+
+
+def _sub_ranges(parts: Iterable[tuple[str, int, int]], start: int, length: int) -> Iterator[tuple[str, int, int]]:
+    """The file ranges holding bytes ``start .. start + length`` of the concatenation of ``parts``."""
+    for f, off, n in parts:
+        if length <= 0:
+            return
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length)
+        yield f, off + start, take
+        length -= take
+        start = 0
+
+
 def _write_flax(out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[Any], fsync: bool) -> int:
-    """Flax msgpack: one nested map; built in memory (the format has no streaming layout)."""
-    from .load.flax_format import pack_msgpack, read_msgpack
+    """Flax msgpack, streamed: headers computed from the plan, tensor bytes written between them.
 
-    items = []
-    for m in metas:
-        a = next(arrays)
-        if hasattr(a, "parts"):
-            raise AssertionError("byte-range outputs are for safetensors only")
-        items.append((m.name, a, m.dtype))
-    data = pack_msgpack(items)
+    The file holds each module's members together; tensors arriving in another order wait in
+    memory until their turn (:func:`statemap.api.convert` produces them in file order)."""
+    from .stream_formats import flax_layout
+
+    pending: dict[int, Any] = {}
+    produced = 0
+    left = [m.nbytes for m in metas]
+    literals: list[tuple[int, bytes]] = []
+    pos = 0
+    fds: dict[str, int] = {}
     tmp, f = stage.open(out)
-    with f:
-        f.write(data)
-        if fsync:
-            os.fsync(f.fileno())
-    tree = read_msgpack(str(tmp))  # re-read and check before it becomes real
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(tree, "")
-    if sorted((k, tuple(v.shape)) for k, v in flat.items()) != sorted((m.name, m.shape) for m in metas):
-        raise OutputError(f"{out}: written file does not match the plan (bug); output removed")
+    try:
+        with f:
+            for piece in flax_layout(metas):
+                if piece.index < 0:
+                    literals.append((pos, piece.data))
+                    pos += f.write(piece.data)
+                    continue
+                while piece.index not in pending:
+                    pending[produced] = next(arrays)
+                    produced += 1
+                a = pending[piece.index]
+                if hasattr(a, "parts"):
+                    if a.nbytes != metas[piece.index].nbytes:
+                        raise AssertionError(
+                            f"{metas[piece.index].name}: {a.nbytes} bytes planned as {metas[piece.index].nbytes}"
+                        )
+                    for src, off, n in _sub_ranges(a.parts, piece.start, piece.length):
+                        _copy_range(f.fileno(), src, off, n, fds)
+                else:
+                    data = _as_bytes(a, metas[piece.index])
+                    f.write(data[piece.start : piece.start + piece.length])
+                pos += piece.length
+                left[piece.index] -= piece.length
+                if not left[piece.index]:
+                    del pending[piece.index]
+            while produced < len(metas):  # every planned tensor is consumed (the count is checked)
+                next(arrays)
+                produced += 1
+            if fsync:
+                os.fsync(f.fileno())
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    # re-read: the file has exactly the planned size, and every header where the layout put it
+    with open(tmp, "rb") as r:
+        if os.fstat(r.fileno()).st_size != pos:
+            raise OutputError(f"{out}: written file does not match the plan (bug); output removed")
+        for at, data in literals:
+            r.seek(at)
+            if r.read(len(data)) != data:
+                raise OutputError(f"{out}: written file does not match the plan (bug); output removed")
     return sum(m.nbytes for m in metas)
