@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import progress
-from .apply import byte_segments, execute, execute_streaming, produce
+from .apply import Segments, byte_segments, execute, execute_streaming, produce
 from .errors import CheckpointError, StatemapError
 from .load import Checkpoint, from_state_dict, open_checkpoint
 from .meta import TensorMeta
@@ -380,7 +380,8 @@ def convert(
             # the file checks under its lock); then assumptions that read tensors; then writing
             check_outputs(output_files(dst, [o.meta for o in outs], max_shard_size), inputs, force)
             # every format streams: only tensors that are computed (not byte moves) are held, one at a time
-            in_memory = [o.meta for o in outs if byte_segments(o.node, ck.locations) is None]
+            segs = [byte_segments(o.node, ck.locations) for o in outs]
+            in_memory = [o.meta for o, seg in zip(outs, segs) if seg is None]
             check_resources(Path(dst), [o.meta for o in outs], in_memory, together=False)
             report.assumptions = run_checks(plan, ck.read)
             metadata = provenance(spec, ck.path, [f.path for f in ck.inputs])
@@ -407,6 +408,7 @@ def convert(
                     fsync=fsync,
                     workers=workers,
                     get=get,
+                    segments=[Segments(tuple(seg)) if seg is not None else None for seg in segs],
                 )
             report.files = list(written.files)
             report.n_bytes = written.n_bytes

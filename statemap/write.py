@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -556,31 +557,92 @@ def _copy_range(fd_out: int, src: str, offset: int, n: int, fds: dict[str, int])
         done += k
 
 
-def _write_all(f: Any, a: Any, want: TensorMeta, fds: dict[str, int] | None = None) -> int:
-    import numpy as np
+class _Copier:
+    """Copies file ranges into ``fd_out`` in the kernel, joining a range that continues the
+    previous one (adjacent tensors of one source file) into one ``copy_file_range``."""
 
+    def __init__(self, fd_out: int, fds: dict[str, int]) -> None:
+        self.fd_out, self.fds = fd_out, fds
+        self.pending: tuple[str, int, int] | None = None
+
+    def add(self, src: str, off: int, n: int) -> None:
+        p = self.pending
+        if p is not None and p[0] == src and p[1] + p[2] == off:
+            self.pending = (src, p[1], p[2] + n)
+            return
+        self.flush()
+        self.pending = (src, off, n)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            src, off, n = self.pending
+            self.pending = None
+            _copy_range(self.fd_out, src, off, n, self.fds)
+
+
+def _write_all(f: Any, a: Any, want: TensorMeta, fds: dict[str, int] | None = None, copier: _Copier | None = None) -> int:
+    """Write one tensor: its file ranges (through ``copier``, which may hold the last range back to
+    join it with the next; flush it before the file is complete) or an array's bytes."""
     if hasattr(a, "parts"):  # Segments: byte ranges of input files
         if a.nbytes != want.nbytes:
             raise AssertionError(f"{want.name}: {a.nbytes} bytes planned as {want.nbytes}")
+        own = copier is None
+        c = copier if copier is not None else _Copier(f.fileno(), fds if fds is not None else {})
         for src, off, n in a.parts:
-            _copy_range(f.fileno(), src, off, n, fds if fds is not None else {})
+            c.add(src, off, n)
+        if own:
+            c.flush()
         return int(a.nbytes)
-    dt = lookup_dtype(want.dtype)
-    if a.dtype != dt.np:
-        a = a.astype(dt.np)
-    a = np.asarray(a, order="C")
-    if tuple(a.shape) != want.shape:
-        raise AssertionError(f"{want.name}: writing {a.shape}, planned {want.shape}")
-    buf = memoryview(a).cast("B") if a.size else b""
-    f.write(buf)
-    return len(buf)
+    if copier is not None:
+        copier.flush()
+    data = _as_bytes(a, want)
+    f.write(data)
+    return len(data)
+
+
+PAGE = 4096
+ALIGN_MIN = 1 << 20  # ranges smaller than this do not steer the header padding
+
+
+def aligned_header(metas: Sequence[TensorMeta], metadata: dict[str, str], segments: Sequence[Any] | None) -> bytes:
+    """The safetensors header, padded (spaces, a multiple of 8 bytes, under a page) so that the
+    most bytes copied from input files land at the same offset within a page as in their source:
+    the kernel then copies whole pages (measured 1.7x faster than misaligned ranges here).
+
+    ``segments``: per tensor, its :class:`statemap.apply.Segments` (file ranges) or None."""
+    head = encode_header(metas, metadata)
+    if not segments:
+        return head
+    weight: dict[int, int] = {}
+    rel = len(head)
+    for m, seg in zip(metas, segments):
+        if seg is not None:
+            at = rel
+            for _, off, n in seg.parts:
+                if n >= ALIGN_MIN:
+                    pad = (off - at) % PAGE
+                    if pad % 8 == 0:
+                        weight[pad] = weight.get(pad, 0) + n
+                at += n
+        rel += m.nbytes
+    if not weight:
+        return head
+    pad = max(weight, key=lambda k: (weight[k], -k))
+    raw = head[8:] + b" " * pad
+    return struct.pack("<Q", len(raw)) + raw
 
 
 # -- safetensors ---------------------------------------------------------------------------
 
 
 def _write_safetensors(
-    final: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays: Iterator[Any], metadata: dict[str, str], fsync: bool = True
+    final: Path,
+    stage: _Staging,
+    metas: Sequence[TensorMeta],
+    arrays: Iterator[Any],
+    metadata: dict[str, str],
+    fsync: bool = True,
+    segments: Sequence[Any] | None = None,
 ) -> int:
     from .load.safetensors_format import read_header
 
@@ -589,9 +651,11 @@ def _write_safetensors(
     fds: dict[str, int] = {}
     try:
         with f:
-            f.write(encode_header(metas, metadata))
+            f.write(aligned_header(metas, metadata, segments))
+            copier = _Copier(f.fileno(), fds)
             for m in metas:
-                total += _write_all(f, next(arrays), m, fds)
+                total += _write_all(f, next(arrays), m, fds, copier)
+            copier.flush()
             if fsync:
                 os.fsync(f.fileno())
     finally:
@@ -629,6 +693,7 @@ def write_checkpoint(
     fsync: bool = True,
     workers: int = 1,
     get: Callable[[int], Any] | None = None,
+    segments: Sequence[Any] | None = None,
 ) -> Written:
     """Write tensors, given in the order of ``metas``, atomically to ``path``.
 
@@ -644,6 +709,8 @@ def write_checkpoint(
     may leave an empty file under the final name). Still atomic against crashes of statemap.
     ``workers > 1`` with a sharded safetensors output writes whole shards in parallel processes
     (started with ``spawn``); it needs a picklable ``get(i)`` that produces the i-th tensor.
+    ``segments``: per tensor, the file ranges it will arrive as (or None), known from the plan;
+    safetensors headers are padded so the largest of them are copied page-aligned.
 
     Example::
 
@@ -671,7 +738,8 @@ def write_checkpoint(
 
         flax_tree_order(metas)  # a name that is both a tensor and a module: refused before anything is written
     stage = _Staging(force)
-    it = iter(arrays)
+    ahead = _Ahead(iter(arrays), metas)
+    it: Iterator[Any] = ahead if fmt != "flax" else iter(ahead.it)  # flax may take tensors out of order
 
     def counted() -> Iterator[np.ndarray]:
         for m in metas:
@@ -682,8 +750,9 @@ def write_checkpoint(
             if on_tensor:
                 on_tensor(m)
             yield a
+            del a  # the writer is done with it: let it go before the next one is produced
 
-    with _signals_as_exceptions(), _OutputLock(files) as lock:
+    with _signals_as_exceptions(), _OutputLock(files) as lock, contextlib.closing(ahead):
         lock.sweep(out.parent, _Inputs(inputs))
         check_outputs(files, inputs, force)  # again, under the lock: another writer may have just finished
         try:
@@ -693,7 +762,7 @@ def write_checkpoint(
                 nbytes = _write_flax(out, stage, metas, counted(), fsync)
             else:
                 nbytes = _write_safetensors_maybe_sharded(
-                    out, stage, metas, counted(), metadata or {}, limit, fsync, workers, get, on_tensor
+                    out, stage, metas, counted(), metadata or {}, limit, fsync, workers, get, on_tensor, segments
                 )
             with _signals_held():
                 stage.commit()
@@ -710,6 +779,74 @@ def write_checkpoint(
                 stage.abort()
             raise
     return Written(tuple(str(f) for f in files), len(metas), nbytes)
+
+
+class _Ahead:
+    """The tensors of ``it``, each produced on a thread while the writer writes the one before:
+    reading and computing (transposes, casts) overlap the kernel's copying and writing.
+
+    At most two tensors are alive (the one being written, the next); a tensor larger than
+    :attr:`LIMIT` is produced only once the writer is done with every earlier one, so memory
+    stays within the largest computed tensor plus ``LIMIT``. Started on the first ``next``;
+    ``close`` stops the thread and waits for it (after a failure at most 2 s: it may be in the
+    middle of one tensor, whose result is discarded)."""
+
+    LIMIT = 32 << 20
+
+    def __init__(self, it: Iterator[Any], metas: Sequence[TensorMeta]) -> None:
+        self.it, self.metas = it, metas
+        self.cv = threading.Condition()
+        self.ready: dict[int, tuple[bool, Any]] = {}
+        self.requested = 0  # index the writer asked for last: every earlier tensor is written
+        self.handed = 0  # index the writer gets next
+        self.stop = False
+        self.thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        for i, m in enumerate(self.metas):
+            with self.cv:
+                need = i if m.nbytes > self.LIMIT else i - 1
+                while self.requested < need and not self.stop:
+                    self.cv.wait()
+                if self.stop:
+                    return
+            try:
+                item: tuple[bool, Any] = (True, next(self.it))
+            except BaseException as e:  # handed to the writer, raised there
+                item = (False, e)
+            with self.cv:
+                self.ready[i] = item
+                self.cv.notify_all()
+            if not item[0]:
+                return
+            del item
+
+    def __iter__(self) -> _Ahead:
+        return self
+
+    def __next__(self) -> Any:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="statemap-produce", daemon=True)
+            self.thread.start()
+        with self.cv:
+            k = self.requested = self.handed
+            self.handed += 1
+            self.cv.notify_all()
+            while k not in self.ready:
+                if not self.thread.is_alive() and k not in self.ready:
+                    raise StopIteration
+                self.cv.wait(0.5)
+            ok, value = self.ready.pop(k)
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        with self.cv:
+            self.stop = True
+            self.cv.notify_all()
+        if self.thread is not None:  # after a failure, not for longer than a moment: the result is discarded
+            self.thread.join(None if self.handed >= len(self.metas) else 2.0)
 
 
 def shard_groups(metas: Sequence[TensorMeta], limit: int) -> list[list[int]]:
@@ -773,22 +910,26 @@ def _spawning() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _shard_task(job: tuple[Path, list[TensorMeta], list[int], dict[str, str], bool, Callable[[int], Any], int]) -> int:
+def _shard_task(
+    job: tuple[Path, list[TensorMeta], list[int], dict[str, str], bool, Callable[[int], Any], int, list[Any] | None],
+) -> int:
     """Worker: write one shard to its reserved temporary file; return its data bytes.
 
     Stops (and removes its file) when the parent is gone, e.g. killed by SIGKILL."""
-    tmp, metas, idxs, md, fsync, get, parent = job
+    tmp, metas, idxs, md, fsync, get, parent, segments = job
     total = 0
     fds: dict[str, int] = {}
     _WRITING[:] = [tmp]
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         with _FullWriter(fd) as f:
-            f.write(encode_header(metas, md))
+            f.write(aligned_header(metas, md, segments))
+            copier = _Copier(f.fileno(), fds)
             for i, m in zip(idxs, metas):
                 if os.getppid() != parent:
                     raise OutputError("the writing process is gone")
-                total += _write_all(f, get(i), m, fds)
+                total += _write_all(f, get(i), m, fds, copier)
+            copier.flush()
             if fsync:
                 os.fsync(f.fileno())
     except BaseException:
@@ -814,6 +955,7 @@ def _write_safetensors_maybe_sharded(
     workers: int = 1,
     get: Callable[[int], Any] | None = None,
     on_tensor: Callable[[TensorMeta], None] | None = None,
+    segments: Sequence[Any] | None = None,
 ) -> int:
     """``on_tensor``: called for each tensor of a shard a worker has written (the workers path only;
     otherwise the caller counts the tensors it hands over in ``arrays``)."""
@@ -821,7 +963,7 @@ def _write_safetensors_maybe_sharded(
 
     md = {"format": "pt", **metadata}
     if not limit or sum(m.nbytes for m in metas) <= limit:
-        return _write_safetensors(out, stage, metas, arrays, md, fsync)
+        return _write_safetensors(out, stage, metas, arrays, md, fsync, segments)
     groups = shard_groups(metas, limit)
     names = _shard_names(out, len(groups))
     total = 0
@@ -829,7 +971,10 @@ def _write_safetensors_maybe_sharded(
         import multiprocessing
 
         tmps = [stage.reserve(out.with_name(name)) for name in names]
-        jobs = [(tmp, [metas[i] for i in idxs], idxs, md, fsync, get, os.getpid()) for tmp, idxs in zip(tmps, groups)]
+        jobs = [
+            (tmp, [metas[i] for i in idxs], idxs, md, fsync, get, os.getpid(), [segments[i] for i in idxs] if segments else None)
+            for tmp, idxs in zip(tmps, groups)
+        ]
         # spawn, not fork: a forked child can deadlock on locks held by the parent's threads
         with _spawning():
             pool = multiprocessing.get_context("spawn").Pool(
@@ -851,7 +996,8 @@ def _write_safetensors_maybe_sharded(
         total = sum(sizes)
     else:
         for name, idxs in zip(names, groups):
-            total += _write_safetensors(out.with_name(name), stage, [metas[i] for i in idxs], arrays, md, fsync)
+            seg = [segments[i] for i in idxs] if segments else None
+            total += _write_safetensors(out.with_name(name), stage, [metas[i] for i in idxs], arrays, md, fsync, seg)
     weight_map = {metas[i].name: name for name, idxs in zip(names, groups) for i in idxs}
     tmp, f = stage.open(_index_path(out))
     with f:
