@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "convert": "api",
     "map_state_dict": "api",
+    "iter_state_dict": "iterate",
     "load_state_dict": "api",
     "save_state_dict": "api",
     "diff_checkpoints": "diff",
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # static view for type checkers and IDEs
     from .api import convert, load_state_dict, map_state_dict, save_state_dict
     from .diff import diff_checkpoints
     from .errors import CheckpointError, OutputError, PlanError, SpecError, StatemapError, UnsafeCheckpointError
+    from .iterate import iter_state_dict
     from .load import Checkpoint, from_state_dict, open_checkpoint
     from .meta import TensorMeta
     from .plan import Plan, make_plan
@@ -75,6 +77,7 @@ __all__ = [
     "load_spec",
     "convert",
     "map_state_dict",
+    "iter_state_dict",
     "load_state_dict",
     "save_state_dict",
     "open_checkpoint",
