@@ -65,26 +65,26 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
     metas: dict[str, TensorMeta] = {}
     locs: dict[str, ByteTensor] = {}
     spans: list[tuple[int, int, str]] = []
+    dtypes: dict[str, Any] = {}  # dtype spelling -> DType, looked up once per file
     for name, info in header.items():
-        if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"} or len(info) != 3:
-            raise CheckpointError(f"{path}: tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
-        try:
-            dt = lookup_dtype(info["dtype"])
-        except Exception:
-            raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {info['dtype']!r}") from None
-        shape = info["shape"]
-        if isinstance(shape, list) and len(shape) > MAX_DIMS:
-            raise CheckpointError(f"{path}: tensor {name!r}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise CheckpointError(f"{path}: tensor {name!r}: shape {shape!r} must be a list of non-negative integers")
-        off = info["data_offsets"]
-        if not (isinstance(off, list) and len(off) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in off)):
-            raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {off!r} must be two integers")
+        # the common, valid entry is checked with few operations; anything else takes _check_entry's
+        # slow path, which names the problem
+        if type(info) is not dict or len(info) != 3 or info.keys() != _ENTRY_KEYS:
+            _check_entry(path, name, info)
+        dts, shape, off = info["dtype"], info["shape"], info["data_offsets"]
+        dt = dtypes.get(dts) if type(dts) is str else None
+        if dt is None:
+            dt = dtypes[dts] = _check_dtype(path, name, dts)
+        if type(shape) is not list or len(shape) > MAX_DIMS or not ({*map(type, shape)} <= _INT and min(shape, default=0) >= 0):
+            _check_entry(path, name, info)
+        if type(off) is not list or len(off) != 2 or type(off[0]) is not int or type(off[1]) is not int:
+            _check_entry(path, name, info)
         begin, end = off
-        try:
-            shape = list(torch_shape(dt, tuple(shape)))  # F4 / F6 count packed values; torch counts bytes
-        except Exception as e:
-            raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
+        if dt.per_item != 1:
+            try:
+                shape = list(torch_shape(dt, tuple(shape)))  # F4 / F6 count packed values; torch counts bytes
+            except Exception as e:
+                raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
         need = math.prod(shape) * dt.itemsize
         if not 0 <= begin <= end:
             raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {off} are out of order")
@@ -97,8 +97,9 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
                 f"{path}: tensor {name!r}: data ends at byte {end} of a {buffer_len}-byte buffer (truncated file?)"
             )
         spans.append((begin, end, name))
-        metas[name] = TensorMeta(name, tuple(shape), dt.name)
-        locs[name] = ByteTensor(path, data_start + begin, dt.name, tuple(shape), storage=f"{path}@{begin}")
+        shape_t = tuple(shape)
+        metas[name] = TensorMeta(name, shape_t, dt.name)
+        locs[name] = ByteTensor(path, data_start + begin, dt.name, shape_t, storage=f"{path}@{begin}")
     spans.sort()
     pos = 0
     for begin, end, name in spans:
@@ -139,6 +140,32 @@ def encode_header(metas: Sequence[TensorMeta], metadata: dict[str, str]) -> byte
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
+
+
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+_INT = frozenset({int})
+
+
+def _check_dtype(path: str, name: str, dts: Any) -> Any:
+    try:
+        return lookup_dtype(dts)
+    except Exception:
+        raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {dts!r}") from None
+
+
+def _check_entry(path: str, name: str, info: Any) -> None:
+    """Raise the error that names what is wrong with a header entry (the slow path)."""
+    if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"} or len(info) != 3:
+        raise CheckpointError(f"{path}: tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
+    shape = info["shape"]
+    if isinstance(shape, list) and len(shape) > MAX_DIMS:
+        raise CheckpointError(f"{path}: tensor {name!r}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r}: shape {shape!r} must be a list of non-negative integers")
+    off = info["data_offsets"]
+    if not (isinstance(off, list) and len(off) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in off)):
+        raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {off!r} must be two integers")
+    raise AssertionError(f"{path}: tensor {name!r}: entry rejected without a reason (bug)")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
