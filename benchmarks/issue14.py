@@ -186,11 +186,11 @@ def out_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def pairs(name: str, src: Path, make_cmd, cp_sync: bool, repeat: int, d: Path) -> dict:
+def pairs(name: str, src: Path, make_cmd, cp_sync: bool, repeat: int, d: Path, suffix: str = ".safetensors") -> dict:
     """Median of `repeat` (command, cp) pairs, each to fresh names; ratios raw and per byte."""
     rows = []
     for r in range(repeat):
-        out = d / f"{name.replace(' ', '_')}-{r}.out.safetensors"
+        out = d / f"{name.replace(' ', '_').replace('/', '_')}-{r}.out{suffix}"
         cp_out = d / f"{name.replace(' ', '_')}-{r}.cp"
         t, rss = timed(make_cmd(out))
         nbytes = out_bytes(out)
@@ -313,6 +313,9 @@ def run(d: Path, args: argparse.Namespace) -> None:
             pairs(f"{label}: statemap --no-fsync", src, sm(["--no-fsync"]), False, n, d),
             pairs(f"{label}: statemap (fsync)", src, sm([]), True, n, d),
             pairs(f"{label}: naive torch pipeline", src, nv, False, n, d),
+            # streamed .pt (torch's zip format written directly) and Flax .msgpack: time and peak RSS
+            pairs(f"{label}: statemap -> .pt --no-fsync", src, sm(["--no-fsync"]), False, n, d, ".pt"),
+            pairs(f"{label}: statemap -> .msgpack --no-fsync", src, sm(["--no-fsync"]), False, n, d, ".msgpack"),
         ]
     print("metadata commands on a 200k-key sharded index (wall s, peak RSS MB, median of 3):", flush=True)
     meta = {}
