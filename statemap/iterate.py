@@ -74,11 +74,14 @@ def iter_state_dict(
     vars: Mapping[str, Any] | None = None,
     tied: str | None = None,
     expect: Any = None,
+    vars_from: str | os.PathLike[str] | Mapping[str, Any] | None = None,
 ) -> MappedTensors:
     """Yield ``(name, torch.Tensor)`` for each output of ``spec`` applied to ``source``, one at a time.
 
     ``source`` is a checkpoint file (any format statemap reads; nothing is read until a tensor is
-    asked for, then only what that tensor needs) or a state dict (torch tensors or numpy arrays).
+    asked for, then only what that tensor needs) or a state dict (torch tensors or numpy arrays;
+    for a spec with ``inputs:``, one state dict per file, keyed as :func:`statemap.map_state_dict`
+    takes them). ``vars_from``: a config for the spec's ``{config: KEY}`` vars.
     Every check runs before the first tensor: the plan, the spec's ``expect`` / ``expect``, and
     ``assume:`` facts (read from the source when the metadata cannot prove them). Names tied by the
     spec are yielded as the spec's ``tied`` policy (or ``tied``) says: ``dedupe`` yields each tied
@@ -91,8 +94,9 @@ def iter_state_dict(
         >>> for name, t in statemap.iter_state_dict("gpt2-hf-to-nanogpt", hf_model.state_dict()):
         ...     nano.get_parameter(name).data.copy_(t)
     """
-    from .api import _report, _to_write, plan_for
-    from .load import finish_flat, from_state_dict, open_checkpoint
+    from .api import _join_inputs, _report, _to_write, plan_for
+    from .load import finish_flat, from_state_dict
+    from .source import bind_vars, open_source
     from .spec import load_spec
     from .verify import run_checks
 
@@ -102,6 +106,13 @@ def iter_state_dict(
             raise CheckpointError(
                 f"spec {spec.name!r} unwraps {'/'.join(spec.unwrap)!r}; pass that inner dict to iter_state_dict"
             )
+        if vars_from is not None or (spec.config is not None and spec.config[0] == "checkpoint"):
+            spec = bind_vars(spec, None, None, vars_from)
+        if spec.inputs is not None:
+            from dataclasses import replace
+
+            source, _ = _join_inputs(spec, source)
+            spec = replace(spec, strip_prefix=())  # each state dict's prefix is stripped on its own
         as_torch = bool(source) and all(type(v).__module__.startswith("torch") for v in source.values())
         if as_torch:
             from .torch_apply import as_numpy, run_node_torch, torch_metas
@@ -121,7 +132,7 @@ def iter_state_dict(
             return MappedTensors(report, [o.name for o in outs], _torch_producer(outs, ck, device))
         ck = finish_flat(from_state_dict(source), spec.strip_prefix)
         return _from_checkpoint(spec, ck, tied, expect, close=False)
-    ck = open_checkpoint(source, spec.unwrap, spec.strip_prefix)
+    ck, spec = open_source(spec, source, vars_from)
     try:
         return _from_checkpoint(spec, ck, tied, expect, close=True)
     except BaseException:
