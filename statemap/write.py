@@ -728,7 +728,8 @@ def write_checkpoint(
     files = output_files(out, metas, limit)
     check_outputs(files, inputs, force)
     # every format streams: one computed tensor in memory at a time (the caller checks which are computed)
-    check_resources(out, metas, metas if fmt != "safetensors" else (), together=False)
+    computed = [m for m, seg in zip(metas, segments) if seg is None] if segments else metas
+    check_resources(out, metas, computed if fmt != "safetensors" else (), together=False)
     if fmt == "torch":
         from .stream_formats import check_torch_output
 

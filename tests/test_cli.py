@@ -170,10 +170,11 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, where):
     target, name = (apply_mod, "run_node") if where == "run_node" else (write_mod, "_copy_range")
     real = getattr(target, name)
     calls = {"n": 0}
+    fail_at = 2 if where == "run_node" else 1  # adjacent kept tensors are one kernel copy (after the header)
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == fail_at:
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
@@ -181,7 +182,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, where):
     rules = "  - transpose: 'a.{i}.w'\n  - keep: b\n" if where == "run_node" else "  - keep: '{k:path}'\n"
     with pytest.raises(statemap.OutputError, match="No space left on device; no output left behind"):
         statemap.convert(_spec(tmp_path, rules), src, tmp_path / "out.safetensors")
-    assert calls["n"] == 2
+    assert calls["n"] == fail_at
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "spec.yaml"]
 
 
