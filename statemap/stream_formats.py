@@ -52,6 +52,11 @@ LEGACY_STORAGE = {
     "bool": "BoolStorage",
     "complex128": "ComplexDoubleStorage",
     "complex64": "ComplexFloatStorage",
+    # quantized types without their quantizer (statemap reads their integer representation):
+    # pickled as torch.save pickles such a tensor, with the typed storage of its type
+    "qint8": "QInt8Storage",
+    "quint8": "QUInt8Storage",
+    "qint32": "QInt32Storage",
 }
 BATCHSIZE = 1000  # pickle writes dict items in batches of this many
 
@@ -59,8 +64,8 @@ BATCHSIZE = 1000  # pickle writes dict items in batches of this many
 def torch_dtype_ok(name: str) -> str | None:
     """Why a tensor of dtype ``name`` cannot be written to a ``.pt`` file, or None when it can."""
     dt = lookup_dtype(name)
-    if dt.kind == "quantized":
-        return f"{name} tensors need their quantizer, which statemap does not carry; write .safetensors or drop them"
+    if dt.value_bits:
+        return f"{name} (packed values): statemap reads it, but cannot convert or write it"
     if dt.name in _SUB_BYTE_INTS:
         return f"torch cannot save {name} tensors"
     if dt.name.startswith("float6_"):
@@ -301,10 +306,20 @@ def storage_keys(metas: Sequence[TensorMeta], ties: Sequence[Sequence[str]]) -> 
 
 
 def check_torch_output(metas: Sequence[TensorMeta], where: str) -> None:
+    """Refuse, before anything is written, a tensor whose type a ``.pt`` file cannot hold."""
     for m in metas:
         why = torch_dtype_ok(m.dtype)
         if why:
             raise OutputError(f"{where}: cannot write tensor {m.name!r} to a .pt file: {why}")
+
+
+def check_flax_output(metas: Sequence[TensorMeta], where: str) -> None:
+    """Refuse packed sub-byte types (quint4x2, quint2x4) in a Flax file, before anything is written."""
+    for m in metas:
+        if lookup_dtype(m.dtype).value_bits:
+            raise OutputError(
+                f"{where}: cannot write tensor {m.name!r}: {m.dtype} (packed values): statemap reads it, but cannot convert or write it"
+            )
 
 
 # -- Flax msgpack ---------------------------------------------------------------------------------

@@ -529,13 +529,18 @@ def _signals_held() -> Iterator[None]:
 MAX_SOURCE_FDS = 64  # input files held open at once while copying tensor bytes
 
 
-def _copy_range(fd_out: int, src: str, offset: int, n: int, fds: dict[str, int]) -> None:
-    """Copy n bytes of ``src`` at ``offset`` to ``fd_out``'s position, in the kernel when possible."""
+def _source_fd(src: str, fds: dict[str, int]) -> int:
+    """A read descriptor for ``src`` from ``fds``, which holds at most MAX_SOURCE_FDS open files."""
     if src not in fds:
         while len(fds) >= MAX_SOURCE_FDS:  # many input files (`inputs:`): keep few descriptors open
             os.close(fds.pop(next(iter(fds))))
         fds[src] = os.open(src, os.O_RDONLY)
-    fd_in = fds[src]
+    return fds[src]
+
+
+def _copy_range(fd_out: int, src: str, offset: int, n: int, fds: dict[str, int]) -> None:
+    """Copy n bytes of ``src`` at ``offset`` to ``fd_out``'s position, in the kernel when possible."""
+    fd_in = _source_fd(src, fds)
     done = 0
     use_cfr = hasattr(os, "copy_file_range")
     while done < n:
@@ -735,8 +740,9 @@ def write_checkpoint(
 
         check_torch_output(metas, str(out))
     if fmt == "flax":
-        from .stream_formats import flax_tree_order
+        from .stream_formats import check_flax_output, flax_tree_order
 
+        check_flax_output(metas, str(out))
         flax_tree_order(metas)  # a name that is both a tensor and a module: refused before anything is written
     stage = _Staging(force)
     ahead = _Ahead(iter(arrays), metas)
@@ -1110,11 +1116,10 @@ def _write_crc(f: Any, a: Any, want: TensorMeta, fds: dict[str, int], buf: bytea
             buf.extend(bytes(min(8 << 20, a.nbytes) - len(buf)))
         view = memoryview(buf)
         for src, off, n in a.parts:
-            if src not in fds:
-                fds[src] = os.open(src, os.O_RDONLY)
+            fd_in = _source_fd(src, fds)
             done = 0
             while done < n:
-                k = os.preadv(fds[src], [view[: min(len(view), n - done)]], off + done)
+                k = os.preadv(fd_in, [view[: min(len(view), n - done)]], off + done)
                 if k <= 0:
                     raise OutputError(f"{src}: ended early while copying tensor bytes (file changed or truncated?)")
                 crc = zlib.crc32(view[:k], crc)

@@ -223,7 +223,7 @@ def test_convert_to_msgpack_streams_byte_ranges(tmp_path):
 @pytest.mark.parametrize(
     "dtype, message",
     [
-        ("qint8", r"cannot write tensor 'x' to a \.pt file: qint8 tensors need their quantizer"),
+        ("quint4x2", r"cannot write tensor 'x' to a \.pt file: quint4x2 \(packed values\)"),
         ("float6_e2m3fn_x4", r"torch has no float6_e2m3fn_x4 type"),
         ("uint3", r"torch cannot save uint3 tensors"),
     ],
@@ -232,3 +232,18 @@ def test_pt_output_refuses_types_torch_cannot_load(tmp_path, dtype, message):
     with pytest.raises(statemap.OutputError, match=message):
         w.write_checkpoint(tmp_path / "o.pt", [TensorMeta("x", (3,), dtype)], [np.zeros(3, np.uint8)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_without_quantizer_pickle_as_torch_saves_them():
+    """qint8 / quint8 / qint32 read as their integer representation are written as torch.save
+    writes such tensors (a typed QInt8Storage, ...), as the earlier torch.save-based writer did."""
+    sd = {
+        "q8": torch.zeros(3, dtype=torch.int8).view(torch.qint8),
+        "u8": torch.zeros(2, dtype=torch.uint8).view(torch.quint8),
+        "q32": torch.zeros(4, dtype=torch.int32).view(torch.qint32),
+    }
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    ref = zipfile.ZipFile(buf).read("archive/data.pkl")
+    metas = [TensorMeta(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sd.items()]
+    assert torch_pickle(metas, storage_keys(metas, ())[0]) == ref
