@@ -87,12 +87,12 @@ def iter_state_dict(
     spec are yielded as the spec's ``tied`` policy (or ``tied``) says: ``dedupe`` yields each tied
     group once (the loader re-ties, as ``from_pretrained`` and vLLM do), ``clone`` yields every name.
 
-    Example (vLLM-style loader)::
+    Example::
 
-        >>> with statemap.iter_state_dict("deltalm-fairseq-to-hf", "checkpoint_best.pt") as weights:
-        ...     model.load_weights(weights)            # Iterable[tuple[str, torch.Tensor]]
-        >>> for name, t in statemap.iter_state_dict("gpt2-hf-to-nanogpt", hf_model.state_dict()):
-        ...     nano.get_parameter(name).data.copy_(t)
+        >>> with iter_state_dict("deltalm-fairseq-to-hf", "checkpoint_best.pt") as weights:
+        ...     names = [name for name, tensor in weights]   # vLLM: model.load_weights(weights)
+        >>> len(names) == len(weights)
+        True
     """
     from .api import _join_inputs, _report, _to_write, plan_for
     from .load import finish_flat, from_state_dict
