@@ -36,8 +36,11 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("derived specs", ["statemap.invert"]),
     ("specs", ["statemap.catalog", "statemap.spec", "statemap.schema", "statemap.diagnose"]),
     ("planning", ["statemap.source", "statemap.plan", "statemap.lint", "statemap.apply", "statemap.torch_apply"]),
-    ("checking and writing", ["statemap.verify", "statemap.write", "statemap.correspond", "statemap.inspect"]),
-    ("api", ["statemap.api", "statemap.diff"]),
+    (
+        "checking and writing",
+        ["statemap.verify", "statemap.stream_formats", "statemap.write", "statemap.correspond", "statemap.inspect"],
+    ),
+    ("api", ["statemap.api", "statemap.diff", "statemap.iterate"]),
     ("tools", ["statemap.suggest", "statemap.suggest_values"]),
     ("cli", ["statemap.cli", "statemap.__main__"]),
 ]
