@@ -221,7 +221,11 @@ QKV = ["l.{i}.q", "l.{i}.k", "l.{i}.v"]
 
 
 def _gqa() -> dict:
-    return {"l.0.q": torch.randn(8, 4, generator=g), "l.0.k": torch.randn(2, 4, generator=g), "l.0.v": torch.randn(2, 4, generator=g)}
+    return {
+        "l.0.q": torch.randn(8, 4, generator=g),
+        "l.0.k": torch.randn(2, 4, generator=g),
+        "l.0.v": torch.randn(2, 4, generator=g),
+    }
 
 
 def test_list_merge_without_sizes_has_no_derived_reverse():
