@@ -353,20 +353,21 @@ def _mp_uint(x: int) -> bytes:
     return b"\xcf" + struct.pack(">Q", x)
 
 
-def _mp_map(n: int) -> bytes:
+def _mp_container(n: int, fix: int, head16: bytes, head32: bytes) -> bytes:
+    """A msgpack map or array header for ``n`` entries: fix form, 16-bit or 32-bit count."""
     if n < 16:
-        return bytes([0x80 | n])
+        return bytes([fix | n])
     if n < 1 << 16:
-        return b"\xde" + struct.pack(">H", n)
-    return b"\xdf" + struct.pack(">I", n)
+        return head16 + struct.pack(">H", n)
+    return head32 + struct.pack(">I", n)
+
+
+def _mp_map(n: int) -> bytes:
+    return _mp_container(n, 0x80, b"\xde", b"\xdf")
 
 
 def _mp_array(n: int) -> bytes:
-    if n < 16:
-        return bytes([0x90 | n])
-    if n < 1 << 16:
-        return b"\xdc" + struct.pack(">H", n)
-    return b"\xdd" + struct.pack(">I", n)
+    return _mp_container(n, 0x90, b"\xdc", b"\xdd")
 
 
 def _mp_bin_head(n: int) -> bytes:
