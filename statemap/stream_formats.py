@@ -32,7 +32,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .dtypes import dtype as lookup_dtype
-from .errors import CheckpointError, OutputError
+from .errors import OutputError
+from .load.flax_format import CHUNKED, MAX_CHUNK, nest
 from .meta import TensorMeta
 
 # -- torch data.pkl -------------------------------------------------------------------------------
@@ -325,8 +326,6 @@ def check_flax_output(metas: Sequence[TensorMeta], where: str) -> None:
 # -- Flax msgpack ---------------------------------------------------------------------------------
 
 EXT_NDARRAY = 1
-CHUNKED = "__msgpack_chunked_array__"
-MAX_CHUNK = 1 << 30  # flax.serialization.MAX_CHUNK_SIZE
 
 
 def _mp_str(s: str) -> bytes:
@@ -410,18 +409,7 @@ class Piece:
 def flax_tree_order(metas: Sequence[TensorMeta]) -> list[int]:
     """The order in which a nested Flax map holds ``metas`` (each module's members together, keys
     sorted at every level, as flax writes them): the order the streamed file is written in."""
-    tree: dict[str, object] = {}
-    for i, m in enumerate(metas):
-        parts = m.name.split(".")
-        node = tree
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise CheckpointError(f"cannot write {m.name!r}: {p!r} is both a tensor and a module")
-            node = nxt
-        if parts[-1] in node:
-            raise CheckpointError(f"cannot write {m.name!r}: the name is both a tensor and a module")
-        node[parts[-1]] = i
+    tree = nest((m.name, i) for i, m in enumerate(metas))
     order: list[int] = []
 
     def walk(node: dict[str, object]) -> None:
@@ -438,18 +426,7 @@ def flax_tree_order(metas: Sequence[TensorMeta]) -> list[int]:
 def flax_layout(metas: Sequence[TensorMeta]) -> Iterator[Piece]:
     """The pieces of a Flax msgpack file holding ``metas`` (as :func:`pack_msgpack` / flax's
     ``to_bytes`` would write them), tensor bytes referenced, not held."""
-    tree: dict[str, object] = {}
-    for i, m in enumerate(metas):
-        parts = m.name.split(".")
-        node = tree
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise CheckpointError(f"cannot write {m.name!r}: {p!r} is both a tensor and a module")
-            node = nxt
-        if parts[-1] in node:
-            raise CheckpointError(f"cannot write {m.name!r}: the name is both a tensor and a module")
-        node[parts[-1]] = i
+    tree = nest((m.name, i) for i, m in enumerate(metas))
 
     def leaf(i: int) -> Iterator[Piece]:
         m = metas[i]

@@ -9,6 +9,7 @@ Nested names are joined with ``.`` (``model.encoder.layers.0.self_attn.q_proj.ke
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..dtypes import dtype as lookup_dtype
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 EXT_NDARRAY, EXT_COMPLEX, EXT_NPSCALAR = 1, 2, 3
 CHUNKED = "__msgpack_chunked_array__"
-MAX_CHUNK = 1 << 30
+MAX_CHUNK = 1 << 30  # flax.serialization.MAX_CHUNK_SIZE
 MAX_DEPTH = 64
 
 
@@ -100,13 +101,11 @@ def _unchunk(node: Any, path: str, depth: int) -> Any:
     return {str(k): _unchunk(v, path, depth + 1) for k, v in node.items()}
 
 
-def pack_msgpack(items: list[tuple[str, np.ndarray, str]]) -> bytes:
-    """(dotted name, array in storage form, dtype name) -> Flax msgpack bytes."""
-    import numpy as np
-
-    msgpack = _msgpack()
+def nest(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Dotted names -> the nested map Flax stores (``a.b.c`` -> ``{"a": {"b": {"c": value}}}``);
+    a name that is both a tensor and a module is refused, naming it."""
     tree: dict[str, Any] = {}
-    for name, a, dt_name in items:
+    for name, value in items:
         parts = name.split(".")
         node = tree
         for p in parts[:-1]:
@@ -116,7 +115,16 @@ def pack_msgpack(items: list[tuple[str, np.ndarray, str]]) -> bytes:
             node = nxt
         if parts[-1] in node:
             raise CheckpointError(f"cannot write {name!r}: the name is both a tensor and a module")
-        node[parts[-1]] = _Leaf(np.asarray(a, order="C"), dt_name)
+        node[parts[-1]] = value
+    return tree
+
+
+def pack_msgpack(items: list[tuple[str, np.ndarray, str]]) -> bytes:
+    """(dotted name, array in storage form, dtype name) -> Flax msgpack bytes."""
+    import numpy as np
+
+    msgpack = _msgpack()
+    tree = nest((name, _Leaf(np.asarray(a, order="C"), dt_name)) for name, a, dt_name in items)
 
     def default(obj: Any) -> Any:
         if isinstance(obj, _Leaf):
