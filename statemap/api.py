@@ -435,6 +435,36 @@ def check_losses(spec: Spec, lost: Sequence[str], accept: Sequence[str]) -> None
         )
 
 
+def memory_source(
+    spec: Spec, state_dict: Mapping[str, Any], vars_from: Any, caller: str
+) -> tuple[Spec, Checkpoint, list[dict[str, Any]], tuple[Any] | None]:
+    """An in-memory state dict as a checkpoint to plan on (shared by :func:`map_state_dict` and
+    ``iter_state_dict``): the spec with its vars bound, the checkpoint, the report's input rows,
+    and ``(device,)`` when every value is a torch tensor (their ties taken from one object under
+    several names; ``device`` None when they sit on several), else None."""
+    from dataclasses import replace
+
+    from .load import finish_flat
+
+    if spec.unwrap:
+        raise CheckpointError(f"spec {spec.name!r} unwraps {'/'.join(spec.unwrap)!r}; pass that inner dict to {caller}")
+    if vars_from is not None or (spec.config is not None and spec.config[0] == "checkpoint"):
+        spec = bind_vars(spec, None, None, vars_from)
+    input_rows: list[dict[str, Any]] = []
+    if spec.inputs is not None:
+        state_dict, input_rows = _join_inputs(spec, state_dict)
+        spec = replace(spec, strip_prefix=())  # each state dict's prefix is stripped on its own
+    if not (state_dict and all(type(v).__module__.startswith("torch") for v in state_dict.values())):
+        return spec, finish_flat(from_state_dict(state_dict), spec.strip_prefix), input_rows, None
+    from .torch_apply import torch_metas
+
+    metas, ties = torch_metas(state_dict)
+    ck = Checkpoint("<state_dict>", "memory", metas, state_dict.__getitem__)
+    ck.storage_ids = {k: f"mem:{i}" for i, g in enumerate(ties) for k in g}
+    devices = {v.device for v in state_dict.values()}
+    return spec, finish_flat(ck, spec.strip_prefix), input_rows, (devices.pop() if len(devices) == 1 else None,)
+
+
 def map_state_dict(
     spec: Any,
     state_dict: Mapping[str, Any],
@@ -467,32 +497,14 @@ def map_state_dict(
         (['model.encoder.layers.0.fc1.weight'], True)
         >>> # then: model.load_state_dict(new_sd, strict=True)
     """
-    spec = load_spec(spec, vars)
-    if spec.unwrap:
-        raise CheckpointError(f"spec {spec.name!r} unwraps {'/'.join(spec.unwrap)!r}; pass that inner dict to map_state_dict")
-    if vars_from is not None or (spec.config is not None and spec.config[0] == "checkpoint"):
-        spec = bind_vars(spec, None, None, vars_from)
-    from .load import finish_flat
+    spec, ck, input_rows, torch_device = memory_source(load_spec(spec, vars), state_dict, vars_from, "map_state_dict")
+    plan = plan_for(spec, ck)
+    report = _report(spec, ck, plan, expect)
+    report.inputs = input_rows
+    if torch_device is not None:  # zero copy: recipes run as torch ops on the tensors' own device
+        from .torch_apply import as_numpy, run_node_torch
 
-    input_rows: list[dict[str, Any]] = []
-    if spec.inputs is not None:
-        state_dict, input_rows = _join_inputs(spec, state_dict)
-        from dataclasses import replace
-
-        spec = replace(spec, strip_prefix=())  # each state dict's prefix is stripped on its own
-    as_torch = bool(state_dict) and all(type(v).__module__.startswith("torch") for v in state_dict.values())
-    if as_torch:  # zero copy: plan on metadata, run recipes as torch ops on the tensors' own device
-        from .torch_apply import as_numpy, run_node_torch, torch_metas
-
-        metas, ties = torch_metas(state_dict)
-        ck = Checkpoint("<state_dict>", "memory", metas, state_dict.__getitem__)
-        ck.storage_ids = {k: f"mem:{i}" for i, g in enumerate(ties) for k in g}
-        ck = finish_flat(ck, spec.strip_prefix)
-        plan = plan_for(spec, ck)
-        report = _report(spec, ck, plan, expect)
-        report.inputs = input_rows
-        devices = {v.device for v in state_dict.values()}
-        device = devices.pop() if len(devices) == 1 else None
+        device = torch_device[0]
         report.assumptions = run_checks(plan, ck.read, lambda node: as_numpy(run_node_torch(node, ck.read, device)))
         out: dict[str, Any] = {}
         alias = {n: g[0] for g in plan.ties for n in g[1:]}
@@ -509,12 +521,9 @@ def map_state_dict(
             out[planned.name] = t
         return out, report
 
-    ck = finish_flat(from_state_dict(state_dict), spec.strip_prefix)
-    plan = plan_for(spec, ck)
-    report = _report(spec, ck, plan, expect)
-    report.inputs = input_rows
     report.assumptions = run_checks(plan, ck.read)
-    some_torch = any(type(v).__module__.startswith("torch") for v in state_dict.values())  # mixed: torch out
+    values = [v for sd in state_dict.values() for v in sd.values()] if spec.inputs is not None else state_dict.values()
+    some_torch = any(type(v).__module__.startswith("torch") for v in values)  # mixed: torch out
     out = {}
     alias = {n: g[0] for g in plan.ties for n in g[1:]}
     for planned, a in execute(list(plan.outputs), ck.read):

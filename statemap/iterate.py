@@ -14,7 +14,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import CheckpointError
 from .load import Checkpoint
 from .plan import Plan
 from .report import Report
@@ -94,44 +93,27 @@ def iter_state_dict(
         >>> len(names) == len(weights)
         True
     """
-    from .api import _join_inputs, _report, _to_write, plan_for
-    from .load import finish_flat, from_state_dict
-    from .source import bind_vars, open_source
+    from .api import _report, _to_write, memory_source, plan_for
+    from .source import open_source
     from .spec import load_spec
     from .verify import run_checks
 
     spec = load_spec(spec, vars)
     if isinstance(source, Mapping):
-        if spec.unwrap:
-            raise CheckpointError(
-                f"spec {spec.name!r} unwraps {'/'.join(spec.unwrap)!r}; pass that inner dict to iter_state_dict"
-            )
-        if vars_from is not None or (spec.config is not None and spec.config[0] == "checkpoint"):
-            spec = bind_vars(spec, None, None, vars_from)
-        if spec.inputs is not None:
-            from dataclasses import replace
+        spec, ck, input_rows, torch_device = memory_source(spec, source, vars_from, "iter_state_dict")
+        if torch_device is None:
+            return _from_checkpoint(spec, ck, tied, expect, close=False)
+        from .torch_apply import as_numpy, run_node_torch
 
-            source, _ = _join_inputs(spec, source)
-            spec = replace(spec, strip_prefix=())  # each state dict's prefix is stripped on its own
-        as_torch = bool(source) and all(type(v).__module__.startswith("torch") for v in source.values())
-        if as_torch:
-            from .torch_apply import as_numpy, run_node_torch, torch_metas
-
-            metas, ties = torch_metas(source)
-            ck = Checkpoint("<state_dict>", "memory", metas, source.__getitem__)
-            ck.storage_ids = {k: f"mem:{i}" for i, g in enumerate(ties) for k in g}
-            ck = finish_flat(ck, spec.strip_prefix)
-            plan = plan_for(spec, ck)
-            report = _report(spec, ck, plan, expect)
-            devices = {v.device for v in source.values()}
-            device = devices.pop() if len(devices) == 1 else None
-            report.assumptions = run_checks(plan, ck.read, lambda node: as_numpy(run_node_torch(node, ck.read, device)))
-            outs = _to_write(spec, plan, tied)
-            if (tied or spec.tied) == "dedupe":
-                report.written_once = [list(g) for g in plan.same]
-            return MappedTensors(report, [o.name for o in outs], _torch_producer(outs, ck, device))
-        ck = finish_flat(from_state_dict(source), spec.strip_prefix)
-        return _from_checkpoint(spec, ck, tied, expect, close=False)
+        device = torch_device[0]
+        plan = plan_for(spec, ck)
+        report = _report(spec, ck, plan, expect)
+        report.inputs = input_rows
+        report.assumptions = run_checks(plan, ck.read, lambda node: as_numpy(run_node_torch(node, ck.read, device)))
+        outs = _to_write(spec, plan, tied)
+        if (tied or spec.tied) == "dedupe":
+            report.written_once = [list(g) for g in plan.same]
+        return MappedTensors(report, [o.name for o in outs], _torch_producer(outs, ck, device))
     ck, spec = open_source(spec, source, vars_from)
     try:
         return _from_checkpoint(spec, ck, tied, expect, close=True)
