@@ -40,7 +40,7 @@ from .keymap import KeyMap, NotInvertible
 
 COMMON = {
     "optional": Field("bool", default=False, doc="matching nothing is reported, not an error"),
-    "note": Field("text", doc="free text, ignored"),
+    "note": Field("text", doc="free text; it ends this rule's planning errors (a hint such as which var to set)"),
     "inverse": Field("rule", doc="the rule (or list of rules) that undoes this one, for `statemap invert` (lossy ops)"),
     "when": Field(
         "when",
