@@ -3,7 +3,8 @@
 Value pairs: both sides written by the real tools, holding the same weights
 (tests/fixtures/llama: Meta LLaMA and transformers' ``convert_llama_weights_to_hf``;
 tests/fixtures/heldout: metaseq OPT and transformers' OPT converter, timm DeiT and transformers'
-DeiT converter). A target tensor is RIGHT when the draft (every rule, accepted or not), run by
+DeiT converter, a fairseq-train XLM-R and transformers' RoBERTa converter). XLM-R's layout is one
+the heuristics were tuned on; its target is new (the converter's own output, not the catalog's). A target tensor is RIGHT when the draft (every rule, accepted or not), run by
 statemap, gives it bitwise. MARKED: the rule producing it is marked for verification (left out
 of the draft unless accepted). WRONG-CONFIDENT: produced by a rule not marked, and wrong; must be 0.
 
@@ -31,12 +32,14 @@ VALUE_PAIRS = {
     "LLaMA: Meta -> HF": (FIX / "llama/meta/consolidated.00.pth", FIX / "llama/hf/model.safetensors"),
     "OPT: metaseq -> HF": (FIX / "heldout/opt/metaseq.pt", FIX / "heldout/opt/hf/model.safetensors"),
     "DeiT: timm -> HF": (FIX / "heldout/deit/timm/model.safetensors", FIX / "heldout/deit/hf/model.safetensors"),
+    "XLM-R: fairseq -> HF": (FIX / "heldout/xlmr/fairseq/model.pt", FIX / "heldout/xlmr/hf/model.safetensors"),
 }
 # measured (docs/suggest.md); exact, so that any change in what is drafted or marked is seen
 EXPECTED = {  # family: (target keys, right, marked, wrong-confident)
     "LLaMA: Meta -> HF": (12, 5, 9, 0),
     "OPT: metaseq -> HF": (36, 24, 12, 0),
     "DeiT: timm -> HF": (43, 35, 24, 0),
+    "XLM-R: fairseq -> HF": (43, 39, 15, 0),
 }
 
 
@@ -179,7 +182,7 @@ def test_gpt_neox_fused_qkv_is_not_a_confident_split() -> None:
 def test_values_draft_reproduces_the_real_conversion(family: str, tmp_path: Path, capsys) -> None:
     """`suggest --values` on the same pairs: the draft reproduces the real tool's output bitwise
     (checked before writing, and again by `statemap apply` + `diff --values`), every rule from
-    values; OPT's K, V, Q split and LLaMA's rotary permutation included."""
+    values; OPT's K, V, Q split, LLaMA's rotary permutation and XLM-R's injected zeros included."""
     import json
 
     from statemap.cli import main
@@ -201,3 +204,95 @@ def test_values_draft_reproduces_the_real_conversion(family: str, tmp_path: Path
     res = tmp_path / "out.safetensors"
     assert main(["apply", str(draft), str(a), str(res), "-q", "--tied", "clone"]) == 0
     assert main(["diff", str(b), str(res), "--values", "-q"]) == 0
+
+
+# -- XLM-R: transformers' converter against the catalog spec ----------------------------------------
+
+XLMR = FIX / "heldout" / "xlmr"
+FS_BUFFERS = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+
+
+def test_xlmr_values_draft_handles_what_the_converter_drops_and_adds(tmp_path: Path) -> None:
+    """transformers' convert_roberta_checkpoint_to_pytorch (tests/fixtures/heldout/make_xlmr.py) drops
+    fairseq's `version`, its zero-filled BetterTransformer buffers and one of the tied embed_tokens /
+    lm_head.weight pair (save_pretrained writes a shared tensor once); it adds a zero token-type
+    table and leaves an untied lm_head.bias of zeros (fairseq's bias goes to lm_head.decoder.bias
+    only). The --values draft drops the first, injects lm_head.bias, and reproduces all 43 keys."""
+    a, b = VALUE_PAIRS["XLM-R: fairseq -> HF"]
+    with statemap.open_checkpoint(a) as ck:
+        a_keys = set(ck.metas)
+    with statemap.open_checkpoint(b) as ck:
+        b_keys = set(ck.metas)
+        assert not ck.read("lm_head.bias").any() and ck.read("lm_head.decoder.bias").any()
+        assert not ck.read("roberta.embeddings.token_type_embeddings.weight").any()
+    assert "lm_head.decoder.weight" not in b_keys and len(b_keys) == 43
+    from statemap.suggest_values import suggest_from_values
+
+    with statemap.open_checkpoint(a) as ca, statemap.open_checkpoint(b) as cb:
+        s = suggest_from_values(ca, cb)
+    assert s.verified and not s.problems and s.from_names == 0 and not s.not_drafted
+    rules = [(op, body) for r in s.rules for op, body in r.items()]
+    dropped = {body["from"] for op, body in rules if op == "drop"}
+    renamed = {(body["from"], body["to"]) for op, body in rules if op == "rename"}
+    injected = {body["to"]: body["value"] for op, body in rules if op == "inject"}
+    buffers = {f"encoder.sentence_encoder.layers.{{i}}.{x}" for x in FS_BUFFERS if x != "fc2_bias"}
+    assert dropped == buffers | {
+        "encoder.sentence_encoder.version",
+        "encoder.sentence_encoder.embed_tokens.weight",  # the tied twin of encoder.lm_head.weight
+        "encoder.sentence_encoder.layers.0.fc2_bias",
+    }
+    assert ("encoder.lm_head.weight", "roberta.embeddings.word_embeddings.weight") in renamed
+    assert ("encoder.lm_head.bias", "lm_head.decoder.bias") in renamed
+    assert injected == {"lm_head.bias": 0}
+    # The zero token-type table is matched by value to layer 1's zero fc2_bias buffer: bitwise right,
+    # but a coincidence of zeros (the catalog injects it). Recorded so that a change is seen.
+    assert ("encoder.sentence_encoder.layers.1.fc2_bias", "roberta.embeddings.token_type_embeddings.weight") in renamed
+    assert {k for k in a_keys if ".layers." not in k} <= dropped | {f for f, _ in renamed}
+
+
+def _hf_logits(state: dict, folder: Path, tokens):
+    """Masked-LM logits of transformers' RobertaForMaskedLM.from_pretrained on `state` written as
+    `folder`/model.safetensors beside the converter's config.json."""
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    T = pytest.importorskip("transformers")
+    from safetensors.numpy import save_file
+
+    folder.mkdir(exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(XLMR / "hf" / "config.json", folder / "config.json")
+    model = T.RobertaForMaskedLM.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens)).logits.numpy()
+
+
+def test_xlmr_converter_and_catalog_agree_but_for_the_untied_lm_head_bias(tmp_path: Path) -> None:
+    """The catalog's xlmr-fairseq-to-hf on the same checkpoint: 41 keys bitwise equal to the
+    converter's; the two differences are the LM-head bias tie. The converter stores fairseq's bias
+    as lm_head.decoder.bias and RobertaLMHead's initial zeros as lm_head.bias; the catalog writes the
+    tied pair once (`tied: dedupe`), as lm_head.bias. transformers ties the two at load, so both give
+    fairseq's logits (stored at generation time); without the decoder's bias the converter's zeros
+    would be used: the negative check."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from statemap.cli import main
+
+    a, b = VALUE_PAIRS["XLM-R: fairseq -> HF"]
+    out = tmp_path / "catalog.safetensors"
+    assert main(["apply", str(ROOT / "mappings/xlmr-fairseq-to-hf.yaml"), str(a), str(out), "-q"]) == 0
+    conv, cat = load_file(str(b)), load_file(str(out))
+    assert set(conv) - set(cat) == {"lm_head.decoder.bias"} and set(cat) <= set(conv)
+    differ = sorted(k for k in cat if cat[k].tobytes() != conv[k].tobytes())
+    assert differ == ["lm_head.bias"]
+    assert cat["lm_head.bias"].tobytes() == conv["lm_head.decoder.bias"].tobytes() and not conv["lm_head.bias"].any()
+    assert main(["diff", str(b), str(out), "--values", "-q"]) == 1
+
+    io = load_file(str(XLMR / "io.safetensors"))  # fairseq's own logits, from make_xlmr.py
+    broken = {k: v for k, v in conv.items() if k != "lm_head.decoder.bias"}  # only the converter's zeros left
+    for n in range(2):
+        tokens, ref = io[f"tokens.{n}"], io[f"logits.{n}"]
+        for name, state in (("converter", conv), ("catalog", cat)):
+            np.testing.assert_allclose(_hf_logits(state, tmp_path / name, tokens), ref, atol=1e-5, rtol=0)
+        assert np.abs(_hf_logits(broken, tmp_path / "broken", tokens) - ref).max() > 0.1
