@@ -209,7 +209,16 @@ def test_values_draft_reproduces_the_real_conversion(family: str, tmp_path: Path
 # -- XLM-R: transformers' converter against the catalog spec ----------------------------------------
 
 XLMR = FIX / "heldout" / "xlmr"
-FS_BUFFERS = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+FS_BUFFERS = (
+    "in_proj_weight",
+    "in_proj_bias",
+    "out_proj_weight",
+    "out_proj_bias",
+    "fc1_weight",
+    "fc1_bias",
+    "fc2_weight",
+    "fc2_bias",
+)
 
 
 def test_xlmr_values_draft_handles_what_the_converter_drops_and_adds(tmp_path: Path) -> None:
