@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
 import signal
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -538,13 +540,63 @@ def _source_fd(src: str, fds: dict[str, int]) -> int:
     return fds[src]
 
 
-def _copy_range(fd_out: int, src: str, offset: int, n: int, fds: dict[str, int]) -> None:
-    """Copy n bytes of ``src`` at ``offset`` to ``fd_out``'s position, in the kernel when possible."""
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Callable[..., int] | None:
+    """libc's ``sync_file_range`` (Linux), or None where it does not exist."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+class _Writeback:
+    """Starts the disk writing an output's bytes while later bytes are still being copied, so
+    the final ``fsync`` waits only for the last few: measured here, ``fsync`` of a 1.46 GB file
+    written without it took 0.6-1.1 s after the copy; with it the copy and the disk overlap.
+
+    Only a hint (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which waits for nothing and never
+    reports success): durability still comes from the ``fsync`` before the rename. A no-op
+    without ``fsync`` (``--no-fsync`` leaves writing to the kernel) or where the call is missing."""
+
+    STEP = 32 << 20  # start writing once this many new bytes are in the page cache
+
+    def __init__(self, fd: int, enabled: bool = True) -> None:
+        self.fd = fd
+        self.fn = _sync_file_range() if enabled else None
+        self.started = 0  # bytes before this offset are already on their way to the disk
+
+    def kick(self, pos: int | None = None) -> None:
+        """``pos``: bytes written so far (the file position when None)."""
+        if self.fn is None:
+            return
+        if pos is None:
+            pos = os.lseek(self.fd, 0, os.SEEK_CUR)
+        if pos - self.started >= self.STEP:
+            self.fn(self.fd, self.started, pos - self.started, _SYNC_FILE_RANGE_WRITE)  # a hint: errors ignored
+            self.started = pos
+
+
+def _copy_range(fd_out: int, src: str, offset: int, n: int, fds: dict[str, int], wb: _Writeback | None = None) -> None:
+    """Copy n bytes of ``src`` at ``offset`` to ``fd_out``'s position, in the kernel when possible.
+
+    With an active ``wb``, in steps of :attr:`_Writeback.STEP` bytes, each handed to the disk
+    as soon as it is copied."""
     fd_in = _source_fd(src, fds)
     done = 0
     use_cfr = hasattr(os, "copy_file_range")
+    step = _Writeback.STEP if wb is not None and wb.fn is not None else 1 << 30
     while done < n:
-        chunk = min(n - done, 1 << 30)
+        chunk = min(n - done, step)
         k = 0
         if use_cfr:
             try:
@@ -560,14 +612,16 @@ def _copy_range(fd_out: int, src: str, offset: int, n: int, fds: dict[str, int])
         if k == 0:
             raise OutputError(f"{src}: ended early while copying tensor bytes (file changed or truncated?)")
         done += k
+        if wb is not None:
+            wb.kick()
 
 
 class _Copier:
     """Copies file ranges into ``fd_out`` in the kernel, joining a range that continues the
     previous one (adjacent tensors of one source file) into one ``copy_file_range``."""
 
-    def __init__(self, fd_out: int, fds: dict[str, int]) -> None:
-        self.fd_out, self.fds = fd_out, fds
+    def __init__(self, fd_out: int, fds: dict[str, int], wb: _Writeback | None = None) -> None:
+        self.fd_out, self.fds, self.wb = fd_out, fds, wb
         self.pending: tuple[str, int, int] | None = None
 
     def add(self, src: str, off: int, n: int) -> None:
@@ -582,7 +636,7 @@ class _Copier:
         if self.pending is not None:
             src, off, n = self.pending
             self.pending = None
-            _copy_range(self.fd_out, src, off, n, self.fds)
+            _copy_range(self.fd_out, src, off, n, self.fds, self.wb)
 
 
 def _write_all(f: Any, a: Any, want: TensorMeta, fds: dict[str, int] | None = None, copier: _Copier | None = None) -> int:
@@ -602,6 +656,8 @@ def _write_all(f: Any, a: Any, want: TensorMeta, fds: dict[str, int] | None = No
         copier.flush()
     data = _as_bytes(a, want)
     f.write(data)
+    if copier is not None and copier.wb is not None:
+        copier.wb.kick()
     return len(data)
 
 
@@ -657,7 +713,7 @@ def _write_safetensors(
     try:
         with f:
             f.write(aligned_header(metas, metadata, segments))
-            copier = _Copier(f.fileno(), fds)
+            copier = _Copier(f.fileno(), fds, _Writeback(f.fileno(), fsync))
             for m in metas:
                 total += _write_all(f, next(arrays), m, fds, copier)
             copier.flush()
@@ -927,7 +983,7 @@ def _shard_task(
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         with _FullWriter(fd) as f:
             f.write(aligned_header(metas, md, segments))
-            copier = _Copier(f.fileno(), fds)
+            copier = _Copier(f.fileno(), fds, _Writeback(f.fileno(), fsync))
             for i, m in zip(idxs, metas):
                 if os.getppid() != parent:
                     raise OutputError("the writing process is gone")
