@@ -1096,7 +1096,8 @@ def _write_torch(
     entries: list[ZipEntry] = []
     pos = 0
     fds: dict[str, int] = {}
-    buf = bytearray()
+    crcs = _SourceCRCs()
+    wb = _Writeback(f.fileno(), fsync)
     total = 0
 
     def begin(name: str, size: int) -> ZipEntry:
@@ -1128,7 +1129,7 @@ def _write_torch(
                 if not is_stored[i]:
                     continue  # a tied name: its group's storage is written once
                 e = begin(f"data/{keys[m.name]}", m.nbytes)
-                n, e.crc = _write_crc(f, a, m, fds, buf)
+                n, e.crc = _write_crc(f, a, m, fds, crcs, wb)
                 total += n
                 end(e)
             record("version", b"3\n")
@@ -1152,35 +1153,144 @@ def _serialization_id() -> str:
     return str(int.from_bytes(os.urandom(17), "little")).zfill(40)[:40]
 
 
-def _write_crc(f: Any, a: Any, want: TensorMeta, fds: dict[str, int], buf: bytearray) -> tuple[int, int]:
+class _SourceCRCs:
+    """CRC-32s of stored entries of zip inputs (a ``.pt`` source), read from their central
+    directory, for a byte range that is exactly one whole entry's data: copying such a storage
+    into a ``.pt`` output then needs no pass over its bytes.
+
+    A CRC is used only when the entry is stored (not compressed), its local header sits right
+    before the range (signature, name, sizes) and the CRC in the local header or the data
+    descriptor after the data equals the central directory's. Anything else: None (the caller
+    computes the CRC). Looked up lazily: one small read per candidate entry."""
+
+    def __init__(self) -> None:
+        self.by_size: dict[str, dict[int, list[Any]] | None] = {}
+
+    def _entries(self, src: str) -> dict[int, list[Any]] | None:
+        if src not in self.by_size:
+            import zipfile
+
+            table: dict[int, list[Any]] | None = None
+            try:
+                with zipfile.ZipFile(src) as z:
+                    table = {}
+                    for info in z.infolist():
+                        if info.compress_type == zipfile.ZIP_STORED and info.compress_size == info.file_size:
+                            table.setdefault(info.file_size, []).append(info)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+                table = None
+            self.by_size[src] = table
+        return self.by_size[src]
+
+    def lookup(self, src: str, fd: int, off: int, n: int) -> int | None:
+        """The CRC-32 of bytes ``off .. off + n`` of ``src`` if they are one whole stored entry."""
+        table = self._entries(src)
+        for info in (table or {}).get(n, ()):
+            if not 0 < off - info.header_offset <= 30 + 2 * 0xFFFF:
+                continue
+            head = os.pread(fd, 30, info.header_offset)
+            if len(head) < 30:
+                continue
+            sig, _, flags, method, _, _, crc, csize, usize, nlen, xlen = struct.unpack("<4sHHHHHIIIHH", head)
+            if sig != b"PK\x03\x04" or method != 0 or info.header_offset + 30 + nlen + xlen != off:
+                continue
+            if os.pread(fd, nlen, info.header_offset + 30) != info.orig_filename.encode("utf-8" if flags & 0x800 else "cp437"):
+                continue
+            if flags & 0x08:  # sizes and CRC in a data descriptor right after the data
+                desc = os.pread(fd, 8, off + n)
+                if len(desc) < 8:
+                    continue
+                crc = struct.unpack("<I", desc[4:8] if desc[:4] == b"PK\x07\x08" else desc[:4])[0]
+            elif csize != 0xFFFFFFFF and (csize != n or usize != n):
+                continue
+            if crc == info.CRC:
+                return int(crc)
+        return None
+
+
+class _CRCThread:
+    """The CRC-32 of file ranges, computed on a thread (reading the source in 8 MiB steps; zlib
+    releases the GIL) while the kernel copies the same ranges into the output."""
+
+    BUF = 8 << 20
+
+    def __init__(self, parts: Sequence[tuple[str, int, int]]) -> None:
+        self.parts = list(parts)
+        self.crc = 0
+        self.error: BaseException | None = None
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, name="statemap-crc", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import zlib
+
+        try:
+            buf = bytearray(min(self.BUF, max((n for _, _, n in self.parts), default=1)))
+            view = memoryview(buf)
+            crc = 0
+            for src, off, n in self.parts:
+                fd = os.open(src, os.O_RDONLY)
+                try:
+                    done = 0
+                    while done < n and not self.stop:
+                        k = os.preadv(fd, [view[: min(len(view), n - done)]], off + done)
+                        if k <= 0:
+                            raise OutputError(f"{src}: ended early while copying tensor bytes (file changed or truncated?)")
+                        crc = zlib.crc32(view[:k], crc)
+                        done += k
+                finally:
+                    os.close(fd)
+            self.crc = crc
+        except BaseException as e:  # raised in the writer by result()
+            self.error = e
+
+    def cancel(self) -> None:
+        """Stop early (the copy failed) and wait for the thread."""
+        self.stop = True
+        self.thread.join()
+
+    def result(self) -> int:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.crc
+
+
+def _write_crc(
+    f: Any, a: Any, want: TensorMeta, fds: dict[str, int], crcs: _SourceCRCs, wb: _Writeback | None = None
+) -> tuple[int, int]:
     """Write one tensor's bytes (file ranges or an array) and return (bytes, CRC-32 of them).
 
-    File ranges go through ``buf`` (at most 8 MiB), so memory stays bounded whatever their size."""
+    File ranges are copied in the kernel (``copy_file_range``); their CRC comes from the source's
+    central directory when they are one whole stored entry of a zip input (checked against its
+    local header), else it is computed on a thread while the kernel copies (reading through an
+    8 MiB buffer, so memory stays bounded whatever their size)."""
     import zlib
 
-    crc = 0
     if hasattr(a, "parts"):
         if a.nbytes != want.nbytes:
             raise AssertionError(f"{want.name}: {a.nbytes} bytes planned as {want.nbytes}")
-        if not buf:
-            buf.extend(bytes(min(8 << 20, max(a.nbytes, 1))))
-        elif len(buf) < min(8 << 20, a.nbytes):
-            buf.extend(bytes(min(8 << 20, a.nbytes) - len(buf)))
-        view = memoryview(buf)
-        for src, off, n in a.parts:
-            fd_in = _source_fd(src, fds)
-            done = 0
-            while done < n:
-                k = os.preadv(fd_in, [view[: min(len(view), n - done)]], off + done)
-                if k <= 0:
-                    raise OutputError(f"{src}: ended early while copying tensor bytes (file changed or truncated?)")
-                crc = zlib.crc32(view[:k], crc)
-                f.write(view[:k])
-                done += k
+        parts = [p for p in a.parts if p[2]]
+        known = crcs.lookup(parts[0][0], _source_fd(parts[0][0], fds), parts[0][1], parts[0][2]) if len(parts) == 1 else None
+        if not parts:
+            known = 0
+        job = _CRCThread(parts) if known is None else None
+        try:
+            for src, off, n in parts:
+                _copy_range(f.fileno(), src, off, n, fds, wb)
+        except BaseException:
+            if job is not None:
+                job.cancel()
+            raise
+        crc = job.result() if job is not None else known
+        assert crc is not None
         return int(a.nbytes), crc
     data = _as_bytes(a, want)
     crc = zlib.crc32(data)
     f.write(data)
+    if wb is not None:
+        wb.kick()
     return len(data), crc
 
 
