@@ -1335,6 +1335,7 @@ def _write_flax(out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays:
     pos = 0
     fds: dict[str, int] = {}
     tmp, f = stage.open(out)
+    wb = _Writeback(f.fileno(), fsync)
     try:
         with f:
             for piece in flax_layout(metas):
@@ -1352,10 +1353,11 @@ def _write_flax(out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays:
                             f"{metas[piece.index].name}: {a.nbytes} bytes planned as {metas[piece.index].nbytes}"
                         )
                     for src, off, n in _sub_ranges(a.parts, piece.start, piece.length):
-                        _copy_range(f.fileno(), src, off, n, fds)
+                        _copy_range(f.fileno(), src, off, n, fds, wb)
                 else:
                     data = _as_bytes(a, metas[piece.index])
                     f.write(data[piece.start : piece.start + piece.length])
+                    wb.kick()
                 pos += piece.length
                 left[piece.index] -= piece.length
                 if not left[piece.index]:

@@ -129,3 +129,170 @@ def test_ahead_makes_large_tensors_wait_and_passes_errors_on(monkeypatch):
         next(ahead)
     ahead.close()
     assert order == ["produce 0", "write 0", "produce 1", "write 1", "produce 2", "write 2"]  # never ahead
+
+
+# -- .pt outputs: CRC-32 of copied storages; early writeback before fsync ----------------------
+
+
+def _stored_entries(path) -> dict[str, tuple[int, int, int]]:
+    """name -> (data offset, size, CRC) of each entry, from Python's zipfile and the local headers."""
+    import struct
+    import zipfile
+
+    out = {}
+    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+        for info in z.infolist():
+            f.seek(info.header_offset)
+            nlen, xlen = struct.unpack("<HH", f.read(30)[26:30])
+            out[info.filename] = (info.header_offset + 30 + nlen + xlen, info.file_size, info.CRC)
+    return out
+
+
+def _pt_source(tmp_path) -> tuple[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    sd = {"a": rng.random((33, 7), dtype=np.float32), "b": rng.random(1000, dtype=np.float32)}
+    metas = [TensorMeta(k, v.shape, "float32") for k, v in sd.items()]
+    w.write_checkpoint(tmp_path / "src.pt", metas, iter(sd.values()), fsync=False)  # data descriptors, as torch.save
+    return str(tmp_path / "src.pt"), sd
+
+
+def test_source_crc_is_used_for_whole_stored_entries_only(tmp_path):
+    import zipfile
+    import zlib
+
+    src, _ = _pt_source(tmp_path)
+    plain = tmp_path / "plain.zip"  # CRC and sizes in the local header, no data descriptor
+    with zipfile.ZipFile(plain, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("x/data/0", os.urandom(5000))
+    for path in (src, str(plain)):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            crcs = w._SourceCRCs()
+            data = open(path, "rb").read()
+            for name, (off, n, crc) in _stored_entries(path).items():
+                if n < 2:
+                    continue
+                assert crc == zlib.crc32(data[off : off + n]), name
+                assert crcs.lookup(path, fd, off, n) == crc, name
+                # not one whole entry: never the entry's CRC
+                assert crcs.lookup(path, fd, off, n - 1) is None
+                assert crcs.lookup(path, fd, off + 1, n - 1) is None
+                assert crcs.lookup(path, fd, off - 1, n) is None
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("where", ["descriptor", "central", "name"])
+def test_source_crc_that_does_not_match_its_local_header_is_not_used(tmp_path, where):
+    src, _ = _pt_source(tmp_path)
+    off, n, crc = next(v for k, v in _stored_entries(src).items() if k.endswith("data/1"))
+    data = bytearray(open(src, "rb").read())
+    if where == "descriptor":
+        assert data[off + n : off + n + 8] == b"PK\x07\x08" + crc.to_bytes(4, "little")
+        data[off + n + 4] ^= 1
+    elif where == "central":
+        at = data.index(b"PK\x01\x02")  # the central directory: the entry whose CRC (at +16) it is
+        while data[at + 16 : at + 20] != crc.to_bytes(4, "little"):
+            at = data.index(b"PK\x01\x02", at + 4)
+        data[at + 16] ^= 1
+    else:
+        at = data.rindex(b"data/1", 0, off)  # the local header's name, right before the data
+        data[at + 5 : at + 6] = b"7"
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    fd = os.open(bad, os.O_RDONLY)
+    try:
+        assert w._SourceCRCs().lookup(str(bad), fd, off, n) is None
+    finally:
+        os.close(fd)
+
+
+def test_source_crc_of_a_file_that_is_not_a_zip_is_none(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(os.urandom(4096))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert w._SourceCRCs().lookup(str(p), fd, 0, 4096) is None
+    finally:
+        os.close(fd)
+
+
+def _segments_to_pt(tmp_path, name, parts_by_tensor, sd_meta, monkeypatch=None):
+    from statemap.apply import Segments
+
+    metas = [TensorMeta(k, shape, "float32") for k, shape in sd_meta]
+    w.write_checkpoint(tmp_path / name, metas, iter(Segments(tuple(p)) for p in parts_by_tensor), fsync=False)
+    return tmp_path / name
+
+
+def test_pt_output_of_copied_ranges_has_right_crcs(tmp_path, monkeypatch):
+    """Whole source entries (CRC from the source), parts of entries and ranges of two files (CRC
+    computed on a thread): Python's zipfile checks every CRC, and the values are the source's."""
+    import zipfile
+
+    src, sd = _pt_source(tmp_path)
+    ent = {k.rsplit("/", 1)[-1]: v for k, v in _stored_entries(src).items() if "/data/" in k}
+    (oa, na, _), (ob, nb, _) = ent["0"], ent["1"]
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(os.urandom(256))
+    looked: list[int | None] = []
+    real = w._SourceCRCs.lookup
+    monkeypatch.setattr(w._SourceCRCs, "lookup", lambda self, *a: looked.append(real(self, *a)) or looked[-1])
+    out = _segments_to_pt(
+        tmp_path,
+        "o.pt",
+        [[(src, oa, na)], [(src, ob, 400)], [(src, ob + 400, nb - 400), (str(raw), 0, 256), (str(raw), 0, 144)]],
+        [("a", (33, 7)), ("b_head", (100,)), ("b_tail", (1000,))],
+    )
+    assert looked[0] is not None and looked[1] is None  # the whole entry's CRC came from the source
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None
+    got = statemap.load_state_dict(out)
+    assert np.array_equal(got["a"], sd["a"]) and np.array_equal(got["b_head"], sd["b"][:100])
+    tail = np.concatenate([sd["b"][100:], np.frombuffer(raw.read_bytes() + raw.read_bytes()[:144], np.float32)])
+    assert np.array_equal(got["b_tail"], tail)
+
+
+def test_pt_crc_check_can_fail(tmp_path, monkeypatch):
+    """A wrong CRC is caught by zipfile: the test above would notice one."""
+    import zipfile
+
+    src, _ = _pt_source(tmp_path)
+    off, n, _ = next(v for k, v in _stored_entries(src).items() if k.endswith("data/0"))
+    monkeypatch.setattr(w._SourceCRCs, "lookup", lambda self, *a: 12345)
+    out = _segments_to_pt(tmp_path, "o.pt", [[(src, off, n)]], [("a", (33, 7))])
+    with zipfile.ZipFile(out) as z, pytest.raises(zipfile.BadZipFile, match="CRC"):
+        z.read(next(x for x in z.namelist() if x.endswith("data/0")))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt", "msgpack"])
+@pytest.mark.parametrize("fsync", [True, False])
+def test_writeback_hands_every_byte_to_the_disk_in_order_only_with_fsync(tmp_path, monkeypatch, fmt, fsync):
+    rng = np.random.default_rng(6)
+    sd = {f"m.{i}.w": rng.random((128, 64), dtype=np.float32) for i in range(6)}
+    save_file(sd, str(tmp_path / "s.safetensors"))
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(w, "_sync_file_range", lambda: lambda fd, start, n, flags: calls.append((start, n, flags)) or 0)
+    monkeypatch.setattr(w._Writeback, "STEP", 16 << 10)
+    spec = {"name": "t", "version": 1, "rules": [{"transpose": "m.2.w"}]}  # one computed tensor between copies
+    statemap.convert(spec, tmp_path / "s.safetensors", tmp_path / f"o.{fmt}", fsync=fsync)
+    if not fsync:
+        assert calls == []
+        return
+    size = os.path.getsize(tmp_path / f"o.{fmt}")
+    assert len(calls) >= 6 and all(f == 2 for _, _, f in calls)  # SYNC_FILE_RANGE_WRITE: start, do not wait
+    assert calls[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(calls, calls[1:]))  # contiguous, in order
+    assert calls[-1][0] + calls[-1][1] <= size and size - (calls[-1][0] + calls[-1][1]) < (16 << 10) + 4096
+    got = statemap.load_state_dict(tmp_path / f"o.{fmt}")
+    assert np.array_equal(got["m.2.w"], sd["m.2.w"].T) and np.array_equal(got["m.5.w"], sd["m.5.w"])
+
+
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="sync_file_range is Linux only")
+def test_sync_file_range_is_found_and_works_on_linux(tmp_path):
+    fn = w._sync_file_range()
+    assert fn is not None
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"x" * 10000)
+        f.flush()
+        assert fn(f.fileno(), 0, 10000, 2) == 0
+        assert fn(-1, 0, 10000, 2) == -1  # a bad descriptor is reported (and ignored by _Writeback)
