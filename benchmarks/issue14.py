@@ -186,19 +186,26 @@ def out_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def pairs(name: str, src: Path, make_cmd, cp_sync: bool, repeat: int, d: Path, suffix: str = ".safetensors") -> dict:
-    """Median of `repeat` (command, cp) pairs, each to fresh names; ratios raw and per byte."""
+def pairs(
+    name: str, src: Path, make_cmd, cp_sync: bool, repeat: int, d: Path, suffix: str = ".safetensors", folder: bool = False
+) -> dict:
+    """Median of `repeat` (command, cp) pairs, each to fresh names; ratios raw and per byte.
+
+    ``folder``: the command writes several files (shards and an index) into a fresh folder,
+    measured (and removed) as a whole."""
     rows = []
     for r in range(repeat):
         out = d / f"{name.replace(' ', '_').replace('/', '_')}-{r}.out{suffix}"
+        if folder:
+            out.mkdir()
         cp_out = d / f"{name.replace(' ', '_')}-{r}.cp"
-        t, rss = timed(make_cmd(out))
+        t, rss = timed(make_cmd(out / f"model{suffix}" if folder else out))
         nbytes = out_bytes(out)
         cp = ["sh", "-c", f'cp "{src}" "{cp_out}" && sync "{cp_out}"'] if cp_sync else ["cp", str(src), str(cp_out)]
         tc, _ = timed(cp)
         cbytes = out_bytes(cp_out)
         rows.append((t, tc, t / tc, (t / nbytes) / (tc / cbytes), rss, nbytes))
-        out.unlink()
+        shutil.rmtree(out) if folder else out.unlink()
         cp_out.unlink()
     med = lambda i: statistics.median(x[i] for x in rows)  # noqa: E731
     res = {"name": name, "s": med(0), "cp_s": med(1), "raw": med(2), "per_byte": med(3), "rss": max(x[4] for x in rows)}
@@ -287,8 +294,22 @@ def main() -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def bytecode_cached() -> None:
+    """Time statemap as installed: a pip install compiles its modules to .pyc files once. Without
+    them (PYTHONDONTWRITEBYTECODE=1 in the environment, or a checkout never imported) every run
+    compiles ~90 modules again: 0.15 s, a third of a page-cache `cp` of 1.45 GB."""
+    import compileall
+
+    import statemap
+
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    ok = compileall.compile_dir(str(Path(statemap.__file__).parent), quiet=1)
+    print(f"statemap bytecode cache {'ready' if ok else 'NOT written (timings include compiling)'}", flush=True)
+
+
 def run(d: Path, args: argparse.Namespace) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}")
+    bytecode_cached()
     print(f"load average at start: {os.getloadavg()[0]:.1f}; generating inputs in {d} ...", flush=True)
     pt = make_deltalm(d, args.vocab)
     gpt2 = make_gpt2(d, args.gpt2_layers)
@@ -317,6 +338,13 @@ def run(d: Path, args: argparse.Namespace) -> None:
             pairs(f"{label}: statemap -> .pt --no-fsync", src, sm(["--no-fsync"]), False, n, d, ".pt"),
             pairs(f"{label}: statemap -> .msgpack --no-fsync", src, sm(["--no-fsync"]), False, n, d, ".msgpack"),
         ]
+        if label == "deltalm":  # the sharded and --workers paths, per byte like the rest (three ~500 MB shards)
+            shards = ["--no-fsync", "--max-shard-size", "500MB"]
+            results[label] += [
+                pairs(f"{label}: sharded --no-fsync", src, sm(shards), False, n, d, folder=True),
+                pairs(f"{label}: sharded --workers 2 --no-fsync", src, sm([*shards, "--workers", "2"]), False, n, d, folder=True),
+                pairs(f"{label}: sharded --workers 2 (fsync)", src, sm(shards[1:] + ["--workers", "2"]), True, n, d, folder=True),
+            ]
     print("metadata commands on a 200k-key sharded index (wall s, peak RSS MB, median of 3):", flush=True)
     meta = {}
     for name, cmd in (
