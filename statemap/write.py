@@ -797,6 +797,8 @@ def write_checkpoint(
         check_flax_output(metas, str(out))
         flax_tree_order(metas)  # a name that is both a tensor and a module: refused before anything is written
     stage = _Staging(force)
+    if segments is None or any(seg is None for seg in segments):
+        _import_numpy_meanwhile()  # a computed tensor will need it: import it while the kernel copies
     ahead = _Ahead(iter(arrays), metas)
     it: Iterator[Any] = ahead if fmt != "flax" else iter(ahead.it)  # flax may take tensors out of order
 
@@ -838,6 +840,20 @@ def write_checkpoint(
                 stage.abort()
             raise
     return Written(tuple(str(f) for f in files), len(metas), nbytes)
+
+
+def _import_numpy_meanwhile() -> None:
+    """Import numpy (~0.08 s) on a thread, so the first computed tensor does not stop the writer
+    for it: with most tensors copied in the kernel (the GIL released) the import runs meanwhile.
+    Python's import lock makes any other ``import numpy`` wait for this one to finish."""
+    if "numpy" in sys.modules:
+        return
+
+    def work() -> None:
+        with contextlib.suppress(Exception):
+            import numpy  # noqa: F401
+
+    threading.Thread(target=work, name="statemap-import", daemon=True).start()
 
 
 class _Ahead:
