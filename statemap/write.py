@@ -556,7 +556,7 @@ def _sync_file_range() -> Callable[..., int] | None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 class _Writeback:
@@ -797,8 +797,8 @@ def write_checkpoint(
         check_flax_output(metas, str(out))
         flax_tree_order(metas)  # a name that is both a tensor and a module: refused before anything is written
     stage = _Staging(force)
-    if segments is None or any(seg is None for seg in segments):
-        _import_numpy_meanwhile()  # a computed tensor will need it: import it while the kernel copies
+    if workers <= 1 and (segments is None or any(seg is None for seg in segments)):
+        _import_numpy_meanwhile()  # a computed tensor will need it here: import it while the kernel copies
     ahead = _Ahead(iter(arrays), metas)
     it: Iterator[Any] = ahead if fmt != "flax" else iter(ahead.it)  # flax may take tensors out of order
 

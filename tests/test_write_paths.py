@@ -296,3 +296,18 @@ def test_sync_file_range_is_found_and_works_on_linux(tmp_path):
         f.flush()
         assert fn(f.fileno(), 0, 10000, 2) == 0
         assert fn(-1, 0, 10000, 2) == -1  # a bad descriptor is reported (and ignored by _Writeback)
+
+
+@pytest.mark.parametrize(("rules", "warm"), [([{"transpose": "m.1.w"}], True), ([], False)])
+def test_numpy_is_imported_ahead_only_when_a_tensor_is_computed(tmp_path, monkeypatch, rules, warm):
+    rng = np.random.default_rng(7)
+    sd = {f"m.{i}.w": rng.random((16, 8), dtype=np.float32) for i in range(3)}
+    save_file(sd, str(tmp_path / "s.safetensors"))
+    calls: list[int] = []
+    monkeypatch.setattr(w, "_import_numpy_meanwhile", lambda: calls.append(1))
+    statemap.convert(
+        {"name": "t", "version": 1, "rules": rules}, tmp_path / "s.safetensors", tmp_path / "o.safetensors", fsync=False
+    )
+    assert calls == ([1] if warm else [])
+    got = load_file(str(tmp_path / "o.safetensors"))
+    assert np.array_equal(got["m.1.w"], sd["m.1.w"].T if rules else sd["m.1.w"]) and np.array_equal(got["m.2.w"], sd["m.2.w"])
