@@ -144,6 +144,28 @@ def test_convert_to_pt_from_non_contiguous_views(tmp_path, monkeypatch):
     assert sum(a != b for a, b in zip(ours, ref_bytes)) <= 8
 
 
+def test_pt_from_torch_save_takes_whole_storage_crcs_from_the_source(tmp_path, monkeypatch):
+    """Storages copied whole from a torch.save file keep the CRC-32 torch recorded for them (read
+    from its central directory); a slice of a storage gets its own; zipfile and torch.load agree."""
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(64, 33, generator=g)
+    src = {"a": torch.randn(100, 7, generator=g), "b": big, "part": torch.randn(50, generator=g)[10:30]}
+    torch.save(src, tmp_path / "src.pt")
+    found: list[int | None] = []
+    real = w._SourceCRCs.lookup
+    monkeypatch.setattr(w._SourceCRCs, "lookup", lambda self, *a: found.append(real(self, *a)) or found[-1])
+    spec = {"name": "t", "version": 1, "rules": [{"rename": "{x} -> m.{x}"}]}
+    statemap.convert(spec, tmp_path / "src.pt", tmp_path / "o.pt", fsync=False)
+    assert len(found) == 3 and found[0] is not None and found[1] is not None and found[2] is None  # part: a slice
+    with zipfile.ZipFile(tmp_path / "src.pt") as z:
+        torch_crcs = {i.CRC for i in z.infolist()}
+    assert {found[0], found[1]} <= torch_crcs
+    with zipfile.ZipFile(tmp_path / "o.pt") as z:
+        assert z.testzip() is None
+    got = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert all(torch.equal(got[f"m.{k}"], v) for k, v in src.items())
+
+
 # -- Flax ------------------------------------------------------------------------------------------
 
 
