@@ -13,6 +13,11 @@ written (seconds per byte of statemap's output over seconds per byte of cp's). P
   statemap (fsync)      vs  cp IN OUT && sync OUT       (statemap fsyncs before its rename)
   naive pipeline        vs  cp IN OUT                   torch.load -> rename -> safetensors.torch.save_file
 
+and, for DeltaLM, the same conversion to .pt and .msgpack, and sharded (--max-shard-size 500MB)
+alone and with --workers 2 (the shards and the index in a fresh folder, counted together).
+statemap runs with its bytecode cache written first (as a pip install leaves it), whatever
+PYTHONDONTWRITEBYTECODE says.
+
 on two conversions:
 
   deltalm   catalog `deltalm-fairseq-to-hf` on a DeltaLM-base-shaped fairseq .pt (12 + 6 layers,

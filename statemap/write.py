@@ -764,6 +764,8 @@ def write_checkpoint(
     for safetensors the caller decides (clone: all listed in ``metas``; dedupe: only one).
     ``fsync=False`` skips flushing to disk before the rename (faster; a power loss right after
     may leave an empty file under the final name). Still atomic against crashes of statemap.
+    With ``fsync`` the disk starts writing each 32 MiB as soon as they are copied, so the final
+    ``fsync`` has little left to wait for.
     ``workers > 1`` with a sharded safetensors output writes whole shards in parallel processes
     (started with ``spawn``); it needs a picklable ``get(i)`` that produces the i-th tensor.
     ``segments``: per tensor, the file ranges it will arrive as (or None), known from the plan;
