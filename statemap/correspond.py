@@ -209,10 +209,14 @@ class _Hasher:
         n = max(length, 1)
         self.c = rng.integers(1, 1 << 8, size=(2, n)).astype(np.float64)
         self.c16 = self.c * 65536.0  # bfloat16: its bits times 2**16 are its canonical value
+        self.ct, self.ct16 = np.ascontiguousarray(self.c.T), np.ascontiguousarray(self.c16.T)  # [n, 2]: rows' GEMM
         self.d = rng.integers(0, 2**63, size=n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self.workers = max(1, workers)
 
-    def fingerprint(self, key: str, meta: TensorMeta, a: np.ndarray, variant: str = "", cols: bool = True) -> _FP:
+    def fingerprint(
+        self, key: str, meta: TensorMeta, a: np.ndarray, variant: str = "", cols: bool = True, with_rows: bool = True
+    ) -> _FP:
+        """Row and column hashes of ``a`` (``with_rows=False``: the columns alone; ``full`` is then 0)."""
         import numpy as np
 
         dt = lookup_dtype(meta.dtype)
@@ -235,19 +239,30 @@ class _Hasher:
 
             half = (len(spans) + 1) // 2
             with ThreadPoolExecutor(2) as pool:  # numpy and BLAS release the GIL
-                parts = list(pool.map(lambda sp: self._part(x, dt, f64_as_f32, sp, rows, cols), (spans[:half], spans[half:])))
+                parts = list(
+                    pool.map(lambda sp: self._part(x, dt, f64_as_f32, sp, rows, cols, with_rows), (spans[:half], spans[half:]))
+                )
             col = parts[0] + parts[1] if cols else None
         else:
-            part = self._part(x, dt, f64_as_f32, spans, rows, cols)
+            part = self._part(x, dt, f64_as_f32, spans, rows, cols, with_rows)
             col = part if cols else None
-        rows += np.uint64((n * _K_LEN) & _MASK)
         if col is not None:
             col += np.uint64((m * _K_LEN) & _MASK)
+        if not with_rows:
+            return _FP(key, meta, m, n, None, col, 0, variant)
+        rows += np.uint64((n * _K_LEN) & _MASK)
         full = (int((rows * self.d[:m]).sum()) + m * _K_M + n * _K_N) & _MASK
         return _FP(key, meta, m, n, rows, col, full, variant)
 
     def _part(
-        self, x: np.ndarray, dt: DType, f64_as_f32: bool, spans: list[tuple[int, int]], rows: np.ndarray, with_cols: bool = True
+        self,
+        x: np.ndarray,
+        dt: DType,
+        f64_as_f32: bool,
+        spans: list[tuple[int, int]],
+        rows: np.ndarray,
+        with_cols: bool = True,
+        with_rows: bool = True,
     ) -> np.ndarray:
         """Add the hashes of rows ``spans`` to ``rows`` (in place) and return their column sums."""
         import numpy as np
@@ -260,6 +275,7 @@ class _Hasher:
         wide = _canon_wide(dt, f64_as_f32)
         tmp = np.empty((step, width), dtype=np.uint64 if wide else np.uint32)
         coef = self.c16 if dt.name == "bfloat16" else self.c
+        coef_t = self.ct16 if dt.name == "bfloat16" else self.ct
         for r0, r1 in spans:
             k = r1 - r0
             for j0 in range(0, n, _EXACT):
@@ -280,11 +296,14 @@ class _Hasher:
                             np.right_shift(src, np.uint64(32), out=buf, casting="unsafe")
                     else:
                         np.copyto(buf, src, casting="unsafe")
-                    for q in (0, 1):
-                        kp = np.uint64(_PIECE_K[2 * p + q])
-                        rows[r0:r1] += (buf @ coef[q, j0:j1]).astype(np.uint64) * kp
-                        if with_cols:
-                            cols[j0:j1] += (coef[q, r0:r1] @ buf).astype(np.uint64) * kp
+                    # both coefficient sets in one pass over the block: [k, w] @ [w, 2] and [2, k] @ [k, w]
+                    k0, k1 = np.uint64(_PIECE_K[2 * p]), np.uint64(_PIECE_K[2 * p + 1])
+                    if with_rows:
+                        rr = (buf @ coef_t[j0:j1]).astype(np.uint64)
+                        rows[r0:r1] += rr[:, 0] * k0 + rr[:, 1] * k1
+                    if with_cols:
+                        cc = (coef[:, r0:r1] @ buf).astype(np.uint64)
+                        cols[j0:j1] += cc[0] * k0 + cc[1] * k1
         return cols
 
 
@@ -439,6 +458,52 @@ def _quick_all(
         if pending is not None:
             finish(pending)
     return out
+
+
+# -- transposes by name -------------------------------------------------------------------------
+
+_START_K = 0x9E3779B97F4A7C15  # mixes a row's first two canonical values into one key
+
+
+def _transpose_pairs(a_metas: Mapping[str, TensorMeta], b_metas: Mapping[str, TensorMeta]) -> dict[str, tuple[int, int]]:
+    """Names A holds as a matrix ``[m, n]`` and B as ``[n, m]`` (as :func:`_view2d` sees them;
+    ``m != n``, both > 1 and short enough to hash by rows; same dtype): most likely B is A
+    transposed. Name -> A's ``(m, n)``.
+
+    Both sides leave such a tensor out of the whole-tensor pass (another shape under the same
+    name), and A's rows are hashed in A's pass. B's columns alone are hashed while B is read:
+    when they equal A's rows, B is A transposed -- provided no A tensor has a row that starts as
+    B's row 0 (:func:`_row_starts`), for then B's rows could be found whole or as a block of an A
+    tensor, which the matcher prefers. That is the explanation the full row / column matching
+    gives, for half of B's hashing."""
+    out = {}
+    for k, am in a_metas.items():
+        bm = b_metas.get(k)
+        if bm is None or am.dtype != bm.dtype or not am.numel:
+            continue
+        m, n = _view2d(am.shape)
+        if m != n and 1 < m <= _MAX_ROWS and 1 < n <= _MAX_ROWS and _view2d(bm.shape) == (n, m):
+            out[k] = (m, n)
+    return out
+
+
+def _row_starts(x: np.ndarray, meta: TensorMeta, m: int, n: int, round_to: Iterable[str] = ()) -> list[np.ndarray]:
+    """A key (uint64) of the first two values of every row of ``x`` seen as ``[m, n]``, in every
+    canonical form the row hashes may give those values (float64: as float64 bits and as float32
+    bits; also rounded to each dtype of ``round_to`` narrower than the tensor's): two rows whose
+    hashes can be equal have equal keys (the converse need not hold)."""
+    import numpy as np
+
+    dt = lookup_dtype(meta.dtype)
+    s = np.ascontiguousarray(x.reshape(m, n)[:, :2])
+    if dt.kind == "complex":
+        forms = [s.view(np.uint64)] if dt.native and dt.itemsize == 8 else []  # complex128 has no row hashes
+    else:
+        forms = [_canon(s, dt, False)] + ([_canon(s, dt, True)] if dt.name == "float64" else [])
+        for to in round_to:
+            if _narrower(dt.name, to):
+                forms.append(_canon(cast_values(s, dt, lookup_dtype(to)), lookup_dtype(to), False))
+    return [f[:, 0] * np.uint64(_START_K) + f[:, 1] for f in forms]
 
 
 # -- matching ----------------------------------------------------------------------------------
@@ -761,12 +826,15 @@ def explain(
     b_read: Callable[[str], np.ndarray],
     rule_of: Mapping[str, str] | None = None,
     names: tuple[str, str] = ("A", "B"),
+    transposes: bool = True,
 ) -> Explanation:
     """Read both sides once (one tensor at a time) and explain every B key by A's content.
 
     ``rule_of``: for a planned A (``diff --spec``), the rule (file:line) that produced each A key;
     it is attached to every B key's correspondence, and to A keys left over. ``names``: the two
-    files, for error messages.
+    files, for error messages. ``transposes``: hash only the columns of B tensors whose A namesake
+    has the transposed shape (see :func:`_transpose_pairs`; the same explanations, faster); False
+    hashes their rows and columns like any other.
 
     Example::
 
@@ -803,12 +871,19 @@ def explain(
     b_early: dict[str, _FP] = {}
     from concurrent.futures import Future, ThreadPoolExecutor
 
+    tpairs = _transpose_pairs(a_metas, b_metas) if transposes else {}  # B's columns may be A's rows
+    lengths = {m for m, _ in tpairs.values()}  # B's rows have A's first dim as length
+    starts: dict[int, list[np.ndarray]] = {}  # such a length -> keys of the starts of A's rows
+    pair_dtypes = {a_metas[k].dtype for k in tpairs}
+    verified: set[str] = set()  # B keys whose columns are A's rows: A transposed
     with ThreadPoolExecutor(1) as bg:
         running: list[tuple[str, Future[list[_FP]]]] = []
 
         def collect() -> None:
             for side, f in running:
                 fps = f.result()
+                if not fps:  # a transpose pair whose B columns are A's rows
+                    continue
                 if side == "b":
                     b_early[fps[0].key] = fps[0]
                 else:
@@ -825,6 +900,9 @@ def explain(
             return o is not None and tuple(o.shape) != tuple(meta.shape) and o.numel == meta.numel and o.dtype == meta.dtype
 
         def changed_in_b(k: str, meta: TensorMeta, x: np.ndarray, q: tuple[Any, ...]) -> None:
+            m, n = _view2d(meta.shape)
+            if n in lengths and x.size == m * n:
+                starts.setdefault(n, []).extend(_row_starts(x, meta, m, n, pair_dtypes))
             bm = b_metas.get(k)
             if bm is not None and meta.numel and (tuple(bm.shape) != tuple(meta.shape) or bm.dtype != meta.dtype):
                 collect()
@@ -833,11 +911,28 @@ def explain(
         qa = _quick_all(a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas))
         collect()
         a_quick = set(qa.values())
+        have = {n: set(np.concatenate(v).tolist()) for n, v in starts.items() if v}
+
+        def transposed_or_fingerprint(k: str, meta: TensorMeta, x: np.ndarray) -> list[_FP]:
+            """[] when B's ``k`` is A's transposed (see _transpose_pairs), else B's fingerprint."""
+            a = a_early.get(k)
+            m, n = tpairs[k]
+            if a and a[0].rows is not None:
+                first = have.get(m, set())
+                if not any(int(v) in first for s in _row_starts(x.reshape(n, m)[:1], meta, 1, m) for v in s):
+                    cols = hasher.fingerprint(k, meta, x, with_rows=False).cols
+                    if cols is not None and np.array_equal(cols, a[0].rows):
+                        verified.add(k)
+                        return []
+            return _fingerprint_one(k, meta, x, hasher, lambda m: [])
 
         def fingerprint_misses(k: str, meta: TensorMeta, x: np.ndarray, q: tuple[Any, ...]) -> None:
             if q not in a_quick and meta.numel:  # no A tensor holds these values whole
                 collect()
-                running.append(("b", bg.submit(_fingerprint_one, k, meta, x, hasher, lambda m: [])))
+                if k in tpairs:
+                    running.append(("b", bg.submit(transposed_or_fingerprint, k, meta, x)))
+                else:
+                    running.append(("b", bg.submit(_fingerprint_one, k, meta, x, hasher, lambda m: [])))
 
         qb = _quick_all(b_metas, b_read, fingerprint_misses, lambda k, m: transposed(k, m, a_metas))
         collect()
@@ -876,6 +971,10 @@ def explain(
                 also = used.get(ak, "")
                 out[bk] = Correspondence(bk, "tied", c.a, f"A:{ak}, also held by B:{also}" if also else c.detail)
                 used.setdefault(ak, bk)
+    # transposes found while B was read (see _transpose_pairs)
+    for k in (k for k in b_metas if k in verified):
+        span = (0, tpairs[k][0])  # all of B's columns are all of A's rows
+        out[k] = Correspondence(k, "transposed", (k,), "B = A transposed", (Piece(span, k, span, "cols", "rows"),))
     # swapped: B:x holds A:y while both names exist on both sides, and B:y holds A:x
     for bk, c in list(out.items()):
         if c.kind == "renamed" and bk in a_metas and c.a[0] in b_metas:
