@@ -6,8 +6,9 @@ again); only fingerprints are kept: per-row and per-column hashes of the tensor 
 compare as float32 values, so a lossless cast hashes the same), plus the same hashes of A rounded
 to each narrower float type B holds (so a lossy cast still matches). The hashes are linear and
 exact (integer sums of random 8-bit coefficients times element bits, computed as float64
-matrix-vector products; see :class:`_Hasher`), so a row of A and a column of B compare directly:
-that is how transposes, splits and merges along a dim, and row reorders are found.
+matrix products; see :class:`_Hasher`), so a row of A and a column of B compare directly:
+that is how transposes, splits and merges along a dim, and row reorders are found. A name A
+holds as ``[m, n]`` and B as ``[n, m]`` has only B's columns hashed (:func:`_transpose_pairs`).
 
 Every B key gets one :class:`Correspondence`:
 
@@ -198,9 +199,10 @@ class _Hasher:
     """Linear hashes of every row and column: for a vector ``v`` of canonical values (32 or 64
     bits, cut in 32-bit pieces ``v_p``), ``H(v) = sum_{p,s} K_ps * sum_j c_s[j] * v_p[j] + len * K``
     mod 2**64, with two sets of random 8-bit coefficients ``c_s``. The inner sums are float64
-    matrix-vector products (BLAS) over at most 2**13 positions at a time, where every partial sum
-    is an integer below 2**53 and so exact in any order: a row of A and a column of B hash equal
-    exactly when their values are equal (up to the hash), and no transpose is ever made."""
+    matrix products (BLAS; both coefficient sets in one pass over a block: ``[k, w] @ [w, 2]`` for
+    rows, ``[2, k] @ [k, w]`` for columns) over at most 2**13 positions at a time, where every
+    partial sum is an integer below 2**53 and so exact in any order: a row of A and a column of B
+    hash equal exactly when their values are equal (up to the hash), and no transpose is ever made."""
 
     def __init__(self, length: int, workers: int = 2) -> None:
         import numpy as np
