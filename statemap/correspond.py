@@ -418,7 +418,7 @@ def _id_keys(blocks: int) -> tuple[np.ndarray, np.ndarray]:
     return _id_tables[0], d
 
 
-def _crc(mv: memoryview) -> tuple[int, int]:
+def _word_hash(mv: memoryview) -> tuple[int, int]:
     """Identity of one buffer: a 64-bit hash that depends on every word's value and position, and
     the wrapping sum of the 64-bit words (tail bytes included). The hash is
     ``len * C + sum_b D_b * sum_i K_i * w[b * 2**13 + i] + tail * C'`` mod 2**64 with random odd
@@ -448,7 +448,7 @@ def _crc(mv: memoryview) -> tuple[int, int]:
 def _quick_parts(meta: TensorMeta, a: np.ndarray, pool: Any) -> list[Any]:
     """Whole-tensor identity of the values at memory speed: per ~8 MB piece of the canonical bytes
     (two halves for a float32 tensor, hashed on two threads) a 64-bit hash of the words and their
-    positions (:func:`_crc`) and a 64-bit word sum.
+    positions (:func:`_word_hash`) and a 64-bit word sum.
     The shape is left out: reshapes match. Returns futures of the parts, and the tag."""
     dt = lookup_dtype(meta.dtype)
     parts: list[Any] = []
@@ -456,9 +456,9 @@ def _quick_parts(meta: TensorMeta, a: np.ndarray, pool: Any) -> list[Any]:
         mv = memoryview(buf).cast("B")
         if len(mv) >= 1 << 20:
             half = (len(mv) // 2) & ~7
-            parts += [pool.submit(_crc, mv[:half]), pool.submit(_crc, mv[half:])]
+            parts += [pool.submit(_word_hash, mv[:half]), pool.submit(_word_hash, mv[half:])]
         else:
-            parts.append(pool.submit(_crc, mv))
+            parts.append(pool.submit(_word_hash, mv))
     tag = dt.name if (not dt.native and dt.name != "bfloat16") else ""  # float8 bits equal only float8 bits
     return [meta.numel, tag, *parts]
 

@@ -1,4 +1,4 @@
-"""The whole-tensor identity of `diff --values` (statemap.correspond._crc): equal bytes give equal
+"""The whole-tensor identity of `diff --values` (statemap.correspond._word_hash): equal bytes give equal
 identities; a changed word, two words or two blocks swapped, other tail bytes or another length
 give different ones (the word sum alone misses reorders: the hash must see positions)."""
 
@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from statemap.correspond import _ID_WORDS, _crc, _id_keys
+from statemap.correspond import _ID_WORDS, _id_keys, _word_hash
 
 
 def _ident(a: np.ndarray | bytes) -> tuple[int, int]:
-    return _crc(memoryview(a).cast("B") if isinstance(a, np.ndarray) else memoryview(a))
+    return _word_hash(memoryview(a).cast("B") if isinstance(a, np.ndarray) else memoryview(a))
 
 
 RNG = np.random.default_rng(11)
