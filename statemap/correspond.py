@@ -398,6 +398,7 @@ def _canon_bytes(a: np.ndarray, dt: DType) -> Iterable[Any]:
 
 _ID_WORDS = 1 << 13  # 64-bit words per block of the whole-tensor identity
 _ID_CHUNK = 32  # blocks multiplied at a time (2 MB of reused temporaries)
+_ID_SMALL = 1 << 16  # bytes: shorter buffers take zlib's CRC-32 (fewer numpy calls)
 _id_tables: list[Any] = []  # [K, D]: the identity's position and block multipliers, made once
 
 
@@ -423,13 +424,19 @@ def _word_hash(mv: memoryview) -> tuple[int, int]:
     the wrapping sum of the 64-bit words (tail bytes included). The hash is
     ``len * C + sum_b D_b * sum_i K_i * w[b * 2**13 + i] + tail * C'`` mod 2**64 with random odd
     multipliers, so changing one word always changes it, and any other change does with
-    probability ~2**-64; it runs at memory speed (numpy, 2 MB at a time), 2-3x zlib's CRC-32."""
+    probability ~2**-64; it runs at memory speed (numpy, 2 MB at a time), 2-3x zlib's CRC-32.
+    Buffers under 64 KB take zlib's CRC-32 instead (less overhead per call; the choice depends on
+    the length only, so equal buffers still hash alike)."""
     import numpy as np
 
     n8 = len(mv) // 8
     words = np.frombuffer(mv, dtype=np.uint64, count=n8) if n8 else np.zeros(0, np.uint64)
     tail = int.from_bytes(bytes(mv[n8 * 8 :]), "little")
     total = int(np.add.reduce(words)) if n8 else 0
+    if len(mv) < _ID_SMALL:
+        import zlib
+
+        return zlib.crc32(mv), (total + tail) & _MASK
     full = n8 // _ID_WORDS
     k, d = _id_keys(full + 1)
     h = len(mv) * _K_LEN + tail * _K_N

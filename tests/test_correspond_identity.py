@@ -47,12 +47,15 @@ def test_changes_and_reorders_change_the_identity(what, other):
         assert _ident(other)[1] == _ident(BASE)[1]  # the word sum cannot tell: the hash must
 
 
-def test_tail_bytes_and_length_count():
-    raw = BASE.tobytes()[: 8 * 100 + 3]
+@pytest.mark.parametrize("words", [100, 10_000])  # under and over 64 KB (zlib's CRC-32 / the word hash)
+def test_tail_bytes_length_and_swaps_count(words):
+    raw = BASE.tobytes()[: 8 * words + 3]
     assert _ident(raw) == _ident(bytes(raw))
     assert _ident(raw[:-1] + b"\xff")[0] != _ident(raw)[0]  # a tail byte
-    zeros = bytes(8 * 10)
+    zeros = bytes(8 * words)
     assert _ident(zeros + bytes(8))[0] != _ident(zeros)[0]  # one more zero word: another length
+    swapped = raw[8:16] + raw[:8] + raw[16:]
+    assert _ident(swapped)[0] != _ident(raw)[0] and _ident(swapped)[1] == _ident(raw)[1]
     assert _ident(b"") == (0, 0)
 
 
