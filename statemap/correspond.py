@@ -556,6 +556,26 @@ def _row_starts(x: np.ndarray, meta: TensorMeta, m: int, n: int, round_to: Itera
 # -- matching ----------------------------------------------------------------------------------
 
 _TOKENS = re.compile(r"[._/-]+")
+_GENERIC = frozenset({"weight", "bias", "model", "module", "encoder", "decoder", "layer", "layers", "h", "blocks", "block"})
+
+
+def _names_related(a: str, b: str) -> bool:
+    """The two names share a token other than digits and a few that every layout uses."""
+    ta = {t.lower() for t in _TOKENS.split(a) if t and not t.isdigit()} - _GENERIC
+    tb = {t.lower() for t in _TOKENS.split(b) if t and not t.isdigit()} - _GENERIC
+    return bool(ta & tb)
+
+
+def _constant_value(x: np.ndarray, dtype: str) -> float | None:
+    """The one value every element of ``x`` holds (bitwise), or None (also for a single element)."""
+    import numpy as np
+
+    flat = np.asarray(x).reshape(-1)
+    if flat.size < 2 or not bool((flat == flat[0]).all()):
+        return None
+    return float(_as_float(flat[:1], dtype)[0])
+
+
 _INT = re.compile(r"(?<![^.])\d+(?![^.])")
 
 
@@ -1018,6 +1038,18 @@ def explain(
                 also = used.get(ak, "")
                 out[bk] = Correspondence(bk, "tied", c.a, f"A:{ak}, also held by B:{also}" if also else c.detail)
                 used.setdefault(ak, bk)
+    # a constant B tensor (injected zeros, ones) equal to an A tensor whose name has nothing in
+    # common with it: values alone carry no evidence of a rename, a constant is likelier
+    for bk, c in list(out.items()):
+        if c.kind in ("renamed", "tied") and not _names_related(c.a[0], bk):
+            v = _constant_value(b_read(bk), b_metas[bk].dtype)
+            if v is not None:
+                out[bk] = Correspondence(
+                    bk,
+                    "constant",
+                    (),
+                    f"every element {v:g} (A:{c.a[0]} holds the same values; nothing in the names relates them)",
+                )
     # transposes found while B was read (see _transpose_pairs)
     for k in (k for k in b_metas if k in verified):
         span = (0, tpairs[k][0])  # all of B's columns are all of A's rows

@@ -514,3 +514,30 @@ def test_complex_values_compare_both_parts():
     assert c["zz_t"].kind in ("unmatched", "constant") or c["zz_t"].a != ("z",)
     c = _explain_arrays({"z": z}, {"t": np.ascontiguousarray(z.T)})
     assert c["t"].kind == "transposed" and c["t"].a == ("z",)
+
+
+def test_constant_matched_only_by_an_unrelated_name_is_a_constant():
+    """Zeros equal to a differently named A tensor of zeros are a constant (values carry no evidence);
+    a related name keeps the rename, and a non-constant tensor is renamed whatever its name."""
+    import numpy as np
+
+    from statemap.correspond import explain
+    from statemap.meta import TensorMeta
+
+    av = {
+        "layers.1.fc2_bias": np.zeros(6, np.float32),
+        "enc.ln.bias": np.zeros(4, np.float32),
+        "proj.w": np.arange(8, dtype=np.float32),
+    }
+    bv = {
+        "embeddings.token_type.weight": np.zeros((1, 6), np.float32),
+        "model.ln.bias": np.zeros(4, np.float32),
+        "head.kernel": np.arange(8, dtype=np.float32),
+    }
+    meta = lambda d: {k: TensorMeta(k, v.shape, "float32") for k, v in d.items()}  # noqa: E731
+    ex = explain(meta(av), av.__getitem__, meta(bv), bv.__getitem__)
+    kinds = {c.b: (c.kind, c.a) for c in ex.b}
+    assert kinds["embeddings.token_type.weight"][0] == "constant"
+    assert "A:layers.1.fc2_bias holds the same values" in next(c.detail for c in ex.b if c.b.startswith("embeddings"))
+    assert kinds["model.ln.bias"] == ("renamed", ("enc.ln.bias",))
+    assert kinds["head.kernel"] == ("renamed", ("proj.w",))
