@@ -14,12 +14,12 @@ before a single tensor byte is read:
 from __future__ import annotations
 
 import difflib
-import gc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PlanError, SpecError
+from .gcpause import paused
 from .guards import holds
 from .meta import Node, TensorMeta
 from .ops import REGISTRY, Ctx
@@ -120,13 +120,8 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[
         >>> [o.name for o in plan.outputs]
         ['b.0.w']
     """
-    enabled = gc.isenabled()
-    gc.disable()  # the planner allocates many small, long-lived objects: collecting them while
-    try:  # they are being built costs time that grows with the key count
-        return _make_plan(spec, source, ties)
-    finally:
-        if enabled:
-            gc.enable()
+    with paused():  # the planner allocates many small, long-lived objects: collecting them while
+        return _make_plan(spec, source, ties)  # they are being built costs time that grows with the key count
 
 
 def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[str]]) -> Plan:

@@ -133,7 +133,9 @@ def test_the_comparison_sees_one_changed_shape(inputs, capsys, tmp_path, monkeyp
     """Negative check: one tensor's shape changed in one shard changes the --json digest."""
     d, *_ = inputs
     monkeypatch.setenv("COLUMNS", "120")
-    other = write_index(tmp_path, [(k, [3, 4] if k == "model.layers.9.mlp.experts.9.gate_proj.weight" else s, dt) for k, s, dt in keys()])
+    other = write_index(
+        tmp_path, [(k, [3, 4] if k == "model.layers.9.mlp.experts.9.gate_proj.weight" else s, dt) for k, s, dt in keys()]
+    )
     text = run(capsys, tmp_path, ["inspect", str(other), "--json"])
     assert hashlib.sha256(text.encode()).hexdigest() != json.loads(EXPECTED.read_text())["inspect --json"]
     shapes = {t["name"]: t["shape"] for t in json.loads(text.split("\n", 1)[1].split("\n--stderr--")[0])["tensors"]}

@@ -125,7 +125,7 @@ def finish_flat(ck: Checkpoint, strip_prefix: tuple[str, ...] | None) -> Checkpo
     if strip_prefix is None:
         stripped = ""
         changed = True
-        cur = {n: n for n in names}
+        cur = dict(zip(names, names))
         while changed and cur:
             changed = False
             for pre in AUTO_PREFIXES:

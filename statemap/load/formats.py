@@ -153,9 +153,9 @@ def _locator(locs: dict[str, ByteTensor | None], path: str) -> Callable[[TensorR
 
 
 def _open_safetensors(p: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoint:
-    from .safetensors_format import read_header
+    from .safetensors_format import read_header_ids
 
-    metas, st_locs, meta = read_header(str(p))
+    metas, st_locs, meta, ids = read_header_ids(str(p))
     files = FileReader()
     ck = Checkpoint(
         str(p),
@@ -164,7 +164,7 @@ def _open_safetensors(p: Path, unwrap: Unwrap, strip_prefix: Unwrap) -> Checkpoi
         lambda k: files.read(st_locs[k]),
         metadata=meta,
         locations=st_locs,
-        storage_ids={k: v.storage for k, v in st_locs.items()},
+        storage_ids=ids,
         closer=files.close,
     )
     return finish_flat(ck, strip_prefix)
@@ -437,6 +437,91 @@ def _pattern_hint(names: list[str]) -> str:
 
 def _open_index(p: Path) -> Checkpoint:
     """Sharded checkpoint: validate the whole index and every shard header before any read."""
+    from ..gcpause import paused
+
+    with paused():  # hundreds of thousands of keys: many small objects, no cycles
+        return _open_index_fast(p) or _open_index_checked(p)
+
+
+def _open_index_fast(p: Path) -> Checkpoint | None:
+    """The common, valid index with whole-dict operations (each shard name checked once, the
+    index compared with the shards' keys as two dicts); None when anything is unusual, and
+    :func:`_open_index_checked` then decides and names the problem in the same order as always."""
+    raw = read_regular(p, MAX_INDEX, "index file")
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        return None
+    try:
+        order = dict.fromkeys(wm.values())  # shard names in order of first mention
+    except TypeError:
+        return None
+    for shard in order:
+        if not isinstance(shard, str) or not shard or shard.endswith(".index.json"):
+            return None
+        pp = PurePosixPath(shard)
+        if pp.is_absolute() or ".." in pp.parts or "\\" in shard or os.path.isabs(shard):
+            return None
+        if not (p.parent / shard).is_file():
+            return None
+    readers: dict[str, Checkpoint] = {}
+    owner: dict[str, str] = {}
+    every: dict[str, TensorMeta] = {}
+    fmt = "safetensors-sharded"
+    for shard in order:
+        ck = open_path(p.parent / shard, None, ())
+        fmt = "safetensors-sharded" if ck.format == "safetensors" else "torch-sharded"
+        readers[shard] = ck
+        owner.update(dict.fromkeys(ck.metas, shard))
+        every.update(ck.metas)
+        if len(owner) != len(every) or len(every) != sum(len(r.metas) for r in readers.values()):
+            return None  # a key in two shards
+    if owner != wm:  # a shard holds a key the index maps elsewhere, or misses one mapped to it
+        return None
+    metas = every if list(every) == list(wm) else {k: every[k] for k in wm}  # index order
+    locations: dict[str, ByteTensor] = {}
+    storage_ids: dict[str, str] = {}
+    for r in readers.values():
+        locations.update(r.locations)
+        storage_ids.update(r.storage_ids)
+    return _index_checkpoint(p, index, fmt, metas, readers, owner, locations, storage_ids)
+
+
+def _index_checkpoint(
+    p: Path,
+    index: dict[str, Any],
+    fmt: str,
+    metas: dict[str, TensorMeta],
+    readers: dict[str, Checkpoint],
+    owner: dict[str, str],
+    locations: dict[str, ByteTensor],
+    storage_ids: dict[str, str],
+) -> Checkpoint:
+    def read(k: str) -> np.ndarray:
+        return readers[owner[k]].read(k)
+
+    def close() -> None:
+        for r in readers.values():
+            r.close()
+
+    meta: Any = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    return Checkpoint(
+        str(p),
+        fmt,
+        metas,
+        read,
+        metadata={str(k): str(v) for k, v in meta.items()},
+        locations=locations,
+        storage_ids=storage_ids,
+        closer=close,
+    )
+
+
+def _open_index_checked(p: Path) -> Checkpoint:
+    """Every check of the index, key by key, with the error that names the problem."""
     raw = read_regular(p, MAX_INDEX, "index file")
     try:
         index = json.loads(raw.decode("utf-8"))
@@ -482,24 +567,6 @@ def _open_index(p: Path) -> Checkpoint:
                 raise CheckpointError(f"{p}: index maps {k!r} to {shard!r}, but that shard does not hold it")
     for k in wm:  # index order
         metas[k] = readers[owner[k]].metas[k]
-
-    def read(k: str) -> np.ndarray:
-        return readers[owner[k]].read(k)
-
-    def close() -> None:
-        for r in readers.values():
-            r.close()
-
     locations = {k: v for r in readers.values() for k, v in r.locations.items()}
     storage_ids = {k: v for r in readers.values() for k, v in r.storage_ids.items()}
-    meta: Any = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
-    return Checkpoint(
-        str(p),
-        fmt,
-        metas,
-        read,
-        metadata={str(k): str(v) for k, v in meta.items()},
-        locations=locations,
-        storage_ids=storage_ids,
-        closer=close,
-    )
+    return _index_checkpoint(p, index, fmt, metas, readers, owner, locations, storage_ids)

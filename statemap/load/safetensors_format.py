@@ -17,6 +17,7 @@ from typing import Any
 from ..dtypes import dtype as lookup_dtype
 from ..dtypes import st_shape, torch_shape
 from ..errors import CheckpointError, OutputError
+from ..gcpause import paused
 from ..meta import TensorMeta
 from .checkpoint import ByteTensor
 
@@ -27,7 +28,34 @@ MAX_DIMS = 64  # dimensions of one tensor (numpy's limit)
 
 
 def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor], dict[str, str]]:
-    """Return (metas, byte locations, __metadata__) for a .safetensors file, all validated."""
+    """Return (metas, byte locations, __metadata__) for a .safetensors file, all validated.
+
+    Example::
+
+        >>> metas, locs, meta = read_header("model.safetensors")
+        >>> metas["lm_head.weight"].shape, locs["lm_head.weight"].offset
+        ((50257, 768), 1234)
+    """
+    metas, locs, meta, _ = read_header_ids(path)
+    return metas, locs, meta
+
+
+Header = tuple[dict[str, TensorMeta], dict[str, ByteTensor], dict[str, str], dict[str, str]]
+
+
+def read_header_ids(path: str) -> Header:
+    """:func:`read_header` plus each tensor's storage id (``{path}@{begin}``, for tie detection)."""
+    raw, n, size = _read_raw(path)
+    with paused():  # many small objects, no cycles (see statemap.gcpause)
+        if b"\\" not in raw and b"true" not in raw and b"false" not in raw:
+            try:
+                return _fast(path, raw, n, size)
+            except Exception:  # anything unusual: the checked path below decides, and names the problem
+                pass
+        return _slow(path, raw, n, size)
+
+
+def _read_raw(path: str) -> tuple[bytes, int, int]:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -49,6 +77,108 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
             f"{path}: header holds more than {MAX_HEADER_ITEMS:,} JSON items or {MAX_TENSORS:,} tensors; "
             "refusing to parse it (corrupt or hostile file)"
         )
+    return raw, n, size
+
+
+class _Unusual(Exception):
+    """The fast path met something it does not handle: the checked path takes over."""
+
+
+def _no_float(text: str) -> Any:
+    raise _Unusual(text)
+
+
+def _fast(path: str, raw: bytes, n: int, size: int) -> Header:
+    """The common, valid header in one pass over plain tuples: the same result as :func:`_slow`,
+    which runs instead (and names the problem) whenever anything here is unusual.
+
+    Why it is equivalent: the raw bytes hold no backslash (every JSON string is literal), no
+    ``true``/``false`` token and (``parse_float``) no float, so every JSON number is an int and a
+    shape tuple equal to one already checked holds the same ints. JSON has a colon per object
+    member plus those inside strings, so ``raw.count(b":")`` equals the members and string colons
+    found in the parsed header exactly when no object repeats a name (a repeat is dropped by
+    ``json.loads``: the counts then differ and :func:`_slow` reports it). Every entry must be the
+    plain ``{dtype, shape, data_offsets}`` form; the buffer must be tiled exactly.
+    """
+    header = json.loads(raw.decode("utf-8"), parse_float=_no_float)
+    if type(header) is not dict:
+        raise _Unusual
+    members = len(header)
+    colons = "\0".join(header).count(":")
+    meta_raw = header.pop("__metadata__", None)
+    if meta_raw is not None:
+        if type(meta_raw) is not dict or not all(type(v) is str for v in meta_raw.values()):
+            raise _Unusual
+        members += len(meta_raw)
+        colons += "\0".join(meta_raw).count(":") + "\0".join(meta_raw.values()).count(":")
+    else:
+        meta_raw = {}
+    data_start = 8 + n
+    buffer_len = size - data_start
+    dtypes: dict[str, Any] = {}
+    checked: dict[tuple[str, tuple[int, ...]], tuple[str, int]] = {}  # (dtype, shape) -> (torch dtype, bytes)
+    metas: dict[str, TensorMeta] = {}
+    locs: dict[str, ByteTensor] = {}
+    ids: dict[str, str] = {}
+    begins: list[int] = []
+    ends: list[int] = []
+    keys = _ENTRY_KEYS
+    pos = 0
+    in_order = True
+    meta_new, loc_new = TensorMeta.__new__, ByteTensor.__new__
+    for name, info in header.items():
+        if type(info) is not dict or info.keys() != keys:
+            raise _Unusual
+        dts, shape, off = info["dtype"], info["shape"], info["data_offsets"]
+        if type(shape) is not list or type(off) is not list or len(off) != 2:
+            raise _Unusual
+        shape_t = tuple(shape)
+        got = checked.get((dts, shape_t))
+        if got is None:
+            dt = dtypes.get(dts)
+            if dt is None:
+                dt = dtypes[dts] = lookup_dtype(dts)
+            if dt.per_item != 1 or len(shape) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
+                raise _Unusual
+            got = checked[(dts, shape_t)] = (dt.name, math.prod(shape) * dt.itemsize)
+        torch_name, need = got
+        begin, end = off
+        if not (0 <= begin <= end and end - begin == need and end <= buffer_len):
+            raise _Unusual
+        if begin != pos:
+            in_order = False
+        pos = end
+        begins.append(begin)
+        ends.append(end)
+        m = meta_new(TensorMeta)
+        _set(m, "__dict__", {"name": name, "shape": shape_t, "dtype": torch_name})
+        metas[name] = m
+        t = loc_new(ByteTensor)
+        ids[name] = sid = f"{path}@{begin}"
+        _set(
+            t,
+            "__dict__",
+            {"file": path, "offset": data_start + begin, "dtype": torch_name, "shape": shape_t, "stride": None, "storage": sid},
+        )
+        locs[name] = t
+    if raw.count(b":") != members + 3 * len(metas) + colons:
+        raise _Unusual  # a repeated name somewhere
+    if not in_order:
+        pos = 0
+        for begin, end in sorted(zip(begins, ends)):
+            if begin != pos:
+                raise _Unusual
+            pos = end
+    if pos != buffer_len:
+        raise _Unusual
+    return metas, locs, dict(meta_raw), ids
+
+
+_set = object.__setattr__
+
+
+def _slow(path: str, raw: bytes, n: int, size: int) -> Header:
+    """Every check, entry by entry, with the error that names the problem."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -112,7 +242,7 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
         raise CheckpointError(
             f"{path}: header accounts for {pos} data bytes but the file holds {buffer_len} (truncated or padded?)"
         )
-    return metas, locs, dict(meta_raw)
+    return metas, locs, dict(meta_raw), {k: v.storage for k, v in locs.items()}
 
 
 def encode_header(metas: Sequence[TensorMeta], metadata: dict[str, str]) -> bytes:

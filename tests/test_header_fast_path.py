@@ -1,0 +1,106 @@
+"""The one-pass safetensors header reader agrees with the checked, entry-by-entry one.
+
+`read_header` takes a fast path for plain headers and the checked path for anything unusual; both
+must give the same metas, locations, storage ids and metadata, and every error must be the checked
+path's own.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from statemap.errors import CheckpointError
+from statemap.load import safetensors_format as st
+
+
+def write(path: Path, header: str | dict, data: int) -> str:
+    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data)
+    return str(path)
+
+
+def both(path: str) -> tuple[object, object]:
+    raw, n, size = st._read_raw(path)
+    return st._fast(path, raw, n, size), st._slow(path, raw, n, size)
+
+
+VALID = [
+    # in offset order, with metadata
+    (
+        {
+            "__metadata__": {"format": "pt", "a:b": "c:d"},
+            "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "BF16", "shape": [2, 1], "data_offsets": [8, 12]},
+        },
+        12,
+    ),
+    # out of offset order (as the safetensors library often lays entries out), names with colons
+    (
+        {
+            "z:1": {"dtype": "I64", "shape": [1], "data_offsets": [4, 12]},
+            "a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]},
+        },
+        12,
+    ),
+    # zero-size tensors sharing an offset
+    (
+        {
+            "e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]},
+            "f": {"dtype": "U8", "shape": [], "data_offsets": [0, 1]},
+            "g": {"dtype": "F32", "shape": [0], "data_offsets": [1, 1]},
+        },
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize("header,data", VALID)
+def test_fast_path_gives_what_the_checked_path_gives(tmp_path, header, data):
+    fast, slow = both(write(tmp_path / "m.safetensors", header, data))
+    assert fast == slow
+    assert st.read_header_ids(str(tmp_path / "m.safetensors")) == slow
+
+
+def test_a_changed_entry_changes_the_result(tmp_path):
+    """Negative check: the comparison above sees a different shape."""
+    a = both(write(tmp_path / "a.safetensors", VALID[0][0], 12))[0]
+    other = json.loads(json.dumps(VALID[0][0]))
+    other["b"]["shape"] = [1, 2]
+    b = both(write(tmp_path / "b.safetensors", other, 12))[0]
+    assert a != b
+
+
+ENTRY = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+BAD = [
+    # a repeated name: json.loads keeps one; the colon count sees it and the checked path names it
+    ('{"w":' + ENTRY + ',"w":' + ENTRY + "}", 4, "appears twice"),
+    # a repeat balanced by a colon hidden in an escape: the backslash sends it to the checked path
+    ('{"w\\u003a":' + ENTRY + ',"x":' + ENTRY + ',"x":' + ENTRY + "}", 4, "appears twice"),
+    ('{"w":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}', 4, "non-negative integers"),
+    ('{"w":{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}}', 4, "non-negative integers"),
+    ('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"dtype":"F32"}}', 4, "appears twice"),
+    ('{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}', 4, "needs 8"),
+    (
+        '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"v":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+        4,
+        "overlaps",
+    ),
+    ('{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', 8, "unaccounted bytes"),
+    ('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', 8, "accounts for 4 data bytes"),
+    ('{"w":{"dtype":"XX","shape":[1],"data_offsets":[0,4]}}', 4, "unknown dtype"),
+    ('{"w":{"dtype":"F32","shape":[1],"data_offsets":["0",4]}}', 4, "must be two integers"),
+]
+
+
+@pytest.mark.parametrize("header,data,match", BAD)
+def test_unusual_headers_get_the_checked_paths_error(tmp_path, header, data, match):
+    path = write(tmp_path / "m.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=match):
+        st.read_header(path)
+    raw, n, size = st._read_raw(path)
+    with pytest.raises(Exception):  # noqa: B017 - the fast path declines; any exception hands over
+        st._fast(path, raw, n, size)
