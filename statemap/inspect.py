@@ -14,6 +14,7 @@ from typing import Any
 from .load import Checkpoint
 
 _INDEX = re.compile(r"^\d+$")
+_FIRST_INDEX = re.compile(r"(?<![^.])(\d+)\.")  # the first all-digit segment that is not the last one
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class ModuleRow:
 
 def _module_of(name: str, depth: int) -> tuple[str, int | None]:
     """('encoder.layers.3.fc1.weight', 2) -> ('encoder.layers.{}', 3)."""
+    if "\n" not in name:  # one search instead of a match per segment (`$` also matches before a newline)
+        m = _FIRST_INDEX.search(name)
+        if m is not None:
+            return name[: m.start()] + "{}", int(m.group(1))
+        return ".".join(name.split(".")[:-1][:depth]) or "(top level)", None
     segs = name.split(".")[:-1]
     for i, s in enumerate(segs):
         if _INDEX.match(s):
@@ -49,12 +55,15 @@ def module_rows(ck: Checkpoint, depth: int = 2) -> list[ModuleRow]:
         encoder.embed_tokens 1 1
         encoder.embed_positions 1 1
     """
+    from .gcpause import paused
+
     groups: dict[str, dict[int | None, list[str]]] = {}
     params: dict[str, int] = {}
-    for name, m in ck.metas.items():
-        mod, idx = _module_of(name, depth)
-        groups.setdefault(mod, {}).setdefault(idx, []).append(name)
-        params[mod] = params.get(mod, 0) + m.numel
+    with paused():
+        for name, m in ck.metas.items():
+            mod, idx = _module_of(name, depth)
+            groups.setdefault(mod, {}).setdefault(idx, []).append(name)
+            params[mod] = params.get(mod, 0) + m.numel
     rows = []
     for mod, inst in groups.items():
         keys = [k for k in inst if k is not None]

@@ -38,8 +38,11 @@ class PlannedTensor:
     tie: int | None = None  # outputs with the same tie id are one tensor
 
     @property
-    def meta(self) -> TensorMeta:
-        return TensorMeta(self.name, self.node.shape, self.node.dtype)
+    def meta(self) -> TensorMeta:  # built once, on first use (a dry run of 200k keys asks several times)
+        got = self.__dict__.get("_meta")
+        if got is None:
+            got = self.__dict__["_meta"] = TensorMeta(self.name, self.node.shape, self.node.dtype)
+        return got
 
 
 @dataclass(frozen=True)
@@ -231,10 +234,24 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
                 if name in produced:
                     raise PlanError(f"{rule.where()}writes {name!r} twice (from {produced[name]!r} and {key!r})")
                 produced[name] = key
-                replacements[key] = [(name, table[key].node)]
-            consumed.update(replacements)
-            admitted = len(found)
-            found = []
+            # each key moves with its entry (re-labelled in place, as a new entry would be); same order
+            clash = [k for k in produced if k in table]
+            if clash:
+                moving = set(produced.values())
+                clash = [k for k in clash if k not in moving]
+            if clash:
+                k = min(clash, key=pos.__getitem__)
+                raise PlanError(
+                    f"{rule.where()}writes {k!r}, which already exists ({_origin(table[k])}); "
+                    "two rules write one key: rename or drop the existing one first"
+                )
+            moved = [(name, table.pop(key), pos.pop(key)) for name, key in produced.items()]
+            for name, e, at in moved:
+                e.rule, e.touched, e.tie = rule, True, None
+                table[name] = e
+                pos[name] = at
+            dirty = True
+            continue
         for key, caps, members in op.gather(rule, found, p) if found else ():
             if key in consumed:
                 continue
