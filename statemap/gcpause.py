@@ -4,8 +4,8 @@ Reading a 200k-key index or planning over it allocates millions of small, long-l
 (parsed JSON, metas, plan entries) and no reference cycles. CPython's collector would traverse
 them again and again as they pile up (most of the wall time of ``inspect`` on such an index).
 :func:`paused` switches it off for the block and, on the way out, moves what survived to the
-permanent generation (``gc.freeze``) so later collections skip it too; objects that become
-garbage later are still freed by reference counting.
+permanent generation (``gc.freeze``, only after a block that built many objects) so later
+collections skip it too; objects that become garbage later are still freed by reference counting.
 """
 
 from __future__ import annotations
@@ -33,5 +33,9 @@ def paused() -> Iterator[None]:
     try:
         yield
     finally:
-        gc.freeze()
+        if gc.get_count()[0] > FREEZE_AFTER:
+            gc.freeze()
         gc.enable()
+
+
+FREEZE_AFTER = 100_000  # objects allocated in the block (counted while paused) worth freezing

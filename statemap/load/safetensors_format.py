@@ -116,7 +116,8 @@ def _fast(path: str, raw: bytes, n: int, size: int) -> Header:
     data_start = 8 + n
     buffer_len = size - data_start
     dtypes: dict[str, Any] = {}
-    checked: dict[tuple[str, tuple[int, ...]], tuple[str, int]] = {}  # (dtype, shape) -> (torch dtype, bytes)
+    # (dtype, shape) -> (torch dtype, bytes, the shape tuple every equal entry then shares)
+    checked: dict[tuple[str, tuple[int, ...]], tuple[str, int, tuple[int, ...]]] = {}
     metas: dict[str, TensorMeta] = {}
     locs: dict[str, ByteTensor] = {}
     ids: dict[str, str] = {}
@@ -125,7 +126,6 @@ def _fast(path: str, raw: bytes, n: int, size: int) -> Header:
     keys = _ENTRY_KEYS
     pos = 0
     in_order = True
-    meta_new, loc_new = TensorMeta.__new__, ByteTensor.__new__
     for name, info in header.items():
         if type(info) is not dict or info.keys() != keys:
             raise _Unusual
@@ -140,8 +140,8 @@ def _fast(path: str, raw: bytes, n: int, size: int) -> Header:
                 dt = dtypes[dts] = lookup_dtype(dts)
             if dt.per_item != 1 or len(shape) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
                 raise _Unusual
-            got = checked[(dts, shape_t)] = (dt.name, math.prod(shape) * dt.itemsize)
-        torch_name, need = got
+            got = checked[(dts, shape_t)] = (dt.name, math.prod(shape) * dt.itemsize, shape_t)
+        torch_name, need, shape_t = got
         begin, end = off
         if not (0 <= begin <= end and end - begin == need and end <= buffer_len):
             raise _Unusual
@@ -150,17 +150,9 @@ def _fast(path: str, raw: bytes, n: int, size: int) -> Header:
         pos = end
         begins.append(begin)
         ends.append(end)
-        m = meta_new(TensorMeta)
-        _set(m, "__dict__", {"name": name, "shape": shape_t, "dtype": torch_name})
-        metas[name] = m
-        t = loc_new(ByteTensor)
+        metas[name] = TensorMeta(name, shape_t, torch_name)
         ids[name] = sid = f"{path}@{begin}"
-        _set(
-            t,
-            "__dict__",
-            {"file": path, "offset": data_start + begin, "dtype": torch_name, "shape": shape_t, "stride": None, "storage": sid},
-        )
-        locs[name] = t
+        locs[name] = ByteTensor(path, data_start + begin, torch_name, shape_t, None, sid)
     if raw.count(b":") != members + 3 * len(metas) + colons:
         raise _Unusual  # a repeated name somewhere
     if not in_order:
@@ -172,9 +164,6 @@ def _fast(path: str, raw: bytes, n: int, size: int) -> Header:
     if pos != buffer_len:
         raise _Unusual
     return metas, locs, dict(meta_raw), ids
-
-
-_set = object.__setattr__
 
 
 def _slow(path: str, raw: bytes, n: int, size: int) -> Header:
