@@ -107,6 +107,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_DIFF
 
 
+def _same_file(args: argparse.Namespace, spec: Any) -> bool:
+    """`diff X X`: one path given twice is opened once (the metadata is the same checkpoint's)."""
+    from .load.hf_meta import is_hf_target
+    from .source import is_pattern
+
+    return args.a == args.b and spec is None and not args.values and not is_pattern(args.a) and not is_hf_target(args.a)
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     from .diff import diff_checkpoints, render_diff
     from .load import open_checkpoint
@@ -139,7 +147,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         with open_file(other, not side_a) as o:  # transformers 5: the class's layout o's keys are closest to
             return hf_layout(ref, args.config, closest_to=list(o.metas))
 
-    with opener(args.a, args.b, True) as a, opener(args.b, args.a) as b:
+    with opener(args.a, args.b, True) as a, a if _same_file(args, spec) else opener(args.b, args.a) as b:
         rule_of = None
         if spec is not None:  # compare B with what SPEC makes of A, computed in memory, never written
             from .correspond import planned_checkpoint

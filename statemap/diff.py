@@ -116,12 +116,18 @@ def diff_checkpoints(
             cb = b if isinstance(b, Checkpoint) else stack.enter_context(open_checkpoint(b))
             return diff_checkpoints(ca, cb, values, atol, rtol, rule_of)
     r = DiffResult(a.path, b.path)
-    r.only_a = [m for k, m in a.metas.items() if k not in b.metas]
-    r.only_b = [m for k, m in b.metas.items() if k not in a.metas]
-    common = [k for k in a.metas if k in b.metas]
+    if a.metas.keys() == b.metas.keys():  # the same names (compared as sets, in C): every key is common
+        common = list(a.metas)
+    else:
+        r.only_a = [m for k, m in a.metas.items() if k not in b.metas]
+        r.only_b = [m for k, m in b.metas.items() if k not in a.metas]
+        common = [k for k in a.metas if k in b.metas]
     r.n_common = len(common)
-    for k in common:
-        ma, mb = a.metas[k], b.metas[k]
+    bm = b.metas
+    for k, ma in a.metas.items() if a.metas is not bm else ():  # one checkpoint against itself: nothing differs
+        mb = bm.get(k)
+        if mb is None:
+            continue
         if ma.shape != mb.shape:
             r.shape.append(Mismatch(k, list(ma.shape), list(mb.shape)))
         if ma.dtype != mb.dtype:

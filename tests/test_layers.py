@@ -14,7 +14,7 @@ import pytest
 
 # bottom to top; a module may import its own layer or a lower one (and never in a cycle)
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["statemap", "statemap.errors", "statemap.textsafe"]),
+    ("foundation", ["statemap", "statemap.errors", "statemap.textsafe", "statemap.gcpause"]),
     ("values", ["statemap.dtypes", "statemap.fsutil", "statemap.keymatch", "statemap.axes", "statemap.progress"]),
     ("keys and tensors", ["statemap.template", "statemap.meta", "statemap.torch_adapter"]),
     ("rules", ["statemap.guards", "statemap.rules", "statemap.inputs", "statemap.vardefs"]),
