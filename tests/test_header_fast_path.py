@@ -104,3 +104,42 @@ def test_unusual_headers_get_the_checked_paths_error(tmp_path, header, data, mat
     raw, n, size = st._read_raw(path)
     with pytest.raises(Exception):  # noqa: B017 - the fast path declines; any exception hands over
         st._fast(path, raw, n, size)
+
+
+def test_index_fast_path_gives_what_the_checked_path_gives(tmp_path):
+    from statemap.load import formats
+    from tests.test_index_outputs import keys, write_index
+
+    entries = keys(layers=3, experts=4)
+    index = write_index(tmp_path / "a", entries[::-1])  # index order differs from key order within shards
+    fast = formats._open_index_fast(index)
+    slow = formats._open_index_checked(index)
+    assert fast is not None
+    for attr in ("path", "format", "metadata", "locations", "storage_ids"):
+        assert getattr(fast, attr) == getattr(slow, attr), attr
+    assert list(fast.metas.items()) == list(slow.metas.items())  # same metas, in the index's order
+    k = entries[5][0]
+    assert (fast.read(k) == slow.read(k)).all()
+    fast.close()
+    slow.close()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda wm: wm.update({"model.embed_tokens.weight": wm["lm_head.weight"]}),  # first shard's key mapped to the last
+        lambda wm: wm.pop("model.norm.weight"),
+        lambda wm: wm.update({"not.in.any.shard": next(iter(wm.values()))}),
+    ],
+)
+def test_index_fast_path_declines_a_mismatch(tmp_path, change):
+    from statemap.load import formats
+    from tests.test_index_outputs import keys, write_index
+
+    index = write_index(tmp_path / "a", keys(layers=3, experts=4))
+    body = json.loads(index.read_text())
+    change(body["weight_map"])
+    index.write_text(json.dumps(body))
+    assert formats._open_index_fast(index) is None
+    with pytest.raises(CheckpointError, match="index maps|which the index maps to"):
+        formats._open_index_checked(index)

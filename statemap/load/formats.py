@@ -23,7 +23,9 @@ format              recognised by
 
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 import os
 import struct
 import zipfile
@@ -444,8 +446,8 @@ def _open_index(p: Path) -> Checkpoint:
 
 
 def _open_index_fast(p: Path) -> Checkpoint | None:
-    """The common, valid index with whole-dict operations (each shard name checked once, the
-    index compared with the shards' keys as two dicts); None when anything is unusual, and
+    """The common, valid index with whole-dict operations (each shard name checked once, each
+    shard's keys looked up in the index in C); None when anything is unusual, and
     :func:`_open_index_checked` then decides and names the problem in the same order as always."""
     raw = read_regular(p, MAX_INDEX, "index file")
     try:
@@ -468,19 +470,20 @@ def _open_index_fast(p: Path) -> Checkpoint | None:
         if not (p.parent / shard).is_file():
             return None
     readers: dict[str, Checkpoint] = {}
-    owner: dict[str, str] = {}
     every: dict[str, TensorMeta] = {}
     fmt = "safetensors-sharded"
     for shard in order:
         ck = open_path(p.parent / shard, None, ())
         fmt = "safetensors-sharded" if ck.format == "safetensors" else "torch-sharded"
         readers[shard] = ck
-        owner.update(dict.fromkeys(ck.metas, shard))
+        if not all(map(operator.eq, map(wm.get, ck.metas), itertools.repeat(shard))):
+            return None  # the shard holds a key the index maps elsewhere (or to no shard)
         every.update(ck.metas)
-        if len(owner) != len(every) or len(every) != sum(len(r.metas) for r in readers.values()):
-            return None  # a key in two shards
-    if owner != wm:  # a shard holds a key the index maps elsewhere, or misses one mapped to it
+    # each shard's keys map to it in the index, so no key is in two shards; as many keys as the
+    # index names: each of them is in the shard it names
+    if len(every) != len(wm):
         return None
+    owner = wm
     metas = every if list(every) == list(wm) else {k: every[k] for k in wm}  # index order
     locations: dict[str, ByteTensor] = {}
     storage_ids: dict[str, str] = {}
