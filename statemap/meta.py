@@ -17,6 +17,14 @@ class TensorMeta:
     shape: tuple[int, ...]
     dtype: str  # torch spelling, e.g. "float32"
 
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
+        # what the generated __init__ does, without a setattr call per field: one is built per
+        # key (200k for a large MoE index), several times over
+        d = self.__dict__
+        d["name"] = name
+        d["shape"] = shape
+        d["dtype"] = dtype
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)

@@ -26,6 +26,24 @@ class ByteTensor:
     stride: tuple[int, ...] | None = None  # in elements; None = C-contiguous
     storage: str = ""  # identity of the underlying storage, for tie detection
 
+    def __init__(
+        self,
+        file: str,
+        offset: int,
+        dtype: str,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...] | None = None,
+        storage: str = "",
+    ) -> None:
+        # the generated __init__ without a setattr call per field (one per tensor of a large index)
+        d = self.__dict__
+        d["file"] = file
+        d["offset"] = offset
+        d["dtype"] = dtype
+        d["shape"] = shape
+        d["stride"] = stride
+        d["storage"] = storage
+
     @property
     def contiguous(self) -> bool:
         if self.stride is None:
