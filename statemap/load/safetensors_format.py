@@ -33,8 +33,8 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, ByteTensor]
     Example::
 
         >>> metas, locs, meta = read_header("model.safetensors")
-        >>> metas["lm_head.weight"].shape, locs["lm_head.weight"].offset
-        ((50257, 768), 1234)
+        >>> metas["final_logits_bias"].shape, locs["final_logits_bias"].dtype
+        ((1, 64), 'float32')
     """
     metas, locs, meta, _ = read_header_ids(path)
     return metas, locs, meta
