@@ -185,6 +185,17 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return float(wall), int(rss_kb) / 1024
 
 
+def timed_cpu(cmd: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MB) of one command, after `sync`:
+    on a shared machine the CPU time says what the command itself cost."""
+    subprocess.run(["sync"], check=True)
+    r = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", *cmd], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    wall, user, system, rss_kb = r.stderr.strip().splitlines()[-1].split()
+    return float(wall), float(user) + float(system), int(rss_kb) / 1024
+
+
 def out_bytes(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.iterdir())
@@ -350,16 +361,17 @@ def run(d: Path, args: argparse.Namespace) -> None:
                 pairs(f"{label}: sharded --workers 2 --no-fsync", src, sm([*shards, "--workers", "2"]), False, n, d, folder=True),
                 pairs(f"{label}: sharded --workers 2 (fsync)", src, sm(shards[1:] + ["--workers", "2"]), True, n, d, folder=True),
             ]
-    print("metadata commands on a 200k-key sharded index (wall s, peak RSS MB, median of 3):", flush=True)
+    print("metadata commands on a 200k-key sharded index (wall s, CPU s, peak RSS MB, median of 3):", flush=True)
     meta = {}
     for name, cmd in (
         ("inspect", [*SM, "inspect", str(index), "-q"]),
         ("diff", [*SM, "diff", str(index), str(index), "-q"]),
         ("apply --dry-run", [*SM, "apply", str(d / "moe.yaml"), str(index), "--dry-run", "-q"]),
     ):
-        runs = sorted(timed(cmd) for _ in range(3))
-        meta[name] = runs[1]
-        print(f"  {name:16s} {runs[1][0]:6.2f} s  {runs[1][1]:6.0f} MB", flush=True)
+        runs = [timed_cpu(cmd) for _ in range(3)]
+        med = tuple(statistics.median(r[i] for r in runs) for i in range(3))
+        meta[name] = med
+        print(f"  {name:16s} {med[0]:6.2f} s  CPU {med[1]:5.2f} s  {med[2]:6.0f} MB", flush=True)
     planner_scaling()
     map_state_dict_bench()
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
