@@ -143,3 +143,29 @@ def test_index_fast_path_declines_a_mismatch(tmp_path, change):
     assert formats._open_index_fast(index) is None
     with pytest.raises(CheckpointError, match="index maps|which the index maps to"):
         formats._open_index_checked(index)
+
+
+def test_paused_collector_is_restored_and_nests():
+    import gc
+
+    from statemap.gcpause import paused
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    with paused():
+        assert not gc.isenabled()
+        with paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner block leaves it to the outer one
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen  # a small block freezes nothing
+    with pytest.raises(ValueError), paused():
+        raise ValueError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused():
+            pass
+        assert not gc.isenabled()  # disabled by the caller: left as it was
+    finally:
+        gc.enable()
