@@ -4,8 +4,11 @@ Reading a 200k-key index or planning over it allocates millions of small, long-l
 (parsed JSON, metas, plan entries) and no reference cycles. CPython's collector would traverse
 them again and again as they pile up (most of the wall time of ``inspect`` on such an index).
 :func:`paused` switches it off for the block and, on the way out, moves what survived to the
-permanent generation (``gc.freeze``, only after a block that built many objects) so later
-collections skip it too; objects that become garbage later are still freed by reference counting.
+permanent generation (``gc.freeze``, only after a block that built many objects, and only in
+the ``statemap`` command's own process) so later collections skip it too; objects that become
+garbage later are still freed by reference counting. A library call never freezes: ``gc.freeze``
+acts on every object of the process, the host application's included, whose cyclic garbage would
+then never be collected.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["paused"]
+__all__ = ["allow_freeze", "paused"]
+
+_freeze = False
+
+
+def allow_freeze() -> None:
+    """Let :func:`paused` freeze what a large block built: for the command-line process only."""
+    global _freeze
+    _freeze = True
 
 
 @contextmanager
@@ -33,7 +44,7 @@ def paused() -> Iterator[None]:
     try:
         yield
     finally:
-        if gc.get_count()[0] > FREEZE_AFTER:
+        if _freeze and gc.get_count()[0] > FREEZE_AFTER:
             gc.freeze()
         gc.enable()
 

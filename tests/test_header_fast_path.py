@@ -169,3 +169,22 @@ def test_paused_collector_is_restored_and_nests():
         assert not gc.isenabled()  # disabled by the caller: left as it was
     finally:
         gc.enable()
+
+
+def test_a_library_call_never_freezes_the_host_process():
+    """gc.freeze acts on every object of the process: only the statemap command's own process may
+    freeze what a large block built; a call from Python (main(argv) included) never does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc\n"
+        "from statemap import gcpause\n"
+        "def big():\n"
+        "    with gcpause.paused():\n"
+        "        return [[i] for i in range(300_000)]\n"
+        "x = big(); print(gc.get_freeze_count())\n"
+        "gcpause.allow_freeze(); y = big(); print(gc.get_freeze_count() > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "True"]
