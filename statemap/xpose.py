@@ -105,7 +105,11 @@ def transpose_last_two(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     rows = src.shape[1]
     n = _threads(a.nbytes // len(src))
     for s, d in zip(src, dst):
-        _split(rows, n, lambda r0, r1, s=s, d=d: _rows_into(s[r0:r1], d, r0))
+
+        def work(r0: int, r1: int, s: np.ndarray = s, d: np.ndarray = d) -> None:
+            _rows_into(s[r0:r1], d, r0)
+
+        _split(rows, n, work)
     return out
 
 
@@ -118,9 +122,11 @@ def read_transposed(fd: int, offset: int, shape: tuple[int, ...], dtype: Any, wh
 
     Example::
 
-        >>> fd = os.open("w.bin", os.O_RDONLY)   # holds a 2 x 3 float32 matrix at offset 0
-        >>> read_transposed(fd, 0, (2, 3), np.float32).shape
-        (3, 2)
+        >>> np.arange(6, dtype=np.float32).tofile("w.bin")   # a 2 x 3 float32 matrix at offset 0
+        >>> fd = os.open("w.bin", os.O_RDONLY)
+        >>> read_transposed(fd, 0, (2, 3), np.float32).tolist()
+        [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
+        >>> os.close(fd)
     """
     import numpy as np
 
