@@ -802,7 +802,9 @@ def write_checkpoint(
     if workers <= 1 and (segments is None or any(seg is None for seg in segments)):
         _import_numpy_meanwhile()  # a computed tensor will need it here: import it while the kernel copies
     ahead = _Ahead(iter(arrays), metas)
-    it: Iterator[Any] = ahead if fmt != "flax" else iter(ahead.it)  # flax may take tensors out of order
+    # flax takes a module's members in file order, which convert produces them in; a writer that
+    # pulls tensors early holds them itself, and the thread still keeps at most LIMIT bytes ahead
+    it: Iterator[Any] = ahead
 
     def counted() -> Iterator[np.ndarray]:
         for m in metas:
@@ -859,31 +861,43 @@ def _import_numpy_meanwhile() -> None:
 
 
 class _Ahead:
-    """The tensors of ``it``, each produced on a thread while the writer writes the one before:
-    reading and computing (transposes, casts) overlap the kernel's copying and writing.
+    """The tensors of ``it``, produced on a thread ahead of the writer: reading and computing
+    (transposes, casts) overlap the kernel's copying and writing.
 
-    At most two tensors are alive (the one being written, the next); a tensor larger than
-    :attr:`LIMIT` is produced only once the writer is done with every earlier one, so memory
+    The thread runs ahead while the computed tensors it holds for later (not the one being
+    written) take at most :attr:`LIMIT` bytes together (byte ranges to copy take none); a tensor
+    larger than that is produced only once the writer is done with every earlier one. So memory
     stays within the largest computed tensor plus ``LIMIT``. Started on the first ``next``;
     ``close`` stops the thread and waits for it (after a failure at most 2 s: it may be in the
     middle of one tensor, whose result is discarded)."""
 
     LIMIT = 32 << 20
+    DEPTH = 64  # tensors produced ahead at most (many small ones: a bounded queue)
 
     def __init__(self, it: Iterator[Any], metas: Sequence[TensorMeta]) -> None:
         self.it, self.metas = it, metas
         self.cv = threading.Condition()
         self.ready: dict[int, tuple[bool, Any]] = {}
+        self.held: dict[int, int] = {}  # produced, not yet written: index -> bytes in memory
         self.requested = 0  # index the writer asked for last: every earlier tensor is written
         self.handed = 0  # index the writer gets next
         self.stop = False
         self.thread: threading.Thread | None = None
 
+    def _may_produce(self, i: int, nbytes: int) -> bool:
+        if i <= self.requested:
+            return True
+        if i > self.requested + self.DEPTH:
+            return False
+        for k in [k for k in self.held if k < self.requested]:  # written: no longer held
+            del self.held[k]
+        ahead = sum(n for k, n in self.held.items() if k > self.requested)
+        return ahead + nbytes <= self.LIMIT
+
     def _run(self) -> None:
         for i, m in enumerate(self.metas):
             with self.cv:
-                need = i if m.nbytes > self.LIMIT else i - 1
-                while self.requested < need and not self.stop:
+                while not self._may_produce(i, m.nbytes) and not self.stop:
                     self.cv.wait()
                 if self.stop:
                     return
@@ -893,6 +907,7 @@ class _Ahead:
                 item = (False, e)
             with self.cv:
                 self.ready[i] = item
+                self.held[i] = 0 if hasattr(item[1], "parts") else m.nbytes
                 self.cv.notify_all()
             if not item[0]:
                 return
