@@ -94,7 +94,10 @@ def _read_transposed(node: Node, locations: Mapping[str, ByteTensor]) -> np.ndar
     dt = lookup_dtype(src.dtype)
     if loc is None or not loc.contiguous or dt.value_bits or tuple(loc.shape) != src.shape or loc.dtype != src.dtype:
         return None
-    fd = os.open(loc.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(loc.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None  # the checkpoint's own reader (its open descriptor) reads it, or says why not
     try:
         return read_transposed(fd, loc.offset, src.shape, dt.np, loc.file)
     finally:
