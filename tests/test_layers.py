@@ -15,7 +15,10 @@ import pytest
 # bottom to top; a module may import its own layer or a lower one (and never in a cycle)
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["statemap", "statemap.errors", "statemap.textsafe", "statemap.gcpause"]),
-    ("values", ["statemap.dtypes", "statemap.fsutil", "statemap.keymatch", "statemap.axes", "statemap.progress"]),
+    (
+        "values",
+        ["statemap.dtypes", "statemap.fsutil", "statemap.keymatch", "statemap.axes", "statemap.progress", "statemap.xpose"],
+    ),
     ("keys and tensors", ["statemap.template", "statemap.meta", "statemap.torch_adapter"]),
     ("rules", ["statemap.guards", "statemap.rules", "statemap.inputs", "statemap.vardefs"]),
     ("reading", ["statemap.load.*", "statemap.report"]),
