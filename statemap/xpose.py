@@ -13,6 +13,7 @@ arrays are in storage form (bfloat16 as uint16, float8 as uint8: only bytes move
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -54,29 +55,41 @@ def _rows_into(src: Any, out: Any, at: int) -> None:
         out[:, at + i : at + e] = src[i:e].T
 
 
-def _split(rows: int, n: int, work: Callable[[int, int], None]) -> None:
-    """Run ``work(r0, r1)`` over ``rows`` split in ``n`` (1 or 2) block-aligned parts, the first on
-    a helper thread; its exception, if any, is raised here."""
-    if n < 2 or rows < 2 * BLOCK:
-        work(0, rows)
+def _split(rows: int, n: int, step: int, work: Callable[[int, int], None]) -> None:
+    """Run ``work(r0, r1)`` over ``rows`` in parts of ``step`` rows (a multiple of :data:`BLOCK`),
+    with ``n`` (1 or 2) threads taking the next part as they go: the caller's and a helper (a
+    thread the machine runs late costs its share, not half the matrix). The first exception is
+    raised here, after both threads stopped."""
+    if n < 2 or rows <= step:
+        for r0 in range(0, rows, step):
+            work(r0, min(r0 + step, rows))
         return
-    mid = (rows // 2) // BLOCK * BLOCK
+    parts = itertools.count()  # next() on a count is atomic: each part is taken once
     err: list[BaseException] = []
 
-    def helper() -> None:
+    def loop() -> None:
         try:
-            work(0, mid)
+            while not err:
+                r0 = next(parts) * step
+                if r0 >= rows:
+                    return
+                work(r0, min(r0 + step, rows))
         except BaseException as e:  # raised in the caller's thread below
             err.append(e)
 
-    t = threading.Thread(target=helper, name="statemap-transpose", daemon=True)
+    t = threading.Thread(target=loop, name="statemap-transpose", daemon=True)
     t.start()
     try:
-        work(mid, rows)
+        loop()
     finally:
         t.join()
     if err:
         raise err[0]
+
+
+def _step(row_bytes: int) -> int:
+    """Rows per part: about :data:`CHUNK` bytes of source rows, a multiple of :data:`BLOCK`."""
+    return max(BLOCK, CHUNK // max(row_bytes, 1) // BLOCK * BLOCK)
 
 
 def transpose_last_two(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -104,12 +117,13 @@ def transpose_last_two(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     dst = out.reshape(-1, *shape[-2:])
     rows = src.shape[1]
     n = _threads(a.nbytes // len(src))
+    step = _step(src.shape[2] * a.itemsize)
     for s, d in zip(src, dst):
 
         def work(r0: int, r1: int, s: np.ndarray = s, d: np.ndarray = d) -> None:
             _rows_into(s[r0:r1], d, r0)
 
-        _split(rows, n, work)
+        _split(rows, n, step, work)
     return out
 
 
@@ -138,26 +152,28 @@ def read_transposed(fd: int, offset: int, shape: tuple[int, ...], dtype: Any, wh
     if out.size == 0:
         return out
     row_bytes = cols * dt.itemsize
-    per = max(BLOCK, CHUNK // row_bytes // BLOCK * BLOCK)  # rows per pread, a multiple of BLOCK
+    per = _step(row_bytes)  # rows per pread
     dst = out.reshape(-1, cols, rows)
     n = _threads(rows * row_bytes)
+    local = threading.local()  # one read buffer per thread
 
     def part(base: int, d: np.ndarray) -> Callable[[int, int], None]:
         def work(r0: int, r1: int) -> None:
-            buf = np.empty(min(per, r1 - r0) * cols, dtype=dt)
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                buf = local.buf = np.empty(min(per, rows) * cols, dtype=dt)
             view = buf.data.cast("B")
-            for i in range(r0, r1, per):
-                k = min(per, r1 - i)
-                want, got = k * row_bytes, 0
-                while got < want:
-                    m = os.preadv(fd, [view[got:want]], base + i * row_bytes + got)
-                    if m <= 0:
-                        raise CheckpointError(f"{where or 'input'}: tensor data runs past the end of the file (truncated?)")
-                    got += m
-                _rows_into(buf[: k * cols].reshape(k, cols), d, i)
+            k = r1 - r0
+            want, got = k * row_bytes, 0
+            while got < want:
+                m = os.preadv(fd, [view[got:want]], base + r0 * row_bytes + got)
+                if m <= 0:
+                    raise CheckpointError(f"{where or 'input'}: tensor data runs past the end of the file (truncated?)")
+                got += m
+            _rows_into(buf[: k * cols].reshape(k, cols), d, r0)
 
         return work
 
     for b, d in enumerate(dst):
-        _split(rows, n, part(offset + b * rows * row_bytes, d))
+        _split(rows, n, per, part(offset + b * rows * row_bytes, d))
     return out

@@ -83,19 +83,21 @@ def test_the_comparison_can_fail():
     assert xp.transpose_last_two(a).tobytes() != a.tobytes()  # a transpose is not the identity copy
 
 
-def test_a_helper_threads_error_is_raised(monkeypatch):
-    monkeypatch.setattr(xp, "PARALLEL_MIN", 1)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+def test_parts_are_shared_and_a_helper_threads_error_is_raised(monkeypatch):
     calls = []
 
     def work(r0, r1):
         calls.append((r0, r1))
-        if r0 == 0:
+
+    xp._split(100, 2, 16, work)  # two threads take 16-row parts as they go: each part once
+    assert sorted(calls) == [(i, min(i + 16, 100)) for i in range(0, 100, 16)]
+
+    def bad(r0, r1):
+        if r0 == 32:
             raise ValueError("boom")
 
     with pytest.raises(ValueError, match="boom"):
-        xp._split(100, 2, work)
-    assert sorted(calls) == [(0, 48), (48, 100)]  # both halves ran, split on a block edge
+        xp._split(100, 2, 16, bad)
 
 
 @pytest.mark.parametrize(
