@@ -1071,9 +1071,15 @@ def _explain(
     used: dict[str, str] = {}  # A key -> first B key holding it
     for q, bs in groups.items():
         cands = a_by_quick[q]
-        pairs = sorted(((score(ak, bk), ak, bk) for ak in cands for bk in bs), reverse=True)
-        taken_a: set[str] = set()
-        taken_b: dict[str, str] = {}
+        # a name both sides hold scores above any other pair (+3), so the greedy pairing below takes
+        # those first whatever the rest: paired up front, without scoring every pair (a group of
+        # equal values -- LayerNorm ones, zero biases -- is often hundreds of keys each side)
+        in_a = set(cands)
+        taken_b: dict[str, str] = {bk: bk for bk in bs if bk in in_a}
+        taken_a: set[str] = set(taken_b)
+        pairs = sorted(
+            ((score(ak, bk), ak, bk) for ak in cands if ak not in taken_a for bk in bs if bk not in taken_b), reverse=True
+        )
         for _, ak, bk in pairs:
             if bk in taken_b or ak in taken_a:
                 continue
