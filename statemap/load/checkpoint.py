@@ -103,16 +103,21 @@ class _BufferPool:
                 if sys.getrefcount(self.bufs[i]) == 2:  # the list and getrefcount's argument: free
                     free.append(i)
                     size = self.bufs[i].nbytes
-                    if nbytes <= size <= 2 * nbytes and (best < 0 or size < self.bufs[best].nbytes):
+                    if nbytes <= size and (best < 0 or size < self.bufs[best].nbytes):
                         best = i
             if best >= 0:
                 return self.bufs[best][:nbytes]
-            for i in reversed(free):  # none fits: freed before allocating, so memory in use does not grow
-                del self.bufs[i]
+            if len(self.bufs) >= self.limit and free:  # the smallest free one is too small: replaced
+                del self.bufs[min(free, key=lambda i: self.bufs[i].nbytes)]
             buf = np.empty(nbytes, dtype=np.uint8)
             if len(self.bufs) < self.limit:
                 self.bufs.append(buf)
             return buf[:nbytes]
+
+    def trim(self) -> None:
+        """Drop the free buffers (before a large read the pool does not serve: peak memory stays as without the pool)."""
+        with self.lock:
+            self.bufs = [b for b in self.bufs if sys.getrefcount(b) > 3]  # the list, b, getrefcount's argument
 
 
 _pool: list[_BufferPool] = []
@@ -122,7 +127,7 @@ _POOLED = (1 << 20, 1 << 26)
 
 
 @contextmanager
-def reuse_buffers(limit: int = 1) -> Iterator[None]:
+def reuse_buffers(limit: int = 4) -> Iterator[None]:
     """While active, :class:`FileReader` reads into reused buffers (see :class:`_BufferPool`) rather
     than a fresh allocation per tensor; arrays read stay valid as long as they are referenced.
 
@@ -174,6 +179,8 @@ class FileReader:
             npdt = dt.np
             buf = _pool[-1].take(span * npdt.itemsize).view(npdt)
         else:
+            if _pool and span * dt.itemsize > _POOLED[1]:
+                _pool[-1].trim()
             buf = np.empty(span, dtype=dt.np)
         view = buf.data.cast("B")
         fd, got = self.fd(t.file), 0
