@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,10 +135,11 @@ def diff_checkpoints(
             r.dtype.append(Mismatch(k, ma.dtype, mb.dtype))
     if values:
         from .correspond import explain
+        from .load.checkpoint import reuse_buffers
 
         r.compared_values = True
         total = [m for m in a.metas.values()] + [m for m in b.metas.values()]
-        with progress.task("reading A and B", len(total), sum(m.nbytes for m in total)) as bar:
+        with progress.task("reading A and B", len(total), sum(m.nbytes for m in total)) as bar, reuse_buffers():
             a_read, b_read = _counted(a, bar), _counted(b, bar)
             r.explanation = explain(a.metas, a_read, b.metas, b_read, rule_of, names=(a.path, b.path))
             r.values = _compare_values(r, a_read, b_read, a, b, common, atol, rtol)
@@ -156,6 +158,9 @@ def _counted(ck: Checkpoint, bar: progress.Task) -> Callable[[str], Any]:
         return a
 
     return read
+
+
+_BLOCK = 1 << 18  # elements compared at a time (float64 temporaries of 2 MB)
 
 
 def _compare_values(
@@ -178,14 +183,19 @@ def _compare_values(
         if k in r.explanation.equal:  # equal values, proven by the fingerprints: not read again
             out.append(ValueDiff(k, 0.0, True))
             continue
-        xa = _values(a_read(k), ma.dtype)
-        xb = _values(b_read(k), mb.dtype)
-        if xa.size == 0:
+        ra, rb = np.asarray(a_read(k)).reshape(-1), np.asarray(b_read(k)).reshape(-1)
+        if ra.size == 0:
             out.append(ValueDiff(k, 0.0, True))
             continue
-        d = np.abs(xa - xb)
-        max_abs = float(np.nanmax(d)) if not np.isnan(d).all() else float("nan")
-        close = bool(np.allclose(xa, xb, atol=atol, rtol=rtol, equal_nan=True))
+        # in blocks: bounded float64 temporaries, the same max and verdict as over the whole tensor
+        max_abs, close = float("nan"), True
+        for i in range(0, ra.size, _BLOCK):
+            xa, xb = _values(ra[i : i + _BLOCK], ma.dtype), _values(rb[i : i + _BLOCK], mb.dtype)
+            d = np.abs(xa - xb)
+            if not np.isnan(d).all():
+                m = float(np.nanmax(d))
+                max_abs = m if math.isnan(max_abs) else max(max_abs, m)
+            close = close and bool(np.allclose(xa, xb, atol=atol, rtol=rtol, equal_nan=True))
         out.append(ValueDiff(k, max_abs, close))
     return out
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -77,9 +80,74 @@ class LazyTensor:
     read: Callable[[], np.ndarray]
 
 
+class _BufferPool:
+    """Byte buffers reused across reads while :func:`reuse_buffers` is active: a buffer is free again
+    when nothing but the pool refers to it (no array or view made from it is alive; CPython's
+    reference count says so), so a read into it cannot change an array someone still holds. Reused
+    buffers spare the page faults of fresh allocations (several tensors alive at once keep glibc
+    from reusing freed ones). At most ``limit`` buffers are kept; past that a read allocates as
+    without the pool. A buffer serves a read of half its size or more (a small tensor does not pin a
+    large buffer)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bufs: list[Any] = []
+        self.lock = threading.Lock()
+
+    def take(self, nbytes: int) -> Any:
+        import numpy as np
+
+        with self.lock:
+            best, free = -1, []
+            for i in range(len(self.bufs)):
+                if sys.getrefcount(self.bufs[i]) == 2:  # the list and getrefcount's argument: free
+                    free.append(i)
+                    size = self.bufs[i].nbytes
+                    if nbytes <= size and (best < 0 or size < self.bufs[best].nbytes):
+                        best = i
+            if best >= 0:
+                return self.bufs[best][:nbytes]
+            if len(self.bufs) >= self.limit and free:  # the smallest free one is too small: replaced
+                del self.bufs[min(free, key=lambda i: self.bufs[i].nbytes)]
+            buf = np.empty(nbytes, dtype=np.uint8)
+            if len(self.bufs) < self.limit:
+                self.bufs.append(buf)
+            return buf[:nbytes]
+
+    def trim(self) -> None:
+        """Drop the free buffers (before a large read the pool does not serve: peak memory stays as without the pool)."""
+        with self.lock:
+            self.bufs = [b for b in self.bufs if sys.getrefcount(b) > 3]  # the list, b, getrefcount's argument
+
+
+_pool: list[_BufferPool] = []
+# tensors of these sizes (bytes) are pooled: smaller ones malloc's arenas reuse anyway; larger ones
+# are few (embeddings), and a pooled one would stay in memory beside the next large one
+_POOLED = (1 << 20, 1 << 26)
+
+
+@contextmanager
+def reuse_buffers(limit: int = 4) -> Iterator[None]:
+    """While active, :class:`FileReader` reads into reused buffers (see :class:`_BufferPool`) rather
+    than a fresh allocation per tensor; arrays read stay valid as long as they are referenced.
+
+    Example::
+
+        >>> with reuse_buffers(), open_checkpoint("model.safetensors") as ck:
+        ...     for k in ck.metas:
+        ...         ck.read(k).sum()
+    """
+    _pool.append(_BufferPool(limit))
+    try:
+        yield
+    finally:
+        _pool.pop()
+
+
 class FileReader:
     """Reads tensors with ``pread`` into a buffer of their own: memory in use is the tensor,
-    not the file (no whole-file mmap, so address space and RSS stay bounded)."""
+    not the file (no whole-file mmap, so address space and RSS stay bounded). Under
+    :func:`reuse_buffers`, into a reused buffer."""
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
@@ -107,7 +175,13 @@ class FileReader:
         else:
             assert t.stride is not None
             span = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
-        buf = np.empty(span, dtype=dt.np)
+        if _pool and not dt.value_bits and _POOLED[0] <= span * dt.itemsize <= _POOLED[1]:
+            npdt = dt.np
+            buf = _pool[-1].take(span * npdt.itemsize).view(npdt)
+        else:
+            if _pool and span * dt.itemsize > _POOLED[1]:
+                _pool[-1].trim()
+            buf = np.empty(span, dtype=dt.np)
         view = buf.data.cast("B")
         fd, got = self.fd(t.file), 0
         while got < len(view):
