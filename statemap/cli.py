@@ -799,10 +799,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Exit codes: 0 ok, 1 a difference (diff, --expect, lint warnings), 2 an error (one line on
     stderr naming the file and the problem; never a traceback), 130 interrupted (Ctrl-C).
     """
-    if argv is None:  # the statemap command's own process (not a call from Python): see statemap.gcpause
-        from .gcpause import allow_freeze
+    if argv is None:  # the statemap command's own process (not a call from Python): see statemap.process
+        from .process import mark_command_process
 
-        allow_freeze()
+        mark_command_process()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # with the subcommand's usage, not the top level's

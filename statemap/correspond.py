@@ -897,8 +897,14 @@ def _blas_one_thread() -> Iterator[None]:
     OpenBLAS's threads (spinning, then waiting on futexes) fighting them cost more than they gain on
     the narrow products of :class:`_Hasher` (measured: GPT-2 medium pair, wall 2.5-3.9 s -> 1.9-2.7 s
     on 2 cores). The loaded library is found as threadpoolctl finds it (``/proc/self/maps``); when it
-    is not (another BLAS, another OS), nothing changes."""
+    is not (another BLAS, another OS), nothing changes. Only in the statemap command's own process
+    (:mod:`statemap.process`): a library call leaves the host's thread count alone."""
+    from .process import is_command_process
+
     set_n = get_n = None
+    if not is_command_process():  # a library call: the host's BLAS settings are the host's
+        yield
+        return
     try:
         import ctypes
 

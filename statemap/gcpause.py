@@ -17,15 +17,9 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["allow_freeze", "paused"]
+from .process import is_command_process
 
-_freeze = False
-
-
-def allow_freeze() -> None:
-    """Let :func:`paused` freeze what a large block built: for the command-line process only."""
-    global _freeze
-    _freeze = True
+__all__ = ["paused"]
 
 
 @contextmanager
@@ -44,7 +38,7 @@ def paused() -> Iterator[None]:
     try:
         yield
     finally:
-        if _freeze and gc.get_count()[0] > FREEZE_AFTER:
+        if is_command_process() and gc.get_count()[0] > FREEZE_AFTER:
             gc.freeze()
         gc.enable()
 

@@ -5,6 +5,7 @@ as over the whole tensor), and OpenBLAS on one thread (restored afterwards)."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -81,19 +82,32 @@ def test_all_nan_difference_stays_nan(tmp_path):
     assert math.isnan(r.values[0].max_abs) and not r.values[0].allclose
 
 
-def test_blas_one_thread_restores():
-    import ctypes
+def test_blas_one_thread_restores_and_only_in_the_command_process():
+    """OpenBLAS runs on one thread while hashing, in the statemap command's own process only (a
+    library call leaves the host's thread count alone), and the count is restored afterwards."""
+    import subprocess
+    import sys
 
-    libs = sorted({ln.split()[-1] for ln in open("/proc/self/maps") if "openblas" in ln.lower() and ".so" in ln})
-    get = None
-    for path in libs:
-        lib = ctypes.CDLL(path)
-        get = getattr(lib, "scipy_openblas_get_num_threads64_", None) or getattr(lib, "openblas_get_num_threads", None)
-        if get is not None:
-            break
-    if get is None:
+    code = (
+        "import ctypes, numpy\n"
+        "from statemap.correspond import _blas_one_thread\n"
+        "from statemap.process import mark_command_process\n"
+        "libs = sorted({l.split()[-1] for l in open('/proc/self/maps') if 'openblas' in l.lower() and '.so' in l})\n"
+        "get = None\n"
+        "for p in libs:\n"
+        "    lib = ctypes.CDLL(p)\n"
+        "    get = getattr(lib, 'scipy_openblas_get_num_threads64_', None) or getattr(lib, 'openblas_get_num_threads', None)\n"
+        "    if get is not None: break\n"
+        "if get is None: print('none'); raise SystemExit\n"
+        "before = get()\n"
+        "with _blas_one_thread(): lib_call = get()\n"
+        "mark_command_process()\n"
+        "with _blas_one_thread(): cmd = get()\n"
+        "print(before, lib_call, cmd, get())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    if out == ["none"]:
         pytest.skip("no OpenBLAS loaded by numpy here")
-    before = get()
-    with _blas_one_thread():
-        assert get() == 1
-    assert get() == before
+    before, lib_call, cmd, after = map(int, out)
+    assert lib_call == before and cmd == 1 and after == before

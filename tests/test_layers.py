@@ -14,7 +14,7 @@ import pytest
 
 # bottom to top; a module may import its own layer or a lower one (and never in a cycle)
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["statemap", "statemap.errors", "statemap.textsafe", "statemap.gcpause"]),
+    ("foundation", ["statemap", "statemap.errors", "statemap.textsafe", "statemap.process", "statemap.gcpause"]),
     (
         "values",
         ["statemap.dtypes", "statemap.fsutil", "statemap.keymatch", "statemap.axes", "statemap.progress", "statemap.xpose"],

@@ -135,7 +135,7 @@ def reuse_buffers(limit: int = 4) -> Iterator[None]:
 
         >>> with reuse_buffers(), open_checkpoint("model.safetensors") as ck:
         ...     for k in ck.metas:
-        ...         ck.read(k).sum()
+        ...         _ = ck.read(k).sum()
     """
     _pool.append(_BufferPool(limit))
     try:
