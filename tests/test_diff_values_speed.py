@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from statemap.correspond import _blas_one_thread
 from statemap.diff import _BLOCK, diff_checkpoints
 from statemap.load import open_checkpoint
 from statemap.load.checkpoint import _BufferPool, reuse_buffers
