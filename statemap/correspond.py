@@ -568,12 +568,18 @@ def _names_related(a: str, b: str) -> bool:
 
 
 def _constant_value(x: np.ndarray, dtype: str) -> float | None:
-    """The one value every element of ``x`` holds (bitwise), or None (also for a single element)."""
+    """The one value every element of ``x`` holds, or None (also for a single element). Three
+    samples decide most tensors at once; a full check compares 1M elements at a time (no
+    tensor-sized temporary)."""
     import numpy as np
 
     flat = np.asarray(x).reshape(-1)
-    if flat.size < 2 or not bool((flat == flat[0]).all()):
+    n = flat.size
+    if n < 2 or not (flat[0] == flat[n // 2] and flat[0] == flat[-1]):
         return None
+    for i in range(0, n, 1 << 20):
+        if not bool((flat[i : i + (1 << 20)] == flat[0]).all()):
+            return None
     return float(_as_float(flat[:1], dtype)[0])
 
 
@@ -1002,6 +1008,7 @@ def _explain(
     starts: dict[int, list[np.ndarray]] = {}  # such a length -> keys of the starts of A's rows
     pair_dtypes = {a_metas[k].dtype for k in tpairs}
     verified: set[str] = set()  # B keys whose columns are A's rows: A transposed
+    b_constant: dict[str, float] = {}  # B keys an A tensor holds whole, every element one value
     with ThreadPoolExecutor(1) as bg:
         running: list[tuple[str, Future[list[_FP]]]] = []
 
@@ -1037,15 +1044,15 @@ def _explain(
         qa = _quick_all(a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas))
         collect()
         a_quick = set(qa.values())
-        have = {n: set(np.concatenate(v).tolist()) for n, v in starts.items() if v}
+        have = {n: np.unique(np.concatenate(v)) for n, v in starts.items() if v}  # sorted keys (no Python ints per row)
 
         def transposed_or_fingerprint(k: str, meta: TensorMeta, x: np.ndarray) -> list[_FP]:
             """[] when B's ``k`` is A's transposed (see _transpose_pairs), else B's fingerprint."""
             a = a_early.get(k)
             m, n = tpairs[k]
             if a and a[0].rows is not None:
-                first = have.get(m, set())
-                if not any(int(v) in first for s in _row_starts(x.reshape(n, m)[:1], meta, 1, m) for v in s):
+                first = have.get(m)
+                if first is None or not any(np.isin(s, first).any() for s in _row_starts(x.reshape(n, m)[:1], meta, 1, m)):
                     cols = hasher.fingerprint(k, meta, x, with_rows=False).cols
                     if cols is not None and np.array_equal(cols, a[0].rows):
                         verified.add(k)
@@ -1053,6 +1060,10 @@ def _explain(
             return _fingerprint_one(k, meta, x, hasher, lambda m: [])
 
         def fingerprint_misses(k: str, meta: TensorMeta, x: np.ndarray, q: tuple[Any, ...]) -> None:
+            if q in a_quick:  # held whole by an A tensor: note a constant now (no second read later)
+                v = _constant_value(x, meta.dtype)
+                if v is not None:
+                    b_constant[k] = v
             if q not in a_quick and meta.numel:  # no A tensor holds these values whole
                 collect()
                 if k in tpairs:
@@ -1107,7 +1118,7 @@ def _explain(
     # common with it: values alone carry no evidence of a rename, a constant is likelier
     for bk, c in list(out.items()):
         if c.kind in ("renamed", "tied") and not _names_related(c.a[0], bk):
-            v = _constant_value(b_read(bk), b_metas[bk].dtype)
+            v = b_constant.get(bk)
             if v is not None:
                 out[bk] = Correspondence(
                     bk,
