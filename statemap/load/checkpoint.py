@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -99,8 +100,9 @@ class _BufferPool:
 
         with self.lock:
             best, free = -1, []
+            free_count = _free_refcount()
             for i in range(len(self.bufs)):
-                if sys.getrefcount(self.bufs[i]) == 2:  # the list and getrefcount's argument: free
+                if sys.getrefcount(self.bufs[i]) == free_count:  # nothing but the list refers to it
                     free.append(i)
                     size = self.bufs[i].nbytes
                     if nbytes <= size and (best < 0 or size < self.bufs[best].nbytes):
@@ -117,7 +119,19 @@ class _BufferPool:
     def trim(self) -> None:
         """Drop the free buffers (before a large read the pool does not serve: peak memory stays as without the pool)."""
         with self.lock:
-            self.bufs = [b for b in self.bufs if sys.getrefcount(b) > 3]  # the list, b, getrefcount's argument
+            free_count = _free_refcount()
+            self.bufs = [self.bufs[i] for i in range(len(self.bufs)) if sys.getrefcount(self.bufs[i]) != free_count]
+
+
+@functools.cache
+def _free_refcount() -> int:
+    """What ``sys.getrefcount(a_list[i])`` says of an array nothing but the list refers to, measured
+    on this interpreter rather than assumed (the count of getrefcount's own argument differs between
+    Python versions: 3.14 may borrow it). Anything else means an array made from it is alive."""
+    import numpy as np
+
+    bufs = [np.empty(1, dtype=np.uint8)]
+    return sys.getrefcount(bufs[0])
 
 
 _pool: list[_BufferPool] = []
