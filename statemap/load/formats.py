@@ -445,6 +445,10 @@ def _open_index(p: Path) -> Checkpoint:
         return _open_index_fast(p) or _open_index_checked(p)
 
 
+class _Declined(Exception):
+    """The index fast path met something unusual: the checked path takes over."""
+
+
 def _open_index_fast(p: Path) -> Checkpoint | None:
     """The common, valid index with whole-dict operations (each shard name checked once, each
     shard's keys looked up in the index in C); None when anything is unusual, and
@@ -472,17 +476,23 @@ def _open_index_fast(p: Path) -> Checkpoint | None:
     readers: dict[str, Checkpoint] = {}
     every: dict[str, TensorMeta] = {}
     fmt = "safetensors-sharded"
-    for shard in order:
-        ck = open_path(p.parent / shard, None, ())
-        fmt = "safetensors-sharded" if ck.format == "safetensors" else "torch-sharded"
-        readers[shard] = ck
-        if not all(map(operator.eq, map(wm.get, ck.metas), itertools.repeat(shard))):
-            return None  # the shard holds a key the index maps elsewhere (or to no shard)
-        every.update(ck.metas)
-    # each shard's keys map to it in the index, so no key is in two shards; as many keys as the
-    # index names: each of them is in the shard it names
-    if len(every) != len(wm):
-        return None
+    try:
+        for shard in order:
+            ck = readers[shard] = open_path(p.parent / shard, None, ())
+            fmt = "safetensors-sharded" if ck.format == "safetensors" else "torch-sharded"
+            if not all(map(operator.eq, map(wm.get, ck.metas), itertools.repeat(shard))):
+                raise _Declined  # the shard holds a key the index maps elsewhere (or to no shard)
+            every.update(ck.metas)
+        # each shard's keys map to it in the index, so no key is in two shards; as many keys as the
+        # index names: each of them is in the shard it names
+        if len(every) != len(wm):
+            raise _Declined
+    except BaseException as e:  # the checked path decides (and names the problem); nothing left open
+        for r in readers.values():
+            r.close()
+        if isinstance(e, _Declined):
+            return None
+        raise
     owner = wm
     metas = every if list(every) == list(wm) else {k: every[k] for k in wm}  # index order
     locations: dict[str, ByteTensor] = {}
