@@ -323,3 +323,26 @@ def test_numpy_is_imported_ahead_only_when_a_tensor_is_computed(tmp_path, monkey
     assert calls == ([1] if warm else [])
     got = load_file(str(tmp_path / "o.safetensors"))
     assert np.array_equal(got["m.1.w"], sd["m.1.w"].T if rules else sd["m.1.w"]) and np.array_equal(got["m.2.w"], sd["m.2.w"])
+
+
+@pytest.mark.parametrize("out", ["o.safetensors", "o.pt", "o.msgpack", "sharded/model.safetensors"])
+@pytest.mark.parametrize("fsync", [True, False])
+def test_fsync_of_the_file_and_its_folder_only_with_fsync(tmp_path, monkeypatch, out, fsync):
+    """--no-fsync leaves the disk to the kernel: no fsync of the output, nor of its folder after the
+    rename (that one alone cost ~0.2 s of a 0.8 s DeltaLM conversion on ext4)."""
+    rng = np.random.default_rng(7)
+    sd = {f"m.{i}.w": rng.random((64, 32), dtype=np.float32) for i in range(4)}
+    save_file(sd, str(tmp_path / "s.safetensors"))
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(w.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    spec = {"name": "t", "version": 1, "rules": [{"transpose": "m.2.w"}]}
+    (tmp_path / "sharded").mkdir()
+    statemap.convert(spec, tmp_path / "s.safetensors", tmp_path / out, fsync=fsync, max_shard_size="10KB" if "/" in out else None)
+    folder = str((tmp_path / out).parent)
+    if not fsync:
+        assert synced == []
+    else:
+        assert folder in synced and any(s != folder for s in synced)  # the file(s) before the rename, the folder after
+    got = statemap.load_state_dict(tmp_path / ("sharded" if "/" in out else out))
+    assert np.array_equal(got["m.2.w"], sd["m.2.w"].T) and np.array_equal(got["m.3.w"], sd["m.3.w"])
