@@ -411,6 +411,7 @@ def convert(
                     segments=[Segments(tuple(seg)) if seg is not None else None for seg in segs],
                 )
             report.files = list(written.files)
+            report.removed = list(written.removed)
             report.n_bytes = written.n_bytes
     report.seconds = time.perf_counter() - t0
     return report

@@ -161,6 +161,7 @@ class Report:
     vars: dict[str, Any] = field(default_factory=dict)  # the spec's vars as used
     vars_from: str = ""  # the config the vars were read from
     files: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # --force: files of an earlier output at this name, replaced
     n_bytes: int = 0
     seconds: float = 0.0
     # shape and dtype of passed-through and dropped keys, for the tables (not in --json: the names are)
@@ -228,6 +229,8 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("metas", None)
+        if not self.removed:
+            d.pop("removed")
         for key in ("produced", "missing", "unexpected"):
             d[key] = [{"name": m.name, "shape": list(m.shape), "dtype": m.dtype} for m in getattr(self, key)]
         d["ok"] = self.ok
@@ -309,6 +312,10 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
     if len(report.files) > 1:
         for f in report.files:
             console.print(f"  {f}")
+    if report.removed:
+        console.print(f"removed {len(report.removed)} file(s) of the earlier output at this name (--force):", style="yellow")
+        for f in report.removed:
+            console.print(f"  {f}", style="yellow")
     if verbose:
         console.print(_rows_table("produced", fold((m.name, m) for m in report.produced), "bold"))
     info = report.metas

@@ -45,6 +45,7 @@ class Written:
     files: tuple[str, ...]
     n_tensors: int
     n_bytes: int
+    removed: tuple[str, ...] = ()  # with force: files of an earlier output at this name that this one replaced
 
 
 def output_format(path: str | os.PathLike[str]) -> str:
@@ -159,6 +160,66 @@ def check_outputs(files: Sequence[Path], inputs: Sequence[str | os.PathLike[str]
             raise OutputError(f"{f.parent}: output folder does not exist")
         if os.path.lexists(f) and not force:
             raise OutputError(f"{f}: already exists; pass --force to replace it")
+
+
+_SHARD_RE = re.compile(r"(?P<stem>.+)-\d{5}-of-\d{5}\.safetensors")
+
+
+def earlier_output(out: Path, files: Sequence[Path]) -> list[Path]:
+    """Files of an earlier safetensors output at ``out``'s name that writing ``files`` would not
+    replace: ``out`` itself when the new output is sharded, the index when it is one file, and
+    shards (``STEM-NNNNN-of-NNNNN.safetensors``, or named by the existing index) the new output
+    does not have. Left beside the new output they would be taken for it: transformers loads
+    ``model.safetensors`` before an index, and loaders that glob ``*.safetensors`` take every shard.
+
+    Example::
+
+        >>> earlier_output(Path("empty-folder/model.safetensors"), [Path("empty-folder/model.safetensors")])
+        []
+    """
+    if output_format(out) != "safetensors":
+        return []
+    new = {f.name for f in files}
+    stem = out.name[: -len(".safetensors")]
+    names = {out.name, _index_path(out).name}
+    try:
+        names |= {e.name for e in os.scandir(out.parent) if (m := _SHARD_RE.fullmatch(e.name)) and m.group("stem") == stem}
+    except OSError:
+        return []
+    index = _index_path(out)
+    with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, AttributeError):
+        if index.is_file() and index.stat().st_size <= MAX_INPUT_INDEX:
+            wm = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+            if isinstance(wm, dict):
+                names |= {v for v in wm.values() if isinstance(v, str) and v.endswith(".safetensors") and Path(v).name == v}
+    return [out.parent / n for n in sorted(names - new) if os.path.lexists(out.parent / n)]
+
+
+def check_earlier_output(out: Path, files: Sequence[Path], inputs: Sequence[str | os.PathLike[str]], force: bool) -> list[Path]:
+    """Refuse to write ``files`` beside an earlier output at the same name (see :func:`earlier_output`)
+    unless ``force``; return what ``force`` will remove once the new output is in place."""
+    stale = earlier_output(out, files)
+    if not stale:
+        return []
+    known = _Inputs(inputs)
+    listed = ", ".join(f.name for f in stale[:4]) + (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
+    for f in stale:
+        if known.holds(f):
+            raise OutputError(
+                f"{out}: {f.name} in that folder is an input and belongs to a checkpoint of the same name; "
+                "a loader could take one for the other: name another output file or folder"
+            )
+        if f.is_dir() or f.is_symlink():
+            raise OutputError(
+                f"{f}: is in the way of the output {out.name} (a directory or a link); remove it or name another output"
+            )
+    if not force:
+        raise OutputError(
+            f"{out}: the folder holds an earlier output of this name ({listed}) that this one would not replace, "
+            "and a loader could take it for the new one; pass --force to replace that output (its files are removed) "
+            "or name another output"
+        )
+    return stale
 
 
 def check_output(path: str | os.PathLike[str], inputs: Sequence[str], force: bool) -> Path:
@@ -787,6 +848,7 @@ def write_checkpoint(
     check_writer(out)
     files = output_files(out, metas, limit)
     check_outputs(files, inputs, force)
+    check_earlier_output(out, files, inputs, force)
     # every format streams: one computed tensor in memory at a time (the caller checks which are computed)
     computed = [m for m, seg in zip(metas, segments) if seg is None] if segments else metas
     check_resources(out, metas, computed if fmt != "safetensors" else (), together=False)
@@ -821,6 +883,7 @@ def write_checkpoint(
     with _signals_as_exceptions(), _OutputLock(files) as lock, contextlib.closing(ahead):
         lock.sweep(out.parent, _Inputs(inputs))
         check_outputs(files, inputs, force)  # again, under the lock: another writer may have just finished
+        stale = check_earlier_output(out, files, inputs, force)
         try:
             if fmt == "torch":
                 nbytes = _write_torch(out, stage, metas, counted(), ties, fsync)
@@ -832,6 +895,9 @@ def write_checkpoint(
                 )
             with _signals_held():
                 stage.commit()
+                removed = _remove(stale)  # the earlier output's other files (force): the new one is in place
+                if removed and fsync:
+                    _fsync_dir(out.parent)
         except OSError as e:
             with _signals_held():
                 stage.abort()
@@ -844,7 +910,7 @@ def write_checkpoint(
             with _signals_held():
                 stage.abort()
             raise
-    return Written(tuple(str(f) for f in files), len(metas), nbytes)
+    return Written(tuple(str(f) for f in files), len(metas), nbytes, tuple(str(f) for f in removed))
 
 
 def _import_numpy_meanwhile() -> None:

@@ -387,3 +387,70 @@ def test_generated_text_is_written_whole_beside_no_fixed_temp_name(tmp_path, mon
         write_text_new(late, "mine\n")
     assert late.read_text() == "written meanwhile"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".draft.yaml.statemap.tmp", "draft.yaml", "late.yaml"]
+
+
+# -- an earlier output at the same name, written sharded or not ------------------------------------------
+
+
+def _sd(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"layers.{i}.w": rng.random((64, 64), dtype=np.float32) for i in range(6)}  # 16 KB each, 96 KB
+
+
+def _write(out: Path, sd: dict[str, np.ndarray], shard: str | None, force: bool = False):
+    metas = [TensorMeta(k, v.shape, "float32") for k, v in sd.items()]
+    return write_checkpoint(out, metas, iter(sd.values()), max_shard_size=shard, force=force, fsync=False)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "message"),
+    [
+        (None, "40KB", r"earlier output of this name \(model\.safetensors\).*--force"),  # old single file, new shards
+        ("40KB", None, r"earlier output of this name \(model-00001-of-00003\.safetensors, .*index\.json\)"),
+        ("20KB", "40KB", r"model\.safetensors\.index\.json: already exists"),  # the index itself is replaced
+    ],
+)
+def test_an_earlier_output_at_the_same_name_is_refused_then_replaced_whole_with_force(tmp_path, before, after, message):
+    """Left beside a new output, an earlier one would be taken for it: transformers loads
+    model.safetensors before an index; glob loaders take every shard. Refused; --force removes it."""
+    out = tmp_path / "model.safetensors"
+    (tmp_path / "other-00001-of-00002.safetensors").write_bytes(b"not ours")  # another stem: never touched
+    _write(out, _sd(1), before)
+    first = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(statemap.StatemapError, match=message):
+        _write(out, _sd(2), after)
+    assert sorted(p.name for p in tmp_path.iterdir()) == first  # nothing written, nothing removed
+    written = _write(out, _sd(2), after, force=True)
+    now = sorted(p.name for p in tmp_path.iterdir())
+    assert now == sorted([Path(f).name for f in written.files] + ["other-00001-of-00002.safetensors"])
+    assert written.removed and all(not Path(f).exists() for f in written.removed)
+    got = statemap.load_state_dict(tmp_path if after else out)
+    assert all(np.array_equal(got[k], v) for k, v in _sd(2).items())
+
+
+def test_force_never_removes_an_input_of_the_same_name(tmp_path):
+    _write(tmp_path / "model.safetensors", _sd(1), "40KB")  # a sharded input in the folder
+    spec = {"name": "t", "version": 1, "rules": [{"rename": "layers.{i}.w -> h.{i}.w"}]}
+    index = tmp_path / "model.safetensors.index.json"
+    with pytest.raises(statemap.StatemapError, match=r"model\.safetensors: .*is an input .*name another output"):
+        statemap.convert(spec, index, tmp_path / "model.safetensors", force=True)
+    assert index.exists() and len(list(tmp_path.glob("model-*.safetensors"))) == 3
+
+
+def test_cli_reports_what_force_removed(tmp_path, capsys):
+    src = tmp_path / "in.safetensors"
+    save_file(_sd(3), str(src))
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: t\nversion: 1\nrules:\n  - rename: 'layers.{i}.w -> h.{i}.w'\n")
+    assert main(["apply", str(spec), str(src), str(out / "model.safetensors"), "--max-shard-size", "40KB", "--no-fsync"]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(spec), str(src), str(out / "model.safetensors"), "--no-fsync"]) == 2
+    assert "earlier output of this name" in capsys.readouterr().err
+    assert main(["apply", str(spec), str(src), str(out / "model.safetensors"), "--no-fsync", "--force"]) == 0
+    text = capsys.readouterr().out
+    assert "removed 4 file(s) of the earlier output" in text and "model-00003-of-00003.safetensors" in text
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert main(["apply", str(spec), str(src), str(out / "model.safetensors"), "--no-fsync", "--force", "--json"]) == 0
+    assert "removed" not in json.loads(capsys.readouterr().out)  # nothing removed this time: the key is left out
