@@ -154,7 +154,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
             from .source import bind_vars, config_base
 
             spec = bind_vars(spec, a, config_base(args.a))
-            a, rule_of = planned_checkpoint(spec, a)
+            a, rule_of = planned_checkpoint(spec, a, like=b.metas)
         r = diff_checkpoints(a, b, values=args.values or bool(args.spec), atol=args.atol, rtol=args.rtol, rule_of=rule_of)
     if args.json:
         _print_json(r.to_json())

@@ -1377,9 +1377,16 @@ def render_explanation(ex: Explanation, console: Any, verbose: bool = False) -> 
 # -- diff --spec -------------------------------------------------------------------------------
 
 
-def planned_checkpoint(spec: Any, a: Any, vars: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, str]]:
+def planned_checkpoint(
+    spec: Any, a: Any, vars: Mapping[str, Any] | None = None, *, like: Iterable[str] | None = None
+) -> tuple[Any, dict[str, str]]:
     """What ``spec`` makes of the opened checkpoint ``a``, as a checkpoint whose tensors are
     computed on demand (one at a time, nothing written), and the rule (file:line) behind each key.
+
+    ``like``: the names of the checkpoint this will be compared with. A spec with ``tied: dedupe``
+    writes each tied group once and leaves the other names to the loader; the names it leaves out
+    that ``like`` does not hold are left out here too (a file ``apply`` wrote is then the same),
+    and their ``rule_of`` entry says so (``... re-tied on load``).
 
     Example::
 
@@ -1406,5 +1413,12 @@ def planned_checkpoint(spec: Any, a: Any, vars: Mapping[str, Any] | None = None)
         return run_node(nodes[k], a.read)
 
     metas = {o.name: o.meta for o in plan.outputs}
+    if like is not None and sp.tied == "dedupe":  # as apply writes it: each group once, the rest re-tied on load
+        held = set(like)
+        for g in (*plan.same, *plan.ties):
+            for n in g[1:]:
+                if n in metas and n not in held and g[0] in held:
+                    del metas[n]
+                    rule_of[n] += f"; written once as {g[0]} (tied: dedupe), re-tied on load"
     label = f"{sp.name} applied to {a.path}"
     return Checkpoint(label, "planned", metas, read), rule_of

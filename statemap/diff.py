@@ -41,6 +41,7 @@ class DiffResult:
     n_common: int = 0
     compared_values: bool = False
     explanation: Any = None  # correspond.Explanation with --values: every B key explained by A's content
+    retied: dict[str, str] = field(default_factory=dict)  # --spec with tied: dedupe: names left to the loader -> rule
 
     def summary(self) -> str:
         """The last line of a diff, with the verdict.
@@ -81,7 +82,7 @@ class DiffResult:
             "dtype_mismatch": [vars(m) for m in self.dtype],
             "values": [vars(v) for v in self.values] if self.compared_values else None,
             "explain": self.explanation.to_json() if self.explanation is not None else None,
-        }
+        } | ({"retied_on_load": self.retied} if self.retied else {})
 
 
 def diff_checkpoints(
@@ -117,6 +118,8 @@ def diff_checkpoints(
             cb = b if isinstance(b, Checkpoint) else stack.enter_context(open_checkpoint(b))
             return diff_checkpoints(ca, cb, values, atol, rtol, rule_of)
     r = DiffResult(a.path, b.path)
+    if rule_of:  # names the spec writes once (tied: dedupe) and B leaves to its loader, as apply writes them
+        r.retied = {k: v for k, v in rule_of.items() if k not in a.metas and k not in b.metas}
     if a.metas.keys() == b.metas.keys():  # the same names (compared as sets, in C): every key is common
         common = list(a.metas)
     else:
@@ -217,6 +220,10 @@ def render_diff(r: DiffResult, console: Any) -> None:
     console.print(styled(("A", "bold"), f" {r.a}"))
     console.print(styled(("B", "bold"), f" {r.b}"))
     console.print(f"{r.n_common} common keys, {len(r.only_a)} only in A, {len(r.only_b)} only in B")
+    if r.retied:
+        console.print(f"not in B, as the spec writes them (tied: dedupe; the loader re-ties them): {len(r.retied)}", style="dim")
+        for k, rule in r.retied.items():
+            console.print(f"  {k}: {rule}", style="dim")
     for title, metas in (("only in A", r.only_a), ("only in B", r.only_b)):
         if metas:
             cells: list[tuple[str, ...]] = [

@@ -541,3 +541,34 @@ def test_constant_matched_only_by_an_unrelated_name_is_a_constant():
     assert "A:layers.1.fc2_bias holds the same values" in next(c.detail for c in ex.b if c.b.startswith("embeddings"))
     assert kinds["model.ln.bias"] == ("renamed", ("enc.ln.bias",))
     assert kinds["head.kernel"] == ("renamed", ("proj.w",))
+
+
+def test_spec_diff_of_what_apply_wrote_with_tied_dedupe_is_the_same(root, tmp_path, capsys):
+    """The catalog's DeltaLM spec writes the tied embedding once (`tied: dedupe`); `diff --spec` of
+    exactly what `apply` wrote says same, and names what the loader re-ties. A B that lost the kept
+    name, or holds wrong values under it, still differs."""
+    src = root / "examples" / "deltalm-tiny.pt"
+    out = tmp_path / "hf.safetensors"
+    assert main(["apply", "deltalm-fairseq-to-hf", str(src), str(out), "-q"]) == 0  # the spec's own tied: dedupe
+    code = main(["diff", str(src), str(out), "--spec", "deltalm-fairseq-to-hf", "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert code == 0 and d["same"] and d["only_in_a"] == []
+    assert sorted(d["retied_on_load"]) == ["lm_head.weight", "model.encoder.embed_tokens.weight"]
+    assert all("re-tied on load" in v and "deltalm-fairseq-to-hf.yaml:" in v for v in d["retied_on_load"].values())
+    assert main(["diff", str(src), str(out), "--spec", "deltalm-fairseq-to-hf"]) == 0
+    assert "the loader re-ties them): 2" in capsys.readouterr().out
+    sd = load_file(str(out))
+    kept = "model.shared.weight"
+    broken = {k: v for k, v in sd.items() if k != kept}
+    save_file(broken, str(tmp_path / "lost.safetensors"))
+    code = main(["diff", str(src), str(tmp_path / "lost.safetensors"), "--spec", "deltalm-fairseq-to-hf", "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert code == 1 and sorted(m["name"] for m in d["only_in_a"]) == ["model.encoder.embed_tokens.weight", kept]
+    assert list(d["retied_on_load"]) == ["lm_head.weight"]  # its group's kept name is still in B
+    changed = dict(sd)
+    changed[kept] = sd[kept].clone()
+    changed[kept][3] += 1
+    save_file(changed, str(tmp_path / "changed.safetensors"))
+    code = main(["diff", str(src), str(tmp_path / "changed.safetensors"), "--spec", "deltalm-fairseq-to-hf", "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert code == 1 and [v["name"] for v in d["values"] if not v["allclose"]] == [kept]
