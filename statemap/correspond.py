@@ -554,6 +554,17 @@ def _row_starts(x: np.ndarray, meta: TensorMeta, m: int, n: int, round_to: Itera
     return [f[:, 0] * np.uint64(_START_K) + f[:, 1] for f in forms]
 
 
+def _sorted_has(sorted_keys: np.ndarray, keys: np.ndarray) -> bool:
+    """Whether any of ``keys`` is in the sorted array ``sorted_keys`` (a binary search each: ``np.isin``
+    would sort ``sorted_keys`` again on every call)."""
+    import numpy as np
+
+    if not len(sorted_keys) or not len(keys):
+        return False
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return bool((sorted_keys[at] == keys).any())
+
+
 # -- matching ----------------------------------------------------------------------------------
 
 _TOKENS = re.compile(r"[._/-]+")
@@ -1052,7 +1063,7 @@ def _explain(
             m, n = tpairs[k]
             if a and a[0].rows is not None:
                 first = have.get(m)
-                if first is None or not any(np.isin(s, first).any() for s in _row_starts(x.reshape(n, m)[:1], meta, 1, m)):
+                if first is None or not any(_sorted_has(first, s) for s in _row_starts(x.reshape(n, m)[:1], meta, 1, m)):
                     cols = hasher.fingerprint(k, meta, x, with_rows=False).cols
                     if cols is not None and np.array_equal(cols, a[0].rows):
                         verified.add(k)
