@@ -400,7 +400,7 @@ def _canon_bytes(a: np.ndarray, dt: DType) -> Iterable[Any]:
 _ID_WORDS = 1 << 13  # 64-bit words per block of the whole-tensor identity
 _ID_CHUNK = 32  # blocks multiplied at a time (2 MB of reused temporaries)
 _ID_SMALL = 1 << 16  # bytes: shorter buffers take zlib's CRC-32 (fewer numpy calls)
-_id_tables: list[Any] = []  # [K, D]: the identity's position and block multipliers, made once
+_id_tables: list[Any] = []  # [K, D, K']: the identity's position, block and high-half multipliers, made once
 
 
 def _id_keys(blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -410,7 +410,9 @@ def _id_keys(blocks: int) -> tuple[np.ndarray, np.ndarray]:
 
     if not _id_tables:
         rng = np.random.default_rng(0x1DE7)
-        _id_tables[:] = [rng.integers(0, 2**63, size=_ID_WORDS, dtype=np.uint64) * np.uint64(2) + np.uint64(1), None]
+        k = rng.integers(0, 2**63, size=_ID_WORDS, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        k_hi = rng.integers(0, 2**63, size=_ID_WORDS, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        _id_tables[:] = [k, None, k_hi]
     d = _id_tables[1]
     if d is None or len(d) < blocks:
         z = np.arange(max(blocks, 2 * (0 if d is None else len(d))), dtype=np.uint64) + np.uint64(_K_LEN)  # splitmix64
@@ -423,11 +425,16 @@ def _id_keys(blocks: int) -> tuple[np.ndarray, np.ndarray]:
 def _word_hash(mv: memoryview) -> tuple[int, int]:
     """Identity of one buffer: a 64-bit hash that depends on every word's value and position, and
     the wrapping sum of the 64-bit words (tail bytes included). The hash is
-    ``len * C + sum_b D_b * sum_i K_i * w[b * 2**13 + i] + tail * C'`` mod 2**64 with random odd
-    multipliers, so changing one word always changes it, and any other change does with
-    probability ~2**-64; it runs at memory speed (numpy, 2 MB at a time), 2-3x zlib's CRC-32.
-    Buffers under 64 KB take zlib's CRC-32 instead (less overhead per call; the choice depends on
-    the length only, so equal buffers still hash alike)."""
+    ``len * C + sum_b D_b * sum_i (K_i * w + K'_i * (w >> 32))[b * 2**13 + i] + tail * C'`` mod 2**64
+    with random odd multipliers: each 32-bit half of a word has an odd multiplier of its own
+    (``K`` for the low half, ``2**32 * K + K'`` for the high one), so changing one word always
+    changes the hash, and any other change does with probability ~2**-32 or less (a change of
+    under 2**32 times an odd number cannot have more than 31 trailing zero bits). With ``K * w``
+    alone the high half's multiplier would be ``2**32 * K``: flipping the sign bit of the high
+    float32 of two words (negating two odd-indexed elements) added ``2**63`` twice and went unseen.
+    Memory speed (numpy, 2 MB at a time), ~2x zlib's CRC-32. Buffers under 64 KB take zlib's CRC-32
+    instead (less overhead per call; the choice depends on the length only, so equal buffers
+    still hash alike)."""
     import numpy as np
 
     n8 = len(mv) // 8
@@ -440,16 +447,23 @@ def _word_hash(mv: memoryview) -> tuple[int, int]:
         return zlib.crc32(mv), (total + tail) & _MASK
     full = n8 // _ID_WORDS
     k, d = _id_keys(full + 1)
+    k_hi = _id_tables[2]
     h = len(mv) * _K_LEN + tail * _K_N
-    tmp = np.empty((min(_ID_CHUNK, max(full, 1)), _ID_WORDS), dtype=np.uint64)
+    tmp = np.empty((2, min(_ID_CHUNK, max(full, 1)), _ID_WORDS), dtype=np.uint64)
+    shift = np.uint64(32)
     for b0 in range(0, full, _ID_CHUNK):
         b1 = min(full, b0 + _ID_CHUNK)
-        t = tmp[: b1 - b0]
-        np.multiply(words[b0 * _ID_WORDS : b1 * _ID_WORDS].reshape(b1 - b0, _ID_WORDS), k, out=t)
+        t, u = tmp[0, : b1 - b0], tmp[1, : b1 - b0]
+        w = words[b0 * _ID_WORDS : b1 * _ID_WORDS].reshape(b1 - b0, _ID_WORDS)
+        np.multiply(w, k, out=t)
+        np.right_shift(w, shift, out=u)
+        np.multiply(u, k_hi, out=u)
+        np.add(t, u, out=t)
         h += int(np.multiply(t.sum(axis=1), d[b0:b1]).sum())
     rest = words[full * _ID_WORDS :]
     if rest.size:
-        h += int(np.multiply(rest, k[: rest.size]).sum()) * int(d[full])
+        r = rest.size
+        h += int((np.multiply(rest, k[:r]) + np.multiply(rest >> shift, k_hi[:r])).sum()) * int(d[full])
     return h & _MASK, (total + tail) & _MASK
 
 

@@ -65,3 +65,46 @@ def test_block_multipliers_do_not_change_as_the_table_grows():
     assert _ident(BASE) == before
     k, d = _id_keys(4)
     assert bool((k & np.uint64(1)).all()) and bool((d & np.uint64(1)).all())  # odd: no word change can vanish
+
+
+def _negated(idx: slice | list[int]) -> np.ndarray:
+    x = BASE.copy().view(np.float32)  # as float32 pairs: the high half of a word is the odd element
+    x[idx] = -x[idx]
+    return x.view(np.uint64)
+
+
+@pytest.mark.parametrize(
+    ("what", "idx"),
+    [
+        ("two odd elements (sign bits 63 of two words)", [1, 7]),
+        ("two odd elements in different blocks", [3, 2 * _ID_WORDS + 9]),
+        ("every odd element", slice(1, None, 2)),
+        ("two whole words (both halves)", [0, 1, 4, 5]),
+    ],
+)
+def test_sign_flips_in_the_high_half_change_the_identity(what, idx):
+    """A word's high half has an odd multiplier of its own: with ``K * w`` alone, flipping bit 63 of
+    two words added 2**63 twice (0 mod 2**64) and two negated odd-indexed float32 elements went unseen."""
+    other = _negated(idx)
+    assert not np.array_equal(other, BASE)
+    assert _ident(other)[0] != _ident(BASE)[0], what
+
+
+def test_negated_odd_elements_are_not_a_copy(tmp_path):
+    """End to end: a B tensor with its odd-indexed elements negated (or just two of them) is not
+    reported as a renamed copy of A's (it was, by the whole-tensor identity)."""
+    from safetensors.numpy import save_file
+
+    from statemap.diff import diff_checkpoints
+
+    a = np.random.default_rng(0).standard_normal((64, 512), dtype=np.float32)  # 128 KB: the word hash
+    every, two = a.copy(), a.copy()
+    every[:, 1::2] *= -1
+    two[0, 1] *= -1
+    two[5, 7] *= -1
+    save_file({"w": a}, str(tmp_path / "a.safetensors"))
+    save_file({"x": every, "y": two, "z": a.copy()}, str(tmp_path / "b.safetensors"))
+    ex = diff_checkpoints(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), values=True).explanation
+    kinds = {c.b: (c.kind, c.a) for c in ex.b}
+    assert kinds["z"] == ("renamed", ("w",))  # the real copy still matches
+    assert kinds["x"][0] == "unmatched" and kinds["y"][0] == "unmatched"

@@ -177,3 +177,15 @@ def test_column_hashes_alone_equal_the_full_fingerprints():
     assert np.array_equal(
         h.fingerprint("t", TensorMeta("t", (9000, 300), "float32"), np.ascontiguousarray(x.T), with_rows=False).cols, full.rows
     )
+
+
+def test_sorted_has_finds_a_key_and_only_a_key():
+    import numpy as np
+
+    from statemap.correspond import _sorted_has
+
+    keys = np.array([3, 9, 27, 2**63 + 5], dtype=np.uint64)
+    assert _sorted_has(keys, np.array([27], dtype=np.uint64))
+    assert _sorted_has(keys, np.array([1, 2**63 + 5], dtype=np.uint64))
+    assert not _sorted_has(keys, np.array([0, 4, 2**64 - 1], dtype=np.uint64))  # before, between, after every key
+    assert not _sorted_has(np.zeros(0, np.uint64), np.array([3], dtype=np.uint64))

@@ -35,6 +35,26 @@ def test_pool_never_hands_out_a_buffer_in_use():
     assert len(pool.bufs) == 1  # only b's buffer is still in use
 
 
+def test_big_buffer_is_reused_only_when_free_and_large_enough():
+    pool = _BufferPool(2)
+    a = pool.take_big(1000)
+    base_a = id(a.base)
+    b = pool.take_big(900)  # a is alive: a fresh buffer, which becomes the big one
+    assert id(b.base) != base_a and len(pool.big) == 1
+    base_b = id(b.base)
+    del a, b
+    c = pool.take_big(900)  # the free big buffer is reused
+    assert id(c.base) == base_b
+    del c
+    d = pool.take_big(2000)  # too small: dropped, a larger one replaces it
+    assert pool.big[0].nbytes == 2000 and d.base is pool.big[0]
+    pool.trim()
+    assert len(pool.big) == 1  # d is alive: kept
+    del d
+    pool.trim()
+    assert pool.big == []
+
+
 def test_arrays_read_under_the_pool_keep_their_values(tmp_path):
     rng = np.random.default_rng(0)
     tensors = {
@@ -50,6 +70,24 @@ def test_arrays_read_under_the_pool_keep_their_values(tmp_path):
         again = [ck.read(k).copy() for k in reversed(list(tensors))]  # reused buffers: still right
     for k, a in zip(reversed(list(tensors)), again):
         np.testing.assert_array_equal(a, tensors[k])
+
+
+def test_arrays_read_into_the_big_buffer_keep_their_values(tmp_path, monkeypatch):
+    import statemap.load.checkpoint as ckm
+
+    monkeypatch.setattr(ckm, "_POOLED", (1 << 20, (1 << 20) + 1))  # every tensor here is "big"
+    rng = np.random.default_rng(2)
+    tensors = {f"t{i}": rng.standard_normal((512, 900 - 50 * i), dtype=np.float32) for i in range(4)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    with reuse_buffers(2), open_checkpoint(str(path)) as ck:
+        first = ck.read("t0")
+        second = ck.read("t1")  # t0 still held: not read into its buffer
+        np.testing.assert_array_equal(first, tensors["t0"])
+        np.testing.assert_array_equal(second, tensors["t1"])
+        del first, second
+        for k in tensors:  # one at a time: each reuses the free big buffer
+            np.testing.assert_array_equal(ck.read(k), tensors[k])
 
 
 def test_blockwise_value_comparison_matches_the_whole_tensor(tmp_path):
