@@ -467,22 +467,57 @@ def _word_hash(mv: memoryview) -> tuple[int, int]:
     return h & _MASK, (total + tail) & _MASK
 
 
-def _quick_parts(meta: TensorMeta, a: np.ndarray, pool: Any) -> list[Any]:
+def _quick_parts(meta: TensorMeta, a: np.ndarray) -> tuple[Any, ...]:
     """Whole-tensor identity of the values at memory speed: per ~8 MB piece of the canonical bytes
-    (two halves for a float32 tensor, hashed on two threads) a 64-bit hash of the words and their
+    (two halves for a float32 tensor of 1 MB or more) a 64-bit hash of the words and their
     positions (:func:`_word_hash`) and a 64-bit word sum.
-    The shape is left out: reshapes match. Returns futures of the parts, and the tag."""
+    The shape is left out: reshapes match. Returns the parts, after the element count and the tag."""
     dt = lookup_dtype(meta.dtype)
     parts: list[Any] = []
     for buf in _canon_bytes(a, dt):
         mv = memoryview(buf).cast("B")
         if len(mv) >= 1 << 20:
             half = (len(mv) // 2) & ~7
-            parts += [pool.submit(_word_hash, mv[:half]), pool.submit(_word_hash, mv[half:])]
+            parts += [_word_hash(mv[:half]), _word_hash(mv[half:])]
         else:
-            parts.append(pool.submit(_word_hash, mv))
+            parts.append(_word_hash(mv))
     tag = dt.name if (not dt.native and dt.name != "bfloat16") else ""  # float8 bits equal only float8 bits
-    return [meta.numel, tag, *parts]
+    return (meta.numel, tag, *parts)
+
+
+_BIG_ONE = 1 << 26  # bytes: tensors larger than this (embeddings) are read and hashed one at a time
+
+
+def _each(keys: list[str], work: Callable[[str], None], workers: int = 2) -> None:
+    """``work(key)`` for every key, on ``workers`` threads (the caller's and helpers), each taking
+    the next key as it goes; the first exception stops the others and is raised here."""
+    import threading
+
+    it = iter(keys)
+    take = threading.Lock()
+    err: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            while not err:
+                with take:
+                    k = next(it, None)
+                if k is None:
+                    return
+                work(k)
+        except BaseException as e:  # raised in the caller's thread below
+            err.append(e)
+
+    helpers = [threading.Thread(target=loop, name="statemap-explain", daemon=True) for _ in range(max(0, workers - 1))]
+    for t in helpers:
+        t.start()
+    try:
+        loop()
+    finally:
+        for t in helpers:
+            t.join()
+    if err:
+        raise err[0]
 
 
 def _quick_all(
@@ -490,36 +525,36 @@ def _quick_all(
     read: Callable[[str], np.ndarray],
     then: Callable[[str, TensorMeta, np.ndarray, tuple[Any, ...]], None] | None = None,
     skip: Callable[[str, TensorMeta], bool] = lambda k, m: False,
+    workers: int = 2,
 ) -> dict[str, tuple[Any, ...]]:
-    """The whole-tensor identity of every tensor; hashing one tensor overlaps reading the next
-    (both release the GIL), so at most two tensors are in memory. ``then(key, meta, array,
-    identity)`` runs on each tensor while it is still in memory (to fingerprint it without
-    reading it again). Tensors ``skip`` names get an identity that matches nothing (no whole
-    hash: they are fingerprinted by ``then``)."""
-    from concurrent.futures import ThreadPoolExecutor
+    """The whole-tensor identity of every tensor, on two threads that each read a tensor, hash
+    it and run ``then(key, meta, array, identity)`` on it while it is in memory (to fingerprint it
+    without reading it again). ``read`` is called by one thread at a time (a checkpoint's reader
+    need not be thread-safe), so one thread reads while the other hashes. At most one tensor per
+    thread is in memory, and at most one larger than :data:`_BIG_ONE` bytes. Tensors ``skip`` names
+    get an identity that matches nothing (no whole hash: they are fingerprinted by ``then``)."""
+    import threading
+    from contextlib import nullcontext
 
     out: dict[str, tuple[Any, ...]] = {}
+    reading, big = threading.Lock(), threading.Lock()
 
-    def finish(p: tuple[str, list[Any], Any, TensorMeta]) -> None:
-        out[p[0]] = tuple(x.result() if hasattr(x, "result") else x for x in p[1])
-        if then is not None:
-            then(p[0], p[3], p[2], out[p[0]])
-
-    with ThreadPoolExecutor(2) as pool:
-        pending: tuple[str, list[Any], Any, TensorMeta] | None = None
-        for k, meta in metas.items():
-            if meta.numel == 0:  # no values (and nothing to read: its claimed dims may be absurd)
-                out[k] = (0, "", "empty")
-                continue
-            a = read(k)
-            if pending is not None:
-                finish(pending)
-            parts = [meta.numel, "skipped", id(metas), k] if skip(k, meta) else _quick_parts(meta, a, pool)
-            pending = (k, parts, a, meta)  # the array stays alive until hashed
+    def one(k: str) -> None:
+        meta = metas[k]
+        if meta.numel == 0:  # no values (and nothing to read: its claimed dims may be absurd)
+            out[k] = (0, "", "empty")
+            return
+        with big if meta.nbytes > _BIG_ONE else nullcontext():
+            with reading:
+                a = read(k)
+            q = (meta.numel, "skipped", id(metas), k) if skip(k, meta) else _quick_parts(meta, a)
+            out[k] = q
+            if then is not None:
+                then(k, meta, a, q)
             del a
-        if pending is not None:
-            finish(pending)
-    return out
+
+    _each(list(metas), one, workers)
+    return {k: out[k] for k in metas}
 
 
 # -- transposes by name -------------------------------------------------------------------------
@@ -1021,12 +1056,18 @@ def _explain(
 
         return round_to
 
-    # Rows and columns are taken while a tensor is in memory, on a second thread, one at a time
-    # (bounded): of A tensors whose name B holds with another shape or dtype (a transpose, a cast:
-    # B cannot hold them whole under that name), and of B tensors no A tensor holds whole.
+    # Both sides are read on two threads (one read at a time, see _quick_all); rows and columns are
+    # taken by the thread that read the tensor, while it is in memory: of A tensors whose name B
+    # holds with another shape or dtype (a transpose, a cast: B cannot hold them whole under that
+    # name), and of B tensors no A tensor holds whole.
+    import copy
+    import threading
+
     a_early: dict[str, list[_FP]] = {}
     b_early: dict[str, _FP] = {}
-    from concurrent.futures import Future, ThreadPoolExecutor
+    one = copy.copy(hasher)  # within a pass each thread hashes its own tensor: no further threads
+    one.workers = 1
+    lock = threading.Lock()
 
     tpairs = _transpose_pairs(a_metas, b_metas) if transposes else {}  # B's columns may be A's rows
     lengths = {m for m, _ in tpairs.values()}  # B's rows have A's first dim as length
@@ -1034,70 +1075,59 @@ def _explain(
     pair_dtypes = {a_metas[k].dtype for k in tpairs}
     verified: set[str] = set()  # B keys whose columns are A's rows: A transposed
     b_constant: dict[str, float] = {}  # B keys an A tensor holds whole, every element one value
-    with ThreadPoolExecutor(1) as bg:
-        running: list[tuple[str, Future[list[_FP]]]] = []
+    round_all = narrower_in(b_metas.values())
 
-        def collect() -> None:
-            for side, f in running:
-                fps = f.result()
-                if not fps:  # a transpose pair whose B columns are A's rows
-                    continue
-                if side == "b":
-                    b_early[fps[0].key] = fps[0]
-                else:
-                    a_early[fps[0].key] = fps
-            running.clear()
+    def transposed(k: str, meta: TensorMeta, other: Mapping[str, TensorMeta]) -> bool:
+        """The other side holds this name with another shape of as many elements and the same
+        dtype (a transpose, most likely): its whole identity is left out, its fingerprint is
+        taken instead (``full`` still finds an equal tensor of the same shape under another name)."""
+        o = other.get(k)
+        return o is not None and tuple(o.shape) != tuple(meta.shape) and o.numel == meta.numel and o.dtype == meta.dtype
 
-        round_all = narrower_in(b_metas.values())
+    def changed_in_b(k: str, meta: TensorMeta, x: np.ndarray, q: tuple[Any, ...]) -> None:
+        m, n = _view2d(meta.shape)
+        if n in lengths and x.size == m * n:
+            found = _row_starts(x, meta, m, n, pair_dtypes)
+            with lock:
+                starts.setdefault(n, []).extend(found)
+        bm = b_metas.get(k)
+        if bm is not None and meta.numel and (tuple(bm.shape) != tuple(meta.shape) or bm.dtype != meta.dtype):
+            fps = _fingerprint_one(k, meta, x, one, round_all, False)
+            with lock:
+                a_early[k] = fps
 
-        def transposed(k: str, meta: TensorMeta, other: Mapping[str, TensorMeta]) -> bool:
-            """The other side holds this name with another shape of as many elements and the same
-            dtype (a transpose, most likely): its whole identity is left out, its fingerprint is
-            taken instead (``full`` still finds an equal tensor of the same shape under another name)."""
-            o = other.get(k)
-            return o is not None and tuple(o.shape) != tuple(meta.shape) and o.numel == meta.numel and o.dtype == meta.dtype
+    qa = _quick_all(a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas))
+    a_early = {k: a_early[k] for k in a_metas if k in a_early}  # in A's order, whichever thread finished first
+    a_quick = set(qa.values())
+    have = {n: np.unique(np.concatenate(v)) for n, v in starts.items() if v}  # sorted keys (no Python ints per row)
 
-        def changed_in_b(k: str, meta: TensorMeta, x: np.ndarray, q: tuple[Any, ...]) -> None:
-            m, n = _view2d(meta.shape)
-            if n in lengths and x.size == m * n:
-                starts.setdefault(n, []).extend(_row_starts(x, meta, m, n, pair_dtypes))
-            bm = b_metas.get(k)
-            if bm is not None and meta.numel and (tuple(bm.shape) != tuple(meta.shape) or bm.dtype != meta.dtype):
-                collect()
-                running.append(("a", bg.submit(_fingerprint_one, k, meta, x, hasher, round_all, False)))
-
-        qa = _quick_all(a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas))
-        collect()
-        a_quick = set(qa.values())
-        have = {n: np.unique(np.concatenate(v)) for n, v in starts.items() if v}  # sorted keys (no Python ints per row)
-
-        def transposed_or_fingerprint(k: str, meta: TensorMeta, x: np.ndarray) -> list[_FP]:
-            """[] when B's ``k`` is A's transposed (see _transpose_pairs), else B's fingerprint."""
-            a = a_early.get(k)
-            m, n = tpairs[k]
-            if a and a[0].rows is not None:
-                first = have.get(m)
-                if first is None or not any(_sorted_has(first, s) for s in _row_starts(x.reshape(n, m)[:1], meta, 1, m)):
-                    cols = hasher.fingerprint(k, meta, x, with_rows=False).cols
-                    if cols is not None and np.array_equal(cols, a[0].rows):
+    def transposed_or_fingerprint(k: str, meta: TensorMeta, x: np.ndarray) -> list[_FP]:
+        """[] when B's ``k`` is A's transposed (see _transpose_pairs), else B's fingerprint."""
+        a = a_early.get(k)
+        m, n = tpairs[k]
+        if a and a[0].rows is not None:
+            first = have.get(m)
+            if first is None or not any(_sorted_has(first, s) for s in _row_starts(x.reshape(n, m)[:1], meta, 1, m)):
+                cols = one.fingerprint(k, meta, x, with_rows=False).cols
+                if cols is not None and np.array_equal(cols, a[0].rows):
+                    with lock:
                         verified.add(k)
-                        return []
-            return _fingerprint_one(k, meta, x, hasher, lambda m: [])
+                    return []
+        return _fingerprint_one(k, meta, x, one, lambda m: [])
 
-        def fingerprint_misses(k: str, meta: TensorMeta, x: np.ndarray, q: tuple[Any, ...]) -> None:
-            if q in a_quick:  # held whole by an A tensor: note a constant now (no second read later)
-                v = _constant_value(x, meta.dtype)
-                if v is not None:
+    def fingerprint_misses(k: str, meta: TensorMeta, x: np.ndarray, q: tuple[Any, ...]) -> None:
+        if q in a_quick:  # held whole by an A tensor: note a constant now (no second read later)
+            v = _constant_value(x, meta.dtype)
+            if v is not None:
+                with lock:
                     b_constant[k] = v
-            if q not in a_quick and meta.numel:  # no A tensor holds these values whole
-                collect()
-                if k in tpairs:
-                    running.append(("b", bg.submit(transposed_or_fingerprint, k, meta, x)))
-                else:
-                    running.append(("b", bg.submit(_fingerprint_one, k, meta, x, hasher, lambda m: [])))
+        if q not in a_quick and meta.numel:  # no A tensor holds these values whole
+            fps = transposed_or_fingerprint(k, meta, x) if k in tpairs else _fingerprint_one(k, meta, x, one, lambda m: [])
+            if fps:  # else a transpose pair whose B columns are A's rows
+                with lock:
+                    b_early[k] = fps[0]
 
-        qb = _quick_all(b_metas, b_read, fingerprint_misses, lambda k, m: transposed(k, m, a_metas))
-        collect()
+    qb = _quick_all(b_metas, b_read, fingerprint_misses, lambda k, m: transposed(k, m, a_metas))
     score = _Scorer()
     ex = Explanation()
     out: dict[str, Correspondence] = {}
