@@ -176,31 +176,51 @@ def _compare_values(
     atol: float,
     rtol: float,
 ) -> list[ValueDiff]:
+    import threading
+
     import numpy as np
 
-    out: list[ValueDiff] = []
+    from .correspond import _BIG_ONE, _each
+
+    got: dict[str, ValueDiff] = {}
+    todo = []
     for k in common:
         ma, mb = a.metas[k], b.metas[k]
         if ma.shape != mb.shape:
             continue
         if k in r.explanation.equal:  # equal values, proven by the fingerprints: not read again
-            out.append(ValueDiff(k, 0.0, True))
-            continue
-        ra, rb = np.asarray(a_read(k)).reshape(-1), np.asarray(b_read(k)).reshape(-1)
-        if ra.size == 0:
-            out.append(ValueDiff(k, 0.0, True))
-            continue
-        # in blocks: bounded float64 temporaries, the same max and verdict as over the whole tensor
-        max_abs, close = float("nan"), True
-        for i in range(0, ra.size, _BLOCK):
-            xa, xb = _values(ra[i : i + _BLOCK], ma.dtype), _values(rb[i : i + _BLOCK], mb.dtype)
-            d = np.abs(xa - xb)
-            if not np.isnan(d).all():
-                m = float(np.nanmax(d))
-                max_abs = m if math.isnan(max_abs) else max(max_abs, m)
-            close = close and bool(np.allclose(xa, xb, atol=atol, rtol=rtol, equal_nan=True))
-        out.append(ValueDiff(k, max_abs, close))
-    return out
+            got[k] = ValueDiff(k, 0.0, True)
+        else:
+            todo.append(k)
+    reading, big = threading.Lock(), threading.Lock()
+
+    def one(k: str) -> None:  # on two threads: one reads (one read at a time) while the other compares
+        ma, mb = a.metas[k], b.metas[k]
+        with big if ma.nbytes + mb.nbytes > _BIG_ONE else contextlib.nullcontext():  # embeddings one pair at a time
+            with reading:
+                ra, rb = np.asarray(a_read(k)).reshape(-1), np.asarray(b_read(k)).reshape(-1)
+            got[k] = _compare_one(k, ra, rb, ma.dtype, mb.dtype, atol, rtol)
+
+    _each(todo, one, 2 if len(todo) > 1 else 1)
+    return [got[k] for k in common if k in got]
+
+
+def _compare_one(k: str, ra: np.ndarray, rb: np.ndarray, da: str, db: str, atol: float, rtol: float) -> ValueDiff:
+    """Max abs difference and allclose of two flat arrays, in blocks (bounded float64 temporaries)."""
+    import numpy as np
+
+    if ra.size == 0:
+        return ValueDiff(k, 0.0, True)
+    # in blocks: bounded float64 temporaries, the same max and verdict as over the whole tensor
+    max_abs, close = float("nan"), True
+    for i in range(0, ra.size, _BLOCK):
+        xa, xb = _values(ra[i : i + _BLOCK], da), _values(rb[i : i + _BLOCK], db)
+        d = np.abs(xa - xb)
+        if not np.isnan(d).all():
+            m = float(np.nanmax(d))
+            max_abs = m if math.isnan(max_abs) else max(max_abs, m)
+        close = close and bool(np.allclose(xa, xb, atol=atol, rtol=rtol, equal_nan=True))
+    return ValueDiff(k, max_abs, close)
 
 
 def _values(a: np.ndarray, dt_name: str) -> np.ndarray:
