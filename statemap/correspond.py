@@ -1115,7 +1115,7 @@ def _explain(
     qa = _quick_all(a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas))
     a_early = {k: a_early[k] for k in a_metas if k in a_early}  # in A's order, whichever thread finished first
     a_quick = set(qa.values())
-    have = {n: np.unique(np.concatenate(v)) for n, v in starts.items() if v}  # sorted keys (no Python ints per row)
+    have = {n: np.sort(np.concatenate(v)) for n, v in starts.items() if v}  # sorted keys (no Python ints per row; repeats are harmless)
 
     def transposed_or_fingerprint(k: str, meta: TensorMeta, x: np.ndarray) -> list[_FP]:
         """[] when B's ``k`` is A's transposed (see _transpose_pairs), else B's fingerprint."""
