@@ -1115,7 +1115,9 @@ def _explain(
     qa = _quick_all(a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas))
     a_early = {k: a_early[k] for k in a_metas if k in a_early}  # in A's order, whichever thread finished first
     a_quick = set(qa.values())
-    have = {n: np.sort(np.concatenate(v)) for n, v in starts.items() if v}  # sorted keys (no Python ints per row; repeats are harmless)
+    have = {
+        n: np.sort(np.concatenate(v)) for n, v in starts.items() if v
+    }  # sorted keys (no Python ints per row; repeats are harmless)
 
     def transposed_or_fingerprint(k: str, meta: TensorMeta, x: np.ndarray) -> list[_FP]:
         """[] when B's ``k`` is A's transposed (see _transpose_pairs), else B's fingerprint."""
@@ -1259,9 +1261,16 @@ def _explain(
             afps += _fingerprints(again, a_read, hasher, round_to, cols=True)
             todo = left
 
-    # 3. values that differ (same name and shape), constants, nothing
+    # 3. values that differ (same name and shape, or nearly A transposed), constants, nothing
     for b in bfps:
-        if b.key in out or b.key not in own or (own[b.key].m, own[b.key].n) != (b.m, b.n):
+        if b.key in out or b.key not in own:
+            continue
+        if (own[b.key].m, own[b.key].n) == (b.n, b.m) and b.m != b.n:
+            near = _nearly_transposed(own[b.key], b, a_read, b_read)
+            if near is not None:
+                out[b.key] = near
+            continue
+        if (own[b.key].m, own[b.key].n) != (b.m, b.n):
             continue
         a = own[b.key]
         max_abs, max_rel = _value_diff(a_read(b.key), a.meta.dtype, b_read(b.key), b.meta.dtype)
@@ -1304,6 +1313,30 @@ def _explain(
         twins = [t for t in a_by_quick.get(qa[k], []) if t in referenced]
         ex.a_left.append(Dropped(k, "duplicate" if twins else "dropped", twins[0] if twins else "", rule_of.get(k, "")))
     return ex
+
+
+def _nearly_transposed(
+    a: _FP, b: _FP, a_read: Callable[[str], np.ndarray], b_read: Callable[[str], np.ndarray]
+) -> Correspondence | None:
+    """B (``[n, m]``) is A (``[m, n]``, same name) transposed except some columns of B (rows of A):
+    ``differs``, naming them, with the max differences against A transposed; None when no column
+    of B is a row of A (nothing says it is a transpose)."""
+    import numpy as np
+
+    if a.rows is None or b.cols is None:
+        return None
+    bad = np.nonzero(a.rows != b.cols)[0]
+    if len(bad) == len(b.cols):
+        return None
+    xa = np.ascontiguousarray(np.asarray(a_read(a.key)).reshape(a.m, a.n).T)  # one tensor's copy, this case only
+    max_abs, max_rel = _value_diff(xa, a.meta.dtype, b_read(b.key), b.meta.dtype)
+    where = _ranges(int(i) for i in bad)
+    cols = f"{where} ({len(bad)} of {b.n} columns)"
+    detail = (
+        f"B = A transposed except B's columns {where} (A's rows; {len(bad)} of {b.n}): "
+        f"max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g}"
+    )
+    return Correspondence(b.key, "differs", (a.key,), detail, max_abs=max_abs, max_rel=max_rel, rows_differ=cols)
 
 
 def _bounded(read: Callable[[str], np.ndarray], name: str) -> Callable[[str], np.ndarray]:

@@ -189,3 +189,59 @@ def test_sorted_has_finds_a_key_and_only_a_key():
     assert _sorted_has(keys, np.array([1, 2**63 + 5], dtype=np.uint64))
     assert not _sorted_has(keys, np.array([0, 4, 2**64 - 1], dtype=np.uint64))  # before, between, after every key
     assert not _sorted_has(np.zeros(0, np.uint64), np.array([3], dtype=np.uint64))
+
+
+def test_a_transpose_with_one_element_changed_names_the_column():
+    """A transposed pair with one element changed is not "transposed" (nor a copy): it differs, and
+    the column of B (A's row) that differs is named, with the max difference against A transposed."""
+    a = {f"l{i}.w": _f32(64, 96) for i in range(6)}
+    b = {k: np.ascontiguousarray(v.T) for k, v in a.items()}
+    b["l3.w"] = b["l3.w"].copy()
+    b["l3.w"][10, 7] += np.float32(1.0)
+    b["l4.w"] = _f32(96, 64)  # nothing to do with A's
+    fast, full = _both(a, b)
+    assert fast == full
+    by = {c["b"]: c for c in fast["b"]}
+    assert {k for k, c in by.items() if c["kind"] == "transposed"} == {"l0.w", "l1.w", "l2.w", "l5.w"}
+    bad = by["l3.w"]
+    assert bad["kind"] == "differs" and bad["rows_differ"] == "[7] (1 of 64 columns)"
+    assert "B = A transposed except B's columns [7]" in bad["detail"]
+    assert bad["max_abs"] == pytest.approx(1.0, rel=1e-6)
+    assert by["l4.w"]["kind"] == "differs" and "no content match" in by["l4.w"]["detail"]
+
+
+def test_reads_never_overlap_and_a_read_error_stops_the_passes():
+    """Both passes run on two threads, but a checkpoint's reader is never entered by two at once;
+    an error raised by a read (or a hash) reaches the caller as itself."""
+    import threading
+
+    from statemap.errors import CheckpointError
+
+    a = {f"t{i}": _f32(40, 30 + i) for i in range(24)}
+    b = {k: np.ascontiguousarray(v.T) for k, v in a.items()}
+    inside, overlaps = [0], []
+    lock = threading.Lock()
+
+    def guarded(src: dict[str, np.ndarray], fail: str = "") -> object:
+        def read(k: str) -> np.ndarray:
+            with lock:
+                inside[0] += 1
+                if inside[0] > 1:
+                    overlaps.append(k)
+            try:
+                if k == fail:
+                    raise CheckpointError(f"b.safetensors: tensor {k!r} is truncated")
+                threading.Event().wait(0.001)  # let another thread try to enter meanwhile
+                return src[k]
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+        return read
+
+    ma, mb = {k: _meta(k, v) for k, v in a.items()}, {k: _meta(k, v) for k, v in b.items()}
+    ex = explain(ma, guarded(a), mb, guarded(b)).to_json()
+    assert overlaps == []
+    assert {c["kind"] for c in ex["b"]} == {"transposed"} and len(ex["b"]) == 24
+    with pytest.raises(CheckpointError, match="'t5' is truncated"):
+        explain(ma, guarded(a), mb, guarded(b, fail="t5"))
