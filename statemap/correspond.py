@@ -451,36 +451,46 @@ def _word_hash(mv: memoryview) -> tuple[int, int]:
     Memory speed (numpy, 2 MB at a time), ~2x zlib's CRC-32. Buffers under 64 KB take zlib's CRC-32
     instead (less overhead per call; the choice depends on the length only, so equal buffers
     still hash alike)."""
+    return _word_hash_from(len(mv), lambda off, n: mv[off : off + n])
+
+
+def _word_hash_from(nbytes: int, get: Callable[[int, int], Any]) -> tuple[int, int]:
+    """:func:`_word_hash` of ``nbytes`` bytes that ``get(offset, count)`` hands over a piece at a
+    time (at most 2 MB; a piece is used before the next is asked for): the same result whether
+    the bytes are in memory or read from a file piece by piece."""
     import numpy as np
 
-    n8 = len(mv) // 8
-    words = np.frombuffer(mv, dtype=np.uint64, count=n8) if n8 else np.zeros(0, np.uint64)
-    tail = int.from_bytes(bytes(mv[n8 * 8 :]), "little")
-    total = int(np.add.reduce(words)) if n8 else 0
-    if len(mv) < _ID_SMALL:
+    n8 = nbytes // 8
+    if nbytes < _ID_SMALL:
         import zlib
 
-        return zlib.crc32(mv), (total + tail) & _MASK
+        mv = memoryview(get(0, nbytes)).cast("B")
+        words = np.frombuffer(mv, dtype=np.uint64, count=n8) if n8 else np.zeros(0, np.uint64)
+        tail = int.from_bytes(bytes(mv[n8 * 8 :]), "little")
+        return zlib.crc32(mv), (int(np.add.reduce(words)) + tail) & _MASK
+    tail = int.from_bytes(bytes(get(n8 * 8, nbytes - n8 * 8)), "little") if nbytes > n8 * 8 else 0
     full = n8 // _ID_WORDS
     k, d = _id_keys(full + 1)
     k_hi = _id_tables[2]
-    h = len(mv) * _K_LEN + tail * _K_N
+    h, total = nbytes * _K_LEN + tail * _K_N, tail
     tmp = np.empty((2, min(_ID_CHUNK, max(full, 1)), _ID_WORDS), dtype=np.uint64)
     shift = np.uint64(32)
     for b0 in range(0, full, _ID_CHUNK):
         b1 = min(full, b0 + _ID_CHUNK)
         t, u = tmp[0, : b1 - b0], tmp[1, : b1 - b0]
-        w = words[b0 * _ID_WORDS : b1 * _ID_WORDS].reshape(b1 - b0, _ID_WORDS)
+        w = np.frombuffer(get(b0 * _ID_WORDS * 8, (b1 - b0) * _ID_WORDS * 8), dtype=np.uint64).reshape(b1 - b0, _ID_WORDS)
+        total += int(np.add.reduce(w, axis=None))
         np.multiply(w, k, out=t)
         np.right_shift(w, shift, out=u)
         np.multiply(u, k_hi, out=u)
         np.add(t, u, out=t)
         h += int(np.multiply(t.sum(axis=1), d[b0:b1]).sum())
-    rest = words[full * _ID_WORDS :]
-    if rest.size:
-        r = rest.size
+    r = n8 - full * _ID_WORDS
+    if r:
+        rest = np.frombuffer(get(full * _ID_WORDS * 8, r * 8), dtype=np.uint64)
+        total += int(np.add.reduce(rest))
         h += int((np.multiply(rest, k[:r]) + np.multiply(rest >> shift, k_hi[:r])).sum()) * int(d[full])
-    return h & _MASK, (total + tail) & _MASK
+    return h & _MASK, total & _MASK
 
 
 def _quick_parts(meta: TensorMeta, a: np.ndarray) -> tuple[Any, ...]:
@@ -536,31 +546,77 @@ def _each(keys: list[str], work: Callable[[str], None], workers: int = 2) -> Non
         raise err[0]
 
 
+RangeReader = Callable[[int, int, "np.ndarray"], "np.ndarray"]  # (byte offset, count, uint8 out) -> out filled
+
+
+def _quick_stream(meta: TensorMeta, rr: RangeReader) -> tuple[Any, ...]:
+    """:func:`_quick_parts` of a float32 tensor read from its file 2 MB at a time into one reused
+    buffer (``rr(offset, count, out)``: ``count`` bytes at ``offset`` of the tensor's data): the
+    same identity, without the tensor ever being in memory (no pages faulted in for it)."""
+    import numpy as np
+
+    buf = np.empty(_ID_CHUNK * _ID_WORDS * 8, dtype=np.uint8)
+
+    def part(lo: int, hi: int) -> tuple[int, int]:
+        return _word_hash_from(hi - lo, lambda off, n: rr(lo + off, n, buf[:n]))
+
+    nbytes = meta.nbytes
+    half = (nbytes // 2) & ~7
+    parts = [part(0, half), part(half, nbytes)] if nbytes >= 1 << 20 else [part(0, nbytes)]
+    return (meta.numel, "", *parts)
+
+
+def _first_middle_last(meta: TensorMeta, rr: RangeReader) -> bool:
+    """Whether the first, middle and last elements of a tensor read by ``rr`` are equal (bytewise):
+    if not, it is not a constant (:func:`_constant_value`'s first test, without reading it)."""
+    import numpy as np
+
+    size = lookup_dtype(meta.dtype).itemsize
+    got = [bytes(rr(i * size, size, np.empty(size, dtype=np.uint8))) for i in (0, meta.numel // 2, meta.numel - 1)]
+    return got[0] == got[1] == got[2]
+
+
 def _quick_all(
     metas: Mapping[str, TensorMeta],
     read: Callable[[str], np.ndarray],
-    then: Callable[[str, TensorMeta, np.ndarray, tuple[Any, ...]], None] | None = None,
+    then: Callable[[str, TensorMeta, np.ndarray | None, tuple[Any, ...]], None] | None = None,
     skip: Callable[[str, TensorMeta], bool] = lambda k, m: False,
     workers: int = 2,
+    ranges: Callable[[str], RangeReader | None] | None = None,
+    needs: Callable[[str, TensorMeta], bool] = lambda k, m: True,
+    reading: Any = None,
 ) -> dict[str, tuple[Any, ...]]:
     """The whole-tensor identity of every tensor, on two threads that each read a tensor, hash
     it and run ``then(key, meta, array, identity)`` on it while it is in memory (to fingerprint it
     without reading it again). ``read`` is called by one thread at a time (a checkpoint's reader
     need not be thread-safe), so one thread reads while the other hashes. At most one tensor per
     thread is in memory, and at most one larger than :data:`_BIG_ONE` bytes. Tensors ``skip`` names
-    get an identity that matches nothing (no whole hash: they are fingerprinted by ``then``)."""
+    get an identity that matches nothing (no whole hash: they are fingerprinted by ``then``).
+
+    ``ranges(key)``: a reader of byte ranges of the tensor's data in its file (None: none). A
+    float32 tensor larger than :data:`_BIG_ONE` whose array ``then`` does not need (``needs``) is
+    hashed from its file 2 MB at a time (:func:`_quick_stream`), and ``then`` gets None for it.
+    ``reading``: the lock that keeps reads one at a time (``then`` may read under it too)."""
     import threading
     from contextlib import nullcontext
 
     out: dict[str, tuple[Any, ...]] = {}
-    reading, big = threading.Lock(), threading.Lock()
+    reading, big = reading or threading.Lock(), threading.Lock()
 
     def one(k: str) -> None:
         meta = metas[k]
         if meta.numel == 0:  # no values (and nothing to read: its claimed dims may be absurd)
             out[k] = (0, "", "empty")
             return
-        with big if meta.nbytes > _BIG_ONE else nullcontext():
+        large = meta.nbytes > _BIG_ONE
+        with big if large else nullcontext():
+            rr = ranges(k) if ranges is not None and large and meta.dtype == "float32" else None
+            if rr is not None and not skip(k, meta) and not needs(k, meta):
+                q = _quick_stream(meta, rr)
+                out[k] = q
+                if then is not None:
+                    then(k, meta, None, q)
+                return
             with reading:
                 a = read(k)
             q = (meta.numel, "skipped", id(metas), k) if skip(k, meta) else _quick_parts(meta, a)
@@ -1020,6 +1076,8 @@ def explain(
     rule_of: Mapping[str, str] | None = None,
     names: tuple[str, str] = ("A", "B"),
     transposes: bool = True,
+    a_ranges: Callable[[str], RangeReader | None] | None = None,
+    b_ranges: Callable[[str], RangeReader | None] | None = None,
 ) -> Explanation:
     """Read both sides once (one tensor at a time) and explain every B key by A's content.
 
@@ -1027,7 +1085,9 @@ def explain(
     it is attached to every B key's correspondence, and to A keys left over. ``names``: the two
     files, for error messages. ``transposes``: hash only the columns of B tensors whose A namesake
     has the transposed shape (see :func:`_transpose_pairs`; the same explanations, faster); False
-    hashes their rows and columns like any other.
+    hashes their rows and columns like any other. ``a_ranges`` / ``b_ranges``: key -> a reader of
+    byte ranges of that tensor's data in its file, or None (see :func:`_quick_all`): embeddings are
+    then hashed from the file without being read into memory whole.
 
     Example::
 
@@ -1040,7 +1100,7 @@ def explain(
     import numpy as np  # noqa: F401  (loads OpenBLAS, for _blas_one_thread to find)
 
     with _blas_one_thread():
-        return _explain(a_metas, a_read, b_metas, b_read, rule_of, names, transposes)
+        return _explain(a_metas, a_read, b_metas, b_read, rule_of, names, transposes, a_ranges, b_ranges)
 
 
 def _explain(
@@ -1051,6 +1111,8 @@ def _explain(
     rule_of: Mapping[str, str] | None,
     names: tuple[str, str],
     transposes: bool,
+    a_ranges: Callable[[str], RangeReader | None] | None = None,
+    b_ranges: Callable[[str], RangeReader | None] | None = None,
 ) -> Explanation:
     import numpy as np
 
@@ -1100,7 +1162,14 @@ def _explain(
         o = other.get(k)
         return o is not None and tuple(o.shape) != tuple(meta.shape) and o.numel == meta.numel and o.dtype == meta.dtype
 
-    def changed_in_b(k: str, meta: TensorMeta, x: np.ndarray, q: tuple[Any, ...]) -> None:
+    def a_needs(k: str, meta: TensorMeta) -> bool:
+        """changed_in_b uses the array (else an A tensor may be hashed from its file, unread)."""
+        bm = b_metas.get(k)
+        return _view2d(meta.shape)[1] in lengths or (bm is not None and (bm.shape != meta.shape or bm.dtype != meta.dtype))
+
+    def changed_in_b(k: str, meta: TensorMeta, x: np.ndarray | None, q: tuple[Any, ...]) -> None:
+        if x is None:  # hashed from its file: nothing below applies (a_needs)
+            return
         m, n = _view2d(meta.shape)
         if n in lengths and x.size == m * n:
             found = _row_starts(x, meta, m, n, pair_dtypes)
@@ -1112,7 +1181,9 @@ def _explain(
             with lock:
                 a_early[k] = fps
 
-    qa = _quick_all(a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas))
+    a_ranges = a_ranges or (lambda k: None)
+    b_ranges = b_ranges or (lambda k: None)
+    qa = _quick_all(a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas), 2, a_ranges, a_needs)
     a_early = {k: a_early[k] for k in a_metas if k in a_early}  # in A's order, whichever thread finished first
     a_quick = set(qa.values())
     have = {
@@ -1133,7 +1204,15 @@ def _explain(
                     return []
         return _fingerprint_one(k, meta, x, one, lambda m: [])
 
-    def fingerprint_misses(k: str, meta: TensorMeta, x: np.ndarray, q: tuple[Any, ...]) -> None:
+    b_reading = threading.Lock()
+
+    def fingerprint_misses(k: str, meta: TensorMeta, x: np.ndarray | None, q: tuple[Any, ...]) -> None:
+        if x is None:  # hashed from its file: read it only if a constant is possible or it is needed whole
+            rr = b_ranges(k)
+            if (q in a_quick and rr is not None and not _first_middle_last(meta, rr)) or not meta.numel:
+                return
+            with b_reading:
+                x = b_read(k)
         if q in a_quick:  # held whole by an A tensor: note a constant now (no second read later)
             v = _constant_value(x, meta.dtype)
             if v is not None:
@@ -1145,7 +1224,9 @@ def _explain(
                 with lock:
                     b_early[k] = fps[0]
 
-    qb = _quick_all(b_metas, b_read, fingerprint_misses, lambda k, m: transposed(k, m, a_metas))
+    qb = _quick_all(
+        b_metas, b_read, fingerprint_misses, lambda k, m: transposed(k, m, a_metas), 2, b_ranges, lambda k, m: False, b_reading
+    )
     score = _Scorer()
     ex = Explanation()
     out: dict[str, Correspondence] = {}
