@@ -1,0 +1,95 @@
+"""`diff --values` hashes large float32 tensors (embeddings) from their file a piece at a time
+(statemap.correspond._quick_stream) when nothing else needs the array: the identity must be the one
+of the tensor in memory, and every explanation the same as when each tensor is read whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import statemap.correspond as corr
+from statemap.correspond import _quick_parts, _quick_stream, explain
+from statemap.diff import _FileRanges, diff_checkpoints
+from statemap.load import open_checkpoint
+from statemap.meta import TensorMeta
+
+RNG = np.random.default_rng(5)
+
+
+@pytest.mark.parametrize("n", [3, 16_383, 16_385, (1 << 18) + 1, 3 * (1 << 20) + 7])  # under 64 KB, odd, over 1 MB
+def test_streamed_identity_is_the_in_memory_one(n):
+    x = RNG.standard_normal(n, dtype=np.float32)
+    raw = x.tobytes()
+
+    def rr(off: int, count: int, out: np.ndarray) -> np.ndarray:
+        out[:] = np.frombuffer(raw[off : off + count], dtype=np.uint8)
+        return out
+
+    meta = TensorMeta("w", (n,), "float32")
+    assert _quick_stream(meta, rr) == _quick_parts(meta, x)
+    y = x.copy()
+    y[n // 3] = -y[n // 3]
+    assert _quick_stream(meta, rr) != _quick_parts(meta, y)  # one element negated: another identity
+
+
+def _explained(a_path, b_path, stream: bool) -> dict:
+    with open_checkpoint(str(a_path)) as a, open_checkpoint(str(b_path)) as b:
+        with _FileRanges(a, _Bar()) as ra, _FileRanges(b, _Bar()) as rb:
+            ex = explain(a.metas, a.read, b.metas, b.read, a_ranges=ra if stream else None, b_ranges=rb if stream else None)
+    return ex.to_json()
+
+
+class _Bar:
+    def advance(self, tensors: int = 1, nbytes: int = 0) -> None:
+        pass
+
+
+def test_streamed_tensors_explain_as_when_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(corr, "_BIG_ONE", 1 << 12)  # every tensor over 4 KB counts as an embedding here
+    emb = RNG.standard_normal((300, 40), dtype=np.float32)
+    w = RNG.standard_normal((40, 24), dtype=np.float32)
+    changed = emb.copy()
+    changed[123, 5] = np.nextafter(changed[123, 5], np.float32(np.inf))
+    a = {"embed.weight": emb, "w": w, "zeros": np.zeros((64, 40), np.float32)}
+    b = {
+        "model.embed.weight": emb.copy(),  # renamed: held whole by A (not read whole)
+        "lm_head.weight": emb.copy(),  # tied copy
+        "model.embed2.weight": changed,  # one ulp off: not a copy (read whole for its fingerprint)
+        "w": np.ascontiguousarray(w.T),
+        "injected": np.zeros((64, 40), np.float32),  # a constant A also holds: read whole to check
+    }
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    streamed = _explained(tmp_path / "a.safetensors", tmp_path / "b.safetensors", True)
+    whole = _explained(tmp_path / "a.safetensors", tmp_path / "b.safetensors", False)
+    assert streamed == whole
+    kinds = {c["b"]: c["kind"] for c in streamed["b"]}
+    assert kinds["model.embed.weight"] == "renamed" and kinds["lm_head.weight"] == "tied"
+    assert kinds["model.embed2.weight"] != "renamed" and kinds["w"] == "transposed"
+    assert kinds["injected"] == "constant"
+    r = diff_checkpoints(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), values=True)
+    assert r.explanation.to_json() == whole  # diff --values takes the streamed path with the same result
+
+
+def test_streaming_is_used_and_reads_stay_in_the_tensor(tmp_path, monkeypatch):
+    monkeypatch.setattr(corr, "_BIG_ONE", 1 << 12)
+    emb = RNG.standard_normal((300, 40), dtype=np.float32)
+    save_file({"e": emb}, str(tmp_path / "a.safetensors"))
+    save_file({"f": emb.copy()}, str(tmp_path / "b.safetensors"))
+    read_whole: list[str] = []
+    with open_checkpoint(str(tmp_path / "a.safetensors")) as a, open_checkpoint(str(tmp_path / "b.safetensors")) as b:
+
+        def spy(ck):
+            def read(k: str) -> np.ndarray:
+                read_whole.append(k)
+                return ck.read(k)
+
+            return read
+
+        with _FileRanges(a, _Bar()) as ra, _FileRanges(b, _Bar()) as rb:
+            ex = explain(a.metas, spy(a), b.metas, spy(b), a_ranges=ra, b_ranges=rb)
+            rr = rb("f")
+            with pytest.raises(ValueError, match="outside the tensor"):
+                rr(emb.nbytes - 4, 8, np.empty(8, np.uint8))
+    assert [c.kind for c in ex.b] == ["renamed"] and read_whole == []
