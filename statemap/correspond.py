@@ -549,21 +549,40 @@ def _each(keys: list[str], work: Callable[[str], None], workers: int = 2) -> Non
 RangeReader = Callable[[int, int, "np.ndarray"], "np.ndarray"]  # (byte offset, count, uint8 out) -> out filled
 
 
-def _quick_stream(meta: TensorMeta, rr: RangeReader) -> tuple[Any, ...]:
+def _quick_stream(meta: TensorMeta, rr: RangeReader, row_bytes: int = 0) -> tuple[tuple[Any, ...], np.ndarray | None]:
     """:func:`_quick_parts` of a float32 tensor read from its file 2 MB at a time into one reused
     buffer (``rr(offset, count, out)``: ``count`` bytes at ``offset`` of the tensor's data): the
-    same identity, without the tensor ever being in memory (no pages faulted in for it)."""
+    same identity, without the tensor ever being in memory (no pages faulted in for it). With
+    ``row_bytes``, also the first two values of every row (rows of that many bytes) as a float32
+    ``[rows, 2]`` array, taken from the pieces as they pass (for :func:`_row_starts`)."""
     import numpy as np
 
     buf = np.empty(_ID_CHUNK * _ID_WORDS * 8, dtype=np.uint8)
+    nbytes = meta.nbytes
+    rows = nbytes // row_bytes if row_bytes else 0
+    first = np.zeros((rows, 8), dtype=np.uint8)
+    done = np.zeros(rows, dtype=bool)
+    lane = np.arange(8)
+
+    def get(at: int, n: int) -> np.ndarray:
+        got = rr(at, n, buf[:n])
+        if rows:
+            r0, r1 = -(-at // row_bytes), max(0, (at + n - 8) // row_bytes + 1)  # rows whose first 8 bytes are in this piece
+            if r1 > r0:
+                first[r0:r1] = got[(np.arange(r0, r1) * row_bytes - at)[:, None] + lane]
+                done[r0:r1] = True
+        return got
 
     def part(lo: int, hi: int) -> tuple[int, int]:
-        return _word_hash_from(hi - lo, lambda off, n: rr(lo + off, n, buf[:n]))
+        return _word_hash_from(hi - lo, lambda off, n: get(lo + off, n))
 
-    nbytes = meta.nbytes
     half = (nbytes // 2) & ~7
     parts = [part(0, half), part(half, nbytes)] if nbytes >= 1 << 20 else [part(0, nbytes)]
-    return (meta.numel, "", *parts)
+    if not rows:
+        return (meta.numel, "", *parts), None
+    for r in np.nonzero(~done)[0]:  # first values across two pieces: read on their own
+        rr(int(r) * row_bytes, 8, first[r])
+    return (meta.numel, "", *parts), first.view(np.float32).reshape(rows, 2)
 
 
 def _first_middle_last(meta: TensorMeta, rr: RangeReader) -> bool:
@@ -585,6 +604,8 @@ def _quick_all(
     ranges: Callable[[str], RangeReader | None] | None = None,
     needs: Callable[[str, TensorMeta], bool] = lambda k, m: True,
     reading: Any = None,
+    row_starts: Callable[[str, TensorMeta], int] = lambda k, m: 0,
+    starts_of: Callable[[str, TensorMeta, np.ndarray], None] = lambda k, m, first: None,
 ) -> dict[str, tuple[Any, ...]]:
     """The whole-tensor identity of every tensor, on two threads that each read a tensor, hash
     it and run ``then(key, meta, array, identity)`` on it while it is in memory (to fingerprint it
@@ -596,7 +617,9 @@ def _quick_all(
     ``ranges(key)``: a reader of byte ranges of the tensor's data in its file (None: none). A
     float32 tensor larger than :data:`_BIG_ONE` whose array ``then`` does not need (``needs``) is
     hashed from its file 2 MB at a time (:func:`_quick_stream`), and ``then`` gets None for it.
-    ``reading``: the lock that keeps reads one at a time (``then`` may read under it too)."""
+    ``reading``: the lock that keeps reads one at a time (``then`` may read under it too). For a
+    tensor hashed from its file, ``row_starts(key, meta)``: the length in bytes of the rows whose
+    first two values ``starts_of(key, meta, first)`` gets (``[rows, 2]``), 0 for none."""
     import threading
     from contextlib import nullcontext
 
@@ -612,8 +635,10 @@ def _quick_all(
         with big if large else nullcontext():
             rr = ranges(k) if ranges is not None and large and meta.dtype == "float32" else None
             if rr is not None and not skip(k, meta) and not needs(k, meta):
-                q = _quick_stream(meta, rr)
+                q, first = _quick_stream(meta, rr, row_starts(k, meta))
                 out[k] = q
+                if first is not None:
+                    starts_of(k, meta, first)
                 if then is not None:
                     then(k, meta, None, q)
                 return
@@ -1163,12 +1188,22 @@ def _explain(
         return o is not None and tuple(o.shape) != tuple(meta.shape) and o.numel == meta.numel and o.dtype == meta.dtype
 
     def a_needs(k: str, meta: TensorMeta) -> bool:
-        """changed_in_b uses the array (else an A tensor may be hashed from its file, unread)."""
+        """changed_in_b fingerprints the array (else an A tensor may be hashed from its file, unread)."""
         bm = b_metas.get(k)
-        return _view2d(meta.shape)[1] in lengths or (bm is not None and (bm.shape != meta.shape or bm.dtype != meta.dtype))
+        return bm is not None and (bm.shape != meta.shape or bm.dtype != meta.dtype)
+
+    def a_row_bytes(k: str, meta: TensorMeta) -> int:
+        """Bytes per row of an A tensor whose row starts changed_in_b takes (0: none)."""
+        m, n = _view2d(meta.shape)
+        return n * lookup_dtype(meta.dtype).itemsize if n in lengths and m * n == meta.numel else 0
+
+    def a_starts(k: str, meta: TensorMeta, first: np.ndarray) -> None:
+        found = _row_starts(first, meta, len(first), 2, pair_dtypes)
+        with lock:
+            starts.setdefault(_view2d(meta.shape)[1], []).extend(found)
 
     def changed_in_b(k: str, meta: TensorMeta, x: np.ndarray | None, q: tuple[Any, ...]) -> None:
-        if x is None:  # hashed from its file: nothing below applies (a_needs)
+        if x is None:  # hashed from its file, its row starts taken as it passed (a_starts); not fingerprinted (a_needs)
             return
         m, n = _view2d(meta.shape)
         if n in lengths and x.size == m * n:
@@ -1183,7 +1218,9 @@ def _explain(
 
     a_ranges = a_ranges or (lambda k: None)
     b_ranges = b_ranges or (lambda k: None)
-    qa = _quick_all(a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas), 2, a_ranges, a_needs)
+    qa = _quick_all(
+        a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas), 2, a_ranges, a_needs, None, a_row_bytes, a_starts
+    )
     a_early = {k: a_early[k] for k in a_metas if k in a_early}  # in A's order, whichever thread finished first
     a_quick = set(qa.values())
     have = {

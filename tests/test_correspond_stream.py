@@ -27,10 +27,25 @@ def test_streamed_identity_is_the_in_memory_one(n):
         return out
 
     meta = TensorMeta("w", (n,), "float32")
-    assert _quick_stream(meta, rr) == _quick_parts(meta, x)
+    assert _quick_stream(meta, rr)[0] == _quick_parts(meta, x)
     y = x.copy()
     y[n // 3] = -y[n // 3]
-    assert _quick_stream(meta, rr) != _quick_parts(meta, y)  # one element negated: another identity
+    assert _quick_stream(meta, rr)[0] != _quick_parts(meta, y)  # one element negated: another identity
+
+
+@pytest.mark.parametrize("shape", [(70_001, 3), (4099, 1024), (1500, 257)])  # rows across the 2 MB pieces (odd lengths too)
+def test_streamed_row_starts_are_every_rows_first_two_values(shape):
+    x = RNG.standard_normal(shape, dtype=np.float32)
+    raw = x.tobytes()
+
+    def rr(off: int, count: int, out: np.ndarray) -> np.ndarray:
+        out[:] = np.frombuffer(raw[off : off + count], dtype=np.uint8)
+        return out
+
+    meta = TensorMeta("w", shape, "float32")
+    q, first = _quick_stream(meta, rr, shape[1] * 4)
+    assert q == _quick_parts(meta, x)
+    np.testing.assert_array_equal(first, x[:, :2])
 
 
 def _explained(a_path, b_path, stream: bool) -> dict:
