@@ -1,7 +1,8 @@
 """correspond: explain every tensor of checkpoint B by the content of checkpoint A.
 
-Each side is read once, one tensor at a time (and the A tensors that could explain what is left
-again); only fingerprints are kept: per-row and per-column hashes of the tensor seen as a matrix
+Each side is read once, by two threads that each hold one tensor at a time (and the A tensors that
+could explain what is left again; float32 embeddings are hashed from their file, never read
+whole); only fingerprints are kept: per-row and per-column hashes of the tensor seen as a matrix
 ``[first dim, rest]`` (size-1 dims dropped), over its values (bfloat16 / float16 / float32
 compare as float32 values, so a lossless cast hashes the same), plus the same hashes of A rounded
 to each narrower float type B holds (so a lossy cast still matches). The hashes are linear and
@@ -1104,7 +1105,7 @@ def explain(
     a_ranges: Callable[[str], RangeReader | None] | None = None,
     b_ranges: Callable[[str], RangeReader | None] | None = None,
 ) -> Explanation:
-    """Read both sides once (one tensor at a time) and explain every B key by A's content.
+    """Read both sides once (one tensor per thread at a time) and explain every B key by A's content.
 
     ``rule_of``: for a planned A (``diff --spec``), the rule (file:line) that produced each A key;
     it is attached to every B key's correspondence, and to A keys left over. ``names``: the two
