@@ -180,8 +180,6 @@ def test_column_hashes_alone_equal_the_full_fingerprints():
 
 
 def test_sorted_has_finds_a_key_and_only_a_key():
-    import numpy as np
-
     from statemap.correspond import _sorted_has
 
     keys = np.array([3, 9, 27, 2**63 + 5], dtype=np.uint64)
