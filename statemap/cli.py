@@ -164,7 +164,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import module_rows, render_inspect
+    from .inspect import module_rows, render_inspect, totals
     from .load import open_checkpoint
     from .report import fold, human_size
     from .source import is_pattern, open_input
@@ -182,7 +182,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     "alternatives": ck.alternatives,
                     "stripped_prefix": ck.stripped_prefix,
                     "n_tensors": len(ck.metas),
-                    "n_params": sum(m.numel for m in ck.metas.values()),
+                    "n_params": totals(ck)[0],
                     "modules": [r.to_json() for r in rows],
                     "tensors": [{"name": m.name, "shape": list(m.shape), "dtype": m.dtype} for m in ck.metas.values()],
                     "metadata": ck.metadata,
@@ -199,8 +199,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if args.keys:
             for r in fold((m.name, m) for m in ck.metas.values()):
                 con.print(f"  {r}")
-        n_bytes = sum(m.nbytes for m in ck.metas.values())
-        n_params = sum(m.numel for m in ck.metas.values())
+        n_params, n_bytes = totals(ck)
         con.print(f"inspect: {len(ck.metas)} tensors, {n_params:,} parameters, {human_size(n_bytes)} ({ck.format}) -> ok")
     return EXIT_OK
 

@@ -7,11 +7,14 @@ The numbers people count by hand ("16 x 12 = 192") in one table::
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .load import Checkpoint
+from .meta import TensorMeta
 
 _INDEX = re.compile(r"^\d+$")
 _FIRST_INDEX = re.compile(r"(?<![^.])(\d+)\.")  # the first all-digit segment that is not the last one
@@ -56,14 +59,20 @@ def module_rows(ck: Checkpoint, depth: int = 2) -> list[ModuleRow]:
         encoder.embed_positions 1 1
     """
     from .gcpause import paused
+    from .load.checkpoint import columns_of
 
-    groups: dict[str, dict[int | None, list[str]]] = {}
+    groups: dict[str, dict[int | None, int]] = {}  # module -> instance index -> tensors
     params: dict[str, int] = {}
     with paused():
-        for name, m in ck.metas.items():
-            mod, idx = _module_of(name, depth)
-            groups.setdefault(mod, {}).setdefault(idx, []).append(name)
-            params[mod] = params.get(mod, 0) + m.numel
+        cols = columns_of(ck.metas)
+        if cols is not None and "\n" not in "".join(cols.names):
+            _fold_columns(cols.names, cols.numels(), depth, groups, params)
+        else:
+            for name, m in ck.metas.items():
+                mod, idx = _module_of(name, depth)
+                inst = groups.setdefault(mod, {})
+                inst[idx] = inst.get(idx, 0) + 1
+                params[mod] = params.get(mod, 0) + m.numel
     rows = []
     for mod, inst in groups.items():
         keys = [k for k in inst if k is not None]
@@ -72,11 +81,73 @@ def module_rows(ck: Checkpoint, depth: int = 2) -> list[ModuleRow]:
             from .report import _ranges
 
             label = mod.replace("{}", _ranges(keys))
-        counts = [len(v) for v in inst.values()]
+        counts = list(inst.values())
         total = sum(counts)
         per = counts[0] if len(set(counts)) == 1 else total
         rows.append(ModuleRow(label, per, len(inst) if len(set(counts)) == 1 else 1, total, params[mod]))
     return rows
+
+
+def _fold_columns(
+    names: list[str], numels: Iterator[int], depth: int, groups: dict[str, dict[int | None, int]], params: dict[str, int]
+) -> None:
+    """:func:`module_rows`' grouping for many keys with no Python call per key (keys hold no
+    newline, so the search finds what :func:`_module_of` finds): modules and instance indexes
+    come from one regex search per key run by ``map``, counted with ``Counter`` (in C, in order of
+    first appearance, as the per-key loop inserts them)."""
+    from collections import Counter
+
+    found = list(map(_FIRST_INDEX.search, names))
+    if None in found:  # some keys have no layer index: those take the per-key path, in order
+        sizes = list(numels)
+        for name, m, n in zip(names, found, sizes):
+            if m is None:
+                mod, idx = _module_of(name, depth)
+            else:
+                mod, idx = name[: m.start()] + "{}", int(m.group(1))
+            inst = groups.setdefault(mod, {})
+            inst[idx] = inst.get(idx, 0) + 1
+            params[mod] = params.get(mod, 0) + n
+        return
+    heads = map(str.__getitem__, names, map(slice, itertools.repeat(0), map(re.Match.start, found)))
+    mods = list(map(str.__add__, heads, itertools.repeat("{}")))
+    idxs = map(int, map(re.Match.group, found, itertools.repeat(1)))
+    for (mod, idx), n in Counter(zip(mods, idxs)).items():
+        groups.setdefault(mod, {})[idx] = n
+    for (mod, size), n in Counter(zip(mods, numels)).items():
+        params[mod] = params.get(mod, 0) + size * n
+
+
+def dtype_counts(ck: Checkpoint) -> dict[str, int]:
+    """Tensors per dtype, in order of first appearance."""
+    from collections import Counter
+
+    from .load.checkpoint import columns_of
+
+    cols = columns_of(ck.metas)
+    return dict(Counter(cols.dtypes() if cols is not None else (m.dtype for m in ck.metas.values())))
+
+
+def totals(ck: Checkpoint) -> tuple[int, int]:
+    """(parameters, bytes) of every tensor of ``ck``.
+
+    Example::
+
+        >>> from statemap import open_checkpoint
+        >>> totals(open_checkpoint("model.safetensors"))
+        (124439808, 497759232)
+    """
+    from collections import Counter
+
+    from .load.checkpoint import columns_of
+
+    cols = columns_of(ck.metas)
+    if cols is None:
+        return sum(m.numel for m in ck.metas.values()), sum(m.nbytes for m in ck.metas.values())
+    params = 0
+    for (dt, shape, _), n in Counter(map(cols.kinds.__getitem__, cols.kind_of)).items():
+        params += TensorMeta("", shape, dt).numel * n
+    return params, cols.total_bytes()
 
 
 def render_inspect(ck: Checkpoint, rows: list[ModuleRow], console: Any, show_extras: bool = True) -> None:
@@ -84,9 +155,7 @@ def render_inspect(ck: Checkpoint, rows: list[ModuleRow], console: Any, show_ext
 
     total_t = sum(r.tensors for r in rows)
     total_p = sum(r.params for r in rows)
-    dtypes: dict[str, int] = {}
-    for m in ck.metas.values():
-        dtypes[m.dtype] = dtypes.get(m.dtype, 0) + 1
+    dtypes = dtype_counts(ck)
     from .textsafe import styled
 
     where = (f" (state dict under {ck.container!r})", "dim") if ck.container else ""

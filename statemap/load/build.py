@@ -122,6 +122,8 @@ def finish_flat(ck: Checkpoint, strip_prefix: tuple[str, ...] | None) -> Checkpo
         return ck
     names = list(ck.metas)
     rename: dict[str, str] = {}
+    if strip_prefix is None and not any(all(n.startswith(pre) for n in names) for pre in AUTO_PREFIXES):
+        return ck  # no key set carries an automatic prefix (the usual case: decided by the first key)
     if strip_prefix is None:
         stripped = ""
         changed = True

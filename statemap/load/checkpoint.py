@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -239,6 +240,145 @@ class FileReader:
         self._fds.clear()
 
 
+class Columns:
+    """Per-key metadata of a large checkpoint as parallel lists, no object per key (a 200k-key
+    sharded index): :class:`MetaView`, :class:`LocationView` and :class:`StorageView` build a
+    key's :class:`TensorMeta` / :class:`ByteTensor` / storage id when it is asked for.
+
+    ``names`` in checkpoint order; ``keyset`` a dict whose keys are ``names`` in that order (the
+    index's weight_map: membership and key views in C); ``kind_of[i]`` a key of ``kinds``
+    (one entry per distinct dtype and shape: torch dtype, shape, bytes); ``file_of[i]`` an index
+    into ``files`` (path, first data byte); ``begins[i]`` the tensor's offset in that file's data.
+    """
+
+    __slots__ = ("names", "keyset", "kinds", "kind_of", "files", "file_of", "begins", "_at")
+
+    def __init__(
+        self,
+        names: list[str],
+        keyset: dict[str, Any],
+        kinds: dict[Any, tuple[str, tuple[int, ...], int]],
+        kind_of: list[Any],
+        files: list[tuple[str, int]],
+        file_of: list[int],
+        begins: list[int],
+    ) -> None:
+        self.names, self.keyset, self.kinds, self.kind_of = names, keyset, kinds, kind_of
+        self.files, self.file_of, self.begins = files, file_of, begins
+        self._at: dict[str, int] | None = None
+
+    def position(self, name: str) -> int:
+        """The key's position (KeyError for a name that is not a key)."""
+        if self._at is None:  # built on the first lookup by name (a command that only lists keys never needs it)
+            self._at = dict(zip(self.names, range(len(self.names))))
+        return self._at[name]
+
+    def dtypes(self) -> Iterator[str]:
+        """Each key's dtype, in key order (no per-key object)."""
+        kinds = {k: v[0] for k, v in self.kinds.items()}
+        return map(kinds.__getitem__, self.kind_of)
+
+    def shapes(self) -> Iterator[tuple[int, ...]]:
+        kinds = {k: v[1] for k, v in self.kinds.items()}
+        return map(kinds.__getitem__, self.kind_of)
+
+    def numels(self) -> Iterator[int]:
+        kinds = {k: math.prod(v[1]) for k, v in self.kinds.items()}
+        return map(kinds.__getitem__, self.kind_of)
+
+    def total_bytes(self) -> int:
+        from collections import Counter
+
+        return sum(self.kinds[k][2] * n for k, n in Counter(self.kind_of).items())
+
+    def all_distinct(self) -> bool:
+        """No two keys share a storage id (true when no tensor is empty: the data is tiled)."""
+        return all(v[2] > 0 for v in self.kinds.values())
+
+
+class _ColumnView(Mapping[str, Any]):
+    """A read-only mapping over :class:`Columns`; values built on access and cached."""
+
+    def __init__(self, cols: Columns) -> None:
+        self.columns = cols
+        self._cache: dict[str, Any] = {}
+
+    def _build(self, name: str, i: int) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __getitem__(self, name: str) -> Any:
+        got = self._cache.get(name)
+        if got is None:
+            got = self._cache[name] = self._build(name, self.columns.position(name))
+        return got
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.columns.keyset
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.columns.names)
+
+    def __len__(self) -> int:
+        return len(self.columns.names)
+
+    def keys(self) -> KeysView[str]:
+        return self.columns.keyset.keys()  # a dict's keys (set operations and == run in C), in key order
+
+    def values(self) -> ValuesView[Any]:
+        return _Values(self)
+
+    def items(self) -> ItemsView[str, Any]:
+        return _Items(self)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {len(self)} keys>"
+
+
+class _Values(ValuesView[Any]):
+    def __iter__(self) -> Iterator[Any]:
+        view: Any = self._mapping
+        return map(view.__getitem__, view.columns.names)
+
+
+class _Items(ItemsView[str, Any]):
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        view: Any = self._mapping
+        names = view.columns.names
+        return zip(names, map(view.__getitem__, names))
+
+
+class MetaView(_ColumnView):
+    """name -> :class:`TensorMeta`, over :class:`Columns`."""
+
+    def _build(self, name: str, i: int) -> TensorMeta:
+        dt, shape, _ = self.columns.kinds[self.columns.kind_of[i]]
+        return TensorMeta(name, shape, dt)
+
+
+class LocationView(_ColumnView):
+    """name -> :class:`ByteTensor`, over :class:`Columns`."""
+
+    def _build(self, name: str, i: int) -> ByteTensor:
+        c = self.columns
+        dt, shape, _ = c.kinds[c.kind_of[i]]
+        path, start = c.files[c.file_of[i]]
+        begin = c.begins[i]
+        return ByteTensor(path, start + begin, dt, shape, None, f"{path}@{begin}")
+
+
+class StorageView(_ColumnView):
+    """name -> storage id (``{file}@{offset}``), over :class:`Columns`."""
+
+    def _build(self, name: str, i: int) -> str:
+        c = self.columns
+        return f"{c.files[c.file_of[i]][0]}@{c.begins[i]}"
+
+
+def columns_of(metas: Mapping[str, Any]) -> Columns | None:
+    """The :class:`Columns` behind a checkpoint's ``metas`` (None for a plain dict)."""
+    return metas.columns if isinstance(metas, MetaView) else None
+
+
 @dataclass
 class Checkpoint:
     """An opened checkpoint: ``metas`` without bytes; ``read(name)`` gives a numpy array.
@@ -255,7 +395,7 @@ class Checkpoint:
 
     path: str
     format: str
-    metas: dict[str, TensorMeta]
+    metas: Mapping[str, TensorMeta]  # a dict, or a MetaView over Columns (a large index)
     reader: Callable[[str], np.ndarray]
     container: str = ""  # unwrap path used, e.g. "model"
     alternatives: list[str] = field(default_factory=list)  # other candidates, e.g. ["state_dict_ema"]; pick with unwrap
@@ -263,8 +403,8 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
     extras: dict[str, Any] = field(default_factory=dict)  # non-tensor content, plain data
     skipped: list[str] = field(default_factory=list)  # non-tensor entries inside the state dict
-    storage_ids: dict[str, str] = field(default_factory=dict)  # key -> storage, for ties
-    locations: dict[str, ByteTensor] = field(default_factory=dict)
+    storage_ids: Mapping[str, str] = field(default_factory=dict)  # key -> storage, for ties
+    locations: Mapping[str, ByteTensor] = field(default_factory=dict)
     closer: Callable[[], None] | None = None
     inputs: list[Any] = field(default_factory=list)  # several files read as one: load.multi.InputFile each
     files: dict[str, int] = field(default_factory=dict)  # key -> index in `inputs` (several files only)
@@ -294,6 +434,8 @@ class Checkpoint:
         the metadata — e.g. fairseq's output_projection saved tied to embed_tokens."""
         from collections import Counter
 
+        if isinstance(self.storage_ids, StorageView) and self.storage_ids.columns.all_distinct():
+            return []  # a tiled index: every key its own bytes
         shared = {sid for sid, n in Counter(self.storage_ids.values()).items() if n > 1}
         groups: dict[object, list[str]] = {}
         for k, sid in self.storage_ids.items():

@@ -442,7 +442,101 @@ def _open_index(p: Path) -> Checkpoint:
     from ..gcpause import paused
 
     with paused():  # hundreds of thousands of keys: many small objects, no cycles
-        return _open_index_fast(p) or _open_index_checked(p)
+        return _open_index_columns(p) or _open_index_fast(p) or _open_index_checked(p)
+
+
+def _index_map(p: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, None]] | None:
+    """The index, its weight_map and its shard names (in order of first mention), when every
+    shard name is a plain relative file name of an existing file; None otherwise."""
+    raw = read_regular(p, MAX_INDEX, "index file")
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        return None
+    try:
+        order = dict.fromkeys(wm.values())  # shard names in order of first mention
+    except TypeError:
+        return None
+    for shard in order:
+        if not isinstance(shard, str) or not shard or shard.endswith(".index.json"):
+            return None
+        pp = PurePosixPath(shard)
+        if pp.is_absolute() or ".." in pp.parts or "\\" in shard or os.path.isabs(shard):
+            return None
+        if not (p.parent / shard).is_file():
+            return None
+    return index, wm, order
+
+
+def _open_index_columns(p: Path) -> Checkpoint | None:
+    """A valid index of safetensors shards with common headers, held as :class:`Columns` (no
+    object per key until one is asked for); None when anything is unusual or fails, and the
+    per-key paths then read it and name any problem."""
+    from .checkpoint import Columns, LocationView, MetaView, StorageView
+    from .safetensors_format import read_columns
+
+    got = _index_map(p)
+    if got is None:
+        return None
+    index, wm, order = got
+    shards = []
+    for shard in order:
+        path = p.parent / shard
+        try:
+            pr = probe(path)
+        except (OSError, CheckpointError):
+            return None
+        if looks_like(pr) is not None or not _is_safetensors(pr):
+            return None
+        cols = read_columns(str(path))
+        if cols is None:
+            return None
+        shards.append((str(path), cols))
+    names = list(itertools.chain.from_iterable(c.names for _, c in shards))
+    at: dict[str, int] | None = None
+    in_order = names == list(wm) and list(wm.values()) == list(
+        itertools.chain.from_iterable(itertools.repeat(s, len(c.names)) for s, (_, c) in zip(order, shards))
+    )
+    if not in_order:  # each shard's keys map to it in the index, and no key is in two shards
+        for shard, (_, c) in zip(order, shards):
+            if not all(map(operator.eq, map(wm.get, c.names), itertools.repeat(shard))):
+                return None
+        at = dict(zip(names, range(len(names))))
+        if len(at) != len(names) or len(names) != len(wm):  # a key in two shards, or one the shards lack
+            return None
+    kinds: dict[Any, tuple[str, tuple[int, ...], int]] = {}
+    for _, c in shards:
+        kinds.update(c.kinds)
+    kind_of = list(itertools.chain.from_iterable(c.pairs for _, c in shards))
+    file_of = list(itertools.chain.from_iterable(itertools.repeat(i, len(c.names)) for i, (_, c) in enumerate(shards)))
+    begins = list(itertools.chain.from_iterable(c.begins for _, c in shards))
+    if at is not None:  # index order
+        perm = list(map(at.__getitem__, wm))
+        names = list(wm)
+        kind_of = list(map(kind_of.__getitem__, perm))
+        file_of = list(map(file_of.__getitem__, perm))
+        begins = list(map(begins.__getitem__, perm))
+    cols_all = Columns(names, wm, kinds, kind_of, [(f, c.data_start) for f, c in shards], file_of, begins)
+    locations = LocationView(cols_all)
+    files = FileReader()
+
+    def read(k: str) -> np.ndarray:
+        return files.read(locations[k])
+
+    meta: Any = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    return Checkpoint(
+        str(p),
+        "safetensors-sharded",
+        MetaView(cols_all),
+        read,
+        metadata={str(k): str(v) for k, v in meta.items()},
+        locations=locations,
+        storage_ids=StorageView(cols_all),
+        closer=files.close,
+    )
 
 
 class _Declined(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import struct
 from collections.abc import Sequence
@@ -164,6 +165,95 @@ def _fast(path: str, raw: bytes, n: int, size: int) -> Header:
     if pos != buffer_len:
         raise _Unusual
     return metas, locs, dict(meta_raw), ids
+
+
+class HeaderColumns:
+    """One shard header as parallel lists (see :func:`read_columns`)."""
+
+    __slots__ = ("names", "pairs", "begins", "data_start", "kinds")
+
+    def __init__(
+        self,
+        names: list[str],
+        pairs: list[tuple[str, tuple[int, ...]]],
+        begins: list[int],
+        data_start: int,
+        kinds: dict[tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...], int]],
+    ) -> None:
+        self.names, self.pairs, self.begins, self.data_start, self.kinds = names, pairs, begins, data_start, kinds
+
+
+def read_columns(path: str) -> HeaderColumns | None:
+    """The common, valid header as parallel lists (names, ``(dtype, shape)`` per key, data
+    offsets), checked with whole-list operations and no object per key; None when anything is
+    unusual (out-of-order entries, an entry of another form, a float, an escape, a repeated
+    name, an empty header, ...): :func:`read_header_ids` then reads it and names any problem.
+    Bounds (header size, item and tensor counts) are those of :func:`read_header_ids`.
+
+    Example::
+
+        >>> cols = read_columns("model-00001-of-00002.safetensors")
+        >>> cols.names[0], cols.kinds[cols.pairs[0]]
+        ('model.embed_tokens.weight', ('bfloat16', (4, 4), 32))
+    """
+    try:
+        raw, n, size = _read_raw(path)
+    except CheckpointError:
+        return None
+    if b"\\" in raw:  # an escape: a name's colons are not the raw text's (see _fast)
+        return None
+    try:  # (a `true` / `false` parses to a bool, which the exact type checks below decline)
+        with paused():
+            return _columns(raw, n, size)
+    except Exception:  # anything unusual: the per-key readers decide
+        return None
+
+
+_GET_ENTRY = operator.itemgetter("dtype", "shape", "data_offsets")
+
+
+def _columns(raw: bytes, n: int, size: int) -> HeaderColumns | None:
+    """:func:`_fast`'s checks, each over whole lists (same conditions, same result)."""
+    header = json.loads(raw.decode("utf-8"), parse_float=_no_float)
+    if type(header) is not dict:
+        return None
+    members = len(header)
+    colons = "\0".join(header).count(":")
+    meta_raw = header.pop("__metadata__", None)
+    if meta_raw is not None:
+        if type(meta_raw) is not dict or not all(type(v) is str for v in meta_raw.values()):
+            return None
+        members += len(meta_raw)
+        colons += "\0".join(meta_raw).count(":") + "\0".join(meta_raw.values()).count(":")
+    if not header:
+        return None
+    infos = list(header.values())
+    if {*map(type, infos)} != {dict} or {*map(len, infos)} != {3}:
+        return None
+    dts, shapes, offs = zip(*map(_GET_ENTRY, infos))  # KeyError: another form
+    if {*map(type, shapes)} != {list} or {*map(type, offs)} != {list} or {*map(len, offs)} != {2}:
+        return None
+    begins, ends = zip(*offs)
+    if {*map(type, begins)} != {int} or {*map(type, ends)} != {int}:
+        return None
+    pairs = list(zip(dts, map(tuple, shapes)))
+    kinds: dict[tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...], int]] = {}
+    for dts_, shape_t in dict.fromkeys(pairs):
+        dt = lookup_dtype(dts_)  # an unknown dtype raises: the per-key reader names it
+        if dt.per_item != 1 or len(shape_t) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape_t):
+            return None
+        kinds[(dts_, shape_t)] = (dt.name, shape_t, math.prod(shape_t) * dt.itemsize)
+    need = {k: v[2] for k, v in kinds.items()}
+    data_start = 8 + n
+    # tiled in order: the first at 0, each where the one before ended, the last at the end of the
+    # file, each spanning what its dtype and shape need (so none is negative or out of bounds)
+    if begins[0] != 0 or begins[1:] != ends[:-1] or ends[-1] != size - data_start:
+        return None
+    if list(map(operator.sub, ends, begins)) != list(map(need.__getitem__, pairs)):
+        return None
+    if raw.count(b":") != members + 3 * len(infos) + colons:
+        return None  # a repeated name somewhere
+    return HeaderColumns(list(header), pairs, list(begins), data_start, kinds)
 
 
 def _slow(path: str, raw: bytes, n: int, size: int) -> Header:
