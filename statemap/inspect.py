@@ -11,7 +11,7 @@ import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .load import Checkpoint
 from .meta import TensorMeta
@@ -109,9 +109,10 @@ def _fold_columns(
             inst[idx] = inst.get(idx, 0) + 1
             params[mod] = params.get(mod, 0) + n
         return
-    heads = map(str.__getitem__, names, map(slice, itertools.repeat(0), map(re.Match.start, found)))
+    matches = cast("list[re.Match[str]]", found)
+    heads = map(str.__getitem__, names, map(slice, itertools.repeat(0), map(re.Match.start, matches)))
     mods = list(map(str.__add__, heads, itertools.repeat("{}")))
-    idxs = map(int, map(re.Match.group, found, itertools.repeat(1)))
+    idxs = map(int, map(re.Match.group, matches, itertools.repeat(1)))
     for (mod, idx), n in Counter(zip(mods, idxs)).items():
         groups.setdefault(mod, {})[idx] = n
     for (mod, size), n in Counter(zip(mods, numels)).items():

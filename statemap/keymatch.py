@@ -340,6 +340,38 @@ def _linear_regex(parts: Sequence[tuple[str, ...]]) -> re.Pattern[str] | None:
     return re.compile("".join(out))
 
 
+_JOINED_KIND_RE = {"seg": r"[^.\n]+", "int": r"\d+", "path": r".+"}
+
+
+def joined_regex(parts: Sequence[tuple[str, ...]]) -> re.Pattern[str] | None:
+    """A regex that finds, in ``"\\n" + "\\n".join(keys) + "\\n"``, exactly the keys the
+    template matches (group 1: the key; then its captures, in order), for keys that hold no
+    newline; None when :func:`_linear_regex` gives no regex or a literal holds a newline.
+
+    Equivalent to ``fullmatch`` key by key: every match starts at a newline (the pattern's first
+    character), no part of the pattern can take a newline (a segment capture excludes it here,
+    ``.`` and ``\\d`` never take one), so a match stays within one key, and the look-ahead accepts
+    exactly the ends ``fullmatch`` accepts, tried in the same order (same captures).
+
+    Example::
+
+        >>> rx = joined_regex([("lit", "a."), ("cap", "i", "int"), ("lit", ".w")])
+        >>> rx.findall("\\na.1.w\\nb.2.w\\na.3.w\\n")
+        [('a.1.w', '1'), ('a.3.w', '3')]
+    """
+    if _linear_regex(parts) is None or not any(p[0] == "cap" for p in parts):
+        return None
+    out: list[str] = []
+    for part in parts:
+        if part[0] == "lit":
+            if "\n" in part[1]:
+                return None
+            out.append(re.escape(part[1]))
+        else:
+            out.append(f"({_JOINED_KIND_RE[part[2]]})")
+    return re.compile("\n(" + "".join(out) + ")(?=\n)")
+
+
 # -- regexes ----------------------------------------------------------------------------------------
 
 
@@ -457,4 +489,4 @@ def compile_regex(src: str) -> Matcher:
     return m.finish(start)
 
 
-__all__ = ["MAX_STATES", "Matcher", "compile_regex", "compile_template"]
+__all__ = ["MAX_STATES", "Matcher", "compile_regex", "compile_template", "joined_regex"]

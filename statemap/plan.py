@@ -14,9 +14,11 @@ before a single tensor byte is read:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+import itertools
+import operator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from .errors import PlanError, SpecError
 from .gcpause import paused
@@ -36,6 +38,13 @@ class PlannedTensor:
     node: Node
     rule: Rule | None = None  # None: passed through untouched
     tie: int | None = None  # outputs with the same tie id are one tensor
+
+    def __init__(self, name: str, node: Node, rule: Rule | None = None, tie: int | None = None) -> None:
+        d = self.__dict__  # the generated __init__ without a setattr call per field (one per output)
+        d["name"] = name
+        d["node"] = node
+        d["rule"] = rule
+        d["tie"] = tie
 
     @property
     def meta(self) -> TensorMeta:  # built once, on first use (a dry run of 200k keys asks several times)
@@ -74,8 +83,8 @@ class Plan:
     """The compiled conversion: what will be written, and how every source key was used."""
 
     spec: Spec
-    source: tuple[TensorMeta, ...]
-    outputs: tuple[PlannedTensor, ...]
+    source: Sequence[TensorMeta]
+    outputs: Sequence[PlannedTensor]  # a tuple, or an _Outputs sequence (each built when first read)
     passthrough: tuple[str, ...] = ()  # source keys no rule touched (copied unchanged)
     dropped: tuple[tuple[str, str], ...] = ()  # (key, rule label)
     unmatched: tuple[Rule, ...] = ()  # optional rules that matched nothing
@@ -94,7 +103,9 @@ class Plan:
         return _same_bytes(self.outputs, {k: i for i, g in enumerate(self.source_ties) for k in g})
 
     @property
-    def output_metas(self) -> list[TensorMeta]:
+    def output_metas(self) -> Sequence[TensorMeta]:
+        if isinstance(self.outputs, _Outputs):
+            return self.outputs.metas()
         return [o.meta for o in self.outputs]
 
     def __len__(self) -> int:
@@ -107,6 +118,123 @@ class _Entry:
     rule: Rule | None
     touched: bool
     tie: int | None = None
+
+
+# A table entry is an _Entry; ``None``: the source key of that name, untouched; or ``(source key,
+# rule)``: that source key's tensor untouched, moved here by the rule. None and the tuple cost no
+# Node per key; :func:`_make_plan`'s ``entry`` turns one into an _Entry when a rule needs its node.
+_Lazy = tuple
+
+
+def _pos_key(p: Any) -> tuple[int, ...]:
+    """A table position: an int (a source key's index, or a new key's) stands for ``(int,)``."""
+    return (p,) if type(p) is int else p
+
+
+class _SourceMetas(Sequence[TensorMeta]):
+    """``Plan.source`` over a checkpoint's metadata mapping, each TensorMeta built when read."""
+
+    def __init__(self, names: list[str], metas: Any) -> None:
+        self._names, self._metas = names, metas
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @overload
+    def __getitem__(self, i: int) -> TensorMeta: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[TensorMeta]: ...
+    def __getitem__(self, i: int | slice) -> TensorMeta | Sequence[TensorMeta]:
+        if isinstance(i, slice):
+            return [self._metas[k] for k in self._names[i]]
+        return self._metas[self._names[i]]
+
+    def __iter__(self) -> Iterator[TensorMeta]:
+        return map(self._metas.__getitem__, self._names)
+
+
+class _Outputs(Sequence[PlannedTensor]):
+    """``Plan.outputs``: the planner's final table, each PlannedTensor built when first read
+    (a dry run of 200k keys reads only the count and the names)."""
+
+    def __init__(self, items: list[tuple[str, Any]], source_node: Callable[[str], Node]) -> None:
+        self._items = items
+        self._source_node = source_node
+        self._built: list[PlannedTensor | None] = [None] * len(items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _build(self, i: int) -> PlannedTensor:
+        got = self._built[i]
+        if got is None:
+            name, e = self._items[i]
+            if e is None:
+                got = PlannedTensor(name, self._source_node(name), None, None)
+            elif type(e) is _Lazy:
+                got = PlannedTensor(name, self._source_node(e[0]), e[1], None)
+            else:
+                got = PlannedTensor(name, e.node, e.rule, e.tie)
+            self._built[i] = got
+        return got
+
+    @overload
+    def __getitem__(self, i: int) -> PlannedTensor: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[PlannedTensor]: ...
+    def __getitem__(self, i: int | slice) -> PlannedTensor | Sequence[PlannedTensor]:
+        if isinstance(i, slice):
+            return [self._build(j) for j in range(len(self._items))[i]]
+        if i < 0:
+            i += len(self._items)
+        if not 0 <= i < len(self._items):
+            raise IndexError("output index out of range")
+        return self._build(i)
+
+    def __iter__(self) -> Iterator[PlannedTensor]:
+        return map(self._build, range(len(self._items)))
+
+    def names(self) -> list[str]:
+        return [k for k, _ in self._items]
+
+    def metas(self) -> _OutputMetas:
+        return _OutputMetas(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (_Outputs, tuple, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _OutputMetas(Sequence[TensorMeta]):
+    """``Plan.output_metas`` over an :class:`_Outputs`: each TensorMeta built when read."""
+
+    def __init__(self, outputs: _Outputs) -> None:
+        self._outputs = outputs
+
+    def __len__(self) -> int:
+        return len(self._outputs)
+
+    @overload
+    def __getitem__(self, i: int) -> TensorMeta: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[TensorMeta]: ...
+    def __getitem__(self, i: int | slice) -> TensorMeta | Sequence[TensorMeta]:
+        if isinstance(i, slice):
+            return [o.meta for o in self._outputs[i]]
+        return self._outputs[i].meta
+
+    def __iter__(self) -> Iterator[TensorMeta]:
+        return (o.meta for o in self._outputs)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Sequence)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[str]] = ()) -> Plan:
@@ -127,15 +255,29 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[
         return _make_plan(spec, source, ties)  # they are being built costs time that grows with the key count
 
 
-def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[str]]) -> Plan:
+def _source_table(source: Iterable[TensorMeta]) -> tuple[Sequence[TensorMeta], list[str], Callable[[str], TensorMeta]]:
+    """(Plan.source, the source keys in order (first of a repeated name), name -> its meta)."""
+    from .load.checkpoint import columns_of
+
+    view: Any = getattr(source, "_mapping", None)  # a checkpoint's `metas.values()`
+    cols = columns_of(view) if view is not None else None
+    if cols is not None:  # a large index held as columns: no TensorMeta per key until one is read
+        return _SourceMetas(cols.names, view), cols.names, view.__getitem__
     metas = tuple(source)
+    by_name = {m.name: m for m in metas}  # a repeated name: the last one, as the table always took
+    return metas, list(by_name), by_name.__getitem__
+
+
+def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[str]]) -> Plan:
+    metas, names, meta_of = _source_table(source)
     ties = [tuple(g) for g in ties]
-    table: dict[str, _Entry] = {m.name: _Entry(Node("source", m.shape, m.dtype, (), (m.name,)), None, False) for m in metas}
+    table: dict[str, Any] = dict.fromkeys(names)
     if not table:
         raise PlanError("the checkpoint has no tensors to map")
-    pos: dict[str, tuple[int, ...]] = {k: (i,) for i, k in enumerate(table)}
+    pos: dict[str, Any] = dict(zip(table, range(len(table))))  # int i stands for (i,): see _pos_key
     top = len(pos)
     dirty = False  # True once `table`'s iteration order may differ from `pos` order
+    tuple_pos = False  # True once a position is a tuple (so `pos.__getitem__` alone cannot sort)
     vars_ = spec.var_dict
     dropped: list[tuple[str, str]] = []
     unmatched: list[Rule] = []
@@ -146,9 +288,24 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
     not_met: list[Rule] = []
     dropped_metas: list[TensorMeta] = []
 
+    def source_node(src: str) -> Node:
+        m = meta_of(src)
+        return Node("source", m.shape, m.dtype, (), (src,))
+
+    def entry(k: str) -> _Entry:
+        """The table's entry for ``k`` as an _Entry (made from the tuple form on first need)."""
+        e = table[k]
+        if e is None:
+            e = table[k] = _Entry(source_node(k), None, False)
+        elif type(e) is _Lazy:
+            e = table[k] = _Entry(source_node(e[0]), e[1], True)
+        return e
+
     def lookup(k: str) -> Node | None:
-        e = table.get(k)
-        return None if e is None else e.node
+        return entry(k).node if k in table else None
+
+    def pos_of(k: str) -> tuple[int, ...]:
+        return _pos_key(pos[k])
 
     def same_tensor(a: str, b: str) -> bool:
         """Both keys still hold an untransformed source tensor, and those are one storage."""
@@ -166,7 +323,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
             raise PlanError(f"{rule.where()}'when': {e}") from None
 
     def assumptions(rule: Rule, key: str, env: dict[str, Any]) -> None:
-        node = table[key].node
+        node = entry(key).node
         for a in rule.assume:
             if a.kind == "value":
                 checks.append(Check(rule, key, node, value=float(a.arg)))
@@ -174,7 +331,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
             equal(rule, key, _fill(a.arg, env, rule))
 
     def equal(rule: Rule, key: str, other: str, why: str = "") -> None:
-        node = table[key].node
+        node = entry(key).node
         on = lookup(other)
         if on is None:
             raise PlanError(f"{rule.where()}assumes {key!r} equals {other!r}, which does not exist at this point")
@@ -195,22 +352,57 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
                 not_met.append(rule)
                 continue
             ctx = Ctx(rule, dict(vars_), lookup)
-            names = [_fill(t, ctx.env, rule) for t in rule.targets]
-            nodes = op.plan([], names, p, ctx)
-            for name, node in zip(names, nodes):
+            names_ = [_fill(t, ctx.env, rule) for t in rule.targets]
+            nodes = op.plan([], names_, p, ctx)
+            for name, node in zip(names_, nodes):
                 if name in table:
                     raise PlanError(
                         f"{rule.where()}writes {name!r}, which already exists ({_origin(table[name])}); drop or rename it first"
                     )
                 table[name] = _Entry(node, rule, True)
-                pos[name] = (top,)
+                pos[name] = top
                 top += 1
             matches.append((rule.index, 1))
             continue
 
+        simple_move = op.moves_only and len(rule.sources) == 1 and len(rule.targets) == 1 and not rule.when and not rule.assume
+        if simple_move:
+            got = _moves(rule.sources[0], rule.targets[0], table, vars_)
+            if got is not None:  # the common case with whole-list operations (same result as below)
+                keys, new_names = got
+                matches.append((rule.index, len(keys)))
+                if not keys:
+                    if rule.optional:
+                        unmatched.append(rule)
+                        continue
+                    raise PlanError(
+                        f"{rule.where()}matched no key{_closest(str(rule.sources[0]), table, pos)}; "
+                        "mark it 'optional: true' if that is expected"
+                    )
+                clash = list(filter(table.__contains__, new_names))
+                if clash:
+                    moving = set(keys)
+                    clash = [k for k in clash if k not in moving]
+                if clash:
+                    k = min(clash, key=pos_of)
+                    raise PlanError(
+                        f"{rule.where()}writes {k!r}, which already exists ({_origin(table[k])}); "
+                        "two rules write one key: rename or drop the existing one first"
+                    )
+                vals = list(map(table.pop, keys))
+                ats = list(map(pos.pop, keys))
+                if vals.count(None) == len(vals):  # untouched source keys (the usual first rename)
+                    vals = list(zip(keys, itertools.repeat(rule)))
+                else:
+                    vals = [_moved(k, v, rule) for k, v in zip(keys, vals)]
+                table.update(zip(new_names, vals))
+                pos.update(zip(new_names, ats))
+                dirty = True
+                continue
+
         found = _find(rule.sources[0], table)
         if dirty and len(found) > 1:
-            found.sort(key=lambda kc: pos[kc[0]])
+            found.sort(key=lambda kc: pos_of(kc[0]))
         matches.append((rule.index, len(found)))
         if not found:
             if rule.optional:
@@ -226,7 +418,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
         rule_ties: list[list[str]] = []
         kept: set[str] = set()
         admitted = 0
-        if op.moves_only and len(rule.sources) == 1 and len(rule.targets) == 1 and not rule.when and not rule.assume:
+        if simple_move:
             # the common case, without the general loop's per-key machinery (same result)
             fill = _filler(rule.targets[0], rule)
             for key, caps in found:
@@ -240,15 +432,14 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
                 moving = set(produced.values())
                 clash = [k for k in clash if k not in moving]
             if clash:
-                k = min(clash, key=pos.__getitem__)
+                k = min(clash, key=pos_of)
                 raise PlanError(
                     f"{rule.where()}writes {k!r}, which already exists ({_origin(table[k])}); "
                     "two rules write one key: rename or drop the existing one first"
                 )
             moved = [(name, table.pop(key), pos.pop(key)) for name, key in produced.items()]
             for name, e, at in moved:
-                e.rule, e.touched, e.tie = rule, True, None
-                table[name] = e
+                table[name] = _moved(produced[name], e, rule)
                 pos[name] = at
             dirty = True
             continue
@@ -270,27 +461,28 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
                     raise PlanError(f"{rule.where()}{k2!r} is used twice")
                 inputs.append(k2)
             ctx = Ctx(rule, env, lookup, key, tuple(inputs))
-            in_nodes = [table[k].node for k in inputs]
-            names = op.target_names(rule, in_nodes, p, ctx)
-            nodes = op.plan(in_nodes, names, p, ctx)
-            assert len(nodes) == len(names), (rule.op, names, nodes)
+            in_nodes = [entry(k).node for k in inputs]
+            names_ = op.target_names(rule, in_nodes, p, ctx)
+            nodes = op.plan(in_nodes, names_, p, ctx)
+            assert len(nodes) == len(names_), (rule.op, names_, nodes)
             for a, b, why in ctx.equal:
                 equal(rule, a, b, why)
-            for name in names:
+            for name in names_:
                 if name in produced:
                     raise PlanError(f"{rule.where()}writes {name!r} twice (from {produced[name]!r} and {key!r})")
                 produced[name] = key
             if op.keeps_sources:  # e.g. inject with `for`: the matched key stays as it is
-                replacements[key] = [(key, table[key].node), *zip(names, nodes)]
+                replacements[key] = [(key, entry(key).node), *zip(names_, nodes)]
                 kept.add(key)
             else:
                 consumed.update(inputs)
-                replacements[key] = list(zip(names, nodes))
-            if (op.ties or ctx.tie) and len(names) > 1:
-                rule_ties.append(names)
-            if not names:
+                replacements[key] = list(zip(names_, nodes))
+            if (op.ties or ctx.tie) and len(names_) > 1:
+                rule_ties.append(names_)
+            if not names_:
                 dropped.append((key, rule.label))
-                dropped_metas.append(TensorMeta(key, table[key].node.shape, table[key].node.dtype))
+                node = entry(key).node
+                dropped_metas.append(TensorMeta(key, node.shape, node.dtype))
         if not admitted:
             not_met.append(rule)
             continue
@@ -304,37 +496,39 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
         # place of the key it replaces), so no rule pays for the keys it did not touch
         clash = [k for k in produced if k in table and k not in replacements and k not in consumed]
         if clash:
-            k = min(clash, key=pos.__getitem__)
+            k = min(clash, key=pos_of)
             raise PlanError(
                 f"{rule.where()}writes {k!r}, which already exists ({_origin(table[k])}); "
                 "two rules write one key: rename or drop the existing one first"
             )
-        new: list[tuple[str, _Entry, tuple[int, ...]]] = []
+        new: list[tuple[str, Any, Any]] = []
         for k, reps in replacements.items():
             base = pos[k]
             if len(reps) == 1 and k not in kept:
                 name, node = reps[0]
                 new.append((name, _Entry(node, rule, True, tie_of.get(name)), base))
                 continue
-            e = table[k]
+            e = entry(k)
             for j, (name, node) in enumerate(reps):
                 if name == k and k in kept:
                     new.append((name, e, base))
                 else:
-                    new.append((name, _Entry(node, rule, True, tie_of.get(name)), (*base, j)))
+                    new.append((name, _Entry(node, rule, True, tie_of.get(name)), (*_pos_key(base), j)))
+                    tuple_pos = True
         for k in consumed:
             del table[k]
             del pos[k]
-        for name, entry, at in new:
-            table[name] = entry
+        for name, ent, at in new:
+            table[name] = ent
             pos[name] = at
         dirty = True
 
     if dirty:
-        ordered = sorted(table.items(), key=lambda kv: pos[kv[0]])
-        table.clear()
-        table.update(ordered)
-    passthrough = tuple(k for k, e in table.items() if not e.touched)
+        order = sorted(table, key=pos.__getitem__ if not tuple_pos else pos_of)
+        items = list(zip(order, map(table.__getitem__, order)))
+    else:
+        items = list(table.items())
+    passthrough = tuple(k for k, e in items if e is None or (type(e) is _Entry and not e.touched))
     if spec.strict and passthrough:
         from .report import fold_names
 
@@ -343,11 +537,12 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
             f"{spec.path}: strict spec {spec.name!r}: {len(passthrough)} source key(s) not accounted for "
             f"by any rule: {listing}. Add rules for them, or list them under 'keep:' or 'drop:'"
         )
-    outputs = tuple(PlannedTensor(k, e.node, e.rule, e.tie) for k, e in table.items())
+    outputs = _Outputs(items, source_node)
     out_ties: dict[int, list[str]] = {}
-    for o in outputs:
-        if o.tie is not None:
-            out_ties.setdefault(o.tie, []).append(o.name)
+    if n_ties:
+        for k, e in items:
+            if type(e) is _Entry and e.tie is not None:
+                out_ties.setdefault(e.tie, []).append(k)
     return Plan(
         spec,
         metas,
@@ -364,7 +559,78 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
     )
 
 
-def _same_bytes(outputs: tuple[PlannedTensor, ...], group_of: dict[str, int]) -> tuple[tuple[str, ...], ...]:
+def _moved(key: str, e: Any, rule: Rule) -> Any:
+    """Entry ``e`` of ``key`` moved by ``rule`` (re-labelled in place, as a new entry would be)."""
+    if e is None:
+        return (key, rule)
+    if type(e) is _Lazy:
+        return (e[0], rule)
+    e.rule, e.touched, e.tie = rule, True, None
+    return e
+
+
+def _moves(
+    pattern: Pattern, target: Template, table: dict[str, Any], vars_: dict[str, Any]
+) -> tuple[list[str], list[str]] | None:
+    """A rename's matched keys and their new names, found and filled with whole-list operations
+    (one regex over the keys joined by newlines, one %-format per key through ``map``); None when
+    that does not apply (a literal or ``re:`` pattern, a key holding a newline, a target using a
+    var or an expression, or two keys given one name: the per-key path then reports it)."""
+    if pattern.is_regex or not pattern.captures:
+        return None
+    rx = _joined(pattern)
+    fmt = _format_of(target)
+    if rx is None or fmt is None:
+        return None
+    text, used = fmt
+    if not used or any(n not in pattern.captures for n in used):
+        return None
+    keys = list(table)
+    joined = "\n".join(keys)
+    if joined.count("\n") != len(keys) - 1:
+        return None  # a key holds a newline
+    found = rx.findall("\n" + joined + "\n")
+    if not found:
+        return [], []
+    caps = list(pattern.captures)
+    get = operator.itemgetter(*[1 + caps.index(n) for n in used])
+    new_names = list(map(text.__mod__, map(get, found)))  # one name: a str, which % takes as itself
+    if len(set(new_names)) != len(new_names):
+        return None  # the per-key path names the two keys
+    return list(map(operator.itemgetter(0), found)), new_names
+
+
+_JOINED: dict[str, Any] = {}
+
+
+def _joined(pattern: Pattern) -> Any:
+    from .keymatch import joined_regex
+
+    text = str(pattern)
+    if text not in _JOINED:
+        parts = [("lit", x.text) if not isinstance(x, Cap) else ("cap", x.name, x.kind) for x in pattern.parts]
+        _JOINED[text] = (
+            joined_regex(parts) if len(set(pattern.captures)) == sum(isinstance(x, Cap) for x in pattern.parts) else None
+        )
+    return _JOINED[text]
+
+
+def _format_of(t: Template) -> tuple[str, list[str]] | None:
+    """``t`` as a %-format and the names it fills, when it holds only literal text and bare names."""
+    fmt: list[str] = []
+    names: list[str] = []
+    for kind, value in t.parts:
+        if kind == "lit":
+            fmt.append(str(value).replace("%", "%%"))
+        elif isinstance(value, str):
+            fmt.append("%s")
+            names.append(value)
+        else:
+            return None
+    return "".join(fmt), names
+
+
+def _same_bytes(outputs: Sequence[PlannedTensor], group_of: dict[str, int]) -> tuple[tuple[str, ...], ...]:
     """Outputs holding identical bytes by construction, grouped in output order."""
     by: dict[tuple[str, object], list[str]] = {}
     for o in outputs:
@@ -452,14 +718,15 @@ def _fill(t: Any, env: dict[str, Any], rule: Rule) -> str:
         raise PlanError(f"{rule.where()}{e}") from None
 
 
-def _origin(e: _Entry) -> str:
-    if e.rule is None:
+def _origin(e: Any) -> str:
+    rule = None if e is None else e[1] if type(e) is _Lazy else e.rule
+    if rule is None:
         return "a source key no rule has consumed yet"
-    return f"written by {e.rule.label} at {e.rule.loc}"
+    return f"written by {rule.label} at {rule.loc}"
 
 
-def _closest(name: str, table: dict[str, Any], pos: dict[str, tuple[int, ...]]) -> str:
-    keys = sorted(table, key=pos.__getitem__)
+def _closest(name: str, table: dict[str, Any], pos: dict[str, Any]) -> str:
+    keys = sorted(table, key=lambda k: _pos_key(pos[k]))
     close = difflib.get_close_matches(name, keys, n=3, cutoff=0.5)
     if close:
         return f" (closest keys: {', '.join(close)})"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .meta import TensorMeta
@@ -139,7 +139,7 @@ class Report:
     alternatives: list[str] = field(default_factory=list)  # other state dicts in the file (EMA ...): pick with unwrap
     stripped_prefix: str = ""
     dry_run: bool = False
-    produced: list[TensorMeta] = field(default_factory=list)
+    produced: Sequence[TensorMeta] = field(default_factory=list)  # a list, or the plan's lazy sequence
     passthrough: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     unmatched_rules: list[str] = field(default_factory=list)
@@ -227,7 +227,9 @@ class Report:
                     self.dtype_mismatch.append(Mismatch(k, e.dtype, g.dtype))
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        # asdict without the metadata lists (it would deep-copy a planner's lazy sequence of
+        # 200k outputs); those are listed below, in the same key order
+        d = asdict(replace(self, produced=[], missing=[], unexpected=[], metas={}))
         d.pop("metas", None)
         if not self.removed:
             d.pop("removed")

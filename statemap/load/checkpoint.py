@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..dtypes import dtype as lookup_dtype
 from ..errors import CheckpointError
@@ -336,13 +336,13 @@ class _ColumnView(Mapping[str, Any]):
 
 class _Values(ValuesView[Any]):
     def __iter__(self) -> Iterator[Any]:
-        view: Any = self._mapping
+        view: Any = cast(Any, self)._mapping
         return map(view.__getitem__, view.columns.names)
 
 
 class _Items(ItemsView[str, Any]):
     def __iter__(self) -> Iterator[tuple[str, Any]]:
-        view: Any = self._mapping
+        view: Any = cast(Any, self)._mapping
         names = view.columns.names
         return zip(names, map(view.__getitem__, names))
 
