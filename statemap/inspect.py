@@ -7,13 +7,13 @@ The numbers people count by hand ("16 x 12 = 192") in one table::
 
 from __future__ import annotations
 
-import itertools
+import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from .load import Checkpoint
+from .load.checkpoint import Columns
 from .meta import TensorMeta
 
 _INDEX = re.compile(r"^\d+$")
@@ -65,9 +65,7 @@ def module_rows(ck: Checkpoint, depth: int = 2) -> list[ModuleRow]:
     params: dict[str, int] = {}
     with paused():
         cols = columns_of(ck.metas)
-        if cols is not None and "\n" not in "".join(cols.names):
-            _fold_columns(cols.names, cols.numels(), depth, groups, params)
-        else:
+        if cols is None or not _fold_columns(cols, depth, groups, params):
             for name, m in ck.metas.items():
                 mod, idx = _module_of(name, depth)
                 inst = groups.setdefault(mod, {})
@@ -88,35 +86,33 @@ def module_rows(ck: Checkpoint, depth: int = 2) -> list[ModuleRow]:
     return rows
 
 
-def _fold_columns(
-    names: list[str], numels: Iterator[int], depth: int, groups: dict[str, dict[int | None, int]], params: dict[str, int]
-) -> None:
-    """:func:`module_rows`' grouping for many keys with no Python call per key (keys hold no
-    newline, so the search finds what :func:`_module_of` finds): modules and instance indexes
-    come from one regex search per key run by ``map``, counted with ``Counter`` (in C, in order of
-    first appearance, as the per-key loop inserts them)."""
+def _fold_columns(cols: Columns, depth: int, groups: dict[str, dict[int | None, int]], params: dict[str, int]) -> bool:
+    """:func:`module_rows`' grouping for many keys without a Python call per key: one regex pass
+    over the newline-joined keys gives each key's head and layer index (what ``_FIRST_INDEX``'s
+    search finds in it) or, for a key without one, the key itself; ``Counter`` then counts the
+    (head, index, dtype and shape) combinations in C, in order of first appearance (the order
+    the per-key loop inserts modules and indexes in). False when a key holds a newline."""
     from collections import Counter
 
-    found = list(map(_FIRST_INDEX.search, names))
-    if None in found:  # some keys have no layer index: those take the per-key path, in order
-        sizes = list(numels)
-        for name, m, n in zip(names, found, sizes):
-            if m is None:
-                mod, idx = _module_of(name, depth)
-            else:
-                mod, idx = name[: m.start()] + "{}", int(m.group(1))
-            inst = groups.setdefault(mod, {})
-            inst[idx] = inst.get(idx, 0) + 1
-            params[mod] = params.get(mod, 0) + n
-        return
-    matches = cast("list[re.Match[str]]", found)
-    heads = map(str.__getitem__, names, map(slice, itertools.repeat(0), map(re.Match.start, matches)))
-    mods = list(map(str.__add__, heads, itertools.repeat("{}")))
-    idxs = map(int, map(re.Match.group, matches, itertools.repeat(1)))
-    for (mod, idx), n in Counter(zip(mods, idxs)).items():
-        groups.setdefault(mod, {})[idx] = n
-    for (mod, size), n in Counter(zip(mods, numels)).items():
-        params[mod] = params.get(mod, 0) + size * n
+    names = cols.names
+    joined = "\n".join(names)
+    if joined.count("\n") != len(names) - 1:
+        return False
+    found = _FIRST_INDEX_LINES.findall(joined)
+    if len(found) != len(names):  # pragma: no cover - one match per line, always
+        return False
+    numel = {k: math.prod(v[1]) for k, v in cols.kinds.items()}
+    for ((head, digits, whole), kind), n in Counter(zip(found, cols.kind_of)).items():
+        mod, idx = (head + "{}", int(digits)) if digits else _module_of(whole, depth)
+        inst = groups.setdefault(mod, {})
+        inst[idx] = inst.get(idx, 0) + n
+        params[mod] = params.get(mod, 0) + numel[kind] * n
+    return True
+
+
+# per line of newline-joined keys: (text before the first all-digit segment that is not the last
+# one, its digits, "") -- `_FIRST_INDEX`'s search -- or ("", "", the whole key) when there is none
+_FIRST_INDEX_LINES = re.compile(r"^(?:(.*?)(?<![^.\n])(\d+)\.|(.*))", re.M)
 
 
 def dtype_counts(ck: Checkpoint) -> dict[str, int]:

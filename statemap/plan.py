@@ -270,7 +270,10 @@ def _source_table(source: Iterable[TensorMeta]) -> tuple[Sequence[TensorMeta], l
 
 def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[str]]) -> Plan:
     metas, names, meta_of = _source_table(source)
-    ties = [tuple(g) for g in ties]
+    groups = [tuple(g) for g in ties]
+    renamed = _renames_only(spec, metas, names, meta_of, groups)
+    if renamed is not None:
+        return renamed
     table: dict[str, Any] = dict.fromkeys(names)
     if not table:
         raise PlanError("the checkpoint has no tensors to map")
@@ -283,7 +286,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
     unmatched: list[Rule] = []
     matches: list[tuple[int, int]] = []
     n_ties = 0
-    group_of: dict[str, int] = {k: i for i, g in enumerate(ties) for k in g}
+    group_of: dict[str, int] = {k: i for i, g in enumerate(groups) for k in g}
     checks: list[Check] = []
     not_met: list[Rule] = []
     dropped_metas: list[TensorMeta] = []
@@ -554,8 +557,112 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
         tuple(tuple(g) for g in out_ties.values() if len(g) > 1),
         tuple(checks),
         tuple(not_met),
-        tuple(tuple(g) for g in ties),
+        tuple(groups),
         dropped_metas=tuple(dropped_metas),
+    )
+
+
+def _renames_only(
+    spec: Spec, metas: Sequence[TensorMeta], names: list[str], meta_of: Callable[[str], TensorMeta], ties: list[tuple[str, ...]]
+) -> Plan | None:
+    """The plan of a spec whose rules only rename (each a ``rename`` of one pattern to one
+    template of its captures, no ``when`` / ``assume``), over the list of current names in
+    source order (where every output stays): each rule's keys found with one regex over the
+    joined names and renamed with whole-list operations. None whenever anything else is needed
+    (another op, a var in a target, a key or literal with a newline, a rule matching nothing
+    that is not optional, two keys given one name, a name that exists already, a strict spec
+    with keys left): :func:`_make_plan`'s general table then plans it, and names any problem.
+    Same result as the general table: its renames move entries and keep their positions."""
+    if not names or spec.strict or "\n" in "".join(names):
+        return None
+    steps = []
+    for rule in spec.rules:
+        op = REGISTRY[rule.op]
+        if not (op.moves_only and len(rule.sources) == 1 and len(rule.targets) == 1 and not rule.when and not rule.assume):
+            return None
+        pattern, fmt = rule.sources[0], _format_of(rule.targets[0])
+        if fmt is None or "\n" in fmt[0] or pattern.is_regex or any(n not in pattern.captures for n in fmt[1]):
+            return None
+        if pattern.captures:
+            rx = _joined(pattern)
+            if rx is None:
+                return None
+        else:
+            rx = None
+        steps.append((rule, pattern, fmt, rx))
+    cur = list(names)
+    present = set(cur)
+    moved_by: dict[str, Rule] = {}  # current name -> the rule that last moved it there
+    matches: list[tuple[int, int]] = []
+    unmatched: list[Rule] = []
+    for rule, pattern, (text, used), rx in steps:
+        at: list[int] = []
+        if rx is None:  # one literal key
+            lits = _literals(pattern)
+            assert lits is not None
+            keys = [lits[0]] if lits[0] in present else []
+            new_names = [text % ()] if keys else []
+            at = [cur.index(keys[0])] if keys else []
+        else:
+            joined = "\n" + "\n".join(cur) + "\n"
+            found = rx.findall(joined)
+            keys = list(map(operator.itemgetter(0), found))
+            if not found:
+                new_names = []
+            elif used:
+                caps = list(pattern.captures)
+                new_names = list(map(text.__mod__, map(operator.itemgetter(*[1 + caps.index(n) for n in used]), found)))
+            else:
+                new_names = [text % ()] * len(found)
+            if 0 < len(keys) <= len(cur) // 8:  # few keys: their positions, from the newlines before each
+                line, prev = 0, 0
+                for m in rx.finditer(joined):
+                    s = m.start()
+                    line += joined.count("\n", prev, s)
+                    prev = s
+                    at.append(line)
+        matches.append((rule.index, len(keys)))
+        if not keys:
+            if not rule.optional:
+                return None
+            unmatched.append(rule)
+            continue
+        fresh = set(new_names)
+        if len(fresh) != len(new_names):
+            return None
+        if not present.isdisjoint(fresh) and not fresh.isdisjoint(present.difference(keys)):
+            return None  # a name that exists already (and does not move away)
+        if at:
+            for i, n in zip(at, new_names):
+                cur[i] = n
+            present.difference_update(keys)
+            present.update(new_names)
+        else:
+            rename = dict(zip(keys, new_names))
+            cur = list(map(rename.get, cur, cur))
+            present.difference_update(keys)
+            present |= fresh
+        moved_by.update(zip(new_names, itertools.repeat(rule)))
+
+    def source_node(src: str) -> Node:
+        m = meta_of(src)
+        return Node("source", m.shape, m.dtype, (), (src,))
+
+    rules = list(map(moved_by.get, cur))  # None: never moved (a name once moved away is never a current one again)
+    items: list[tuple[str, Any]] = list(zip(cur, zip(names, rules)))
+    passthrough = tuple(itertools.compress(cur, map(operator.is_, rules, itertools.repeat(None))))
+    return Plan(
+        spec,
+        metas,
+        _Outputs(items, source_node),
+        passthrough,
+        (),
+        tuple(unmatched),
+        tuple(matches),
+        (),
+        (),
+        (),
+        tuple(tuple(g) for g in ties),
     )
 
 
