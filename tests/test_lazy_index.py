@@ -1,0 +1,279 @@
+"""A large index held as columns, and the planner's whole-list paths, give what the per-key paths give.
+
+`open_checkpoint` reads a sharded safetensors index with common headers as parallel lists
+(`statemap.load.checkpoint.Columns`) and builds a key's TensorMeta / ByteTensor / storage id only
+when it is read; the planner plans a spec of plain renames over the list of names, and `inspect`
+folds names with one regex pass. Each is compared here with the per-key path it stands in for.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from statemap import load_spec, make_plan
+from statemap.errors import PlanError
+from statemap.load import formats, open_checkpoint
+from statemap.load import safetensors_format as st
+from statemap.load.checkpoint import LocationView, MetaView, StorageView, columns_of
+from statemap.meta import TensorMeta
+from tests.test_index_outputs import keys, write_index
+
+
+def opened(index: Path) -> tuple[object, object]:
+    """(the columns reader's checkpoint, the per-key fast path's)."""
+    lazy = formats._open_index_columns(index)
+    eager = formats._open_index_fast(index)
+    assert lazy is not None and eager is not None
+    assert isinstance(lazy.metas, MetaView) and not isinstance(eager.metas, MetaView)
+    return lazy, eager
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["index-order", "index-reversed"])
+def test_columns_give_what_the_per_key_reader_gives(tmp_path, reverse):
+    entries = keys(layers=3, experts=4)
+    index = write_index(tmp_path / "a", entries[::-1] if reverse else entries)
+    lazy, eager = opened(index)
+    for attr in ("path", "format", "metadata"):
+        assert getattr(lazy, attr) == getattr(eager, attr), attr
+    assert list(lazy.metas) == list(eager.metas)  # the index's order
+    assert list(lazy.metas.items()) == list(eager.metas.items())
+    assert list(lazy.metas.values()) == list(eager.metas.values())
+    assert dict(lazy.locations) == dict(eager.locations)
+    assert dict(lazy.storage_ids) == dict(eager.storage_ids)
+    assert lazy.tied_groups() == eager.tied_groups() == []
+    k = entries[7][0]
+    assert (lazy.read(k) == eager.read(k)).all()
+    lazy.close()
+    eager.close()
+
+
+def test_lazy_mappings_behave_as_dicts(tmp_path):
+    entries = keys(layers=2, experts=2)
+    index = write_index(tmp_path / "a", entries)
+    lazy, eager = opened(index)
+    for view, plain in ((lazy.metas, eager.metas), (lazy.locations, eager.locations), (lazy.storage_ids, eager.storage_ids)):
+        assert isinstance(view, (MetaView, LocationView, StorageView))
+        assert len(view) == len(plain) == len(entries)
+        assert list(view) == list(plain)
+        assert view.keys() == plain.keys()
+        first = entries[0][0]
+        assert first in view and "no.such.key" not in view and 3 not in view
+        assert view[first] == plain[first] and view[first] is view[first]  # built once
+        assert view.get(first) == plain[first]
+        assert view.get("no.such.key") is None and view.get("no.such.key", 1) == 1
+        with pytest.raises(KeyError):
+            view["no.such.key"]
+    with pytest.raises(Exception, match="no tensor"):
+        lazy.read("no.such.key")
+    assert columns_of(lazy.metas) is lazy.metas.columns and columns_of(eager.metas) is None
+    lazy.close()
+    eager.close()
+
+
+def test_a_changed_shape_shows_in_the_columns(tmp_path):
+    """Negative check: the comparisons above see one shape changed in one shard."""
+    entries = keys(layers=2, experts=2)
+    a = opened(write_index(tmp_path / "a", entries))[0]
+    name = entries[3][0]
+    b = opened(write_index(tmp_path / "b", [(k, [5] if k == name else s, dt) for k, s, dt in entries]))[0]
+    assert a.metas[name] != b.metas[name]
+    assert list(a.metas.items()) != list(b.metas.items())
+
+
+def test_zero_size_tensors_keep_their_ties(tmp_path):
+    """Empty tensors share an offset (and a storage id): found as ties, as the per-key reader finds them."""
+    entries = [("a.w", [2], "F32"), ("a.e", [0], "F32"), ("a.f", [0], "F32"), ("b.w", [1], "F32")]
+    lazy, eager = opened(write_index(tmp_path / "a", entries, n_shards=1))
+    assert lazy.tied_groups() == eager.tied_groups() == [["a.e", "a.f"]]
+
+
+def write_shard(path: Path, header: str, data: int) -> str:
+    raw = header.encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data)
+    return str(path)
+
+
+E = '{"dtype":"F32","shape":[1],"data_offsets":[%d,%d]}'
+UNUSUAL = [
+    ('{"w":' + E % (0, 4) + ',"w":' + E % (4, 8) + "}", 8),  # a repeated name
+    ('{"w\\u003a":' + E % (0, 4) + "}", 4),  # an escape
+    ('{"w":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}', 4),
+    ('{"w":{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}}', 4),
+    ('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1}}', 4),
+    ('{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}', 4),
+    ('{"v":' + E % (4, 8) + ',"w":' + E % (0, 4) + "}", 8),  # valid, but out of order: the per-key reader's
+    ('{"w":' + E % (0, 4) + "}", 8),  # padding after the data
+    ('{"w":{"dtype":"XX","shape":[1],"data_offsets":[0,4]}}', 4),
+    ('{"w":{"dtype":"F32","shape":[1],"data_offsets":["0",4]}}', 4),
+    ('{"__metadata__":{"a":1},"w":' + E % (0, 4) + "}", 4),
+    ("{}", 0),
+    ("[1]", 0),
+]
+
+
+@pytest.mark.parametrize("header,data", UNUSUAL)
+def test_unusual_headers_are_left_to_the_per_key_reader(tmp_path, header, data):
+    assert st.read_columns(write_shard(tmp_path / "m.safetensors", header, data)) is None
+
+
+def test_plain_headers_read_as_columns(tmp_path):
+    path = write_shard(
+        tmp_path / "m.safetensors",
+        '{"__metadata__":{"format":"pt"},"w":'
+        + E % (0, 4)
+        + ', "b": {"dtype": "BF16", "shape": [2, 1], "data_offsets": [4, 8]}}',
+        8,
+    )
+    cols = st.read_columns(path)
+    assert cols is not None
+    metas, locs, _, _ = st.read_header_ids(path)
+    assert cols.names == list(metas)
+    assert [cols.kinds[p][:2] for p in cols.pairs] == [(m.dtype, m.shape) for m in metas.values()]
+    assert [cols.data_start + b for b in cols.begins] == [loc.offset for loc in locs.values()]
+
+
+def test_the_index_is_left_to_the_per_key_path_when_unusual(tmp_path):
+    index = write_index(tmp_path / "a", keys(layers=2, experts=2))
+    body = json.loads(index.read_text())
+    body["weight_map"]["model.norm.weight"] = body["weight_map"]["lm_head.weight"] = "model-00001-of-00007.safetensors"
+    index.write_text(json.dumps(body))
+    assert formats._open_index_columns(index) is None
+    with pytest.raises(Exception, match="index maps|which the index maps to"):
+        open_checkpoint(index)
+
+
+# -- the planner ---------------------------------------------------------------------------------
+
+RENAMES = """name: t
+version: 1
+rules:
+  - rename: "model.embed_tokens.weight -> tok.weight"
+  - rename: "model.layers.{i}.mlp.experts.{e}.{proj}.weight -> layers.{i}.moe.experts.{e}.{proj}.w"
+  - rename: "model.layers.{i}.mlp.shared_experts.{proj}.weight -> layers.{i}.moe.shared.{proj}.w"
+  - rename: "layers.{i}.moe.shared.{proj}.w -> L.{i}.{proj}.{i}"
+  - rename: "model.layers.{i}.{n}_layernorm.weight -> layers.{i}.{n}_norm.w"
+  - rename: "model.nothing.{x} -> y.{x}"
+    optional: true
+  - rename: "lm_head.weight -> head.w"
+"""
+
+
+def metas_of(entries: list[tuple[str, list[int], str]]) -> list[TensorMeta]:
+    return [TensorMeta(k, tuple(s), "float32") for k, s, _ in entries]
+
+
+def general(spec, source, monkeypatch):
+    from statemap import plan
+
+    with monkeypatch.context() as m:
+        m.setattr(plan, "_renames_only", lambda *a: None)
+        return make_plan(spec, source)
+
+
+def summary(p):
+    return (
+        [(o.name, o.node, o.rule, o.tie) for o in p.outputs],
+        p.passthrough,
+        p.matches,
+        p.unmatched,
+        p.ties,
+        p.source_ties,
+        p.dropped,
+        p.checks,
+        list(p.output_metas),
+        p.same,
+    )
+
+
+VARS = """name: t
+version: 1
+vars:
+  pre: "x"
+rules:
+  - rename: "model.layers.{i}.mlp.experts.{e}.{proj}.weight -> {pre}.{i}.{e}.{proj}"
+  - rename: "model.norm.weight -> {pre}.norm"
+  - rename: "lm_head.weight -> 100%.w"
+"""
+
+
+@pytest.mark.parametrize("text", [RENAMES, VARS], ids=["renames", "vars-in-targets"])
+def test_renames_give_what_the_general_planner_gives(monkeypatch, text):
+    spec = load_spec(text)
+    source = metas_of(keys(layers=3, experts=5))
+    from statemap import plan
+
+    whole_list = plan._renames_only(spec, tuple(source), [m.name for m in source], {m.name: m for m in source}.__getitem__, [])
+    assert (whole_list is not None) == (text is RENAMES)  # a var in a target: the general table plans it
+    fast = make_plan(spec, source)
+    assert fast.passthrough
+    assert summary(fast) == summary(general(spec, source, monkeypatch))
+    assert fast.outputs[-1] == fast.outputs[len(fast.outputs) - 1]
+    assert list(fast.outputs[2:5]) == list(fast.outputs)[2:5]
+    with pytest.raises(IndexError):
+        fast.outputs[len(fast.outputs)]
+
+
+def test_renames_over_index_columns(tmp_path, monkeypatch):
+    entries = keys(layers=3, experts=5)
+    lazy, eager = opened(write_index(tmp_path / "a", entries[::-1]))
+    spec = load_spec(RENAMES)
+    fast = make_plan(spec, lazy.metas.values())
+    assert summary(fast) == summary(general(spec, list(eager.metas.values()), monkeypatch))
+    assert list(fast.source) == list(eager.metas.values())
+
+
+def test_the_comparison_sees_a_changed_rename(monkeypatch):
+    """Negative check: a different target gives a different summary."""
+    source = metas_of(keys(layers=2, experts=2))
+    a = make_plan(load_spec(RENAMES), source)
+    b = make_plan(load_spec(RENAMES.replace("{n}_norm.w", "{n}_ln.w")), source)
+    assert summary(a) != summary(b)
+
+
+@pytest.mark.parametrize(
+    "rules,match",
+    [
+        ('- rename: "model.layers.{i}.mlp.experts.{e}.{p}.weight -> x.{i}.{p}"', "writes 'x.0.gate_proj' twice"),
+        ('- rename: "model.layers.{i}.mlp.gate.weight -> model.norm.weight"', "writes 'model.norm.weight' twice"),
+        ('- rename: "model.layers.0.mlp.gate.weight -> model.norm.weight"', "which already exists"),
+        ('- rename: "model.nothing.{x} -> y.{x}"', "matched no key"),
+        ('- rename: "model.norm.weight -> lm_head.weight"', "which already exists"),
+        ('- rename: "lm_head.weight -> x"\n  - rename: "model.norm.weight -> x"', "which already exists"),
+    ],
+)
+def test_rename_errors_are_the_general_planners(rules, match, monkeypatch):
+    spec = load_spec(f"name: t\nversion: 1\nrules:\n  {rules}\n")
+    source = metas_of(keys(layers=2, experts=2))
+    with pytest.raises(Exception, match=match) as fast:
+        make_plan(spec, source)
+    with pytest.raises(Exception, match=match) as slow:
+        general(spec, source, monkeypatch)
+    assert str(fast.value) == str(slow.value)
+    assert isinstance(fast.value, (PlanError, type(slow.value)))
+
+
+# -- inspect ------------------------------------------------------------------------------------
+
+
+def test_inspect_folds_columns_as_it_folds_metas(tmp_path):
+    from statemap.inspect import dtype_counts, module_rows, totals
+
+    entries = [
+        ("0.weight", [2], "F32"),
+        *keys(layers=2, experts=3),
+        ("top", [3], "BF16"),
+        ("a.01.b", [1], "F16"),
+        ("a.1.c", [2], "F16"),
+        ("x.7", [4], "I64"),
+    ]
+    lazy, eager = opened(write_index(tmp_path / "a", entries, n_shards=3))
+    for depth in (1, 2, 3):
+        assert module_rows(lazy, depth) == module_rows(eager, depth)
+    assert dtype_counts(lazy) == dtype_counts(eager)
+    assert (
+        totals(lazy) == totals(eager) == (sum(m.numel for m in eager.metas.values()), sum(m.nbytes for m in eager.metas.values()))
+    )
