@@ -157,7 +157,7 @@ class _Outputs(Sequence[PlannedTensor]):
     """``Plan.outputs``: the planner's final table, each PlannedTensor built when first read
     (a dry run of 200k keys reads only the count and the names)."""
 
-    def __init__(self, items: list[tuple[str, Any]], source_node: Callable[[str], Node]) -> None:
+    def __init__(self, items: Sequence[tuple[str, Any]], source_node: Callable[[str], Node]) -> None:
         self._items = items
         self._source_node = source_node
         self._built: list[PlannedTensor | None] = [None] * len(items)
@@ -194,9 +194,6 @@ class _Outputs(Sequence[PlannedTensor]):
     def __iter__(self) -> Iterator[PlannedTensor]:
         return map(self._build, range(len(self._items)))
 
-    def names(self) -> list[str]:
-        return [k for k, _ in self._items]
-
     def metas(self) -> _OutputMetas:
         return _OutputMetas(self)
 
@@ -206,6 +203,28 @@ class _Outputs(Sequence[PlannedTensor]):
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
+
+
+class _Pairs(Sequence[tuple[str, Any]]):
+    """``(name, (source key, rule))`` for each output of a renames-only plan, made when read."""
+
+    def __init__(self, names: list[str], sources: list[str], rules: list[Rule | None]) -> None:
+        self._names, self._sources, self._rules = names, sources, rules
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[str, Any]: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[str, Any]]: ...
+    def __getitem__(self, i: int | slice) -> tuple[str, Any] | Sequence[tuple[str, Any]]:
+        if isinstance(i, slice):
+            return list(zip(self._names[i], zip(self._sources[i], self._rules[i])))
+        return self._names[i], (self._sources[i], self._rules[i])
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return zip(self._names, zip(self._sources, self._rules))
 
 
 class _OutputMetas(Sequence[TensorMeta]):
@@ -604,11 +623,13 @@ def _renames_only(
             new_names = [text % ()] if keys else []
             at = [cur.index(keys[0])] if keys else []
         else:
-            joined = "\n" + "\n".join(cur) + "\n"
+            joined = "\n".join(["", *cur, ""])  # each key between newlines
             found = rx.findall(joined)
             keys = list(map(operator.itemgetter(0), found))
             if not found:
                 new_names = []
+            elif used == list(pattern.captures):  # each capture once, in order: the match's tuple as it is
+                new_names = list(map(("%.0s" + text).__mod__, found))  # (%.0s: the key, printed as nothing)
             elif used:
                 caps = list(pattern.captures)
                 new_names = list(map(text.__mod__, map(operator.itemgetter(*[1 + caps.index(n) for n in used]), found)))
@@ -649,7 +670,7 @@ def _renames_only(
         return Node("source", m.shape, m.dtype, (), (src,))
 
     rules = list(map(moved_by.get, cur))  # None: never moved (a name once moved away is never a current one again)
-    items: list[tuple[str, Any]] = list(zip(cur, zip(names, rules)))
+    items: Sequence[tuple[str, Any]] = _Pairs(cur, names, rules)
     passthrough = tuple(itertools.compress(cur, map(operator.is_, rules, itertools.repeat(None))))
     return Plan(
         spec,
