@@ -7,6 +7,7 @@ The numbers people count by hand ("16 x 12 = 192") in one table::
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -102,7 +103,12 @@ def _fold_columns(cols: Columns, depth: int, groups: dict[str, dict[int | None, 
     if len(found) != len(names):  # pragma: no cover - one match per line, always
         return False
     numel = {k: math.prod(v[1]) for k, v in cols.kinds.items()}
-    for ((head, digits, whole), kind), n in Counter(zip(found, cols.kind_of)).items():
+    if len(numel) == 1:  # one dtype and shape for every key: count the matches alone
+        counted: Any = zip(Counter(found).items(), itertools.repeat(next(iter(numel))))
+        counted = (((f, kind), n) for (f, n), kind in counted)
+    else:
+        counted = Counter(zip(found, cols.kind_of)).items()
+    for ((head, digits, whole), kind), n in counted:
         mod, idx = (head + "{}", int(digits)) if digits else _module_of(whole, depth)
         inst = groups.setdefault(mod, {})
         inst[idx] = inst.get(idx, 0) + n
@@ -112,7 +118,7 @@ def _fold_columns(cols: Columns, depth: int, groups: dict[str, dict[int | None, 
 
 # per line of newline-joined keys: (text before the first all-digit segment that is not the last
 # one, its digits, "") -- `_FIRST_INDEX`'s search -- or ("", "", the whole key) when there is none
-_FIRST_INDEX_LINES = re.compile(r"^(?:(.*?)(?<![^.\n])(\d+)\.|(.*))", re.M)
+_FIRST_INDEX_LINES = re.compile(r"^(?:((?:[^.\n]*\.)*?)(\d+)\.|(.*))", re.M)
 
 
 def dtype_counts(ck: Checkpoint) -> dict[str, int]:

@@ -277,3 +277,15 @@ def test_inspect_folds_columns_as_it_folds_metas(tmp_path):
     assert (
         totals(lazy) == totals(eager) == (sum(m.numel for m in eager.metas.values()), sum(m.nbytes for m in eager.metas.values()))
     )
+
+
+def test_inspect_folds_one_kind_of_tensor(tmp_path):
+    """Every key one dtype and shape (the counting skips the per-key kinds)."""
+    from statemap.inspect import module_rows
+
+    entries = [(k, [2, 2], "BF16") for k, _, _ in [("head.w", 0, 0), *keys(layers=3, experts=2), ("a.3.b.4.c", 0, 0)]]
+    lazy, eager = opened(write_index(tmp_path / "a", entries, n_shards=2))
+    assert len(lazy.metas.columns.kinds) == 1
+    assert module_rows(lazy) == module_rows(eager)
+    row = next(r for r in module_rows(lazy) if r.module == "model.layers.{0-2}")
+    assert (row.instances, row.params) == (3, 4 * row.tensors)
