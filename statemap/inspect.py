@@ -138,7 +138,7 @@ def totals(ck: Checkpoint) -> tuple[int, int]:
 
         >>> from statemap import open_checkpoint
         >>> totals(open_checkpoint("model.safetensors"))
-        (124439808, 497759232)
+        (56640, 226560)
     """
     from collections import Counter
 

@@ -80,7 +80,10 @@ class Check:
 
 @dataclass(frozen=True)
 class Plan:
-    """The compiled conversion: what will be written, and how every source key was used."""
+    """The compiled conversion: what will be written, and how every source key was used.
+
+    ``source`` and ``outputs`` are sequences (for a large checkpoint, each item is built when
+    first read: a dry run of 200k keys reads only the count and the names)."""
 
     spec: Spec
     source: Sequence[TensorMeta]

@@ -386,6 +386,9 @@ class Checkpoint:
     Arrays hold bytes in the storage form of :mod:`statemap.dtypes` (bfloat16 as uint16).
     Arrays read from files are read-only; each read allocates only that tensor.
 
+    ``metas``, ``locations`` and ``storage_ids`` are read-only mappings: dicts, or, for a sharded
+    safetensors index, views over :class:`Columns` that build a key's entry when it is read.
+
     Example::
 
         >>> with open_checkpoint("model.safetensors") as ck:

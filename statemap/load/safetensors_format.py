@@ -192,9 +192,9 @@ def read_columns(path: str) -> HeaderColumns | None:
 
     Example::
 
-        >>> cols = read_columns("model-00001-of-00002.safetensors")
-        >>> cols.names[0], cols.kinds[cols.pairs[0]]
-        ('model.embed_tokens.weight', ('bfloat16', (4, 4), 32))
+        >>> cols = read_columns("model.safetensors")
+        >>> cols.names[0], cols.kinds[cols.pairs[0]]     # (torch dtype, shape, bytes)
+        ('model.shared.weight', ('float32', (64, 16), 4096))
     """
     try:
         raw, n, size = _read_raw(path)
