@@ -612,8 +612,7 @@ def _renames_only(
         else:
             rx = None
         steps.append((rule, pattern, fmt, rx))
-    cur = list(names)
-    present = set(cur)
+    cur = list(names)  # the current name of each source key, in source order (no set of them: a few scans are cheaper)
     moved_by: dict[str, Rule] = {}  # current name -> the rule that last moved it there
     matches: list[tuple[int, int]] = []
     unmatched: list[Rule] = []
@@ -622,7 +621,7 @@ def _renames_only(
         if rx is None:  # one literal key
             lits = _literals(pattern)
             assert lits is not None
-            keys = [lits[0]] if lits[0] in present else []
+            keys = [lits[0]] if lits[0] in cur else []
             new_names = [text % ()] if keys else []
             at = [cur.index(keys[0])] if keys else []
         else:
@@ -654,18 +653,14 @@ def _renames_only(
         fresh = set(new_names)
         if len(fresh) != len(new_names):
             return None
-        if not present.isdisjoint(fresh) and not fresh.isdisjoint(present.difference(keys)):
+        if not fresh.isdisjoint(cur) and fresh.intersection(cur).difference(keys):
             return None  # a name that exists already (and does not move away)
         if at:
             for i, n in zip(at, new_names):
                 cur[i] = n
-            present.difference_update(keys)
-            present.update(new_names)
         else:
             rename = dict(zip(keys, new_names))
             cur = list(map(rename.get, cur, cur))
-            present.difference_update(keys)
-            present |= fresh
         moved_by.update(zip(new_names, itertools.repeat(rule)))
 
     def source_node(src: str) -> Node:
