@@ -15,7 +15,6 @@ from typing import Any
 
 from .load import Checkpoint
 from .load.checkpoint import Columns
-from .meta import TensorMeta
 
 _INDEX = re.compile(r"^\d+$")
 _FIRST_INDEX = re.compile(r"(?<![^.])(\d+)\.")  # the first all-digit segment that is not the last one
@@ -128,7 +127,12 @@ def dtype_counts(ck: Checkpoint) -> dict[str, int]:
     from .load.checkpoint import columns_of
 
     cols = columns_of(ck.metas)
-    return dict(Counter(cols.dtypes() if cols is not None else (m.dtype for m in ck.metas.values())))
+    if cols is None:
+        return dict(Counter(m.dtype for m in ck.metas.values()))
+    out: dict[str, int] = {}
+    for (dt, _, _), n in cols.kind_counts():  # kinds in order of first appearance: so are their dtypes
+        out[dt] = out.get(dt, 0) + n
+    return out
 
 
 def totals(ck: Checkpoint) -> tuple[int, int]:
@@ -140,17 +144,13 @@ def totals(ck: Checkpoint) -> tuple[int, int]:
         >>> totals(open_checkpoint("model.safetensors"))
         (56640, 226560)
     """
-    from collections import Counter
 
     from .load.checkpoint import columns_of
 
     cols = columns_of(ck.metas)
     if cols is None:
         return sum(m.numel for m in ck.metas.values()), sum(m.nbytes for m in ck.metas.values())
-    params = 0
-    for (dt, shape, _), n in Counter(map(cols.kinds.__getitem__, cols.kind_of)).items():
-        params += TensorMeta("", shape, dt).numel * n
-    return params, cols.total_bytes()
+    return sum(math.prod(shape) * n for (_, shape, _), n in cols.kind_counts()), cols.total_bytes()
 
 
 def render_inspect(ck: Checkpoint, rows: list[ModuleRow], console: Any, show_extras: bool = True) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import threading
@@ -251,7 +250,7 @@ class Columns:
     into ``files`` (path, first data byte); ``begins[i]`` the tensor's offset in that file's data.
     """
 
-    __slots__ = ("names", "keyset", "kinds", "kind_of", "files", "file_of", "begins", "_at")
+    __slots__ = ("names", "keyset", "kinds", "kind_of", "files", "file_of", "begins", "_at", "_counts")
 
     def __init__(
         self,
@@ -266,6 +265,7 @@ class Columns:
         self.names, self.keyset, self.kinds, self.kind_of = names, keyset, kinds, kind_of
         self.files, self.file_of, self.begins = files, file_of, begins
         self._at: dict[str, int] | None = None
+        self._counts: list[tuple[tuple[str, tuple[int, ...], int], int]] | None = None
 
     def position(self, name: str) -> int:
         """The key's position (KeyError for a name that is not a key)."""
@@ -273,23 +273,16 @@ class Columns:
             self._at = dict(zip(self.names, range(len(self.names))))
         return self._at[name]
 
-    def dtypes(self) -> Iterator[str]:
-        """Each key's dtype, in key order (no per-key object)."""
-        kinds = {k: v[0] for k, v in self.kinds.items()}
-        return map(kinds.__getitem__, self.kind_of)
+    def kind_counts(self) -> list[tuple[tuple[str, tuple[int, ...], int], int]]:
+        """((torch dtype, shape, bytes), keys of that kind), in order of first appearance (counted once)."""
+        if self._counts is None:
+            from collections import Counter
 
-    def shapes(self) -> Iterator[tuple[int, ...]]:
-        kinds = {k: v[1] for k, v in self.kinds.items()}
-        return map(kinds.__getitem__, self.kind_of)
-
-    def numels(self) -> Iterator[int]:
-        kinds = {k: math.prod(v[1]) for k, v in self.kinds.items()}
-        return map(kinds.__getitem__, self.kind_of)
+            self._counts = [(self.kinds[k], n) for k, n in Counter(self.kind_of).items()]
+        return self._counts
 
     def total_bytes(self) -> int:
-        from collections import Counter
-
-        return sum(self.kinds[k][2] * n for k, n in Counter(self.kind_of).items())
+        return sum(kind[2] * n for kind, n in self.kind_counts())
 
     def all_distinct(self) -> bool:
         """No two keys share a storage id (true when no tensor is empty: the data is tiled)."""
