@@ -209,10 +209,11 @@ class _Outputs(Sequence[PlannedTensor]):
 
 
 class _Pairs(Sequence[tuple[str, Any]]):
-    """``(name, (source key, rule))`` for each output of a renames-only plan, made when read."""
+    """``(name, (source key, rule))`` for each output of a renames-only plan, made when read
+    (``rule_of``: name -> the rule that last moved a key there; a name it lacks was never moved)."""
 
-    def __init__(self, names: list[str], sources: list[str], rules: list[Rule | None]) -> None:
-        self._names, self._sources, self._rules = names, sources, rules
+    def __init__(self, names: list[str], sources: list[str], rule_of: dict[str, Rule]) -> None:
+        self._names, self._sources, self._rule_of = names, sources, rule_of
 
     def __len__(self) -> int:
         return len(self._names)
@@ -223,11 +224,12 @@ class _Pairs(Sequence[tuple[str, Any]]):
     def __getitem__(self, i: slice) -> Sequence[tuple[str, Any]]: ...
     def __getitem__(self, i: int | slice) -> tuple[str, Any] | Sequence[tuple[str, Any]]:
         if isinstance(i, slice):
-            return list(zip(self._names[i], zip(self._sources[i], self._rules[i])))
-        return self._names[i], (self._sources[i], self._rules[i])
+            return [self[j] for j in range(len(self._names))[i]]
+        name = self._names[i]
+        return name, (self._sources[i], self._rule_of.get(name))
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
-        return zip(self._names, zip(self._sources, self._rules))
+        return zip(self._names, zip(self._sources, map(self._rule_of.get, self._names)))
 
 
 class _OutputMetas(Sequence[TensorMeta]):
@@ -667,9 +669,10 @@ def _renames_only(
         m = meta_of(src)
         return Node("source", m.shape, m.dtype, (), (src,))
 
-    rules = list(map(moved_by.get, cur))  # None: never moved (a name once moved away is never a current one again)
-    items: Sequence[tuple[str, Any]] = _Pairs(cur, names, rules)
-    passthrough = tuple(itertools.compress(cur, map(operator.is_, rules, itertools.repeat(None))))
+    # a name moved away is never a current one again (no two keys share a name), so a current name
+    # missing from `moved_by` was never moved: passed through
+    items: Sequence[tuple[str, Any]] = _Pairs(cur, names, moved_by)
+    passthrough = tuple(itertools.filterfalse(moved_by.__contains__, cur))
     return Plan(
         spec,
         metas,
