@@ -279,23 +279,36 @@ def make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[
         return _make_plan(spec, source, ties)  # they are being built costs time that grows with the key count
 
 
-def _source_table(source: Iterable[TensorMeta]) -> tuple[Sequence[TensorMeta], list[str], Callable[[str], TensorMeta]]:
-    """(Plan.source, the source keys in order (first of a repeated name), name -> its meta)."""
+def _source_table(
+    source: Iterable[TensorMeta],
+) -> tuple[Sequence[TensorMeta], list[str], Callable[[str], TensorMeta], set[str] | None]:
+    """(Plan.source, the source keys in order (first of a repeated name), name -> its meta, the
+    set of the keys when one was built)."""
     from .load.checkpoint import columns_of
 
     view: Any = getattr(source, "_mapping", None)  # a checkpoint's `metas.values()`
     cols = columns_of(view) if view is not None else None
     if cols is not None:  # a large index held as columns: no TensorMeta per key until one is read
-        return _SourceMetas(cols.names, view), cols.names, view.__getitem__
+        return _SourceMetas(cols.names, view), cols.names, view.__getitem__, None
     metas = tuple(source)
-    by_name = {m.name: m for m in metas}  # a repeated name: the last one, as the table always took
-    return metas, list(by_name), by_name.__getitem__
+    names = list(map(operator.attrgetter("name"), metas))
+    by_name: dict[str, TensorMeta] = {}
+
+    def meta_of(name: str) -> TensorMeta:  # a repeated name: the last one, as the table always took
+        if not by_name:
+            by_name.update(zip(names, metas))
+        return by_name[name]
+
+    unique = set(names)
+    if len(unique) != len(names):  # a repeated name: each once, where it first appeared
+        names = list(dict.fromkeys(names))
+    return metas, names, meta_of, unique
 
 
 def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[str]]) -> Plan:
-    metas, names, meta_of = _source_table(source)
+    metas, names, meta_of, unique = _source_table(source)
     groups = [tuple(g) for g in ties]
-    renamed = _renames_only(spec, metas, names, meta_of, groups)
+    renamed = _renames_only(spec, metas, names, meta_of, groups, unique)
     if renamed is not None:
         return renamed
     table: dict[str, Any] = dict.fromkeys(names)
@@ -587,7 +600,12 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
 
 
 def _renames_only(
-    spec: Spec, metas: Sequence[TensorMeta], names: list[str], meta_of: Callable[[str], TensorMeta], ties: list[tuple[str, ...]]
+    spec: Spec,
+    metas: Sequence[TensorMeta],
+    names: list[str],
+    meta_of: Callable[[str], TensorMeta],
+    ties: list[tuple[str, ...]],
+    unique: set[str] | None = None,
 ) -> Plan | None:
     """The plan of a spec whose rules only rename (each a ``rename`` of one pattern to one
     template of its captures, no ``when`` / ``assume``), over the list of current names in
@@ -597,7 +615,7 @@ def _renames_only(
     that is not optional, two keys given one name, a name that exists already, a strict spec
     with keys left): :func:`_make_plan`'s general table then plans it, and names any problem.
     Same result as the general table: its renames move entries and keep their positions."""
-    if not names or spec.strict or "\n" in "".join(names):
+    if not names or spec.strict:
         return None
     steps = []
     for rule in spec.rules:
@@ -614,7 +632,10 @@ def _renames_only(
         else:
             rx = None
         steps.append((rule, pattern, fmt, rx))
-    cur = list(names)  # the current name of each source key, in source order (no set of them: a few scans are cheaper)
+    cur = list(names)  # the current name of each source key, in source order
+    # the current names, kept up to date (each check then costs what the rule matched); `unique`
+    # (the caller's set of the source keys, which it no longer needs) is taken over
+    present = unique if unique is not None else set(cur)
     moved_by: dict[str, Rule] = {}  # current name -> the rule that last moved it there
     matches: list[tuple[int, int]] = []
     unmatched: list[Rule] = []
@@ -623,11 +644,13 @@ def _renames_only(
         if rx is None:  # one literal key
             lits = _literals(pattern)
             assert lits is not None
-            keys = [lits[0]] if lits[0] in cur else []
+            keys = [lits[0]] if lits[0] in present else []
             new_names = [text % ()] if keys else []
             at = [cur.index(keys[0])] if keys else []
         else:
             joined = "\n".join(["", *cur, ""])  # each key between newlines
+            if joined.count("\n") != len(cur) + 1:
+                return None  # a key holds a newline
             found = rx.findall(joined)
             keys = list(map(operator.itemgetter(0), found))
             if not found:
@@ -655,7 +678,7 @@ def _renames_only(
         fresh = set(new_names)
         if len(fresh) != len(new_names):
             return None
-        if not fresh.isdisjoint(cur) and fresh.intersection(cur).difference(keys):
+        if not present.isdisjoint(fresh) and fresh.intersection(present).difference(keys):
             return None  # a name that exists already (and does not move away)
         if at:
             for i, n in zip(at, new_names):
@@ -663,6 +686,8 @@ def _renames_only(
         else:
             rename = dict(zip(keys, new_names))
             cur = list(map(rename.get, cur, cur))
+        present.difference_update(keys)
+        present |= fresh
         moved_by.update(zip(new_names, itertools.repeat(rule)))
 
     def source_node(src: str) -> Node:
