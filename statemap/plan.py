@@ -683,11 +683,12 @@ def _renames_only(
         if at:
             for i, n in zip(at, new_names):
                 cur[i] = n
-        else:
+            present.difference_update(keys)
+            present |= fresh
+        else:  # many keys: one pass over the names for each step
             rename = dict(zip(keys, new_names))
             cur = list(map(rename.get, cur, cur))
-        present.difference_update(keys)
-        present |= fresh
+            present = set(cur)
         moved_by.update(zip(new_names, itertools.repeat(rule)))
 
     def source_node(src: str) -> Node:
