@@ -289,3 +289,44 @@ def test_inspect_folds_one_kind_of_tensor(tmp_path):
     assert module_rows(lazy) == module_rows(eager)
     row = next(r for r in module_rows(lazy) if r.module == "model.layers.{0-2}")
     assert row.params == 4 * row.tensors > 4 * 3 * 6  # every tensor 2 x 2, over three layers
+
+
+# -- the joined-names regex -------------------------------------------------------------------
+
+TRICKY = [
+    "a.1.w",
+    "a.12.w",
+    "a..w",
+    "a.x.y.w",
+    "a.\u0663.w",  # an Arabic-Indic digit: \\d takes it, as in the per-key regex
+    "a.1.w.w",
+    "a.1.ww",
+    "xa.1.w",
+    "a.1.",
+    ".a.1.w",
+    "a.1.w ",
+    "",
+    "a.%s.w",
+    "b.2.c.3.w",
+]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a.{i}.w", "a.{i:int}.w", "{p:path}.w", "a.{i}.{rest:path}", "{x}.{i:int}.c.{j}.w", "a.{i}{j:int}.w"],
+)
+def test_joined_regex_finds_what_fullmatch_finds(text):
+    from statemap.keymatch import joined_regex
+    from statemap.plan import _joined
+    from statemap.template import parse_pattern
+
+    pattern = parse_pattern(text)
+    rx = _joined(pattern)
+    parts = [("lit", p.text) if not hasattr(p, "kind") else ("cap", p.name, p.kind) for p in pattern.parts]
+    if rx is None:  # the per-key path plans it (two captures in one segment, ...)
+        assert joined_regex(parts) is None or len(set(pattern.captures)) != len(pattern.captures)
+        return
+    found = rx.findall("\n".join(["", *TRICKY, ""]))
+    want = [(k, *pattern.match(k).values()) for k in TRICKY if pattern.match(k) is not None]
+    assert [f if isinstance(f, tuple) else (f,) for f in found] == want
+    assert want  # each pattern matches some of the keys (the comparison is not of two empty lists)
