@@ -21,17 +21,23 @@ from .errors import CheckpointError
 from .load.checkpoint import ByteTensor
 from .meta import Node
 from .plan import PlannedTensor
-from .xpose import read_transposed, swaps_last_two, transpose_last_two
+from .xpose import OutputPool, read_transposed, swaps_last_two, transpose_last_two
 
 if TYPE_CHECKING:
     import numpy as np
 
 
-def run_node(node: Node, read: Callable[[str], np.ndarray], locations: Mapping[str, ByteTensor] | None = None) -> np.ndarray:
+def run_node(
+    node: Node,
+    read: Callable[[str], np.ndarray],
+    locations: Mapping[str, ByteTensor] | None = None,
+    pool: OutputPool | None = None,
+) -> np.ndarray:
     """Evaluate one recipe. Arrays are in storage form (see :mod:`statemap.dtypes`).
 
     With ``locations`` (where each source's bytes are in its file), a transpose of a source is
-    read and transposed in one pass (:func:`statemap.xpose.read_transposed`)."""
+    read and transposed in one pass (:func:`statemap.xpose.read_transposed`), into an array from
+    ``pool`` when given (reused memory: the caller must not keep results it is done with)."""
     import numpy as np
 
     k = node.kind
@@ -49,7 +55,7 @@ def run_node(node: Node, read: Callable[[str], np.ndarray], locations: Mapping[s
         bits = from_compute(np.array([node.args[0]]), dt)[0]
         return np.full(node.shape, bits, dtype=dt.np)
     if k == "permute" and locations is not None and swaps_last_two(node.args[0]):
-        fused = _read_transposed(node, locations)
+        fused = _read_transposed(node, locations, pool)
         if fused is not None:
             return fused
     ins = [run_node(n, read, locations) for n in node.inputs]
@@ -84,7 +90,7 @@ def run_node(node: Node, read: Callable[[str], np.ndarray], locations: Mapping[s
     raise AssertionError(f"unknown node kind {k!r}")
 
 
-def _read_transposed(node: Node, locations: Mapping[str, ByteTensor]) -> np.ndarray | None:
+def _read_transposed(node: Node, locations: Mapping[str, ByteTensor], pool: OutputPool | None = None) -> np.ndarray | None:
     """A transpose (last two dims) of a source stored contiguously, read and transposed in one
     pass; None when the source is another case (run_node reads it whole)."""
     src = node.inputs[0]
@@ -99,7 +105,9 @@ def _read_transposed(node: Node, locations: Mapping[str, ByteTensor]) -> np.ndar
     except OSError:
         return None  # the checkpoint's own reader (its open descriptor) reads it, or says why not
     try:
-        return read_transposed(fd, loc.offset, src.shape, dt.np, loc.file)
+        *lead, rows, cols = src.shape
+        out = pool.take((*lead, cols, rows), dt.np) if pool is not None else None
+        return read_transposed(fd, loc.offset, src.shape, dt.np, loc.file, out)
     finally:
         os.close(fd)
 
@@ -173,15 +181,20 @@ def _sub_range(parts: list[tuple[str, int, int]], start: int, length: int) -> li
 def execute_streaming(
     outputs: Iterable[PlannedTensor], read: Callable[[str], np.ndarray], locations: Mapping[str, ByteTensor]
 ) -> Iterator[tuple[PlannedTensor, np.ndarray | Segments]]:
-    """Like :func:`execute`, but yields :class:`Segments` for outputs that are pure byte moves."""
+    """Like :func:`execute`, but yields :class:`Segments` for outputs that are pure byte moves.
+    Transposed tensors are computed into reused memory (:class:`statemap.xpose.OutputPool`, freed
+    with the generator): an array is reused once the consumer no longer refers to it."""
+    pool = OutputPool()
     for out in outputs:
-        yield out, produce(out, read, locations)
+        yield out, produce(out, read, locations, pool)
 
 
-def produce(out: PlannedTensor, read: Callable[[str], np.ndarray], locations: Mapping[str, ByteTensor]) -> np.ndarray | Segments:
+def produce(
+    out: PlannedTensor, read: Callable[[str], np.ndarray], locations: Mapping[str, ByteTensor], pool: OutputPool | None = None
+) -> np.ndarray | Segments:
     """One output: file ranges when it only moves bytes, else the computed array."""
     seg = byte_segments(out.node, locations)
-    return Segments(tuple(seg)) if seg is not None else run_node(out.node, read, locations)
+    return Segments(tuple(seg)) if seg is not None else run_node(out.node, read, locations, pool)
 
 
 def execute(outputs: Iterable[PlannedTensor], read: Callable[[str], np.ndarray]) -> Iterator[tuple[PlannedTensor, np.ndarray]]:

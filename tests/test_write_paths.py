@@ -4,9 +4,13 @@ while the current one is written (at most LIMIT bytes ahead)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import sys
+import threading
 import weakref
+import zlib
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 import statemap
 import statemap.write as w
+from statemap.apply import Segments
 from statemap.meta import TensorMeta
 
 
@@ -346,3 +351,52 @@ def test_fsync_of_the_file_and_its_folder_only_with_fsync(tmp_path, monkeypatch,
         assert folder in synced and any(s != folder for s in synced)  # the file(s) before the rename, the folder after
     got = statemap.load_state_dict(tmp_path / ("sharded" if "/" in out else out))
     assert np.array_equal(got["m.2.w"], sd["m.2.w"].T) and np.array_equal(got["m.3.w"], sd["m.3.w"])
+
+
+def test_pt_crc_of_computed_tensors_is_taken_by_the_producer_thread(tmp_path, monkeypatch):
+    """A .pt output's computed (transposed) tensors get their CRC-32 on the producer thread, the
+    copied ones and the small records on the writer's; zipfile checks every CRC, and the values
+    are right. A tied name is summed once."""
+    import zipfile
+    import zlib
+
+    rng = np.random.default_rng(8)
+    sd = {f"m.{i}.w": rng.random((32, 24), dtype=np.float32) for i in range(4)}
+    save_file(sd, str(tmp_path / "s.safetensors"))
+    threads: list[tuple[str, int]] = []
+    real = zlib.crc32
+    monkeypatch.setattr(zlib, "crc32", lambda d, *a: threads.append((threading.current_thread().name, len(d))) or real(d, *a))
+    spec = {"name": "t", "version": 1, "rules": [{"transpose": "m.1.w"}, {"transpose": "m.3.w"}]}
+    statemap.convert(spec, tmp_path / "s.safetensors", tmp_path / "o.pt", fsync=False)
+    monkeypatch.setattr(zlib, "crc32", real)
+    tensor = 32 * 24 * 4
+    assert [t for t, n in threads if n == tensor and t == "statemap-produce"] == ["statemap-produce"] * 2
+    assert all(t != "MainThread" for t, n in threads if n == tensor)  # copied ones: a CRC thread; computed: the producer
+    with zipfile.ZipFile(tmp_path / "o.pt") as z:
+        assert z.testzip() is None
+    got = statemap.load_state_dict(tmp_path / "o.pt")
+    assert np.array_equal(got["m.1.w"], sd["m.1.w"].T) and np.array_equal(got["m.2.w"], sd["m.2.w"])
+
+
+def test_ahead_sums_only_the_indices_asked_and_passes_ranges_through():
+    metas = [TensorMeta(f"t{i}", (4,), "float32") for i in range(3)]
+    seg = Segments((("f", 0, 16),))
+    arrays = [np.arange(4, dtype=np.float32), seg, np.ones(4, dtype=np.float32)]
+    with contextlib.closing(w._Ahead(iter(arrays), metas, crc=[1, 2])) as ahead:
+        a, b, c = list(ahead)
+    assert a is arrays[0] and b is seg
+    assert isinstance(c, w._Summed) and bytes(c.data) == arrays[2].tobytes() and c.crc == zlib.crc32(arrays[2].tobytes())
+
+
+@pytest.mark.parametrize(("command", "preset", "want"), [(True, None, "1"), (True, "3", "3"), (False, None, None)])
+def test_blas_threads_are_one_only_in_the_command_process(monkeypatch, command, preset, want):
+    import statemap.process
+
+    monkeypatch.setattr(statemap.process, "_command", command)
+    monkeypatch.delitem(sys.modules, "numpy")  # as before numpy is imported (restored after the test)
+    if preset is None:
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", preset)
+    w._one_blas_thread()
+    assert os.environ.get("OPENBLAS_NUM_THREADS") == want

@@ -4,6 +4,7 @@ exactly the bytes of numpy's own ``swapaxes`` copy, for every storage dtype and 
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -155,3 +156,65 @@ def test_convert_uses_the_fused_read_and_matches_in_memory(tmp_path, monkeypatch
     with open_checkpoint(tmp_path / "s.safetensors") as ck:  # the in-memory path, from the same source
         mem = dict(statemap.apply.execute(plan_for(statemap.load_spec(spec), ck).outputs, ck.read))
     assert {o.name: a.tobytes() for o, a in mem.items()} == {k: v.tobytes() for k, v in got.items()}
+
+
+def test_output_pool_reuses_only_buffers_nothing_refers_to(monkeypatch):
+    """A pooled buffer is handed out again only when no array or view made from it is alive:
+    an array still held keeps its bytes (fails for a pool that ignores references)."""
+    monkeypatch.setattr(xp.OutputPool, "MIN", 64)
+    pool = xp.OutputPool(limit=2)
+    a = pool.take((8, 8), np.float32)
+    a[...] = 1
+    b = pool.take((8, 8), np.float32)  # a is alive: another buffer
+    assert not np.shares_memory(a, b)
+    b[...] = 2
+    view = a[2:]  # a view keeps a's buffer busy too
+    del a
+    c = pool.take((8, 8), np.float32)  # both busy, pool full: a fresh, unpooled array
+    assert not np.shares_memory(c, view) and not np.shares_memory(c, b) and len(pool.bufs) == 2
+    c[...] = 3
+    assert (view == 1).all() and (b == 2).all()
+    del view
+    d = pool.take((4, 16), np.float32)  # a's buffer is free now: reused, any shape of that size
+    assert d.shape == (4, 16) and d.flags.c_contiguous and (d == 1).all()
+    assert pool.take((2, 3), np.float32).base is None  # under MIN bytes: never pooled
+
+
+def test_output_pool_check_can_fail(monkeypatch):
+    """Handing out a buffer that is still in use (as a pool without the reference check would)
+    changes an array someone holds: the check above would notice."""
+    monkeypatch.setattr(xp.OutputPool, "MIN", 64)
+    pool = xp.OutputPool(limit=1)
+    a = pool.take((8, 8), np.float32)
+    a[...] = 1
+    monkeypatch.setattr(xp, "_free_refcount", lambda: 10**9)  # a broken check: every buffer looks free
+    monkeypatch.setattr(sys, "getrefcount", lambda x: 10**9)
+    b = pool.take((8, 8), np.float32)
+    b[...] = 2
+    assert np.shares_memory(a, b) and (a == 2).all()
+
+
+def test_streamed_transposes_reuse_memory_and_write_the_same_bytes(tmp_path, monkeypatch):
+    """A conversion's transposes go into pooled memory (fewer allocations than tensors) and the
+    file equals the in-memory result, tensor by tensor."""
+    monkeypatch.setattr(xp.OutputPool, "MIN", 1024)
+    rng = np.random.default_rng(11)
+    sd = {f"m.{i}.w": rng.random((48, 40 + 8 * (i % 3)), dtype=np.float32) for i in range(9)}
+    metas = [TensorMeta(k, v.shape, "float32") for k, v in sd.items()]
+    write_checkpoint(tmp_path / "s.safetensors", metas, list(sd.values()), fsync=False)
+    made: list[int] = []
+    real_empty = np.empty
+
+    def counting_empty(shape, dtype=float, *a, **k):
+        if dtype is np.uint8:
+            made.append(1)
+        return real_empty(shape, dtype, *a, **k)
+
+    monkeypatch.setattr(np, "empty", counting_empty)
+    spec = {"name": "t", "version": 1, "rules": [{"transpose": "m.{i}.w"}]}
+    statemap.convert(spec, tmp_path / "s.safetensors", tmp_path / "o.safetensors", fsync=False)
+    monkeypatch.setattr(np, "empty", real_empty)
+    assert 1 <= len(made) < len(sd)
+    with open_checkpoint(tmp_path / "o.safetensors") as ck:
+        for k, v in sd.items():
+            assert ck.read(k).tobytes() == np.ascontiguousarray(v.T).tobytes(), k
