@@ -547,26 +547,10 @@ def _open_index_fast(p: Path) -> Checkpoint | None:
     """The common, valid index with whole-dict operations (each shard name checked once, each
     shard's keys looked up in the index in C); None when anything is unusual, and
     :func:`_open_index_checked` then decides and names the problem in the same order as always."""
-    raw = read_regular(p, MAX_INDEX, "index file")
-    try:
-        index = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    got = _index_map(p)
+    if got is None:
         return None
-    wm = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(wm, dict) or not wm:
-        return None
-    try:
-        order = dict.fromkeys(wm.values())  # shard names in order of first mention
-    except TypeError:
-        return None
-    for shard in order:
-        if not isinstance(shard, str) or not shard or shard.endswith(".index.json"):
-            return None
-        pp = PurePosixPath(shard)
-        if pp.is_absolute() or ".." in pp.parts or "\\" in shard or os.path.isabs(shard):
-            return None
-        if not (p.parent / shard).is_file():
-            return None
+    index, wm, order = got
     readers: dict[str, Checkpoint] = {}
     every: dict[str, TensorMeta] = {}
     fmt = "safetensors-sharded"
