@@ -128,6 +128,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     from .source import is_pattern, open_input
 
+    if args.values or args.spec:  # before numpy is imported: the hashing threads are statemap's own
+        from .process import one_blas_thread
+
+        one_blas_thread()
     spec: Any = None
     if args.spec:  # A is read as SPEC reads it: several files for a spec with `inputs:`, its vars from its config
         from .spec import load_spec

@@ -12,7 +12,10 @@ Example::
 
 from __future__ import annotations
 
-__all__ = ["is_command_process", "mark_command_process"]
+import os
+import sys
+
+__all__ = ["is_command_process", "mark_command_process", "one_blas_thread"]
 
 _command = False
 
@@ -26,3 +29,13 @@ def mark_command_process() -> None:
 def is_command_process() -> bool:
     """True in the ``statemap`` command's own process."""
     return _command
+
+
+def one_blas_thread() -> None:
+    """In the ``statemap`` command's own process, before numpy is imported: OpenBLAS on one thread.
+    By default OpenBLAS starts a thread per core when numpy is imported, and they spin for a while
+    after each call (~0.05-0.1 s of CPU measured here), taking cores from statemap's own threads
+    (writing multiplies no matrices; ``diff --values`` hashes on two threads of its own). A value
+    the user set is kept; a library call, or a process that imported numpy already, is left as is."""
+    if is_command_process() and "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

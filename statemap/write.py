@@ -33,6 +33,7 @@ from .dtypes import dtype as lookup_dtype
 from .errors import OutputError
 from .load.safetensors_format import encode_header
 from .meta import TensorMeta
+from .process import one_blas_thread
 
 if TYPE_CHECKING:
     import numpy as np
@@ -918,24 +919,13 @@ def write_checkpoint(
     return Written(tuple(str(f) for f in files), len(metas), nbytes, tuple(str(f) for f in removed))
 
 
-def _one_blas_thread() -> None:
-    """In the ``statemap`` command's own process, before numpy is imported: OpenBLAS on one thread.
-    Writing never multiplies matrices, but by default OpenBLAS starts a thread per core when numpy
-    is imported, and they spin for a while (~0.05-0.1 s of CPU measured here), taking cores from
-    the writer and the transposes. A value the user set is kept; a library call changes nothing."""
-    from .process import is_command_process
-
-    if is_command_process() and "numpy" not in sys.modules:
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-
 def _import_numpy_meanwhile() -> None:
     """Import numpy (~0.08 s) on a thread, so the first computed tensor does not stop the writer
     for it: with most tensors copied in the kernel (the GIL released) the import runs meanwhile.
     Python's import lock makes any other ``import numpy`` wait for this one to finish."""
     if "numpy" in sys.modules:
         return
-    _one_blas_thread()
+    one_blas_thread()  # writing multiplies no matrices: OpenBLAS's idle threads would take CPU from it
 
     def work() -> None:
         with contextlib.suppress(Exception):

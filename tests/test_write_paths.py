@@ -398,5 +398,5 @@ def test_blas_threads_are_one_only_in_the_command_process(monkeypatch, command, 
         monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OPENBLAS_NUM_THREADS", preset)
-    w._one_blas_thread()
+    statemap.process.one_blas_thread()
     assert os.environ.get("OPENBLAS_NUM_THREADS") == want
