@@ -18,7 +18,7 @@ import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 from .errors import PlanError, SpecError
 from .gcpause import paused
@@ -134,26 +134,57 @@ def _pos_key(p: Any) -> tuple[int, ...]:
     return (p,) if type(p) is int else p
 
 
-class _SourceMetas(Sequence[TensorMeta]):
-    """``Plan.source`` over a checkpoint's metadata mapping, each TensorMeta built when read."""
+T = TypeVar("T")
 
-    def __init__(self, names: list[str], metas: Any) -> None:
-        self._names, self._metas = names, metas
+
+class _Computed(Sequence[T]):
+    """A read-only sequence of ``n`` items, item ``i`` being ``at(i)``, made when read (``each``:
+    all of them in order, when that is faster than ``at`` per index). Equal to any sequence of equal
+    items, like a tuple; not hashable."""
+
+    def __init__(self, n: int, at: Callable[[int], T], each: Callable[[], Iterator[T]] | None = None) -> None:
+        self._n, self._at, self._each = n, at, each
 
     def __len__(self) -> int:
-        return len(self._names)
+        return self._n
 
     @overload
-    def __getitem__(self, i: int) -> TensorMeta: ...
+    def __getitem__(self, i: int) -> T: ...
     @overload
-    def __getitem__(self, i: slice) -> Sequence[TensorMeta]: ...
-    def __getitem__(self, i: int | slice) -> TensorMeta | Sequence[TensorMeta]:
+    def __getitem__(self, i: slice) -> Sequence[T]: ...
+    def __getitem__(self, i: int | slice) -> T | Sequence[T]:
         if isinstance(i, slice):
-            return [self._metas[k] for k in self._names[i]]
-        return self._metas[self._names[i]]
+            return [self._at(j) for j in range(self._n)[i]]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError("index out of range")
+        return self._at(i)
 
-    def __iter__(self) -> Iterator[TensorMeta]:
-        return map(self._metas.__getitem__, self._names)
+    def __iter__(self) -> Iterator[T]:
+        return self._each() if self._each is not None else map(self._at, range(self._n))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _source_metas(names: list[str], metas: Any) -> Sequence[TensorMeta]:
+    """``Plan.source`` over a checkpoint's metadata mapping, each TensorMeta built when read."""
+    return _Computed(len(names), lambda i: metas[names[i]], lambda: map(metas.__getitem__, names))
+
+
+def _pairs(names: list[str], sources: list[str], rule_of: dict[str, Rule]) -> Sequence[tuple[str, Any]]:
+    """``(name, (source key, rule))`` for each output of a renames-only plan, made when read
+    (``rule_of``: name -> the rule that last moved a key there; a name it lacks was never moved)."""
+    return _Computed(
+        len(names),
+        lambda i: (names[i], (sources[i], rule_of.get(names[i]))),
+        lambda: zip(names, zip(sources, map(rule_of.get, names))),
+    )
 
 
 class _Outputs(Sequence[PlannedTensor]):
@@ -197,64 +228,12 @@ class _Outputs(Sequence[PlannedTensor]):
     def __iter__(self) -> Iterator[PlannedTensor]:
         return map(self._build, range(len(self._items)))
 
-    def metas(self) -> _OutputMetas:
-        return _OutputMetas(self)
+    def metas(self) -> Sequence[TensorMeta]:
+        """``Plan.output_metas``: each TensorMeta built when read."""
+        return _Computed(len(self), lambda i: self._build(i).meta, lambda: (o.meta for o in self))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (_Outputs, tuple, list)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-class _Pairs(Sequence[tuple[str, Any]]):
-    """``(name, (source key, rule))`` for each output of a renames-only plan, made when read
-    (``rule_of``: name -> the rule that last moved a key there; a name it lacks was never moved)."""
-
-    def __init__(self, names: list[str], sources: list[str], rule_of: dict[str, Rule]) -> None:
-        self._names, self._sources, self._rule_of = names, sources, rule_of
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    @overload
-    def __getitem__(self, i: int) -> tuple[str, Any]: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[tuple[str, Any]]: ...
-    def __getitem__(self, i: int | slice) -> tuple[str, Any] | Sequence[tuple[str, Any]]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(len(self._names))[i]]
-        name = self._names[i]
-        return name, (self._sources[i], self._rule_of.get(name))
-
-    def __iter__(self) -> Iterator[tuple[str, Any]]:
-        return zip(self._names, zip(self._sources, map(self._rule_of.get, self._names)))
-
-
-class _OutputMetas(Sequence[TensorMeta]):
-    """``Plan.output_metas`` over an :class:`_Outputs`: each TensorMeta built when read."""
-
-    def __init__(self, outputs: _Outputs) -> None:
-        self._outputs = outputs
-
-    def __len__(self) -> int:
-        return len(self._outputs)
-
-    @overload
-    def __getitem__(self, i: int) -> TensorMeta: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[TensorMeta]: ...
-    def __getitem__(self, i: int | slice) -> TensorMeta | Sequence[TensorMeta]:
-        if isinstance(i, slice):
-            return [o.meta for o in self._outputs[i]]
-        return self._outputs[i].meta
-
-    def __iter__(self) -> Iterator[TensorMeta]:
-        return (o.meta for o in self._outputs)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, (Sequence)):
             return len(self) == len(other) and all(a == b for a, b in zip(self, other))
         return NotImplemented
 
@@ -289,7 +268,7 @@ def _source_table(
     view: Any = getattr(source, "_mapping", None)  # a checkpoint's `metas.values()`
     cols = columns_of(view) if view is not None else None
     if cols is not None:  # a large index held as columns: no TensorMeta per key until one is read
-        return _SourceMetas(cols.names, view), cols.names, view.__getitem__, None
+        return _source_metas(cols.names, view), cols.names, view.__getitem__, None
     metas = tuple(source)
     names = list(map(operator.attrgetter("name"), metas))
     by_name: dict[str, TensorMeta] = {}
@@ -697,7 +676,7 @@ def _renames_only(
 
     # a name moved away is never a current one again (no two keys share a name), so a current name
     # missing from `moved_by` was never moved: passed through
-    items: Sequence[tuple[str, Any]] = _Pairs(cur, names, moved_by)
+    items: Sequence[tuple[str, Any]] = _pairs(cur, names, moved_by)
     passthrough = tuple(itertools.filterfalse(moved_by.__contains__, cur))
     return Plan(
         spec,
