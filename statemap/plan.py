@@ -782,17 +782,10 @@ def _same_bytes(outputs: Sequence[PlannedTensor], group_of: dict[str, int]) -> t
 def _filler(t: Template, rule: Rule) -> Callable[[dict[str, Any]], str]:
     """``t.fill`` as a %-format when the template holds only literal text and bare names
     (the usual case); anything else, and every error, goes through ``t.fill``."""
-    fmt: list[str] = []
-    names: list[str] = []
-    for kind, value in t.parts:
-        if kind == "lit":
-            fmt.append(str(value).replace("%", "%%"))
-        elif isinstance(value, str):
-            fmt.append("%s")
-            names.append(value)
-        else:
-            return lambda env: _fill(t, env, rule)
-    f = "".join(fmt)
+    got = _format_of(t)
+    if got is None:
+        return lambda env: _fill(t, env, rule)
+    f, names = got
 
     def fill(env: dict[str, Any]) -> str:
         try:
