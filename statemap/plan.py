@@ -187,7 +187,7 @@ def _pairs(names: list[str], sources: list[str], rule_of: dict[str, Rule]) -> Se
     )
 
 
-class _Outputs(Sequence[PlannedTensor]):
+class _Outputs(_Computed[PlannedTensor]):
     """``Plan.outputs``: the planner's final table, each PlannedTensor built when first read
     (a dry run of 200k keys reads only the count and the names)."""
 
@@ -195,9 +195,7 @@ class _Outputs(Sequence[PlannedTensor]):
         self._items = items
         self._source_node = source_node
         self._built: list[PlannedTensor | None] = [None] * len(items)
-
-    def __len__(self) -> int:
-        return len(self._items)
+        super().__init__(len(items), self._build)
 
     def _build(self, i: int) -> PlannedTensor:
         got = self._built[i]
@@ -212,32 +210,9 @@ class _Outputs(Sequence[PlannedTensor]):
             self._built[i] = got
         return got
 
-    @overload
-    def __getitem__(self, i: int) -> PlannedTensor: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[PlannedTensor]: ...
-    def __getitem__(self, i: int | slice) -> PlannedTensor | Sequence[PlannedTensor]:
-        if isinstance(i, slice):
-            return [self._build(j) for j in range(len(self._items))[i]]
-        if i < 0:
-            i += len(self._items)
-        if not 0 <= i < len(self._items):
-            raise IndexError("output index out of range")
-        return self._build(i)
-
-    def __iter__(self) -> Iterator[PlannedTensor]:
-        return map(self._build, range(len(self._items)))
-
     def metas(self) -> Sequence[TensorMeta]:
         """``Plan.output_metas``: each TensorMeta built when read."""
         return _Computed(len(self), lambda i: self._build(i).meta, lambda: (o.meta for o in self))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, (_Outputs, tuple, list)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 def make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[str]] = ()) -> Plan:
