@@ -369,10 +369,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
                     if rule.optional:
                         unmatched.append(rule)
                         continue
-                    raise PlanError(
-                        f"{rule.where()}matched no key{_closest(str(rule.sources[0]), table, pos)}; "
-                        "mark it 'optional: true' if that is expected"
-                    )
+                    raise _matched_nothing(rule, table, pos)
                 clash = list(filter(table.__contains__, new_names))
                 if clash:
                     moving = set(keys)
@@ -402,9 +399,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
             if rule.optional:
                 unmatched.append(rule)
                 continue
-            raise PlanError(
-                f"{rule.where()}matched no key{_closest(str(rule.sources[0]), table, pos)}; mark it 'optional: true' if that is expected"
-            )
+            raise _matched_nothing(rule, table, pos)
 
         replacements: dict[str, list[tuple[str, Node]]] = {}
         consumed: set[str] = set()
@@ -722,6 +717,13 @@ def _joined(pattern: Pattern) -> Any:
             joined_regex(parts) if len(set(pattern.captures)) == sum(isinstance(x, Cap) for x in pattern.parts) else None
         )
     return _JOINED[text]
+
+
+def _matched_nothing(rule: Rule, table: dict[str, Any], pos: dict[str, Any]) -> PlanError:
+    """The error of a rule (not optional) whose pattern matched no current key, with the closest keys."""
+    return PlanError(
+        f"{rule.where()}matched no key{_closest(str(rule.sources[0]), table, pos)}; mark it 'optional: true' if that is expected"
+    )
 
 
 def _format_of(t: Template) -> tuple[str, list[str]] | None:
