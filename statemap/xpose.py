@@ -13,14 +13,13 @@ arrays are in storage form (bfloat16 as uint16, float8 as uint8: only bytes move
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
-import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .buffers import BufferPool
 from .errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -188,16 +187,6 @@ def read_transposed(
     return out
 
 
-@functools.cache
-def _free_refcount() -> int:
-    """What ``sys.getrefcount(a_list[i])`` says of an array nothing but the list refers to, measured
-    on this interpreter (the count of getrefcount's own argument differs between Python versions)."""
-    import numpy as np
-
-    bufs = [np.empty(1, dtype=np.uint8)]
-    return sys.getrefcount(bufs[0])
-
-
 class OutputPool:
     """Arrays for computed tensors, reused once nothing else refers to them: a conversion's
     transposes then write into memory that is already mapped, instead of a fresh allocation per
@@ -221,9 +210,12 @@ class OutputPool:
     MAX = 1 << 26  # larger ones are few (embeddings), and would stay in memory beside the next
 
     def __init__(self, limit: int = 4) -> None:
-        self.limit = limit
-        self.bufs: list[Any] = []
-        self.lock = threading.Lock()
+        self.pool = BufferPool(limit)
+
+    @property
+    def bufs(self) -> list[Any]:
+        """The kept buffers."""
+        return self.pool.bufs
 
     def take(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An uninitialised C-contiguous array of ``shape`` and ``dtype``."""
@@ -236,20 +228,4 @@ class OutputPool:
         nbytes = n * dt.itemsize
         if not self.MIN <= nbytes <= self.MAX:
             return np.empty(shape, dtype=dt)
-        with self.lock:
-            free_count = _free_refcount()
-            best, free = -1, []
-            for i in range(len(self.bufs)):
-                if sys.getrefcount(self.bufs[i]) == free_count:  # nothing but the list refers to it
-                    free.append(i)
-                    size = self.bufs[i].nbytes
-                    if nbytes <= size <= 2 * nbytes and (best < 0 or size < self.bufs[best].nbytes):
-                        best = i
-            if best < 0:
-                if len(self.bufs) >= self.limit:
-                    if not free:
-                        return np.empty(shape, dtype=dt)  # every pooled buffer is in use
-                    del self.bufs[min(free, key=lambda i: self.bufs[i].nbytes)]  # a free one that does not fit
-                self.bufs.append(np.empty(nbytes, dtype=np.uint8))
-                best = len(self.bufs) - 1
-            return self.bufs[best][:nbytes].view(dt).reshape(shape)
+        return self.pool.take(nbytes).view(dt).reshape(shape)

@@ -17,14 +17,20 @@ from statemap.meta import TensorMeta
 RNG = np.random.default_rng(5)
 
 
-@pytest.mark.parametrize("n", [3, 16_383, 16_385, (1 << 18) + 1, 3 * (1 << 20) + 7])  # under 64 KB, odd, over 1 MB
-def test_streamed_identity_is_the_in_memory_one(n):
-    x = RNG.standard_normal(n, dtype=np.float32)
-    raw = x.tobytes()
+def _ranges(raw: bytes):
+    """A byte-range reader over ``raw``, as a file's would read it."""
 
     def rr(off: int, count: int, out: np.ndarray) -> np.ndarray:
         out[:] = np.frombuffer(raw[off : off + count], dtype=np.uint8)
         return out
+
+    return rr
+
+
+@pytest.mark.parametrize("n", [3, 16_383, 16_385, (1 << 18) + 1, 3 * (1 << 20) + 7])  # under 64 KB, odd, over 1 MB
+def test_streamed_identity_is_the_in_memory_one(n):
+    x = RNG.standard_normal(n, dtype=np.float32)
+    rr = _ranges(x.tobytes())
 
     meta = TensorMeta("w", (n,), "float32")
     assert _quick_stream(meta, rr)[0] == _quick_parts(meta, x)
@@ -36,11 +42,7 @@ def test_streamed_identity_is_the_in_memory_one(n):
 @pytest.mark.parametrize("shape", [(70_001, 3), (4099, 1024), (1500, 257)])  # rows across the 2 MB pieces (odd lengths too)
 def test_streamed_row_starts_are_every_rows_first_two_values(shape):
     x = RNG.standard_normal(shape, dtype=np.float32)
-    raw = x.tobytes()
-
-    def rr(off: int, count: int, out: np.ndarray) -> np.ndarray:
-        out[:] = np.frombuffer(raw[off : off + count], dtype=np.uint8)
-        return out
+    rr = _ranges(x.tobytes())
 
     meta = TensorMeta("w", shape, "float32")
     q, first = _quick_stream(meta, rr, shape[1] * 4)

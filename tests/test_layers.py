@@ -17,7 +17,15 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["statemap", "statemap.errors", "statemap.textsafe", "statemap.process", "statemap.gcpause"]),
     (
         "values",
-        ["statemap.dtypes", "statemap.fsutil", "statemap.keymatch", "statemap.axes", "statemap.progress", "statemap.xpose"],
+        [
+            "statemap.dtypes",
+            "statemap.fsutil",
+            "statemap.keymatch",
+            "statemap.axes",
+            "statemap.progress",
+            "statemap.buffers",
+            "statemap.xpose",
+        ],
     ),
     ("keys and tensors", ["statemap.template", "statemap.meta", "statemap.torch_adapter"]),
     ("rules", ["statemap.guards", "statemap.rules", "statemap.inputs", "statemap.vardefs"]),

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-import threading
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+from ..buffers import BufferPool, free_refcount
 from ..dtypes import dtype as lookup_dtype
 from ..errors import CheckpointError
 from ..meta import TensorMeta
@@ -81,46 +80,16 @@ class LazyTensor:
     read: Callable[[], np.ndarray]
 
 
-class _BufferPool:
-    """Byte buffers reused across reads while :func:`reuse_buffers` is active: a buffer is free again
-    when nothing but the pool refers to it (no array or view made from it is alive; CPython's
-    reference count says so), so a read into it cannot change an array someone still holds. Reused
-    buffers spare the page faults of fresh allocations (several tensors alive at once keep glibc
-    from reusing freed ones). At most ``limit`` buffers are kept; past that a read allocates as
-    without the pool. A buffer serves a read of half its size or more (a small tensor does not pin a
-    large buffer).
-
-    Reads larger than the pooled sizes (embeddings) have one buffer of their own, kept while free
-    for the next such read of at most its size (no page of it is faulted in and zeroed again:
-    ~0.1 s per 400 MB here); a larger one replaces it (the free one is dropped first, so two are
-    never held for nothing)."""
+class _BufferPool(BufferPool):
+    """:class:`statemap.buffers.BufferPool` for reads while :func:`reuse_buffers` is active, plus
+    one buffer of its own for reads larger than the pooled sizes (embeddings), kept while free for
+    the next such read of at most its size (no page of it is faulted in and zeroed again: ~0.1 s
+    per 400 MB here); a larger one replaces it (the free one is dropped first, so two are never
+    held for nothing)."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.bufs: list[Any] = []
+        super().__init__(limit)
         self.big: list[Any] = []  # at most one buffer for reads above the pooled sizes
-        self.lock = threading.Lock()
-
-    def take(self, nbytes: int) -> Any:
-        import numpy as np
-
-        with self.lock:
-            best, free = -1, []
-            free_count = _free_refcount()
-            for i in range(len(self.bufs)):
-                if sys.getrefcount(self.bufs[i]) == free_count:  # nothing but the list refers to it
-                    free.append(i)
-                    size = self.bufs[i].nbytes
-                    if nbytes <= size and (best < 0 or size < self.bufs[best].nbytes):
-                        best = i
-            if best >= 0:
-                return self.bufs[best][:nbytes]
-            if len(self.bufs) >= self.limit and free:  # the smallest free one is too small: replaced
-                del self.bufs[min(free, key=lambda i: self.bufs[i].nbytes)]
-            buf = np.empty(nbytes, dtype=np.uint8)
-            if len(self.bufs) < self.limit:
-                self.bufs.append(buf)
-            return buf[:nbytes]
 
     def take_big(self, nbytes: int) -> Any:
         """A buffer of ``nbytes`` for a read above the pooled sizes: the big buffer when it is free and
@@ -128,8 +97,7 @@ class _BufferPool:
         import numpy as np
 
         with self.lock:
-            free_count = _free_refcount()
-            if self.big and sys.getrefcount(self.big[0]) == free_count and self.big[0].nbytes >= nbytes:
+            if self.big and sys.getrefcount(self.big[0]) == free_refcount() and self.big[0].nbytes >= nbytes:
                 return self.big[0][:nbytes]
         self.trim()
         with self.lock:
@@ -139,21 +107,10 @@ class _BufferPool:
 
     def trim(self) -> None:
         """Drop the free buffers (before a large read the pool does not serve: peak memory stays as without the pool)."""
+        super().trim()
         with self.lock:
-            free_count = _free_refcount()
-            self.bufs = [self.bufs[i] for i in range(len(self.bufs)) if sys.getrefcount(self.bufs[i]) != free_count]
+            free_count = free_refcount()
             self.big = [self.big[i] for i in range(len(self.big)) if sys.getrefcount(self.big[i]) != free_count]
-
-
-@functools.cache
-def _free_refcount() -> int:
-    """What ``sys.getrefcount(a_list[i])`` says of an array nothing but the list refers to, measured
-    on this interpreter rather than assumed (the count of getrefcount's own argument differs between
-    Python versions: 3.14 may borrow it). Anything else means an array made from it is alive."""
-    import numpy as np
-
-    bufs = [np.empty(1, dtype=np.uint8)]
-    return sys.getrefcount(bufs[0])
 
 
 _pool: list[_BufferPool] = []

@@ -89,6 +89,25 @@ def _no_float(text: str) -> Any:
     raise _Unusual(text)
 
 
+def _plain(raw: bytes) -> tuple[dict[str, Any], dict[str, str], int, int]:
+    """The header parsed (no float), without ``__metadata__``; that metadata (``{}`` if none); the
+    object members counted and the colons inside names and metadata strings (see :func:`_fast`).
+    Raises :class:`_Unusual` for a header that is not an object or metadata that is not strings."""
+    header = json.loads(raw.decode("utf-8"), parse_float=_no_float)
+    if type(header) is not dict:
+        raise _Unusual
+    members = len(header)
+    colons = "\0".join(header).count(":")
+    meta_raw = header.pop("__metadata__", None)
+    if meta_raw is None:
+        return header, {}, members, colons
+    if type(meta_raw) is not dict or not all(type(v) is str for v in meta_raw.values()):
+        raise _Unusual
+    members += len(meta_raw)
+    colons += "\0".join(meta_raw).count(":") + "\0".join(meta_raw.values()).count(":")
+    return header, meta_raw, members, colons
+
+
 def _fast(path: str, raw: bytes, n: int, size: int) -> Header:
     """The common, valid header in one pass over plain tuples: the same result as :func:`_slow`,
     which runs instead (and names the problem) whenever anything here is unusual.
@@ -101,19 +120,7 @@ def _fast(path: str, raw: bytes, n: int, size: int) -> Header:
     ``json.loads``: the counts then differ and :func:`_slow` reports it). Every entry must be the
     plain ``{dtype, shape, data_offsets}`` form; the buffer must be tiled exactly.
     """
-    header = json.loads(raw.decode("utf-8"), parse_float=_no_float)
-    if type(header) is not dict:
-        raise _Unusual
-    members = len(header)
-    colons = "\0".join(header).count(":")
-    meta_raw = header.pop("__metadata__", None)
-    if meta_raw is not None:
-        if type(meta_raw) is not dict or not all(type(v) is str for v in meta_raw.values()):
-            raise _Unusual
-        members += len(meta_raw)
-        colons += "\0".join(meta_raw).count(":") + "\0".join(meta_raw.values()).count(":")
-    else:
-        meta_raw = {}
+    header, meta_raw, members, colons = _plain(raw)
     data_start = 8 + n
     buffer_len = size - data_start
     dtypes: dict[str, Any] = {}
@@ -214,17 +221,7 @@ _GET_ENTRY = operator.itemgetter("dtype", "shape", "data_offsets")
 
 def _columns(raw: bytes, n: int, size: int) -> HeaderColumns | None:
     """:func:`_fast`'s checks, each over whole lists (same conditions, same result)."""
-    header = json.loads(raw.decode("utf-8"), parse_float=_no_float)
-    if type(header) is not dict:
-        return None
-    members = len(header)
-    colons = "\0".join(header).count(":")
-    meta_raw = header.pop("__metadata__", None)
-    if meta_raw is not None:
-        if type(meta_raw) is not dict or not all(type(v) is str for v in meta_raw.values()):
-            return None
-        members += len(meta_raw)
-        colons += "\0".join(meta_raw).count(":") + "\0".join(meta_raw.values()).count(":")
+    header, _, members, colons = _plain(raw)  # _Unusual: read_columns declines
     if not header:
         return None
     infos = list(header.values())
