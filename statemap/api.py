@@ -189,11 +189,24 @@ def plan_for(spec: Spec, ck: Checkpoint) -> Plan:
             raise
         from .diagnose import wrong_input
 
-        hint = wrong_input(spec, ck.metas)
+        hint = wrong_input(spec, ck.metas, lambda other: _contradicts(other, ck))
         if hint is None:
             raise
         head = text.split("matched no key")[0]  # the rule's file:line, then the real mistake
         raise PlanError(f"{head}matched no key: {hint}") from None
+
+
+def _contradicts(spec: Spec, ck: Checkpoint) -> bool:
+    """Whether planning ``spec`` on ``ck`` stops at an ``assume:`` the input contradicts."""
+    from .errors import AssumptionError, StatemapError
+
+    try:
+        make_plan(spec, ck.metas.values(), ck.tied_groups())
+    except AssumptionError:
+        return True
+    except StatemapError:
+        return False
+    return False
 
 
 def _input_rows(ck: Checkpoint) -> list[dict[str, Any]]:

@@ -89,8 +89,12 @@ def _catalog() -> Iterable[Spec]:
             continue
 
 
-def wrong_input(spec: Spec, keys: Iterable[str]) -> str | None:
-    """Why ``spec`` may not fit an input with these keys, or None when nothing stands out."""
+def wrong_input(spec: Spec, keys: Iterable[str], refuses: Callable[[Spec], bool] | None = None) -> str | None:
+    """Why ``spec`` may not fit an input with these keys, or None when nothing stands out.
+
+    ``refuses(other)``: whether a catalog spec that covers the keys states a fact the input
+    contradicts (an ``assume:`` on shapes: the other direction of a pair of layouts that share
+    their names, as HF GPT-2 and nanoGPT do); such a spec is not suggested."""
     keys = list(keys)
     if not keys:
         return None
@@ -105,16 +109,18 @@ def wrong_input(spec: Spec, keys: Iterable[str]) -> str | None:
             f"the input looks converted already: {len(done)} of {of} look like what this spec writes "
             f"(e.g. {done[0]}); give it the unconverted checkpoint"
         )
-    best: list[tuple[int, float, str]] = []
+    best: list[tuple[int, float, str, Spec]] = []
     for other in _catalog():
         if other.name == spec.name:
             continue
         n, rules = _fit(other, keys)
         if n >= OTHER_FAMILY * len(keys) and n > own:
-            best.append((n, rules, other.name))
+            best.append((n, rules, other.name, other))
+    best.sort(key=lambda b: (-b[0], -b[1], b[2]))
+    if refuses is not None:
+        best = [b for b in best if not refuses(b[3])]
     if best:
-        best.sort(key=lambda b: (-b[0], -b[1], b[2]))
-        top = [name for n, rules, name in best if (n, rules) == best[0][:2]][:3]
+        top = [name for n, rules, name, _ in best if (n, rules) == best[0][:2]][:3]
         names = " or ".join(repr(n) for n in top)
         return (
             f"the input looks like another family: catalog spec {names} covers {best[0][0]} of {of} "

@@ -16,6 +16,8 @@ anything is written (:mod:`statemap.verify`)::
 
     assume: {equal: KEY}          each matched tensor equals KEY (shape, dtype and bytes)
     assume: {value: 0}            every element of each matched tensor equals 0
+    assume: {shape: [{dim: 1, of: wte.weight}, ~]}   the matched tensor's shape (from metadata,
+                                  when planning); each dim as in ``shape:`` fields, ``~`` any length
 
 KEY is a template: the matched key's captures and the spec's vars fill it.
 
@@ -34,10 +36,19 @@ from typing import Any
 
 from .dtypes import dtype as lookup_dtype
 from .errors import SpecError
-from .template import Expr, Template, eval_condition, parse_condition, parse_template
+from .template import (
+    Expr,
+    Template,
+    eval_condition,
+    parse_condition,
+    parse_shape_entry,
+    parse_template,
+    shape_entry_names,
+    shape_entry_text,
+)
 
 WHEN_KINDS = ("present", "absent", "dtype", "tied_to", "not_tied_to", "if")
-ASSUME_KINDS = ("equal", "value")
+ASSUME_KINDS = ("equal", "value", "shape")
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,7 @@ class Assume:
     """One verified assumption of ``assume:``."""
 
     kind: str
-    arg: Any  # Template (equal) | float (value)
+    arg: Any  # Template (equal) | float (value) | tuple of template.ShapeEntry (shape)
     text: str = ""
 
     def __str__(self) -> str:
@@ -109,7 +120,7 @@ def parse_assume(value: Any, where: str) -> tuple[Assume, ...]:
     """``assume:`` mapping -> assumptions. Raises :class:`SpecError` naming the bad entry."""
     w = f"{where}field 'assume': "
     if not isinstance(value, dict) or not value:
-        raise SpecError(f"{w}expected a mapping such as {{equal: KEY}} or {{value: 0}}")
+        raise SpecError(f"{w}expected a mapping such as {{equal: KEY}}, {{value: 0}} or {{shape: [d, ~]}}")
     out: list[Assume] = []
     for kind, v in value.items():
         if kind not in ASSUME_KINDS:
@@ -118,11 +129,30 @@ def parse_assume(value: Any, where: str) -> tuple[Assume, ...]:
             raise unknown_field(str(kind), set(ASSUME_KINDS), w, "assumption")
         if kind == "equal":
             out.append(Assume(kind, _key(v, w), str(v)))
+        elif kind == "shape":
+            if not isinstance(v, list) or not v:
+                raise SpecError(
+                    f"{w}'shape' takes a list with one entry per dim, such as [{{dim: 1, of: wte.weight}}, ~], got {v!r}"
+                )
+            dims = tuple(parse_shape_entry(x, w, wildcard=True) for x in v)
+            out.append(Assume(kind, dims, "[" + ", ".join(shape_entry_text(d) for d in dims) + "]"))
         else:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise SpecError(f"{w}'value' must be a finite number, got {v!r}")
             out.append(Assume(kind, v, str(v)))
     return tuple(out)
+
+
+def assume_names(assumes: tuple[Assume, ...]) -> set[str]:
+    """Capture / var names the assumptions use (checked against the source pattern at load time)."""
+    names: set[str] = set()
+    for a in assumes:
+        if a.kind == "equal":
+            names |= a.arg.names
+        elif a.kind == "shape":
+            for d in a.arg:
+                names |= shape_entry_names(d)
+    return names
 
 
 def cond_names(conds: tuple[Cond, ...]) -> set[str]:
@@ -162,4 +192,4 @@ def holds(
 
 Condition = Expr  # re-exported for type hints
 
-__all__ = ["Assume", "Cond", "parse_assume", "parse_when", "holds", "cond_names", "WHEN_KINDS", "ASSUME_KINDS"]
+__all__ = ["Assume", "Cond", "parse_assume", "parse_when", "holds", "cond_names", "assume_names", "WHEN_KINDS", "ASSUME_KINDS"]

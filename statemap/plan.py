@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
-from .errors import PlanError, SpecError
+from .errors import AssumptionError, PlanError, SpecError
 from .gcpause import paused
 from .guards import holds
 from .meta import Node, TensorMeta
@@ -215,6 +215,17 @@ class _Outputs(_Computed[PlannedTensor]):
         return _Computed(len(self), lambda i: self._build(i).meta, lambda: (o.meta for o in self))
 
 
+def shape_holds(rule: Rule, key: str, shape: tuple[int, ...], a: Any, ctx: Ctx) -> None:
+    """``assume: {shape: [...]}``: ``key``'s shape (metadata) is the one the rule states; raises
+    :class:`PlanError` with both shapes and what each dim was computed from."""
+    want = [None if e[0] == "any" else ctx.shape((e,))[0] for e in a.arg]
+    if len(want) == len(shape) and all(w is None or w == s for w, s in zip(want, shape)):
+        return
+    stated = ", ".join("*" if w is None else str(w) for w in want)
+    note = f" (note: {rule.note})" if rule.note else ""
+    raise AssumptionError(f"{rule.where()}assumes {key!r} has shape [{stated}] ({a.text}), but it is {list(shape)}{note}")
+
+
 def make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[str]] = ()) -> Plan:
     """Compile ``spec`` against source metadata. Raises :class:`PlanError` on any mismatch.
 
@@ -321,8 +332,10 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
         for a in rule.assume:
             if a.kind == "value":
                 checks.append(Check(rule, key, node, value=float(a.arg)))
-                continue
-            equal(rule, key, _fill(a.arg, env, rule))
+            elif a.kind == "shape":
+                shape_holds(rule, key, node.shape, a, Ctx(rule, env, lookup, key))
+            else:
+                equal(rule, key, _fill(a.arg, env, rule))
 
     def equal(rule: Rule, key: str, other: str, why: str = "") -> None:
         node = entry(key).node

@@ -228,6 +228,73 @@ def expr_str(node: Expr) -> str:
     return f"({expr_str(node[1])}{node[0]}{expr_str(node[2])})"
 
 
+# -- shape entries -------------------------------------------------------------------------
+
+ShapeEntry = tuple  # ("expr", Expr) | ("dim", Expr, Template) | ("any",)
+
+
+def parse_shape_entry(v: object, where: str = "", wildcard: bool = False) -> ShapeEntry:
+    """One dim of a shape as written in YAML: an integer, an expression over vars and captures,
+    ``{dim: N, of: KEY}`` (a dim of another tensor), or -- with ``wildcard`` -- ``null``
+    (any length).
+
+    Example::
+
+        >>> parse_shape_entry("3 * d"), parse_shape_entry(None, wildcard=True)
+        (('expr', ('*', 3, 'd')), ('any',))
+    """
+    if v is None and wildcard:
+        return ("any",)
+    if isinstance(v, bool):
+        raise SpecError(f"{where}shape entry {v!r} is a boolean")
+    if isinstance(v, int):
+        return ("expr", v)
+    if isinstance(v, str):
+        try:
+            return ("expr", parse_expr(v))
+        except SpecError as e:
+            raise SpecError(f"{where}{e}") from None
+    if isinstance(v, dict) and set(v) == {"dim", "of"} and isinstance(v["of"], str):
+        d = v["dim"]
+        if isinstance(d, bool) or not isinstance(d, (int, str)):
+            raise SpecError(f"{where}'dim' of {{dim, of}} is an integer or an expression, got {d!r}")
+        try:
+            return ("dim", d if isinstance(d, int) else parse_expr(d), parse_template(v["of"]))
+        except SpecError as e:
+            raise SpecError(f"{where}{e}") from None
+    also = ", null (any length)" if wildcard else ""
+    raise SpecError(
+        f"{where}shape entry {short_repr(v, 60)} must be an integer, an expression such as 'vocab', or {{dim: 0, of: KEY}}{also}"
+    )
+
+
+def shape_entry_names(e: ShapeEntry) -> set[str]:
+    """The vars and captures a shape entry refers to."""
+    if e[0] == "expr":
+        return expr_names(e[1])
+    if e[0] == "dim":
+        return expr_names(e[1]) | e[2].names
+    return set()
+
+
+def shape_entry_yaml(e: ShapeEntry) -> object:
+    """A parsed shape entry back in its YAML form (for derived specs): parses to the same entry."""
+    if e[0] == "expr":
+        return e[1] if isinstance(e[1], int) else expr_str(e[1])
+    if e[0] == "dim":
+        return {"dim": e[1] if isinstance(e[1], int) else expr_str(e[1]), "of": e[2].text}
+    return None
+
+
+def shape_entry_text(e: ShapeEntry) -> str:
+    """A shape entry as it reads in a message: ``3 * d`` -> ``(3*d)``, a dim of a key, ``*``."""
+    if e[0] == "expr":
+        return expr_str(e[1])
+    if e[0] == "dim":
+        return f"{{dim: {expr_str(e[1])}, of: {e[2].text}}}"
+    return "*"
+
+
 # -- splitting text into literal and {field} parts ---------------------------------------
 
 

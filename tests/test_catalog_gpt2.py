@@ -227,9 +227,8 @@ def test_untransposed_square_weight_is_caught(root):
 
     spec = yaml.safe_load((root / "mappings" / "gpt2-hf-to-nanogpt.yaml").read_text())
     rules = spec["rules"]
-    i = rules.index({"transpose": "transformer.h.{i}.attn.{proj}.weight"})
-    rules[i] = {"transpose": "transformer.h.{i}.attn.c_attn.weight"}
-    rules.append({"keep": "transformer.h.{i}.attn.c_proj.weight"})
+    i = rules.index({"transpose": "transformer.h.{i}.attn.c_proj.weight"})
+    rules[i] = {"keep": "transformer.h.{i}.attn.c_proj.weight"}
     ref = load_file(FIX / "hf_reference.safetensors")
     cfg = json.loads((HF_DIR / "config.json").read_text())
     new, _ = statemap.map_state_dict(spec, load_file(HF_DIR / "model.safetensors"))
@@ -394,6 +393,44 @@ def test_untied_head_is_refused_both_ways_and_nothing_is_written(tmp_path):
     torch.save({"model": m}, tmp_path / "ckpt.pt")
     report = statemap.convert("nanogpt-to-gpt2-hf", tmp_path / "ckpt.pt", tmp_path / "o.safetensors")
     assert any("bytes compared" in a for a in report.assumptions)
+
+
+def test_wrong_direction_is_refused_both_ways_and_nothing_is_written(tmp_path):
+    """The two layouts have the same key names; only the shapes tell them apart. Each spec given
+    the other side's checkpoint (real files: save_pretrained's, a nanoGPT training ckpt.pt, and
+    statemap's own output converted twice) stops at the first Conv1D / nn.Linear weight whose
+    shape is the other layout's, naming the rule, both shapes and the spec to use."""
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(
+        statemap.PlanError,
+        match=r"gpt2-hf-to-nanogpt\.yaml:\d+: .*assumes 'transformer\.h\.0\.attn\.c_attn\.weight' has shape \[8, \*\] "
+        r"\(\[\{dim: 1, of: transformer\.wte\.weight\}, \*\]\), but it is \[24, 8\].*use nanogpt-to-gpt2-hf",
+    ):
+        statemap.convert("gpt2-hf-to-nanogpt", NANO_CKPT, out)
+    assert not out.exists()
+    with pytest.raises(
+        statemap.PlanError,
+        match=r"nanogpt-to-gpt2-hf\.yaml:\d+: .*has shape \[\*, 32\].*but it is \[32, 96\].*use gpt2-hf-to-nanogpt",
+    ):
+        statemap.convert("nanogpt-to-gpt2-hf", HF_DIR, out)
+    assert not out.exists()
+    statemap.convert("gpt2-hf-to-nanogpt", HF_DIR, tmp_path / "nano.safetensors")
+    with pytest.raises(statemap.PlanError, match=r"c_attn\.weight' has shape \[32, \*\].*but it is \[96, 32\]"):
+        statemap.convert("gpt2-hf-to-nanogpt", tmp_path / "nano.safetensors", out)  # converted twice
+    assert not out.exists()
+    # the reverse of each spec carries its shape checks (transposed): HF given to the reverse
+    # of hf->nanogpt is refused, nanoGPT output converted back is accepted
+    with pytest.raises(
+        statemap.PlanError, match=r"inverse of .*mlp\.c_proj\.weight' has shape \[32, \*\].*but it is \[128, 32\]"
+    ):
+        statemap.convert("gpt2-hf-to-nanogpt", HF_DIR, out, reverse=True, accept_loss=["all"])
+    assert not out.exists()
+    back = tmp_path / "back.safetensors"
+    assert statemap.convert("gpt2-hf-to-nanogpt", tmp_path / "nano.safetensors", back, reverse=True, accept_loss=["all"])
+    # the checks use shapes only: the right direction of both files still plans (and the other
+    # tests prove the values)
+    for spec, src in (("gpt2-hf-to-nanogpt", HF_DIR), ("nanogpt-to-gpt2-hf", NANO_CKPT)):
+        assert statemap.convert(spec, src, tmp_path / f"{spec}.safetensors", dry_run=True).produced
 
 
 # --------------------------------------------------------------------------------------------

@@ -166,6 +166,51 @@ def test_assume_shape_mismatch_fails_at_plan_time():
         make_plan(load_spec(spec.replace("equal: b", "equal: c")), [TensorMeta("a", (2,), "float32")])
 
 
+def test_assume_shape_is_checked_from_metadata_with_wildcards_vars_and_dims_of_other_keys():
+    spec = load_spec(
+        HEAD + "vars: {d: 4}\nrules:\n"
+        "  - transpose: {from: 'h.{i}.w', assume: {shape: [{dim: 1, of: emb}, ~]}, note: use the other spec}\n"
+        "  - keep: {from: 'h.{i}.b', assume: {shape: ['3 * d']}}\n"
+        "  - keep: emb\n"
+    )
+    good = [TensorMeta("emb", (10, 4), "float32"), TensorMeta("h.0.w", (4, 12), "float32"), TensorMeta("h.0.b", (12,), "float32")]
+    assert {o.name: o.meta.shape for o in make_plan(spec, good).outputs} == {"h.0.w": (12, 4), "h.0.b": (12,), "emb": (10, 4)}
+    cases = [
+        (
+            1,
+            (12, 4),
+            r":5: rule #1 \(transpose h\.\{i\}\.w\): assumes 'h\.0\.w' has shape \[4, \*\] "
+            r"\(\[\{dim: 1, of: emb\}, \*\]\), but it is \[12, 4\] \(note: use the other spec\)$",
+        ),
+        (1, (4, 12, 1), r"has shape \[4, \*\] .*but it is \[4, 12, 1\]"),  # the rank counts too
+        (2, (13,), r":6: .*assumes 'h\.0\.b' has shape \[12\] \(\[\(3\*d\)\]\), but it is \[13\]$"),
+    ]
+    for at, shape, match in cases:
+        bad = list(good)
+        bad[at] = TensorMeta(bad[at].name, shape, "float32")
+        with pytest.raises(PlanError, match=match):
+            make_plan(spec, bad)
+    missing = load_spec(HEAD + "rules:\n  - keep: {from: a, assume: {shape: [{dim: 0, of: nothere}]}}\n")
+    with pytest.raises(PlanError, match=r"refers to 'nothere', which does not exist at this point"):
+        make_plan(missing, [TensorMeta("a", (2,), "float32")])
+
+
+def test_the_reverse_of_a_transpose_or_permute_checks_the_shape_in_its_own_dim_order():
+    from statemap.invert import invert
+
+    spec = load_spec(
+        HEAD + "rules:\n"
+        "  - transpose: {from: w, assume: {shape: [{dim: 0, of: e}, '2 * 3']}}\n"
+        "  - permute: {from: c, dims: [2, 0, 1], assume: {shape: [1, ~, 3]}}\n"
+        "  - transpose: {from: t, dims: [0, -1], assume: {shape: [4, 5, 6], value: 0}}\n"
+        "  - keep: e\n"
+    )
+    rules = {next(iter(r.values()))["from"]: next(iter(r.values())) for r in invert(spec).data["rules"]}
+    assert rules["w"]["assume"] == {"shape": ["(2*3)", {"dim": 0, "of": "e"}]}
+    assert rules["c"]["assume"] == {"shape": [3, 1, None]}
+    assert rules["t"]["assume"] == {"shape": [6, 5, 4]}  # `value` is about the forward input: not carried
+
+
 BAD = [
     ("  - drop: {from: a, when: {abesnt: b}}\n", r"unknown condition 'abesnt'; did you mean 'absent'\?"),
     ("  - drop: {from: a, when: []}\n", r"field 'when': expected a mapping"),
@@ -175,6 +220,13 @@ BAD = [
     ("  - drop: {from: a, when: {if: 'x ='}}\n", r"unexpected '=' in expression"),
     ("  - drop: {from: a, assume: {same: b}}\n", r"unknown assumption 'same'"),
     ("  - drop: {from: a, assume: {value: .nan}}\n", r"'value' must be a finite number"),
+    ("  - drop: {from: a, assume: {shape: []}}\n", r"'shape' takes a list with one entry per dim"),
+    ("  - drop: {from: a, assume: {shape: 3}}\n", r"'shape' takes a list with one entry per dim"),
+    ("  - drop: {from: a, assume: {shape: [true]}}\n", r"shape entry True is a boolean"),
+    ("  - drop: {from: a, assume: {shape: [[2]]}}\n", r"shape entry \[2\] must be an integer, .*null \(any length\)"),
+    ("  - drop: {from: a, assume: {shape: ['d +']}}\n", r"field 'assume': .*expression"),
+    ("  - drop: {from: a, assume: {shape: [{dim: 0, of: 'b.{j}'}]}}\n", r"'when'/'assume' use \['j'\], not captured"),
+    ("  - drop: {from: a, assume: {shape: [n_embd]}}\n", r"'when'/'assume' use \['n_embd'\], not captured"),
     ("  - inject: {to: a, shape: [1], value: 0, assume: {value: 0}}\n", r"'assume' states a fact about matched tensors"),
     ("  - inject: {to: a, shape: [1], value: 0, when: {dtype: uint16}}\n", r"need a matched key"),
     ("  - drop: {from: a, inverse: [{keep: a}, 3]}\n", r"expected a rule mapping .* or a list of them"),

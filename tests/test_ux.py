@@ -356,6 +356,13 @@ def test_hints_name_the_real_mistake(small, tmp_path, capsys):
     code, _, err = run(capsys, "apply", "vit-timm-to-hf", TINY, "--dry-run")
     assert code == 2 and "looks like another family: catalog spec 'deltalm-fairseq-to-hf'" in err
     assert "optional: true" not in err
+    # HF GPT-2 and nanoGPT share every key name: the hint names the spec whose shape checks the
+    # input passes, not the other direction (it named nanogpt-to-gpt2-hf for HF GPT-2 before)
+    gpt2 = Path(__file__).resolve().parent / "fixtures" / "gpt2"
+    code, _, err = run(capsys, "apply", "clip-hf-to-openai", gpt2 / "hf", "--dry-run")
+    assert code == 2 and "catalog spec 'gpt2-hf-to-nanogpt' covers" in err and "nanogpt-to-gpt2-hf" not in err
+    code, _, err = run(capsys, "apply", "clip-hf-to-openai", gpt2 / "ckpt.pt", "--dry-run")
+    assert code == 2 and "catalog spec 'nanogpt-to-gpt2-hf' covers" in err and "gpt2-hf-to-nanogpt" not in err
     code, _, err = run(capsys, "apply", TINY, small / "s.yaml", tmp_path / "o.safetensors")
     assert code == 2 and err.strip().endswith(
         "this looks like a checkpoint (torch-zip), not a spec; usage: statemap apply SPEC INPUT [OUTPUT]"

@@ -46,7 +46,9 @@ COMMON = {
         "when",
         doc="conditions on metadata: which matched keys the rule acts on (present, absent, dtype, tied_to, not_tied_to, if)",
     ),
-    "assume": Field("assume", doc="facts the rule relies on, verified before anything is written (equal: KEY, value: N)"),
+    "assume": Field(
+        "assume", doc="facts the rule relies on, verified before anything is written (equal: KEY, value: N, shape: [...])"
+    ),
 }
 
 

@@ -21,7 +21,7 @@ from ..dtypes import NAMES as DTYPE_NAMES
 from ..dtypes import dtype as lookup_dtype
 from ..errors import SpecError
 from ..guards import parse_assume, parse_when
-from ..template import Expr, Template, expr_names, expr_str, parse_expr, parse_pattern, parse_template
+from ..template import Expr, Template, expr_names, expr_str, parse_expr, parse_pattern, parse_shape_entry, parse_template
 
 
 @dataclass(frozen=True)
@@ -154,28 +154,10 @@ def _sizes_or_equal(f: Field, v: Any, w: str) -> tuple[IntValue, ...] | str:
     return _exprs(f, v, w)
 
 
-def _shape_entry(v: Any, where: str) -> tuple[Any, ...]:
-    """A dim of a shape: an int, an expression over vars, or {dim: N, of: KEY}."""
-    if isinstance(v, bool):
-        raise SpecError(f"{where}shape entry {v!r} is a boolean")
-    if isinstance(v, int):
-        return ("expr", v)
-    if isinstance(v, str):
-        try:
-            return ("expr", parse_expr(v))
-        except SpecError as e:
-            raise SpecError(f"{where}{e}") from None
-    if isinstance(v, dict) and set(v) == {"dim", "of"}:
-        d = int_value(v, where)
-        assert isinstance(d, DimOf)
-        return ("dim", d.dim, d.of)
-    raise SpecError(f"{where}shape entry {v!r} must be an integer, an expression such as 'vocab', or {{dim: 0, of: KEY}}")
-
-
 def _shape(f: Field, v: Any, w: str) -> tuple[tuple[Any, ...], ...]:
     if not isinstance(v, list):
         raise SpecError(f"{w}expected a list such as [1, vocab], got {v!r}")
-    return tuple(_shape_entry(x, w) for x in v)
+    return tuple(parse_shape_entry(x, w) for x in v)
 
 
 def _axes(f: Field, v: Any, w: str) -> tuple[int, ...]:
@@ -391,7 +373,16 @@ KINDS: dict[str, Kind] = {
                 "type": "object",
                 "minProperties": 1,
                 "additionalProperties": False,
-                "properties": {"equal": {"type": "string", "minLength": 1}, "value": {"type": "number"}},
+                "properties": {
+                    "equal": {"type": "string", "minLength": 1},
+                    "value": {"type": "number"},
+                    "shape": {
+                        "type": "array",
+                        "minItems": 1,
+                        "description": "the matched tensor's shape: each dim as in shape fields, or null for any length",
+                        "items": {"anyOf": [_EXPR, _DIM_OF, {"type": "null"}]},
+                    },
+                },
             }
         ),
         names_itself=True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import SpecError
-from ..guards import cond_names
+from ..guards import assume_names, cond_names
 from ..rules import Loc, Rule, unknown_field
 from ..template import Template, parse_template
 from .base import COMMON, REGISTRY, Op
@@ -97,9 +97,7 @@ def _canonical(
     params = op.Params(**fields)  # the fields besides the keys, typed
     op.check_rule(params, sources, targets, w)
     captures = set(sources[0].captures) if sources else set()
-    guard_names = cond_names(common.get("when", ())) | {
-        n for a in common.get("assume", ()) if a.kind == "equal" for n in a.arg.names
-    }
+    guard_names = cond_names(common.get("when", ())) | assume_names(tuple(common.get("assume", ())))
     if guard_names - captures - var_names:
         raise SpecError(
             f"{w}'when'/'assume' use {sorted(guard_names - captures - var_names)}, not captured by the source nor a var"

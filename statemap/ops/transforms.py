@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..dtypes import dtype as lookup_dtype
 from ..meta import Node
 from ..rules import Rule
+from ..template import shape_entry_yaml
 from .base import Ctx, LintFact, Op, P, int_or_none, norm_dim, permute_node, register, shape_facts
 from .fields import Field, IntValue
 from .keymap import KeyMap
@@ -50,6 +51,18 @@ class DtypeParams:
     dtype: str
 
 
+def moved_shape_assumption(rule: Rule, axes_for: Callable[[int], list[int] | None]) -> dict[str, Any]:
+    """For the inverse of a dim-reordering rule: its ``assume: {shape}`` in the output's dim order
+    (``axes_for(rank)``: output dim j is input dim axes[j]), so the reverse refuses an input in the
+    wrong layout as the forward rule does. ``equal`` / ``value`` facts are about the forward input
+    and are not carried."""
+    for a in rule.assume:
+        axes = axes_for(len(a.arg)) if a.kind == "shape" else None
+        if axes is not None:
+            return {"assume": {"shape": [shape_entry_yaml(a.arg[j]) for j in axes]}}
+    return {}
+
+
 class Transform(Op[P]):
     """1 -> 1 ops that change values; ``to`` is optional (default: same key)."""
 
@@ -85,7 +98,18 @@ class Transpose(Transform[TransposeParams]):
         return [permute_node(src, tuple(axes))]
 
     def inverse(self, rule: Rule, km: KeyMap, p: TransposeParams) -> list[dict[str, Any]]:
-        return self.one_to_one_inverse(rule, km, {"dims": list(p.dims)} if p.dims is not None else {})
+        def axes(n: int) -> list[int] | None:
+            if p.dims is None:
+                return [1, 0] if n == 2 else None
+            if len(p.dims) != 2 or not all(-n <= d < n for d in p.dims):
+                return None
+            out = list(range(n))
+            a, b = (d % n for d in p.dims)
+            out[a], out[b] = out[b], out[a]
+            return out
+
+        body = {"dims": list(p.dims)} if p.dims is not None else {}
+        return self.one_to_one_inverse(rule, km, {**body, **moved_shape_assumption(rule, axes)})
 
     def lint(self, rule: Rule, vars_: Mapping[str, Any]) -> list[LintFact]:
         given = self.params(rule).dims
@@ -115,7 +139,12 @@ class Permute(Transform[PermuteParams]):
 
     def inverse(self, rule: Rule, km: KeyMap, p: PermuteParams) -> list[dict[str, Any]]:
         dims = list(p.dims)
-        return self.one_to_one_inverse(rule, km, {"dims": [dims.index(i) for i in range(len(dims))]})
+
+        def axes(n: int) -> list[int] | None:
+            return [d % n for d in dims] if len(dims) == n and sorted(d % n for d in dims) == list(range(n)) else None
+
+        body = {"dims": [dims.index(i) for i in range(len(dims))]}
+        return self.one_to_one_inverse(rule, km, {**body, **moved_shape_assumption(rule, axes)})
 
     def lint(self, rule: Rule, vars_: Mapping[str, Any]) -> list[LintFact]:
         dims = list(self.params(rule).dims or ())
