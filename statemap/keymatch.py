@@ -343,10 +343,11 @@ def _linear_regex(parts: Sequence[tuple[str, ...]]) -> re.Pattern[str] | None:
 _JOINED_KIND_RE = {"seg": r"[^.\n]+", "int": r"\d+", "path": r".+"}
 
 
-def joined_regex(parts: Sequence[tuple[str, ...]]) -> re.Pattern[str] | None:
+def joined_regex(parts: Sequence[tuple[str, ...]], key: bool = True) -> re.Pattern[str] | None:
     """A regex that finds, in ``"\\n" + "\\n".join(keys) + "\\n"``, exactly the keys the
-    template matches (group 1: the key; then its captures, in order), for keys that hold no
-    newline; None when :func:`_linear_regex` gives no regex or a literal holds a newline.
+    template matches (group 1: the key, unless ``key`` is False; then its captures, in order), for
+    keys that hold no newline; None when :func:`_linear_regex` gives no regex or a literal holds
+    a newline. Each match is the newline before the key and the key.
 
     Equivalent to ``fullmatch`` key by key: every match starts at a newline (the pattern's first
     character), no part of the pattern can take a newline (a segment capture excludes it here,
@@ -369,7 +370,8 @@ def joined_regex(parts: Sequence[tuple[str, ...]]) -> re.Pattern[str] | None:
             out.append(re.escape(part[1]))
         else:
             out.append(f"({_JOINED_KIND_RE[part[2]]})")
-    return re.compile("\n(" + "".join(out) + ")(?=\n)")
+    body = "".join(out)
+    return re.compile(f"\n({body})(?=\n)" if key else f"\n{body}(?=\n)")
 
 
 # -- regexes ----------------------------------------------------------------------------------------

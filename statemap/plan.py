@@ -273,7 +273,7 @@ def _source_table(
 def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable[str]]) -> Plan:
     metas, names, meta_of, unique = _source_table(source)
     groups = [tuple(g) for g in ties]
-    renamed = _renames_only(spec, metas, names, meta_of, groups, unique)
+    renamed = _renames_only(spec, metas, names, meta_of, groups)
     if renamed is not None:
         return renamed
     table: dict[str, Any] = dict.fromkeys(names)
@@ -567,16 +567,21 @@ def _renames_only(
     names: list[str],
     meta_of: Callable[[str], TensorMeta],
     ties: list[tuple[str, ...]],
-    unique: set[str] | None = None,
 ) -> Plan | None:
     """The plan of a spec whose rules only rename (each a ``rename`` of one pattern to one
-    template of its captures, no ``when`` / ``assume``), over the list of current names in
-    source order (where every output stays): each rule's keys found with one regex over the
-    joined names and renamed with whole-list operations. None whenever anything else is needed
-    (another op, a var in a target, a key or literal with a newline, a rule matching nothing
-    that is not optional, two keys given one name, a name that exists already, a strict spec
-    with keys left): :func:`_make_plan`'s general table then plans it, and names any problem.
-    Same result as the general table: its renames move entries and keep their positions."""
+    template of its captures, no ``when`` / ``assume``), over the current names joined by
+    newlines in source order (where every output stays): each rule splits that text at its
+    keys with one regex, fills its template once per key through ``map`` and joins the text
+    back with the new names in place. None whenever anything else is needed (another op, a var
+    in a target, a key or literal with a newline, a rule matching nothing that is not optional,
+    a name given twice, a strict spec with keys left): :func:`_make_plan`'s general table then
+    plans it, and names any problem. Same result as the general table: its renames move entries
+    and keep their positions.
+
+    Repeats are checked once, on the final names: a rule that gives two keys one name, or a name
+    that exists already, leaves two equal names, and every later rule keeps them equal (a regex
+    renames equal names alike; a literal rule declines a name it finds twice), so the final
+    names repeat exactly when some rule would have written a key twice."""
     if not names or spec.strict:
         return None
     steps = []
@@ -588,70 +593,58 @@ def _renames_only(
         if fmt is None or "\n" in fmt[0] or pattern.is_regex or any(n not in pattern.captures for n in fmt[1]):
             return None
         if pattern.captures:
-            rx = _joined(pattern)
+            rx = _joined(pattern, key=False)
             if rx is None:
                 return None
         else:
             rx = None
         steps.append((rule, pattern, fmt, rx))
-    cur = list(names)  # the current name of each source key, in source order
-    # the current names, kept up to date (each check then costs what the rule matched); `unique`
-    # (the caller's set of the source keys, which it no longer needs) is taken over
-    present = unique if unique is not None else set(cur)
+    joined = "\n".join(["", *names, ""])  # each current name between newlines, in source order
+    if joined.count("\n") != len(names) + 1:
+        return None  # a key holds a newline
     moved_by: dict[str, Rule] = {}  # current name -> the rule that last moved it there
     matches: list[tuple[int, int]] = []
     unmatched: list[Rule] = []
     for rule, pattern, (text, used), rx in steps:
-        at: list[int] = []
+        new_names: list[str]
         if rx is None:  # one literal key
             lits = _literals(pattern)
             assert lits is not None
-            keys = [lits[0]] if lits[0] in present else []
-            new_names = [text % ()] if keys else []
-            at = [cur.index(keys[0])] if keys else []
+            line = f"\n{lits[0]}\n"
+            at = joined.find(line)
+            if at >= 0 and joined.find(line, at + 1) >= 0:
+                return None  # the name repeats (a rule before wrote a key twice)
+            new_names = [text % ()] if at >= 0 else []
+            if new_names:
+                joined = f"{joined[: at + 1]}{new_names[0]}{joined[at + len(line) - 1 :]}"
         else:
-            joined = "\n".join(["", *cur, ""])  # each key between newlines
-            if joined.count("\n") != len(cur) + 1:
-                return None  # a key holds a newline
-            found = rx.findall(joined)
-            keys = list(map(operator.itemgetter(0), found))
-            if not found:
+            # [text before the first key, its captures..., text between it and the next key, ...]
+            parts = rx.split(joined)
+            stride = 1 + len(pattern.captures)
+            n = len(parts) // stride
+            if not n:
                 new_names = []
-            elif used == list(pattern.captures):  # each capture once, in order: the match's tuple as it is
-                new_names = list(map(("%.0s" + text).__mod__, found))  # (%.0s: the key, printed as nothing)
             elif used:
                 caps = list(pattern.captures)
-                new_names = list(map(text.__mod__, map(operator.itemgetter(*[1 + caps.index(n) for n in used]), found)))
+                new_names = list(map(text.__mod__, zip(*[parts[1 + caps.index(c) :: stride] for c in used])))
             else:
-                new_names = [text % ()] * len(found)
-            if 0 < len(keys) <= len(cur) // 8:  # few keys: their positions, from the newlines before each
-                line, prev = 0, 0
-                for m in rx.finditer(joined):
-                    s = m.start()
-                    line += joined.count("\n", prev, s)
-                    prev = s
-                    at.append(line)
-        matches.append((rule.index, len(keys)))
-        if not keys:
+                new_names = [text % ()] * n
+            if new_names:
+                out: list[str] = [""] * (3 * n + 1)
+                out[0::3] = parts[0::stride]  # the text between keys (each key's newline is the match's)
+                out[1::3] = itertools.repeat("\n", n)
+                out[2::3] = new_names
+                joined = "".join(out)
+        matches.append((rule.index, len(new_names)))
+        if not new_names:
             if not rule.optional:
                 return None
             unmatched.append(rule)
             continue
-        fresh = set(new_names)
-        if len(fresh) != len(new_names):
-            return None
-        if not present.isdisjoint(fresh) and fresh.intersection(present).difference(keys):
-            return None  # a name that exists already (and does not move away)
-        if at:
-            for i, n in zip(at, new_names):
-                cur[i] = n
-            present.difference_update(keys)
-            present |= fresh
-        else:  # many keys: one pass over the names for each step
-            rename = dict(zip(keys, new_names))
-            cur = list(map(rename.get, cur, cur))
-            present = set(cur)
         moved_by.update(zip(new_names, itertools.repeat(rule)))
+    cur = joined.split("\n")[1:-1]  # the current name of each source key, in source order
+    if len(set(cur)) != len(cur):
+        return None  # some rule wrote a key twice: the general table names it
 
     def source_node(src: str) -> Node:
         m = meta_of(src)
@@ -717,19 +710,20 @@ def _moves(
     return list(map(operator.itemgetter(0), found)), new_names
 
 
-_JOINED: dict[str, Any] = {}
+_JOINED: dict[tuple[str, bool], Any] = {}
 
 
-def _joined(pattern: Pattern) -> Any:
+def _joined(pattern: Pattern, key: bool = True) -> Any:
+    """:func:`statemap.keymatch.joined_regex` of ``pattern`` (``key=False``: without the key's group)."""
     from .keymatch import joined_regex
 
     text = str(pattern)
-    if text not in _JOINED:
+    if (text, key) not in _JOINED:
         parts = [("lit", x.text) if not isinstance(x, Cap) else ("cap", x.name, x.kind) for x in pattern.parts]
-        _JOINED[text] = (
-            joined_regex(parts) if len(set(pattern.captures)) == sum(isinstance(x, Cap) for x in pattern.parts) else None
+        _JOINED[(text, key)] = (
+            joined_regex(parts, key=key) if len(set(pattern.captures)) == sum(isinstance(x, Cap) for x in pattern.parts) else None
         )
-    return _JOINED[text]
+    return _JOINED[(text, key)]
 
 
 def _matched_nothing(rule: Rule, table: dict[str, Any], pos: dict[str, Any]) -> PlanError:
