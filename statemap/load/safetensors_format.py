@@ -11,6 +11,7 @@ import json
 import math
 import operator
 import os
+import re
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -211,9 +212,93 @@ def read_columns(path: str) -> HeaderColumns | None:
         return None
     try:  # (a `true` / `false` parses to a bool, which the exact type checks below decline)
         with paused():
-            return _columns(raw, n, size)
+            return _columns_text(raw, n, size) or _columns(raw, n, size)
     except Exception:  # anything unusual: the per-key readers decide
         return None
+
+
+def _entry_forms() -> dict[str, tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str], int]]:
+    """Per separator form (``""``: compact, as the safetensors library writes; ``" "``: after each
+    ``:`` and ``,``, as ``json.dumps`` writes): the regex of one header entry with the separator
+    before it, of a leading ``__metadata__`` member of plain strings, of one metadata pair, and
+    the number of characters an entry's regex matches besides its four groups."""
+    num = "(?:0|[1-9][0-9]*)"  # a JSON integer >= 0 (no sign, no leading zero, no fraction or exponent)
+    chars = r'[^"\\\x00-\x1f]*'  # a JSON string's text without escapes (its text is its value)
+    forms = {}
+    for sp in ("", " "):
+        entry = re.compile(
+            rf',{sp}"({chars})":{sp}\{{"dtype":{sp}"([A-Z0-9_]+",{sp}"shape":{sp}\[(?:{num}(?:,{sp}{num})*)?)'
+            rf'\],{sp}"data_offsets":{sp}\[({num}),{sp}({num})\]\}}'
+        )
+        pair = rf'"({chars})":{sp}"{chars}"'
+        meta = re.compile(rf'\{{"__metadata__":{sp}\{{((?:{pair})(?:,{sp}{pair})*)?\}},{sp}')
+        fixed = len(f',{sp}"":{sp}{{"dtype":{sp}"],{sp}"data_offsets":{sp}[,{sp}]}}')
+        forms[sp] = (entry, meta, re.compile(pair), fixed)
+    return forms
+
+
+_FORMS = _entry_forms()
+
+
+def _columns_text(raw: bytes, n: int, size: int) -> HeaderColumns | None:
+    """The common header (plain entries in offset order, no escape, compact or ``json.dumps``
+    spacing, an optional leading ``__metadata__`` of strings) read with one regex pass and no
+    JSON object per entry; None for anything else (:func:`_columns` then tries).
+
+    Why it reads what ``json.loads`` reads: the entries' matches are disjoint and in order, and
+    their lengths (the groups plus the fixed text of each) add up to the whole text between the
+    braces, so that text is exactly the entries one after another: a JSON object whose members
+    are these names (strings without escapes: their text is their value) mapped to
+    ``{"dtype": D, "shape": [ints], "data_offsets": [int, int]}``. A repeated name (which
+    ``json.loads`` would drop) declines, and so does anything the checks of :func:`_columns`
+    reject (an unknown dtype raises, which the caller treats alike)."""
+    text = raw.decode("utf-8").rstrip(" ")  # the safetensors library pads the header with spaces
+    colon = text.find('":')
+    sp = " " if text.startswith(" ", colon + 2) else ""
+    entry, meta, pair, fixed = _FORMS[sp]
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    start = 1
+    if text.startswith('{"__metadata__":'):
+        m = meta.match(text)
+        if m is None:
+            return None
+        keys = pair.findall(m.group(1) or "")
+        if len(set(keys)) != len(keys):
+            return None  # a repeated metadata key: the checked reader names it
+        start = m.end()
+    body = f",{sp}{text[start:-1]}"
+    found = entry.findall(body)
+    if not found:
+        return None
+    names, kts, bs, es = (list(x) for x in zip(*found))
+    covered = len(found) * fixed + sum(map(len, names)) + sum(map(len, kts)) + sum(map(len, bs)) + sum(map(len, es))
+    if covered != len(body) or len(set(names)) != len(names):
+        return None
+    pairs_of: dict[str, tuple[str, tuple[int, ...]]] = {}
+    kinds: dict[tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...], int]] = {}
+    need: dict[str, int] = {}
+    for kt in dict.fromkeys(kts):
+        dts, _, dims = kt.partition('"')
+        dims = dims[dims.index("[") + 1 :]
+        shape_t = tuple(map(int, dims.split(","))) if dims else ()
+        dt = lookup_dtype(dts)  # an unknown dtype raises: the per-key reader names it
+        if dt.per_item != 1 or len(shape_t) > MAX_DIMS:
+            return None
+        pair = pairs_of[kt] = (dts, shape_t)
+        kind = kinds.setdefault(pair, (dt.name, shape_t, math.prod(shape_t) * dt.itemsize))
+        need[kt] = kind[2]
+    data_start = 8 + n
+    # tiled in order (as in _columns): equal JSON integers without leading zeros are equal strings
+    last = int(es[-1])
+    if bs[0] != "0" or bs[1:] != es[:-1] or last != size - data_start:
+        return None
+    begins = list(map(int, bs))
+    ends = begins[1:]
+    ends.append(last)
+    if list(map(operator.sub, ends, begins)) != list(map(need.__getitem__, kts)):
+        return None
+    return HeaderColumns(names, list(map(pairs_of.__getitem__, kts)), begins, data_start, kinds)
 
 
 _GET_ENTRY = operator.itemgetter("dtype", "shape", "data_offsets")
