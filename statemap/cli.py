@@ -74,9 +74,7 @@ def _not_swapped(spec: str) -> None:
 def cmd_apply(args: argparse.Namespace) -> int:
     from .api import convert
     from .load.hf_meta import is_hf_target
-    from .report import render
 
-    con = _console(args)
     options = dict(
         vars=_vars(args.set),
         expect=args.expect,
@@ -102,8 +100,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     report = convert(args.spec, args.input, args.output, **options)
     if args.json:
         _print_json(report.to_json())
-    else:
-        render(report, con, verbose=args.verbose)
+    elif not args.quiet:  # -q prints nothing but errors: no console, no rich import
+        from .report import render
+
+        render(report, _console(args), verbose=args.verbose)
     return EXIT_OK if report.ok else EXIT_DIFF
 
 

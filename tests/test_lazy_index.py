@@ -110,8 +110,14 @@ UNUSUAL = [
     ('{"w":{"dtype":"XX","shape":[1],"data_offsets":[0,4]}}', 4),
     ('{"w":{"dtype":"F32","shape":[1],"data_offsets":["0",4]}}', 4),
     ('{"__metadata__":{"a":1},"w":' + E % (0, 4) + "}", 4),
+    ('{"__metadata__":{"a":"1","a":"2"},"w":' + E % (0, 4) + "}", 4),  # a repeated metadata key
     ("{}", 0),
     ("[1]", 0),
+    ('{"w":{"dtype":"F32","shape":[1],"data_offsets":[00,4]}}', 4),  # not JSON: a leading zero
+    ('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4e0]}}', 4),
+    ('{"w":' + E % (0, 4) + ",}", 4),  # a trailing comma
+    ('{"w":' + E % (0, 4) + '"v":' + E % (4, 8) + "}", 8),  # a missing comma
+    ('{"w\t":' + E % (0, 4) + "}", 4),  # a raw control character in a name
 ]
 
 
@@ -134,6 +140,84 @@ def test_plain_headers_read_as_columns(tmp_path):
     assert cols.names == list(metas)
     assert [cols.kinds[p][:2] for p in cols.pairs] == [(m.dtype, m.shape) for m in metas.values()]
     assert [cols.data_start + b for b in cols.begins] == [loc.offset for loc in locs.values()]
+
+
+S = '{"dtype": "F32", "shape": [1], "data_offsets": [%d, %d]}'
+# valid headers, each read by the one-pass text reader (compact or json.dumps spacing, a leading
+# __metadata__ of strings, names holding JSON punctuation or non-ASCII text, empty and scalar shapes)
+TEXT_FORMS = [
+    ('{"__metadata__":{"format":"pt","a:b":"c, d"},"w":' + E % (0, 4) + ',"x,y}{[":' + E % (4, 8) + "}", 8),
+    ('{"w": ' + S % (0, 4) + ', "a: {b}": ' + S % (4, 8) + "}", 8),
+    ('{"__metadata__": {"format": "pt"}, "\u00fc.\u00df x": ' + S % (0, 4) + "}", 4),
+    ('{"__metadata__":{},"s":{"dtype":"I64","shape":[],"data_offsets":[0,8]},"e":{"dtype":"F16","shape":[0,3],"data_offsets":[8,8]}}', 8),
+]
+# valid, but in a form the text reader leaves to the JSON one (other spacing, order, numbers)
+JSON_FORMS = [
+    ('{\n "w": ' + S % (0, 4) + "\n}", 4),
+    ('{"w":{"shape":[1],"dtype":"F32","data_offsets":[0,4]}}', 4),
+    ('{"w":{"dtype":"F32","shape":[1],"data_offsets":[-0,4]}}', 4),
+    ('{"w":' + E % (0, 4) + ',"__metadata__":{"format":"pt"}}', 4),
+    ('{"w":' + E % (0, 4) + ', "v": ' + S % (4, 8) + "}", 8),
+]
+
+
+def raw_of(header: str, data: int) -> tuple[bytes, int, int]:
+    raw = header.encode()
+    return raw, len(raw), 8 + len(raw) + data
+
+
+def same_columns(a: st.HeaderColumns, b: st.HeaderColumns) -> bool:
+    return (a.names, a.pairs, a.begins, a.data_start, a.kinds) == (b.names, b.pairs, b.begins, b.data_start, b.kinds)
+
+
+@pytest.mark.parametrize("header,data", TEXT_FORMS + JSON_FORMS)
+def test_the_text_reader_reads_what_the_json_reader_reads(tmp_path, header, data):
+    got = st._columns_text(*raw_of(header, data))
+    assert (got is not None) == ((header, data) in TEXT_FORMS)
+    cols = st.read_columns(write_shard(tmp_path / "m.safetensors", header, data))
+    want = st._columns(*raw_of(header, data))
+    assert cols is not None and want is not None and same_columns(cols, want)
+    if got is not None:
+        assert same_columns(got, want)
+    metas, locs, _, _ = st.read_header_ids(str(tmp_path / "m.safetensors"))
+    assert cols.names == list(metas)
+    assert [cols.kinds[p][:2] for p in cols.pairs] == [(m.dtype, m.shape) for m in metas.values()]
+    assert [cols.data_start + b for b in cols.begins] == [loc.offset for loc in locs.values()]
+
+
+def test_the_text_reader_sees_a_changed_entry():
+    """Negative check: the comparison above sees a different shape and a different offset."""
+    a = st._columns_text(*raw_of(TEXT_FORMS[3][0], 8))
+    b = st._columns_text(*raw_of(TEXT_FORMS[3][0].replace("[0,3]", "[3,0]"), 8))
+    assert a is not None and b is not None and not same_columns(a, b)
+    assert st._columns_text(*raw_of(TEXT_FORMS[3][0].replace("[8,8]", "[8,9]"), 9)) is None
+
+
+def test_the_text_reader_accepts_only_what_the_checked_reader_accepts(tmp_path):
+    """Random one-character edits of a valid header: whatever the text reader accepts, the checked
+    reader (json.loads with every check) accepts too, with the same names, shapes and offsets."""
+    import random
+
+    rnd = random.Random(14)
+    base = TEXT_FORMS[0][0]
+    alphabet = '{}[]",: 0123456789-.eaw\\'
+    accepted = 0
+    for _ in range(400):
+        i = rnd.randrange(len(base))
+        edited = base[:i] + rnd.choice(["", rnd.choice(alphabet), rnd.choice(alphabet) + base[i]]) + base[i + 1 :]
+        raw, n, size = raw_of(edited, 8)
+        try:
+            got = st._columns_text(raw, n, size)
+        except Exception:  # read_columns declines on any exception
+            continue
+        if got is None:
+            continue
+        accepted += 1
+        metas, locs, _, _ = st._slow("m", raw, n, size)
+        assert got.names == list(metas)
+        assert [got.kinds[p][:2] for p in got.pairs] == [(m.dtype, m.shape) for m in metas.values()]
+        assert [got.data_start + b for b in got.begins] == [loc.offset for loc in locs.values()]
+    assert accepted > 20  # edits inside names and metadata strings keep the header valid
 
 
 def test_the_index_is_left_to_the_per_key_path_when_unusual(tmp_path):
