@@ -177,13 +177,13 @@ def _source_metas(names: list[str], metas: Any) -> Sequence[TensorMeta]:
     return _Computed(len(names), lambda i: metas[names[i]], lambda: map(metas.__getitem__, names))
 
 
-def _pairs(names: list[str], sources: list[str], rule_of: dict[str, Rule]) -> Sequence[tuple[str, Any]]:
+def _pairs(names: list[str], sources: list[str], rules: list[Rule | None]) -> Sequence[tuple[str, Any]]:
     """``(name, (source key, rule))`` for each output of a renames-only plan, made when read
-    (``rule_of``: name -> the rule that last moved a key there; a name it lacks was never moved)."""
+    (``rules[i]``: the rule that last moved key ``i``, None if none did)."""
     return _Computed(
         len(names),
-        lambda i: (names[i], (sources[i], rule_of.get(names[i]))),
-        lambda: zip(names, zip(sources, map(rule_of.get, names))),
+        lambda i: (names[i], (sources[i], rules[i])),
+        lambda: zip(names, zip(sources, rules)),
     )
 
 
@@ -571,8 +571,9 @@ def _renames_only(
     """The plan of a spec whose rules only rename (each a ``rename`` of one pattern to one
     template of its captures, no ``when`` / ``assume``), over the current names joined by
     newlines in source order (where every output stays): each rule splits that text at its
-    keys with one regex, fills its template once per key through ``map`` and joins the text
-    back with the new names in place. None whenever anything else is needed (another op, a var
+    keys with one regex and joins it back with each key's captures in its target's slots (no
+    string per new name; each key's position, for the rule that moved it, from the newlines
+    between keys). None whenever anything else is needed (another op, a var
     in a target, a key or literal with a newline, a rule matching nothing that is not optional,
     a name given twice, a strict spec with keys left): :func:`_make_plan`'s general table then
     plans it, and names any problem. Same result as the general table: its renames move entries
@@ -602,46 +603,46 @@ def _renames_only(
     joined = "\n".join(["", *names, ""])  # each current name between newlines, in source order
     if joined.count("\n") != len(names) + 1:
         return None  # a key holds a newline
-    moved_by: dict[str, Rule] = {}  # current name -> the rule that last moved it there
+    rule_at: list[Rule | None] = [None] * len(names)  # the rule that last moved each key (None: none did)
     matches: list[tuple[int, int]] = []
     unmatched: list[Rule] = []
-    for rule, pattern, (text, used), rx in steps:
-        new_names: list[str]
+    for rule, pattern, (text, _), rx in steps:
+        n = 0
         if rx is None:  # one literal key
             lits = _literals(pattern)
             assert lits is not None
             line = f"\n{lits[0]}\n"
             at = joined.find(line)
-            if at >= 0 and joined.find(line, at + 1) >= 0:
-                return None  # the name repeats (a rule before wrote a key twice)
-            new_names = [text % ()] if at >= 0 else []
-            if new_names:
-                joined = f"{joined[: at + 1]}{new_names[0]}{joined[at + len(line) - 1 :]}"
+            if at >= 0:
+                if joined.find(line, at + 1) >= 0:
+                    return None  # the name repeats (a rule before wrote a key twice)
+                rule_at[joined.count("\n", 0, at)] = rule
+                joined = f"{joined[: at + 1]}{text % ()}{joined[at + len(line) - 1 :]}"
+                n = 1
         else:
             # [text before the first key, its captures..., text between it and the next key, ...]
             parts = rx.split(joined)
             stride = 1 + len(pattern.captures)
             n = len(parts) // stride
-            if not n:
-                new_names = []
-            elif used:
-                caps = list(pattern.captures)
-                new_names = list(map(text.__mod__, zip(*[parts[1 + caps.index(c) :: stride] for c in used])))
-            else:
-                new_names = [text % ()] * n
-            if new_names:
-                out: list[str] = [""] * (3 * n + 1)
-                out[0::3] = parts[0::stride]  # the text between keys (each key's newline is the match's)
-                out[1::3] = itertools.repeat("\n", n)
-                out[2::3] = new_names
+            if n:
+                between = parts[0::stride]
+                # each key's line: the lines before it (newlines in the texts between keys, and keys)
+                lines = itertools.accumulate(map(operator.add, map(str.count, between[:-1], itertools.repeat("\n")), itertools.repeat(1)))
+                for i in lines:
+                    rule_at[i - 1] = rule
+                # the text again, each key replaced by the target filled with its captures
+                slots = _slots(rule.targets[0], list(pattern.captures))
+                step = 1 + len(slots)
+                out: list[str] = [""] * (n * step + 1)
+                out[0::step] = between
+                for j, slot in enumerate(slots):
+                    out[1 + j :: step] = [slot] * n if type(slot) is str else parts[1 + slot :: stride]
                 joined = "".join(out)
-        matches.append((rule.index, len(new_names)))
-        if not new_names:
+        matches.append((rule.index, n))
+        if not n:
             if not rule.optional:
                 return None
             unmatched.append(rule)
-            continue
-        moved_by.update(zip(new_names, itertools.repeat(rule)))
     cur = joined.split("\n")[1:-1]  # the current name of each source key, in source order
     if len(set(cur)) != len(cur):
         return None  # some rule wrote a key twice: the general table names it
@@ -650,10 +651,8 @@ def _renames_only(
         m = meta_of(src)
         return Node("source", m.shape, m.dtype, (), (src,))
 
-    # a name moved away is never a current one again (no two keys share a name), so a current name
-    # missing from `moved_by` was never moved: passed through
-    items: Sequence[tuple[str, Any]] = _pairs(cur, names, moved_by)
-    passthrough = tuple(itertools.filterfalse(moved_by.__contains__, cur))
+    items: Sequence[tuple[str, Any]] = _pairs(cur, names, rule_at)
+    passthrough = tuple(itertools.compress(cur, map(operator.is_, rule_at, itertools.repeat(None))))
     return Plan(
         spec,
         metas,
@@ -731,6 +730,21 @@ def _matched_nothing(rule: Rule, table: dict[str, Any], pos: dict[str, Any]) -> 
     return PlanError(
         f"{rule.where()}matched no key{_closest(str(rule.sources[0]), table, pos)}; mark it 'optional: true' if that is expected"
     )
+
+
+def _slots(t: Template, captures: list[str]) -> list[str | int]:
+    """A target of literal text and bare names (see :func:`_format_of`) as the text before each
+    key's name (its newline) and then, in order, literal text (a str) or a capture's index."""
+    slots: list[str | int] = ["\n"]
+    for kind, value in t.parts:
+        if kind == "lit":
+            if type(slots[-1]) is str:
+                slots[-1] += str(value)
+            else:
+                slots.append(str(value))
+        else:
+            slots.append(captures.index(str(value)))
+    return slots
 
 
 def _format_of(t: Template) -> tuple[str, list[str]] | None:
