@@ -626,10 +626,7 @@ def _renames_only(
             n = len(parts) // stride
             if n:
                 between = parts[0::stride]
-                # each key's line: the lines before it (newlines in the texts between keys, and keys)
-                lines = itertools.accumulate(map(operator.add, map(str.count, between[:-1], itertools.repeat("\n")), itertools.repeat(1)))
-                for i in lines:
-                    rule_at[i - 1] = rule
+                _mark_moved(rule_at, between, n, rule)
                 # the text again, each key replaced by the target filled with its captures
                 slots = _slots(rule.targets[0], list(pattern.captures))
                 step = 1 + len(slots)
@@ -730,6 +727,20 @@ def _matched_nothing(rule: Rule, table: dict[str, Any], pos: dict[str, Any]) -> 
     return PlanError(
         f"{rule.where()}matched no key{_closest(str(rule.sources[0]), table, pos)}; mark it 'optional: true' if that is expected"
     )
+
+
+def _mark_moved(rule_at: list[Rule | None], between: list[str], n: int, rule: Rule) -> None:
+    """Set ``rule_at`` to ``rule`` on the lines of the ``n`` keys a regex split found, ``between[i]``
+    being the text before key ``i`` (its lines: its newlines). Keys with nothing between them are
+    on consecutive lines: one slice per run of them."""
+    lines = 0  # lines before the run's first key, besides keys
+    start = 0
+    for i in itertools.compress(range(1, n), between[1:n]):  # a key with lines before it: a run ends
+        lines += between[start].count("\n")
+        rule_at[start + lines : i + lines] = [rule] * (i - start)
+        start = i
+    lines += between[start].count("\n")
+    rule_at[start + lines : n + lines] = [rule] * (n - start)
 
 
 def _slots(t: Template, captures: list[str]) -> list[str | int]:
