@@ -633,7 +633,7 @@ def _renames_only(
                 out: list[str] = [""] * (n * step + 1)
                 out[0::step] = between
                 for j, slot in enumerate(slots):
-                    out[1 + j :: step] = [slot] * n if type(slot) is str else parts[1 + slot :: stride]
+                    out[1 + j :: step] = [slot] * n if isinstance(slot, str) else parts[1 + slot :: stride]
                 joined = "".join(out)
         matches.append((rule.index, n))
         if not n:

@@ -118,6 +118,7 @@ UNUSUAL = [
     ('{"w":' + E % (0, 4) + ",}", 4),  # a trailing comma
     ('{"w":' + E % (0, 4) + '"v":' + E % (4, 8) + "}", 8),  # a missing comma
     ('{"w\t":' + E % (0, 4) + "}", 4),  # a raw control character in a name
+    ('{"w":' + E % (0, 4) + ',"__metadata__":' + E % (4, 8) + "}", 8),  # metadata, not a tensor (and not strings)
 ]
 
 
@@ -149,7 +150,10 @@ TEXT_FORMS = [
     ('{"__metadata__":{"format":"pt","a:b":"c, d"},"w":' + E % (0, 4) + ',"x,y}{[":' + E % (4, 8) + "}", 8),
     ('{"w": ' + S % (0, 4) + ', "a: {b}": ' + S % (4, 8) + "}", 8),
     ('{"__metadata__": {"format": "pt"}, "\u00fc.\u00df x": ' + S % (0, 4) + "}", 4),
-    ('{"__metadata__":{},"s":{"dtype":"I64","shape":[],"data_offsets":[0,8]},"e":{"dtype":"F16","shape":[0,3],"data_offsets":[8,8]}}', 8),
+    (
+        '{"__metadata__":{},"s":{"dtype":"I64","shape":[],"data_offsets":[0,8]},"e":{"dtype":"F16","shape":[0,3],"data_offsets":[8,8]}}',
+        8,
+    ),
 ]
 # valid, but in a form the text reader leaves to the JSON one (other spacing, order, numbers)
 JSON_FORMS = [

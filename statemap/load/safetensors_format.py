@@ -255,7 +255,7 @@ def _columns_text(raw: bytes, n: int, size: int) -> HeaderColumns | None:
     text = raw.decode("utf-8").rstrip(" ")  # the safetensors library pads the header with spaces
     colon = text.find('":')
     sp = " " if text.startswith(" ", colon + 2) else ""
-    entry, meta, pair, fixed = _FORMS[sp]
+    entry, meta, pair_rx, fixed = _FORMS[sp]
     if not (text.startswith("{") and text.endswith("}")):
         return None
     start = 1
@@ -263,7 +263,7 @@ def _columns_text(raw: bytes, n: int, size: int) -> HeaderColumns | None:
         m = meta.match(text)
         if m is None:
             return None
-        keys = pair.findall(m.group(1) or "")
+        keys = pair_rx.findall(m.group(1) or "")
         if len(set(keys)) != len(keys):
             return None  # a repeated metadata key: the checked reader names it
         start = m.end()
@@ -273,8 +273,9 @@ def _columns_text(raw: bytes, n: int, size: int) -> HeaderColumns | None:
         return None
     names, kts, bs, es = (list(x) for x in zip(*found))
     covered = len(found) * fixed + sum(map(len, names)) + sum(map(len, kts)) + sum(map(len, bs)) + sum(map(len, es))
-    if covered != len(body) or len(set(names)) != len(names):
-        return None
+    unique = set(names)
+    if covered != len(body) or len(unique) != len(names) or "__metadata__" in unique:
+        return None  # (json.loads keeps one of two equal names; a later __metadata__ is not a tensor)
     pairs_of: dict[str, tuple[str, tuple[int, ...]]] = {}
     kinds: dict[tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...], int]] = {}
     need: dict[str, int] = {}
