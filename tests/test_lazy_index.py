@@ -51,6 +51,72 @@ def test_columns_give_what_the_per_key_reader_gives(tmp_path, reverse):
     eager.close()
 
 
+def rewrite_index(index: Path, change) -> None:
+    """Rewrite the index's text: ``change(body, wm_items)`` returns the new text."""
+    body = json.loads(index.read_text())
+    index.write_text(change(body, list(body["weight_map"].items())))
+
+
+def same_checkpoints(a, b) -> None:
+    for attr in ("path", "format", "metadata"):
+        assert getattr(a, attr) == getattr(b, attr), attr
+    assert list(a.metas.items()) == list(b.metas.items())
+    assert dict(a.locations) == dict(b.locations)
+
+
+INDEX_TEXTS = {  # each: the text of an index, from its JSON and its weight_map items (key, shard) in shard order
+    "json.dumps": lambda b, wm: json.dumps(b),
+    "indent=2 (statemap, HF)": lambda b, wm: json.dumps(b, indent=2),
+    "compact": lambda b, wm: json.dumps(b, separators=(",", ":")),
+    "metadata after": lambda b, wm: json.dumps({"weight_map": b["weight_map"], "metadata": {"a": "b"}}),
+    # other key orders or spacing: parsed whole
+    "sorted keys": lambda b, wm: json.dumps(b, indent=2, sort_keys=True),
+    "mixed spacing": lambda b, wm: json.dumps(b).replace('", "', '","', 1),
+    "reversed in a shard": lambda b, wm: json.dumps({**b, "weight_map": dict([*wm[:3][::-1], *wm[3:]])}),
+    "weight_map named in metadata": lambda b, wm: json.dumps({**b, "metadata": {"note": "weight_map", "x": '"weight_map"'}}),
+    "nested weight_map": lambda b, wm: json.dumps({"metadata": {"weight_map": {}}, "weight_map": b["weight_map"]}),
+    "a key twice in the text": lambda b, wm: json.dumps(b).replace("}}", ', "' + wm[0][0] + '": "' + wm[0][1] + '"}}'),
+    "an escaped key": lambda b, wm: json.dumps(b).replace(
+        wm[5][0][:5], wm[5][0][:4] + "\\u00" + format(ord(wm[5][0][4]), "x"), 1
+    ),
+}
+GROUPED = {"json.dumps", "indent=2 (statemap, HF)", "compact", "metadata after"}
+
+
+@pytest.mark.parametrize("form", list(INDEX_TEXTS))
+def test_the_grouped_index_reads_what_the_parsed_index_reads(tmp_path, form, monkeypatch):
+    """An index listing each shard's keys together is checked against the shard headers' names
+    without parsing its weight_map; the result is the index parsed whole (or that reader's None)."""
+    index = write_index(tmp_path / "a", keys(layers=2, experts=3), n_shards=4)
+    rewrite_index(index, INDEX_TEXTS[form])
+    grouped = formats._grouped_index(index, index.read_bytes())
+    assert (grouped is not None) == (form in GROUPED)
+    fast = formats._open_index_columns(index)
+    with monkeypatch.context() as m:
+        m.setattr(formats, "_grouped_index", lambda *a: None)
+        whole = formats._open_index_columns(index)
+    assert (fast is None) == (whole is None)
+    if fast is not None:
+        same_checkpoints(fast, whole)
+        same_checkpoints(fast, formats._open_index_fast(index))
+    else:  # the per-key paths read it (a key given twice: both map it to the shard that holds it)
+        same_checkpoints(open_checkpoint(index), formats._open_index_fast(index))
+
+
+def test_the_grouped_index_sees_a_key_in_two_shards(tmp_path):
+    """Negative check: the text lists every shard's keys, in order, under its shard, but one key
+    is in two shards (json.loads would keep one of its two members)."""
+    entries = keys(layers=2, experts=2)
+    index = write_index(tmp_path / "a", [*entries, entries[0]], n_shards=3)
+    shards = sorted(p.name for p in index.parent.glob("*.safetensors"))
+    members = [f'"{k}": "{s}"' for s in shards for k in st.read_columns(str(index.parent / s)).names]
+    index.write_text('{"metadata": {}, "weight_map": {' + ", ".join(members) + "}}")
+    assert formats._grouped_index(index, index.read_bytes()) is not None
+    assert formats._open_index_columns(index) is None
+    with pytest.raises(Exception, match="two shards|appears twice"):
+        open_checkpoint(index)
+
+
 def test_lazy_mappings_behave_as_dicts(tmp_path):
     entries = keys(layers=2, experts=2)
     index = write_index(tmp_path / "a", entries)

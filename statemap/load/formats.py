@@ -27,6 +27,7 @@ import itertools
 import json
 import operator
 import os
+import re
 import struct
 import zipfile
 from collections.abc import Callable
@@ -445,10 +446,11 @@ def _open_index(p: Path) -> Checkpoint:
         return _open_index_columns(p) or _open_index_fast(p) or _open_index_checked(p)
 
 
-def _index_map(p: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, None]] | None:
+def _index_map(p: Path, raw: bytes | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, None]] | None:
     """The index, its weight_map and its shard names (in order of first mention), when every
     shard name is a plain relative file name of an existing file; None otherwise."""
-    raw = read_regular(p, MAX_INDEX, "index file")
+    if raw is None:
+        raw = read_regular(p, MAX_INDEX, "index file")
     try:
         index = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -460,30 +462,63 @@ def _index_map(p: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, None]
         order = dict.fromkeys(wm.values())  # shard names in order of first mention
     except TypeError:
         return None
+    return (index, wm, order) if _plain_shards(p, order) else None
+
+
+def _plain_shards(p: Path, order: dict[Any, None]) -> bool:
+    """Every shard name a plain relative file name of an existing file."""
     for shard in order:
         if not isinstance(shard, str) or not shard or shard.endswith(".index.json"):
-            return None
+            return False
         pp = PurePosixPath(shard)
         if pp.is_absolute() or ".." in pp.parts or "\\" in shard or os.path.isabs(shard):
-            return None
+            return False
         if not (p.parent / shard).is_file():
-            return None
-    return index, wm, order
+            return False
+    return True
 
 
-def _open_index_columns(p: Path) -> Checkpoint | None:
-    """A valid index of safetensors shards with common headers, held as :class:`Columns` (no
-    object per key until one is asked for); None when anything is unusual or fails, and the
-    per-key paths then read it and name any problem."""
-    from .checkpoint import Columns, LocationView, MetaView, StorageView
+_WS = r"[ \t\n\r]*"  # JSON whitespace
+_STR = r'"[^"\\\x00-\x1f]*"'  # a JSON string without escapes (its text is its value)
+_WM_OPEN = re.compile(rf'"weight_map"{_WS}:{_WS}(\{{){_WS}')
+_PAIR = re.compile(rf'{_STR}{_WS}:{_WS}"([^"\\\x00-\x1f]*)"')  # one weight_map member: its shard
+_AFTER = re.compile(rf"{_WS}([,}}]){_WS}")
+_FIRST_SEPS = re.compile(rf'{_STR}({_WS}:{_WS}){_STR}(?:({_WS},{_WS})")?')  # the first member's separators
+
+
+def _grouped_index(p: Path, raw: bytes) -> tuple[dict[str, Any], list[tuple[str, Any]]] | None:
+    """An index whose weight_map lists each shard's keys together, in the shard header's order,
+    with one spacing throughout (as statemap and ``json.dumps`` write it), read without a string
+    per key: the index without its weight_map, and each shard's path and header columns, in
+    order. The weight_map's text is checked to be exactly each shard's keys mapped to it (one
+    ``join`` of the header's names per shard, compared with the text), so ``json.loads`` of the
+    whole would give that weight_map. None for anything else (an escape, another order or
+    spacing, a shard named twice, an unusual header): the caller then parses the index."""
     from .safetensors_format import read_columns
 
-    got = _index_map(p)
-    if got is None:
+    if b"\\" in raw or raw.count(b'"weight_map"') != 1:
         return None
-    index, wm, order = got
-    shards = []
-    for shard in order:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    m = _WM_OPEN.search(text)
+    first = None if m is None else _FIRST_SEPS.match(text, m.end())
+    if m is None or first is None:
+        return None
+    kv = first.group(1)
+    item = first.group(2) or ","  # (the separator between two members; unused for a single one)
+    pos = m.end()
+    shards: list[tuple[str, Any]] = []
+    seen: set[str] = set()
+    while True:
+        pair = _PAIR.match(text, pos)
+        if pair is None:
+            return None
+        shard = pair.group(1)
+        if shard in seen or not _plain_shards(p, {shard: None}):
+            return None
+        seen.add(shard)
         path = p.parent / shard
         try:
             pr = probe(path)
@@ -494,12 +529,68 @@ def _open_index_columns(p: Path) -> Checkpoint | None:
         cols = read_columns(str(path))
         if cols is None:
             return None
+        joiner = f'"{kv}"{shard}"{item}"'
+        run = f'"{joiner.join(cols.names)}"{kv}"{shard}"'  # this shard's members, as the text must hold them
+        if not text.startswith(run, pos):
+            return None
         shards.append((str(path), cols))
+        after = _AFTER.match(text, pos + len(run))
+        assert after is not None  # (it matches the empty string)
+        if after.group(1) == "}":
+            break
+        if text[pos + len(run) : after.end()] != item:
+            return None
+        pos = after.end()
+    try:  # the rest of the index, with an empty weight_map in place of this one
+        index = json.loads(text[: m.start(1) + 1] + text[after.start(1) :])
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(index, dict) or index.get("weight_map") != {}:
+        return None  # ("weight_map" occurs once in the text: this is the top-level one, or none is)
+    return index, shards
+
+
+def _open_index_columns(p: Path) -> Checkpoint | None:
+    """A valid index of safetensors shards with common headers, held as :class:`Columns` (no
+    object per key until one is asked for); None when anything is unusual or fails, and the
+    per-key paths then read it and name any problem."""
+    from .checkpoint import Columns, LocationView, MetaView, StorageView
+    from .safetensors_format import read_columns
+
+    raw = read_regular(p, MAX_INDEX, "index file")
+    grouped = _grouped_index(p, raw)
+    wm: dict[str, Any] | None = None
+    if grouped is not None:
+        index, shards = grouped
+    else:
+        got = _index_map(p, raw)
+        if got is None:
+            return None
+        index, wm, order = got
+        shards = []
+        for shard in order:
+            path = p.parent / shard
+            try:
+                pr = probe(path)
+            except (OSError, CheckpointError):
+                return None
+            if looks_like(pr) is not None or not _is_safetensors(pr):
+                return None
+            cols = read_columns(str(path))
+            if cols is None:
+                return None
+            shards.append((str(path), cols))
     names = list(itertools.chain.from_iterable(c.names for _, c in shards))
     at: dict[str, int] | None = None
-    in_order = names == list(wm) and list(wm.values()) == list(
-        itertools.chain.from_iterable(itertools.repeat(s, len(c.names)) for s, (_, c) in zip(order, shards))
-    )
+    if wm is None:  # the weight_map is each shard's keys, in order
+        wm = dict.fromkeys(names)
+        if len(wm) != len(names):
+            return None  # a key in two shards
+        in_order = True
+    else:
+        in_order = names == list(wm) and list(wm.values()) == list(
+            itertools.chain.from_iterable(itertools.repeat(s, len(c.names)) for s, (_, c) in zip(order, shards))
+        )
     if not in_order:  # each shard's keys map to it in the index, and no key is in two shards
         for shard, (_, c) in zip(order, shards):
             if not all(map(operator.eq, map(wm.get, c.names), itertools.repeat(shard))):
