@@ -796,9 +796,9 @@ def _metadata_only(args: argparse.Namespace) -> Any:
 @contextlib.contextmanager
 def _paused_to_the_end() -> Iterator[None]:
     """:func:`statemap.gcpause.paused` for the whole command, then, in the ``statemap`` command's own
-    process, ``gc.freeze``: what the command
-    built lives until the process exits, and a collection when the collector is switched back on
-    would only walk it (~0.03 s after a dry run of a 200k-key index: its lists of 200k names)."""
+    process, ``gc.freeze``: what the command built lives until the process exits, and a collection
+    when the collector is switched back on would only walk it (~0.03 s after a dry run of a
+    200k-key index: its lists of 200k names)."""
     import gc
 
     from .gcpause import paused
