@@ -89,7 +89,7 @@ def test_the_grouped_index_reads_what_the_parsed_index_reads(tmp_path, form, mon
     without parsing its weight_map; the result is the index parsed whole (or that reader's None)."""
     index = write_index(tmp_path / "a", keys(layers=2, experts=3), n_shards=4)
     rewrite_index(index, INDEX_TEXTS[form])
-    grouped = formats._grouped_index(index, index.read_bytes())
+    grouped = formats._grouped_index(index, index.read_bytes(), {})
     assert (grouped is not None) == (form in GROUPED)
     fast = formats._open_index_columns(index)
     with monkeypatch.context() as m:
@@ -111,7 +111,7 @@ def test_the_grouped_index_sees_a_key_in_two_shards(tmp_path):
     shards = sorted(p.name for p in index.parent.glob("*.safetensors"))
     members = [f'"{k}": "{s}"' for s in shards for k in st.read_columns(str(index.parent / s)).names]
     index.write_text('{"metadata": {}, "weight_map": {' + ", ".join(members) + "}}")
-    assert formats._grouped_index(index, index.read_bytes()) is not None
+    assert formats._grouped_index(index, index.read_bytes(), {}) is not None
     assert formats._open_index_columns(index) is None
     with pytest.raises(Exception, match="two shards|appears twice"):
         open_checkpoint(index)

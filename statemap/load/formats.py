@@ -486,14 +486,15 @@ _AFTER = re.compile(rf"{_WS}([,}}]){_WS}")
 _FIRST_SEPS = re.compile(rf'{_STR}({_WS}:{_WS}){_STR}(?:({_WS},{_WS})")?')  # the first member's separators
 
 
-def _grouped_index(p: Path, raw: bytes) -> tuple[dict[str, Any], list[tuple[str, Any]]] | None:
+def _grouped_index(p: Path, raw: bytes, read: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, Any]]] | None:
     """An index whose weight_map lists each shard's keys together, in the shard header's order,
     with one spacing throughout (as statemap and ``json.dumps`` write it), read without a string
     per key: the index without its weight_map, and each shard's path and header columns, in
     order. The weight_map's text is checked to be exactly each shard's keys mapped to it (one
     ``join`` of the header's names per shard, compared with the text), so ``json.loads`` of the
     whole would give that weight_map. None for anything else (an escape, another order or
-    spacing, a shard named twice, an unusual header): the caller then parses the index."""
+    spacing, a shard named twice, an unusual header): the caller then parses the index, and
+    ``read`` (shard path -> the header columns read here) saves it reading a header twice."""
     from .safetensors_format import read_columns
 
     if b"\\" in raw or raw.count(b'"weight_map"') != 1:
@@ -526,7 +527,7 @@ def _grouped_index(p: Path, raw: bytes) -> tuple[dict[str, Any], list[tuple[str,
             return None
         if looks_like(pr) is not None or not _is_safetensors(pr):
             return None
-        cols = read_columns(str(path))
+        cols = read[str(path)] = read_columns(str(path))
         if cols is None:
             return None
         joiner = f'"{kv}"{shard}"{item}"'
@@ -558,7 +559,8 @@ def _open_index_columns(p: Path) -> Checkpoint | None:
     from .safetensors_format import read_columns
 
     raw = read_regular(p, MAX_INDEX, "index file")
-    grouped = _grouped_index(p, raw)
+    read: dict[str, Any] = {}  # shard path -> its header's columns, once read
+    grouped = _grouped_index(p, raw, read)
     wm: dict[str, Any] | None = None
     if grouped is not None:
         index, shards = grouped
@@ -576,7 +578,7 @@ def _open_index_columns(p: Path) -> Checkpoint | None:
                 return None
             if looks_like(pr) is not None or not _is_safetensors(pr):
                 return None
-            cols = read_columns(str(path))
+            cols = read[str(path)] if str(path) in read else read_columns(str(path))
             if cols is None:
                 return None
             shards.append((str(path), cols))
