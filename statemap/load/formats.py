@@ -559,8 +559,8 @@ def _open_index_columns(p: Path) -> Checkpoint | None:
     from .safetensors_format import read_columns
 
     raw = read_regular(p, MAX_INDEX, "index file")
-    read: dict[str, Any] = {}  # shard path -> its header's columns, once read
-    grouped = _grouped_index(p, raw, read)
+    headers: dict[str, Any] = {}  # shard path -> its header's columns, once read
+    grouped = _grouped_index(p, raw, headers)
     wm: dict[str, Any] | None = None
     if grouped is not None:
         index, shards = grouped
@@ -578,7 +578,7 @@ def _open_index_columns(p: Path) -> Checkpoint | None:
                 return None
             if looks_like(pr) is not None or not _is_safetensors(pr):
                 return None
-            cols = read[str(path)] if str(path) in read else read_columns(str(path))
+            cols = headers[str(path)] if str(path) in headers else read_columns(str(path))
             if cols is None:
                 return None
             shards.append((str(path), cols))
