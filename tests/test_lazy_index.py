@@ -410,6 +410,47 @@ def test_rename_errors_are_the_general_planners(rules, match, monkeypatch):
     assert isinstance(fast.value, (PlanError, type(slow.value)))
 
 
+RULE_POOL = [
+    '- rename: "model.layers.{i}.mlp.experts.{e}.{p}.weight -> x.{i}.{e}.{p}"',
+    '- rename: "model.layers.{i}.mlp.experts.{e}.{p}.weight -> x.{i}.{p}"',  # two keys, one name
+    '- rename: "x.{i}.{e}.{p} -> model.norm.weight"',
+    '- rename: "x.{i}.{e}.{p} -> y.{p}.{e}.{i}"',
+    '- rename: "model.layers.{i}.{n}_layernorm.weight -> n.{i}.{n}"',
+    '- rename: "model.layers.{i}.mlp.gate.weight -> model.layers.{i}.input_layernorm.weight"',  # onto an existing key
+    '- rename: "model.layers.0.mlp.gate.weight -> lm_head.weight"',
+    '- rename: "lm_head.weight -> model.layers.0.mlp.gate.weight"',
+    '- rename: "model.norm.weight -> z"',
+    '- rename: "lm_head.weight -> z"',
+    '- rename: "z -> lm_head.weight"',
+    '- rename: "n.{i}.{n} -> model.layers.{i}.{n}_layernorm.weight"',
+    '- rename: "y.{a}.{b}.{c} -> x.{c}.{b}.{a}"',
+    '- rename: "model.{rest:path} -> m.{rest}"',
+    '- rename: "model.nothing.{x} -> w.{x}"\n    optional: true',
+]
+
+
+def test_random_rename_specs_plan_as_the_general_planner_plans(monkeypatch):
+    """Specs of 1-5 renames drawn from rules that chain, clash, write one name twice or move a
+    key back: the whole-list path gives the general table's plan, or its error."""
+    import random
+
+    rnd = random.Random(7)
+    source = metas_of(keys(layers=2, experts=2))
+    for _ in range(300):
+        drawn = [rnd.choice(RULE_POOL) for _ in range(rnd.randint(1, 5))]
+        rules = "\n  ".join(r + ("\n    optional: true" if rnd.random() < 0.6 and "optional" not in r else "") for r in drawn)
+        spec = load_spec(f"name: t\nversion: 1\nrules:\n  {rules}\n")
+        try:
+            fast: object = summary(make_plan(spec, source))
+        except PlanError as e:
+            fast = str(e)
+        try:
+            slow: object = summary(general(spec, source, monkeypatch))
+        except PlanError as e:
+            slow = str(e)
+        assert fast == slow, rules
+
+
 # -- inspect ------------------------------------------------------------------------------------
 
 
