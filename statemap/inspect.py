@@ -88,8 +88,8 @@ def module_rows(ck: Checkpoint, depth: int = 2) -> list[ModuleRow]:
 
 def _fold_columns(cols: Columns, depth: int, groups: dict[str, dict[int | None, int]], params: dict[str, int]) -> bool:
     """:func:`module_rows`' grouping for many keys without a Python call per key: one regex pass
-    over the newline-joined keys gives each key's head and layer index (what ``_FIRST_INDEX``'s
-    search finds in it) or, for a key without one, the key itself; ``Counter`` then counts the
+    over the newline-joined keys gives each key's head and layer index as one text (what
+    ``_FIRST_INDEX``'s search finds in it) or, for a key without one, the key itself; ``Counter`` then counts the
     (head, index, dtype and shape) combinations in C, in order of first appearance (the order
     the per-key loop inserts modules and indexes in). False when a key holds a newline."""
     from collections import Counter
@@ -107,17 +107,20 @@ def _fold_columns(cols: Columns, depth: int, groups: dict[str, dict[int | None, 
         counted = (((f, kind), n) for (f, n), kind in counted)
     else:
         counted = Counter(zip(found, cols.kind_of)).items()
-    for ((head, digits, whole), kind), n in counted:
-        mod, idx = (head + "{}", int(digits)) if digits else _module_of(whole, depth)
+    for (found_text, kind), n in counted:
+        split = _HEAD_INDEX.fullmatch(found_text)  # (once per distinct text, not per key)
+        mod, idx = (split[1] + "{}", int(split[2])) if split else _module_of(found_text, depth)
         inst = groups.setdefault(mod, {})
         inst[idx] = inst.get(idx, 0) + n
         params[mod] = params.get(mod, 0) + numel[kind] * n
     return True
 
 
-# per line of newline-joined keys: (text before the first all-digit segment that is not the last
-# one, its digits, "") -- `_FIRST_INDEX`'s search -- or ("", "", the whole key) when there is none
-_FIRST_INDEX_LINES = re.compile(r"^(?:((?:[^.\n]*\.)*?)(\d+)\.|(.*))", re.M)
+# per line of newline-joined keys: the text up to the first all-digit segment that is not the last
+# one and the dot after it -- `_FIRST_INDEX`'s search -- or the whole key when there is none (which
+# never ends with such a segment and its dot); _HEAD_INDEX splits the first kind into head and digits
+_FIRST_INDEX_LINES = re.compile(r"^(?:(?:[^.\n]*\.)*?\d+\.|.*)", re.M)
+_HEAD_INDEX = re.compile(r"((?:[^.\n]*\.)*?)(\d+)\.")
 
 
 def dtype_counts(ck: Checkpoint) -> dict[str, int]:

@@ -464,6 +464,11 @@ def test_inspect_folds_columns_as_it_folds_metas(tmp_path):
         ("a.01.b", [1], "F16"),
         ("a.1.c", [2], "F16"),
         ("x.7", [4], "I64"),
+        ("5.", [1], "F32"),  # an index segment and its dot, nothing after
+        (".3.w", [1], "F32"),
+        ("b.", [2], "F32"),
+        ("a.b.12", [1], "F32"),
+        ("a.b.12.", [1], "F32"),
     ]
     lazy, eager = opened(write_index(tmp_path / "a", entries, n_shards=3))
     for depth in (1, 2, 3):
