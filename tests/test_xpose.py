@@ -12,6 +12,7 @@ import pytest
 import statemap
 import statemap.apply
 import statemap.buffers
+import statemap.write
 import statemap.xpose as xp
 from statemap.api import plan_for
 from statemap.dtypes import dtype as lookup_dtype
@@ -199,6 +200,10 @@ def test_streamed_transposes_reuse_memory_and_write_the_same_bytes(tmp_path, mon
     """A conversion's transposes go into pooled memory (fewer allocations than tensors) and the
     file equals the in-memory result, tensor by tensor."""
     monkeypatch.setattr(xp.OutputPool, "MIN", 1024)
+    # the producer thread computes only the tensor the writer asks for (no running ahead), so
+    # which buffers are free again does not depend on how the two threads are scheduled: with
+    # the default 32 MB ahead, a busy machine let it compute all nine first (nine allocations)
+    monkeypatch.setattr(statemap.write._Ahead, "LIMIT", 0)
     rng = np.random.default_rng(11)
     sd = {f"m.{i}.w": rng.random((48, 40 + 8 * (i % 3)), dtype=np.float32) for i in range(9)}
     metas = [TensorMeta(k, v.shape, "float32") for k, v in sd.items()]
