@@ -195,6 +195,9 @@ def _canon(a: np.ndarray, dt: DType, f64_as_f32: bool) -> np.ndarray:
 _PIECE_K = (1, _K_LEN, _K_M, _K_N)  # weights of (32-bit piece, coefficient set) sums
 _EXACT = 1 << 13  # positions summed at a time in float64: 2**13 * 2**32 * 2**8 = 2**53, exact
 _BLOCK = 1 << 18  # elements per work block (reused buffers of 2 MB: no page faults per block)
+_STREAM = 1 << 20  # bytes of rows read at a time by _Hasher.fingerprint_stream (measured: 0.5-2 MB equally fast)
+_STREAMED = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}  # dtype -> stored form, hashed as read
+RangeReader = Callable[[int, int, "np.ndarray"], "np.ndarray"]  # (byte offset, count, uint8 out) -> out filled
 
 
 class _Hasher:
@@ -267,17 +270,21 @@ class _Hasher:
         rows: np.ndarray,
         with_cols: bool = True,
         with_rows: bool = True,
+        at: int = 0,
+        cols: np.ndarray | None = None,
+        work: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """Add the hashes of rows ``spans`` to ``rows`` (in place) and return their column sums."""
+        """Add the hashes of rows ``spans`` of ``x`` to ``rows`` (in place) and return their column
+        sums (added to ``cols`` when given). ``at``: the row of the whole tensor that is ``x``'s row 0
+        (``x`` is then a block of rows read from the file); ``work``: the float64 and canonical
+        buffers of :meth:`_work` to reuse."""
         import numpy as np
 
         m, n = x.shape
-        cols = np.zeros(n, dtype=np.uint64)
-        step = spans[0][1] - spans[0][0]
-        width = min(n, _EXACT)
-        piece = np.empty((step, width), dtype=np.float64)
+        if cols is None:
+            cols = np.zeros(n, dtype=np.uint64)
         wide = _canon_wide(dt, f64_as_f32)
-        tmp = np.empty((step, width), dtype=np.uint64 if wide else np.uint32)
+        piece, tmp = work if work is not None else self._work(spans[0][1] - spans[0][0], n, wide)
         coef = self.c16 if dt.name == "bfloat16" else self.c
         coef_t = self.ct16 if dt.name == "bfloat16" else self.ct
         for r0, r1 in spans:
@@ -304,11 +311,59 @@ class _Hasher:
                     k0, k1 = np.uint64(_PIECE_K[2 * p]), np.uint64(_PIECE_K[2 * p + 1])
                     if with_rows:
                         rr = (buf @ coef_t[j0:j1]).astype(np.uint64)
-                        rows[r0:r1] += rr[:, 0] * k0 + rr[:, 1] * k1
+                        rows[at + r0 : at + r1] += rr[:, 0] * k0 + rr[:, 1] * k1
                     if with_cols:
-                        cc = (coef[:, r0:r1] @ buf).astype(np.uint64)
+                        cc = (coef[:, at + r0 : at + r1] @ buf).astype(np.uint64)
                         cols[j0:j1] += cc[0] * k0 + cc[1] * k1
         return cols
+
+    @staticmethod
+    def _work(step: int, n: int, wide: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The float64 block and the canonical-values block :meth:`_part` works in (``step`` rows)."""
+        import numpy as np
+
+        width = min(n, _EXACT)
+        return np.empty((step, width), dtype=np.float64), np.empty((step, width), dtype=np.uint64 if wide else np.uint32)
+
+    def fingerprint_stream(
+        self, key: str, meta: TensorMeta, rr: RangeReader, cols: bool = True, with_rows: bool = True, starts: bool = False
+    ) -> tuple[_FP, np.ndarray | None] | None:
+        """:meth:`fingerprint` of a tensor read from its file by ``rr`` (see :data:`RangeReader`) a
+        few rows at a time (~:data:`_STREAM` bytes, into one reused buffer, hashed while in cache):
+        exactly the same hashes (integer sums, in any order), without the tensor in memory or a
+        second pass over it. With ``starts``, also every row's first two values (``[m, 2]``, in the
+        stored form, for :func:`_row_starts`; ``n >= 2``). None when the tensor is not of a type
+        hashed this way (float32, float16, bfloat16) or is hashed whole: read it and call
+        :meth:`fingerprint`."""
+        import numpy as np
+
+        dt = lookup_dtype(meta.dtype)
+        m, n = _view2d(meta.shape)
+        store = _STREAMED.get(dt.name)
+        if store is None or m * n == 0 or m > _MAX_ROWS or m > self.c.shape[1] or n > self.c.shape[1] or (starts and n < 2):
+            return None
+        row_bytes = n * dt.itemsize
+        per = max(1, min(m, _STREAM // row_bytes))  # rows read at a time
+        raw = np.empty(per * row_bytes, dtype=np.uint8)
+        step = max(1, min(_EXACT, _BLOCK // min(n, _EXACT)))
+        work = self._work(min(step, per), n, False)
+        rows = np.zeros(m, dtype=np.uint64)
+        col = np.zeros(n, dtype=np.uint64) if cols else None
+        first = np.empty((m, 2), dtype=store) if starts else None
+        for r0 in range(0, m, per):
+            k = min(per, m - r0)
+            x = rr(r0 * row_bytes, k * row_bytes, raw[: k * row_bytes]).view(store).reshape(k, n)
+            if first is not None:
+                first[r0 : r0 + k] = x[:, :2]
+            spans = [(s, min(k, s + step)) for s in range(0, k, step)]
+            self._part(x, dt, False, spans, rows, cols, with_rows, r0, col, work)
+        if col is not None:
+            col += np.uint64((m * _K_LEN) & _MASK)
+        if not with_rows:
+            return _FP(key, meta, m, n, None, col, 0), first
+        rows += np.uint64((n * _K_LEN) & _MASK)
+        full = (int((rows * self.d[:m]).sum()) + m * _K_M + n * _K_N) & _MASK
+        return _FP(key, meta, m, n, rows, col, full), first
 
 
 def _canon_wide(dt: DType, f64_as_f32: bool) -> bool:
@@ -547,9 +602,6 @@ def _each(keys: list[str], work: Callable[[str], None], workers: int = 2) -> Non
         raise err[0]
 
 
-RangeReader = Callable[[int, int, "np.ndarray"], "np.ndarray"]  # (byte offset, count, uint8 out) -> out filled
-
-
 def _quick_stream(meta: TensorMeta, rr: RangeReader, row_bytes: int = 0) -> tuple[tuple[Any, ...], np.ndarray | None]:
     """:func:`_quick_parts` of a float32 tensor read from its file 2 MB at a time into one reused
     buffer (``rr(offset, count, out)``: ``count`` bytes at ``offset`` of the tensor's data): the
@@ -607,6 +659,7 @@ def _quick_all(
     reading: Any = None,
     row_starts: Callable[[str, TensorMeta], int] = lambda k, m: 0,
     starts_of: Callable[[str, TensorMeta, np.ndarray], None] = lambda k, m, first: None,
+    stream: Callable[[str, TensorMeta, RangeReader], bool] | None = None,
 ) -> dict[str, tuple[Any, ...]]:
     """The whole-tensor identity of every tensor, on two threads that each read a tensor, hash
     it and run ``then(key, meta, array, identity)`` on it while it is in memory (to fingerprint it
@@ -620,7 +673,11 @@ def _quick_all(
     hashed from its file 2 MB at a time (:func:`_quick_stream`), and ``then`` gets None for it.
     ``reading``: the lock that keeps reads one at a time (``then`` may read under it too). For a
     tensor hashed from its file, ``row_starts(key, meta)``: the length in bytes of the rows whose
-    first two values ``starts_of(key, meta, first)`` gets (``[rows, 2]``), 0 for none."""
+    first two values ``starts_of(key, meta, first)`` gets (``[rows, 2]``), 0 for none.
+
+    ``stream(key, meta, rr)``: for a tensor ``skip`` names that has a reader of byte ranges, takes
+    what it needs from the file (e.g. :meth:`_Hasher.fingerprint_stream`) and returns True, or
+    returns False to have it read whole and passed to ``then`` as usual."""
     import threading
     from contextlib import nullcontext
 
@@ -634,6 +691,11 @@ def _quick_all(
             return
         large = meta.nbytes > _BIG_ONE
         with big if large else nullcontext():
+            if stream is not None and ranges is not None and skip(k, meta):
+                rs = ranges(k)
+                if rs is not None and stream(k, meta, rs):
+                    out[k] = (meta.numel, "skipped", id(metas), k)
+                    return
             rr = ranges(k) if ranges is not None and large and meta.dtype == "float32" else None
             if rr is not None and not skip(k, meta) and not needs(k, meta):
                 q, first = _quick_stream(meta, rr, row_starts(k, meta))
@@ -1217,10 +1279,38 @@ def _explain(
             with lock:
                 a_early[k] = fps
 
+    def a_stream(k: str, meta: TensorMeta, rr: RangeReader) -> bool:
+        """changed_in_b for an A tensor B holds with another shape, hashed from its file as read
+        (no array, no second pass over it); False when rounded variants need the array."""
+        if round_all(meta):
+            return False
+        m, n = _view2d(meta.shape)
+        got = one.fingerprint_stream(k, meta, rr, cols=False, starts=n in lengths)
+        if got is None:
+            return False
+        fp, first = got
+        if first is not None:
+            found = _row_starts(first, meta, m, 2, pair_dtypes)
+            with lock:
+                starts.setdefault(n, []).extend(found)
+        with lock:
+            a_early[k] = [fp]
+        return True
+
     a_ranges = a_ranges or (lambda k: None)
     b_ranges = b_ranges or (lambda k: None)
     qa = _quick_all(
-        a_metas, a_read, changed_in_b, lambda k, m: transposed(k, m, b_metas), 2, a_ranges, a_needs, None, a_row_bytes, a_starts
+        a_metas,
+        a_read,
+        changed_in_b,
+        lambda k, m: transposed(k, m, b_metas),
+        2,
+        a_ranges,
+        a_needs,
+        None,
+        a_row_bytes,
+        a_starts,
+        a_stream,
     )
     a_early = {k: a_early[k] for k in a_metas if k in a_early}  # in A's order, whichever thread finished first
     a_quick = set(qa.values())
@@ -1228,11 +1318,42 @@ def _explain(
         n: np.sort(np.concatenate(v)) for n, v in starts.items() if v
     }  # sorted keys (no Python ints per row; repeats are harmless)
 
+    checked: set[str] = set()  # transpose pairs found not transposed while B was hashed from its file
+
+    def b_stream(k: str, meta: TensorMeta, rr: RangeReader) -> bool:
+        """transposed_or_fingerprint's check for a B tensor read from its file as it is hashed: True
+        when B is A's transposed; False (read it whole) when not, or when the check does not apply."""
+        a = a_early.get(k)
+        if k not in tpairs or not a or a[0].rows is None:
+            return False
+        m, n = tpairs[k]
+        first = have.get(m)
+        if first is not None:
+            size = lookup_dtype(meta.dtype).itemsize
+            store = _STREAMED.get(meta.dtype)
+            if store is None:
+                return False
+            row0 = rr(0, 2 * size, np.empty(2 * size, dtype=np.uint8)).view(store).reshape(1, 2)
+            if any(_sorted_has(first, s) for s in _row_starts(row0, meta, 1, 2)):
+                checked.add(k)
+                return False
+        got = one.fingerprint_stream(k, meta, rr, with_rows=False)
+        if got is None:
+            return False
+        cols = got[0].cols
+        if cols is not None and np.array_equal(cols, a[0].rows):
+            with lock:
+                verified.add(k)
+            return True
+        with lock:
+            checked.add(k)
+        return False
+
     def transposed_or_fingerprint(k: str, meta: TensorMeta, x: np.ndarray) -> list[_FP]:
         """[] when B's ``k`` is A's transposed (see _transpose_pairs), else B's fingerprint."""
         a = a_early.get(k)
         m, n = tpairs[k]
-        if a and a[0].rows is not None:
+        if a and a[0].rows is not None and k not in checked:
             first = have.get(m)
             if first is None or not any(_sorted_has(first, s) for s in _row_starts(x.reshape(n, m)[:1], meta, 1, m)):
                 cols = one.fingerprint(k, meta, x, with_rows=False).cols
@@ -1263,7 +1384,15 @@ def _explain(
                     b_early[k] = fps[0]
 
     qb = _quick_all(
-        b_metas, b_read, fingerprint_misses, lambda k, m: transposed(k, m, a_metas), 2, b_ranges, lambda k, m: False, b_reading
+        b_metas,
+        b_read,
+        fingerprint_misses,
+        lambda k, m: transposed(k, m, a_metas),
+        2,
+        b_ranges,
+        lambda k, m: False,
+        b_reading,
+        stream=b_stream,
     )
     score = _Scorer()
     ex = Explanation()

@@ -110,3 +110,65 @@ def test_streaming_is_used_and_reads_stay_in_the_tensor(tmp_path, monkeypatch):
             with pytest.raises(ValueError, match="outside the tensor"):
                 rr(emb.nbytes - 4, 8, np.empty(8, np.uint8))
     assert [c.kind for c in ex.b] == ["renamed"] and read_whole == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(37, 5), (300, 40), (3, 9000)])  # one chunk; many chunks; rows wider than 2**13
+def test_streamed_fingerprint_is_the_in_memory_one(monkeypatch, dtype, shape):
+    """Rows read a few at a time and hashed as they come give exactly the hashes of the tensor in
+    memory (rows, columns, full), and every row's first two values."""
+    from statemap.correspond import _Hasher
+
+    monkeypatch.setattr(corr, "_STREAM", 1 << 12)  # 4 KB of rows at a time: many chunks, and one row per chunk for (3, 9000)
+    x = RNG.standard_normal(shape, dtype=np.float32)
+    if dtype == "float16":
+        x = x.astype(np.float16)
+    elif dtype == "bfloat16":
+        x = (x.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bits, as readers hold them
+    meta = TensorMeta("w", shape, dtype)
+    h = _Hasher(9000)
+    whole = h.fingerprint("w", meta, x)
+    fp, first = h.fingerprint_stream("w", meta, _ranges(x.tobytes()), starts=True)
+    assert np.array_equal(fp.rows, whole.rows) and np.array_equal(fp.cols, whole.cols) and fp.full == whole.full
+    np.testing.assert_array_equal(first, x[:, :2])
+    cols_only, none = h.fingerprint_stream("w", meta, _ranges(x.tobytes()), with_rows=False)
+    assert cols_only.rows is None and np.array_equal(cols_only.cols, whole.cols) and none is None
+    y = x.copy()
+    y.view(np.uint8 if y.itemsize == 1 else f"u{y.itemsize}")[shape[0] // 2, shape[1] - 1] ^= 1  # the last bit of one element
+    changed, _ = h.fingerprint_stream("w", meta, _ranges(y.tobytes()))  # the comparison can fail: one element changed
+    assert list(np.nonzero(changed.rows != whole.rows)[0]) == [shape[0] // 2]
+    assert list(np.nonzero(changed.cols != whole.cols)[0]) == [shape[1] - 1]
+    assert h.fingerprint_stream("w", TensorMeta("w", shape, "float64"), _ranges(x.tobytes())) is None  # float64: read whole
+
+
+def test_transposes_hashed_from_their_files_explain_as_when_read_whole(tmp_path, monkeypatch):
+    """diff --values on files: A's rows and B's columns of transposed pairs are hashed as they are
+    read (neither is read whole), and every explanation is the one of the whole-tensor path,
+    including a pair with one element changed (differs, naming the column) and one whose B rows
+    an A tensor also holds (the full matching's answer)."""
+    monkeypatch.setattr(corr, "_STREAM", 1 << 12)
+    a = {f"l{i}.w": RNG.standard_normal((64, 96), dtype=np.float32) for i in range(4)}
+    a["h16"] = RNG.standard_normal((30, 20), dtype=np.float32).astype(np.float16)
+    a["copy.w"] = RNG.standard_normal((8, 16), dtype=np.float32)
+    a["stack"] = np.concatenate([RNG.standard_normal((3, 8), dtype=np.float32), a["copy.w"].T.copy()])  # holds B:copy.w's rows
+    b = {k: np.ascontiguousarray(v.T) for k, v in a.items() if k != "stack"}
+    b["l2.w"] = b["l2.w"].copy()
+    b["l2.w"][10, 7] += np.float32(1.0)
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    read_whole: list[str] = []
+    with open_checkpoint(str(tmp_path / "a.safetensors")) as ca, open_checkpoint(str(tmp_path / "b.safetensors")) as cb:
+
+        def b_read(k: str) -> np.ndarray:
+            read_whole.append(k)
+            return cb.read(k)
+
+        with _FileRanges(ca, _Bar()) as ra, _FileRanges(cb, _Bar()) as rb:
+            streamed = explain(ca.metas, ca.read, cb.metas, b_read, a_ranges=ra, b_ranges=rb).to_json()
+    assert set(read_whole) == {"copy.w", "l2.w"}  # the changed pair and the B rows A holds: read whole
+    whole = _explained(tmp_path / "a.safetensors", tmp_path / "b.safetensors", False)
+    assert streamed == whole
+    by = {c["b"]: c for c in streamed["b"]}
+    assert {k for k, c in by.items() if c["kind"] == "transposed"} == {"l0.w", "l1.w", "l3.w", "h16"}
+    assert by["l2.w"]["kind"] == "differs" and by["l2.w"]["rows_differ"] == "[7] (1 of 64 columns)"
+    assert by["copy.w"]["kind"] == "split"
