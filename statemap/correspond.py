@@ -744,6 +744,24 @@ def _transpose_pairs(a_metas: Mapping[str, TensorMeta], b_metas: Mapping[str, Te
     return out
 
 
+def _square_pairs(a_metas: Mapping[str, TensorMeta], b_metas: Mapping[str, TensorMeta]) -> dict[str, int]:
+    """Names both sides hold as the same square matrix ``[m, m]`` (``m > 1``, short enough to hash
+    by rows; same dtype): name -> ``m``. When B's values are not A's (its whole identity differs),
+    B may be A transposed: B's columns are then compared with A's rows, hashed from A's file at that
+    moment, under the same condition as :func:`_transpose_pairs` (no A row starts as B's row 0).
+    The explanation is the one the full row / column matching gives, without B's rows, a second
+    read of A, or the matching."""
+    out = {}
+    for k, am in a_metas.items():
+        bm = b_metas.get(k)
+        if bm is None or am.dtype != bm.dtype or not am.numel:
+            continue
+        m, n = _view2d(am.shape)
+        if m == n and 1 < m <= _MAX_ROWS and _view2d(bm.shape) == (m, m):
+            out[k] = m
+    return out
+
+
 def _row_starts(x: np.ndarray, meta: TensorMeta, m: int, n: int, round_to: Iterable[str] = ()) -> list[np.ndarray]:
     """A key (uint64) of the first two values of every row of ``x`` seen as ``[m, n]``, in every
     canonical form the row hashes may give those values (float64: as float64 bits and as float32
@@ -1236,9 +1254,10 @@ def _explain(
     lock = threading.Lock()
 
     tpairs = _transpose_pairs(a_metas, b_metas) if transposes else {}  # B's columns may be A's rows
-    lengths = {m for m, _ in tpairs.values()}  # B's rows have A's first dim as length
+    squares = _square_pairs(a_metas, b_metas) if transposes else {}  # B may be A transposed: checked if B is not A
+    lengths = {m for m, _ in tpairs.values()} | set(squares.values())  # B's rows have A's first dim as length
     starts: dict[int, list[np.ndarray]] = {}  # such a length -> keys of the starts of A's rows
-    pair_dtypes = {a_metas[k].dtype for k in tpairs}
+    pair_dtypes = {a_metas[k].dtype for k in (*tpairs, *squares)}
     verified: set[str] = set()  # B keys whose columns are A's rows: A transposed
     b_constant: dict[str, float] = {}  # B keys an A tensor holds whole, every element one value
     round_all = narrower_in(b_metas.values())
@@ -1363,6 +1382,24 @@ def _explain(
                     return []
         return _fingerprint_one(k, meta, x, one, lambda m: [])
 
+    def square_or_fingerprint(k: str, meta: TensorMeta, x: np.ndarray) -> list[_FP]:
+        """[] when B's square ``k`` (not A's values) is A's transposed: B's columns against A's rows,
+        hashed from A's file now (see _square_pairs); else B's fingerprint."""
+        m = squares[k]
+        rr = a_ranges(k)
+        first = have.get(m)
+        if rr is not None and (
+            first is None or not any(_sorted_has(first, s) for s in _row_starts(x.reshape(m, m)[:1], meta, 1, m))
+        ):
+            got = one.fingerprint_stream(k, a_metas[k], rr, cols=False)
+            if got is not None:
+                cols = one.fingerprint(k, meta, x, with_rows=False).cols
+                if cols is not None and got[0].rows is not None and np.array_equal(cols, got[0].rows):
+                    with lock:
+                        verified.add(k)
+                    return []
+        return _fingerprint_one(k, meta, x, one, lambda m: [])
+
     b_reading = threading.Lock()
 
     def fingerprint_misses(k: str, meta: TensorMeta, x: np.ndarray | None, q: tuple[Any, ...]) -> None:
@@ -1378,7 +1415,12 @@ def _explain(
                 with lock:
                     b_constant[k] = v
         if q not in a_quick and meta.numel:  # no A tensor holds these values whole
-            fps = transposed_or_fingerprint(k, meta, x) if k in tpairs else _fingerprint_one(k, meta, x, one, lambda m: [])
+            if k in tpairs:
+                fps = transposed_or_fingerprint(k, meta, x)
+            elif k in squares:
+                fps = square_or_fingerprint(k, meta, x)
+            else:
+                fps = _fingerprint_one(k, meta, x, one, lambda m: [])
             if fps:  # else a transpose pair whose B columns are A's rows
                 with lock:
                     b_early[k] = fps[0]
@@ -1449,7 +1491,7 @@ def _explain(
                 )
     # transposes found while B was read (see _transpose_pairs)
     for k in (k for k in b_metas if k in verified):
-        span = (0, tpairs[k][0])  # all of B's columns are all of A's rows
+        span = (0, tpairs[k][0] if k in tpairs else squares[k])  # all of B's columns are all of A's rows
         out[k] = Correspondence(k, "transposed", (k,), "B = A transposed", (Piece(span, k, span, "cols", "rows"),))
     # swapped: B:x holds A:y while both names exist on both sides, and B:y holds A:x
     for bk, c in list(out.items()):

@@ -23,8 +23,14 @@ if TYPE_CHECKING:
 @dataclass
 class ValueDiff:
     name: str
-    max_abs: float
+    max_abs: float | None  # None: not compared, ``note`` says why (B is A transposed)
     allclose: bool
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "max_abs": self.max_abs, "allclose": self.allclose} | (
+            {"note": self.note} if self.note else {}
+        )
 
 
 @dataclass
@@ -80,7 +86,7 @@ class DiffResult:
             "only_in_b": metas(self.only_b),
             "shape_mismatch": [vars(m) for m in self.shape],
             "dtype_mismatch": [vars(m) for m in self.dtype],
-            "values": [vars(v) for v in self.values] if self.compared_values else None,
+            "values": [v.to_json() for v in self.values] if self.compared_values else None,
             "explain": self.explanation.to_json() if self.explanation is not None else None,
         } | ({"retied_on_load": self.retied} if self.retied else {})
 
@@ -237,12 +243,15 @@ def _compare_values(
 
     got: dict[str, ValueDiff] = {}
     todo = []
+    transposed = {c.b for c in r.explanation.b if c.kind == "transposed" and c.a == (c.b,) and c.detail == "B = A transposed"}
     for k in common:
         ma, mb = a.metas[k], b.metas[k]
         if ma.shape != mb.shape:
             continue
         if k in r.explanation.equal:  # equal values, proven by the fingerprints: not read again
             got[k] = ValueDiff(k, 0.0, True)
+        elif k in transposed:  # a square B that is A transposed: said so, not compared element by element
+            got[k] = ValueDiff(k, None, False, "B = A transposed")
         else:
             todo.append(k)
     reading, big = threading.Lock(), threading.Lock()
@@ -310,10 +319,12 @@ def render_diff(r: DiffResult, console: Any) -> None:
             console.print(table(f"{title} ({len(mism)})", ("key", "A", "B"), cells, "red"))
     if r.compared_values:
         bad = [v for v in r.values if not v.allclose]
-        worst = max((v.max_abs for v in r.values), default=0.0)
-        console.print(f"values: {len(r.values) - len(bad)}/{len(r.values)} allclose; max abs diff {worst:.3g}")
+        worst = max((v.max_abs for v in r.values if v.max_abs is not None), default=0.0)
+        noted = sum(1 for v in r.values if v.max_abs is None)
+        skipped = f" ({noted} not compared: B = A transposed)" if noted else ""
+        console.print(f"values: {len(r.values) - len(bad)}/{len(r.values)} allclose; max abs diff {worst:.3g}{skipped}")
         if bad:
-            cells = [(v.name, f"{v.max_abs:.4g}") for v in bad]
+            cells = [(v.name, f"{v.max_abs:.4g}" if v.max_abs is not None else v.note) for v in bad]
             console.print(table(f"value mismatch ({len(bad)})", ("key", "max abs diff"), cells, "red"))
     if r.explanation is not None:
         from .correspond import render_explanation

@@ -172,3 +172,47 @@ def test_transposes_hashed_from_their_files_explain_as_when_read_whole(tmp_path,
     assert {k for k, c in by.items() if c["kind"] == "transposed"} == {"l0.w", "l1.w", "l3.w", "h16"}
     assert by["l2.w"]["kind"] == "differs" and by["l2.w"]["rows_differ"] == "[7] (1 of 64 columns)"
     assert by["copy.w"]["kind"] == "split"
+
+
+def test_square_transposes_checked_from_a_file_explain_as_the_full_matching(tmp_path, monkeypatch):
+    """A square B that is not A's values is checked against A transposed (A's rows hashed from A's
+    file, B's columns): "transposed" exactly where the full matching says so; one element changed
+    is not; B rows an A tensor holds keep the full matching's answer. `diff --values` says a square
+    transpose is one instead of comparing it element by element; the changed one is compared."""
+    sq = {f"l{i}.sq": RNG.standard_normal((24, 24), dtype=np.float32) for i in range(3)}
+    held = RNG.standard_normal((24, 24), dtype=np.float32)
+    a = {**sq, "held.sq": held, "copy": np.ascontiguousarray(held.T), "same.sq": RNG.standard_normal((24, 24), dtype=np.float32)}
+    b = {k: np.ascontiguousarray(v.T) for k, v in a.items() if k.endswith(".sq")}
+    b["same.sq"] = a["same.sq"].copy()
+    b["l1.sq"] = b["l1.sq"].copy()
+    b["l1.sq"][5, 9] = np.nextafter(b["l1.sq"][5, 9], np.float32(np.inf))
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    rows_hashed: list[str] = []  # B keys whose rows were hashed
+    real = corr._Hasher.fingerprint
+
+    def spy(self, key, meta, x, variant="", cols=True, with_rows=True):
+        if with_rows and x.shape == (24, 24) and x.flags.c_contiguous and key in b and np.array_equal(x, b[key]):
+            rows_hashed.append(key)
+        return real(self, key, meta, x, variant, cols, with_rows)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(corr._Hasher, "fingerprint", spy)
+        streamed = _explained(tmp_path / "a.safetensors", tmp_path / "b.safetensors", True)
+    assert "l1.sq" in rows_hashed and not {"l0.sq", "l2.sq"} & set(rows_hashed)  # transposes: B's columns alone
+    with open_checkpoint(str(tmp_path / "a.safetensors")) as ca, open_checkpoint(str(tmp_path / "b.safetensors")) as cb:
+        full = explain(ca.metas, ca.read, cb.metas, cb.read, transposes=False).to_json()
+    assert streamed == full
+    by = {c["b"]: (c["kind"], c["detail"]) for c in streamed["b"]}
+    assert by["l0.sq"] == by["l2.sq"] == ("transposed", "B = A transposed")
+    assert by["l1.sq"][0] == "differs" and by["same.sq"] == ("same", "")
+    assert by["held.sq"] == ("renamed", "A:copy")  # A:copy holds B's values whole: the full matching's answer
+    r = diff_checkpoints(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), values=True)
+    assert r.explanation.to_json() == full and not r.same
+    values = {v.name: v for v in r.values}
+    assert values["l0.sq"].max_abs is None and values["l0.sq"].note == "B = A transposed" and not values["l0.sq"].allclose
+    assert values["l1.sq"].max_abs is not None and values["l1.sq"].max_abs > 0.1 and not values["l1.sq"].note
+    assert values["same.sq"].allclose and values["same.sq"].max_abs == 0.0
+    as_json = {v["name"]: v for v in r.to_json()["values"]}
+    assert as_json["l0.sq"] == {"name": "l0.sq", "max_abs": None, "allclose": False, "note": "B = A transposed"}
+    assert "note" not in as_json["l1.sq"]
