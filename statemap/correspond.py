@@ -42,6 +42,7 @@ import difflib
 import hashlib
 import math
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -344,9 +345,8 @@ class _Hasher:
             return None
         row_bytes = n * dt.itemsize
         per = max(1, min(m, _STREAM // row_bytes))  # rows read at a time
-        raw = np.empty(per * row_bytes, dtype=np.uint8)
         step = max(1, min(_EXACT, _BLOCK // min(n, _EXACT)))
-        work = self._work(min(step, per), n, False)
+        raw, work = _stream_work(per * row_bytes, min(step, per), min(n, _EXACT))
         rows = np.zeros(m, dtype=np.uint64)
         col = np.zeros(n, dtype=np.uint64) if cols else None
         first = np.empty((m, 2), dtype=store) if starts else None
@@ -568,6 +568,7 @@ def _quick_parts(meta: TensorMeta, a: np.ndarray) -> tuple[Any, ...]:
 
 
 _BIG_ONE = 1 << 26  # bytes: tensors larger than this (embeddings) are read and hashed one at a time
+_A_STREAM_FROM = 1 << 20  # bytes: larger A tensors whose array nothing needs are hashed as read from the file
 
 
 def _each(keys: list[str], work: Callable[[str], None], workers: int = 2) -> None:
@@ -602,6 +603,24 @@ def _each(keys: list[str], work: Callable[[str], None], workers: int = 2) -> Non
         raise err[0]
 
 
+_stream_bufs = threading.local()
+
+
+def _stream_work(nbytes: int, step: int, width: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """This thread's reused buffers for :meth:`_Hasher.fingerprint_stream`: ``nbytes`` of raw rows, and
+    the float64 / uint32 ``[step, width]`` blocks of :meth:`_Hasher._part` (``step * width <= _BLOCK``):
+    no pages faulted in and zeroed per tensor."""
+    import numpy as np
+
+    raw = getattr(_stream_bufs, "raw", None)
+    if raw is None or raw.nbytes < nbytes:
+        raw = _stream_bufs.raw = np.empty(max(nbytes, _STREAM), dtype=np.uint8)
+    if getattr(_stream_bufs, "f64", None) is None:
+        _stream_bufs.f64, _stream_bufs.u32 = np.empty(_BLOCK, dtype=np.float64), np.empty(_BLOCK, dtype=np.uint32)
+    size = step * width
+    return raw[:nbytes], (_stream_bufs.f64[:size].reshape(step, width), _stream_bufs.u32[:size].reshape(step, width))
+
+
 def _quick_stream(meta: TensorMeta, rr: RangeReader, row_bytes: int = 0) -> tuple[tuple[Any, ...], np.ndarray | None]:
     """:func:`_quick_parts` of a float32 tensor read from its file 2 MB at a time into one reused
     buffer (``rr(offset, count, out)``: ``count`` bytes at ``offset`` of the tensor's data): the
@@ -610,7 +629,9 @@ def _quick_stream(meta: TensorMeta, rr: RangeReader, row_bytes: int = 0) -> tupl
     ``[rows, 2]`` array, taken from the pieces as they pass (for :func:`_row_starts`)."""
     import numpy as np
 
-    buf = np.empty(_ID_CHUNK * _ID_WORDS * 8, dtype=np.uint8)
+    buf = getattr(_stream_bufs, "buf", None)
+    if buf is None:  # one per thread, reused: no pages faulted in and zeroed per tensor
+        buf = _stream_bufs.buf = np.empty(_ID_CHUNK * _ID_WORDS * 8, dtype=np.uint8)
     nbytes = meta.nbytes
     rows = nbytes // row_bytes if row_bytes else 0
     first = np.zeros((rows, 8), dtype=np.uint8)
@@ -660,6 +681,7 @@ def _quick_all(
     row_starts: Callable[[str, TensorMeta], int] = lambda k, m: 0,
     starts_of: Callable[[str, TensorMeta, np.ndarray], None] = lambda k, m, first: None,
     stream: Callable[[str, TensorMeta, RangeReader], bool] | None = None,
+    stream_from: int | None = None,
 ) -> dict[str, tuple[Any, ...]]:
     """The whole-tensor identity of every tensor, on two threads that each read a tensor, hash
     it and run ``then(key, meta, array, identity)`` on it while it is in memory (to fingerprint it
@@ -683,6 +705,7 @@ def _quick_all(
 
     out: dict[str, tuple[Any, ...]] = {}
     reading, big = reading or threading.Lock(), threading.Lock()
+    stream_from = _BIG_ONE if stream_from is None else stream_from
 
     def one(k: str) -> None:
         meta = metas[k]
@@ -696,7 +719,7 @@ def _quick_all(
                 if rs is not None and stream(k, meta, rs):
                     out[k] = (meta.numel, "skipped", id(metas), k)
                     return
-            rr = ranges(k) if ranges is not None and large and meta.dtype == "float32" else None
+            rr = ranges(k) if ranges is not None and meta.nbytes > stream_from and meta.dtype == "float32" else None
             if rr is not None and not skip(k, meta) and not needs(k, meta):
                 q, first = _quick_stream(meta, rr, row_starts(k, meta))
                 out[k] = q
@@ -1206,7 +1229,10 @@ def explain(
     import numpy as np  # noqa: F401  (loads OpenBLAS, for _blas_one_thread to find)
 
     with _blas_one_thread():
-        return _explain(a_metas, a_read, b_metas, b_read, rule_of, names, transposes, a_ranges, b_ranges)
+        try:
+            return _explain(a_metas, a_read, b_metas, b_read, rule_of, names, transposes, a_ranges, b_ranges)
+        finally:
+            _stream_bufs.__dict__.clear()  # the caller's thread keeps no read buffers (the helpers' end with them)
 
 
 def _explain(
@@ -1330,6 +1356,7 @@ def _explain(
         a_row_bytes,
         a_starts,
         a_stream,
+        min(_A_STREAM_FROM, _BIG_ONE),
     )
     a_early = {k: a_early[k] for k in a_metas if k in a_early}  # in A's order, whichever thread finished first
     a_quick = set(qa.values())
