@@ -801,6 +801,29 @@ def aligned_header(metas: Sequence[TensorMeta], metadata: dict[str, str], segmen
 # -- safetensors ---------------------------------------------------------------------------
 
 
+def copies_first(segments: Sequence[Any] | None) -> list[int] | None:
+    """The order in which a safetensors writer lays out tensors: those copied from input files
+    (``segments[i]`` not None) first, then the computed ones, each in plan order; None when that
+    is the plan's order (no computed tensor comes before a copied one).
+
+    The copies then run while numpy loads and the producer thread starts on the first computed
+    tensors, instead of after the last of them (GPT-2 -> nanoGPT: the 206 MB ``lm_head`` clone,
+    planned last, was copied once every transpose was written). A safetensors header maps each
+    name to its byte range, so readers find every tensor whatever the order of the data.
+
+    Example::
+
+        >>> copies_first([None, Segments((("a", 0, 8),)), None])
+        [1, 0, 2]
+        >>> copies_first([Segments((("a", 0, 8),)), None]) is None
+        True
+    """
+    if not segments:
+        return None
+    order = [i for i, s in enumerate(segments) if s is not None] + [i for i, s in enumerate(segments) if s is None]
+    return None if order == list(range(len(order))) else order
+
+
 def _write_safetensors(
     final: Path,
     stage: _Staging,
@@ -810,19 +833,35 @@ def _write_safetensors(
     fsync: bool = True,
     segments: Sequence[Any] | None = None,
 ) -> int:
+    """One safetensors file; with ``segments`` (per tensor, its file ranges or None) the copied
+    tensors are laid out first (:func:`copies_first`): their ranges come from ``segments``, and
+    the ``arrays`` handed over for them (the same ranges) are only checked."""
     from .load.safetensors_format import read_header
 
+    order = copies_first(segments)
+    laid = [metas[i] for i in order] if order is not None else list(metas)
     tmp, f = stage.open(final)
     total = 0
     fds: dict[str, int] = {}
     try:
         with f:
-            head = aligned_header(metas, metadata, segments)
+            head = aligned_header(laid, metadata, [segments[i] for i in order] if order is not None and segments else segments)
             _preallocate(f.fileno(), len(head) + sum(m.nbytes for m in metas))
             f.write(head)
             copier = _Copier(f.fileno(), fds, _Writeback(f.fileno(), fsync))
-            for m in metas:
-                total += _write_all(f, next(arrays), m, fds, copier)
+            if order is None or not segments:
+                for m in metas:
+                    total += _write_all(f, next(arrays), m, fds, copier)
+            else:
+                for i, seg in enumerate(segments):
+                    if seg is not None:
+                        total += _write_all(f, seg, metas[i], fds, copier)
+                for i, m in enumerate(metas):
+                    a = next(arrays)
+                    if segments[i] is None:
+                        total += _write_all(f, a, m, fds, copier)
+                    elif getattr(a, "parts", None) != segments[i].parts:
+                        raise AssertionError(f"{m.name}: produced other bytes than the planned file ranges")
             copier.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -830,7 +869,7 @@ def _write_safetensors(
         for fd in fds.values():
             os.close(fd)
     got, _, _ = read_header(str(tmp))  # re-read and check before it becomes real
-    if [(g.name, g.shape, g.dtype) for g in got.values()] != [(m.name, m.shape, m.dtype) for m in metas]:
+    if [(g.name, g.shape, g.dtype) for g in got.values()] != [(m.name, m.shape, m.dtype) for m in laid]:
         raise OutputError(f"{final}: written header does not match the plan (bug); output removed")
     return total
 
@@ -935,6 +974,8 @@ def write_checkpoint(
         lock.sweep(out.parent, _Inputs(inputs))
         check_outputs(files, inputs, force)  # again, under the lock: another writer may have just finished
         stale = check_earlier_output(out, files, inputs, force)
+        if fmt == "safetensors" and (workers <= 1 or get is None) and copies_first(segments) is not None:
+            ahead.start()  # computed tensors are written after the copies: start on them while the kernel copies
         try:
             if fmt == "torch":
                 nbytes = _write_torch(out, stage, metas, counted(), ties, fsync)
@@ -1055,10 +1096,14 @@ class _Ahead:
     def __iter__(self) -> _Ahead:
         return self
 
-    def __next__(self) -> Any:
+    def start(self) -> None:
+        """Start producing now (else on the first ``next``)."""
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="statemap-produce", daemon=True)
             self.thread.start()
+
+    def __next__(self) -> Any:
+        self.start()
         with self.cv:
             k = self.requested = self.handed
             self.handed += 1
@@ -1153,15 +1198,16 @@ def _shard_task(
     _WRITING[:] = [tmp]
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        order = copies_first(segments) or list(range(len(metas)))  # as _write_safetensors lays them out
         with _FullWriter(fd) as f:
-            head = aligned_header(metas, md, segments)
+            head = aligned_header([metas[k] for k in order], md, [segments[k] for k in order] if segments else None)
             _preallocate(f.fileno(), len(head) + sum(m.nbytes for m in metas))
             f.write(head)
             copier = _Copier(f.fileno(), fds, _Writeback(f.fileno(), fsync))
-            for i, m in zip(idxs, metas):
+            for k in order:
                 if os.getppid() != parent:
                     raise OutputError("the writing process is gone")
-                total += _write_all(f, get(i), m, fds, copier)
+                total += _write_all(f, get(idxs[k]), metas[k], fds, copier)
             copier.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -1222,8 +1268,9 @@ def _write_safetensors_maybe_sharded(
                         on_tensor(m)
         for tmp, idxs in zip(tmps, groups):  # re-read every shard header before anything is renamed
             got, _, _ = read_header(str(tmp))
+            order = copies_first([segments[i] for i in idxs] if segments else None) or range(len(idxs))
             if [(g.name, g.shape, g.dtype) for g in got.values()] != [
-                (metas[i].name, metas[i].shape, metas[i].dtype) for i in idxs
+                (metas[idxs[k]].name, metas[idxs[k]].shape, metas[idxs[k]].dtype) for k in order
             ]:
                 raise OutputError(f"{out}: a written shard does not match the plan (bug); output removed")
         total = sum(sizes)
