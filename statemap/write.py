@@ -317,9 +317,8 @@ def _try_lock(lp: Path) -> int | None:
             same = os.path.samestat(os.fstat(fd), os.lstat(lp))
         except FileNotFoundError:
             same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        if same:  # the pid padded to 20 bytes overwrites any earlier one: no truncate (ext4 would flush the file on close)
+            os.pwrite(fd, f"{os.getpid():<20}".encode(), 0)
             return fd
         os.close(fd)
     raise OutputError(f"{lp}: cannot take the output lock (it keeps being replaced)")
@@ -813,9 +812,9 @@ def copies_first(segments: Sequence[Any] | None) -> list[int] | None:
 
     Example::
 
-        >>> copies_first([None, Segments((("a", 0, 8),)), None])
+        >>> copies_first([None, "ranges of b", None])   # per tensor: its file ranges, or None (computed)
         [1, 0, 2]
-        >>> copies_first([Segments((("a", 0, 8),)), None]) is None
+        >>> copies_first(["ranges of a", None]) is None
         True
     """
     if not segments:
