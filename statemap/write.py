@@ -1095,20 +1095,21 @@ class _Ahead:
     def __iter__(self) -> _Ahead:
         return self
 
-    def start(self) -> None:
-        """Start producing now (else on the first ``next``)."""
+    def start(self) -> threading.Thread:
+        """Start producing now (else on the first ``next``); the producing thread."""
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="statemap-produce", daemon=True)
             self.thread.start()
+        return self.thread
 
     def __next__(self) -> Any:
-        self.start()
+        thread = self.start()
         with self.cv:
             k = self.requested = self.handed
             self.handed += 1
             self.cv.notify_all()
             while k not in self.ready:
-                if not self.thread.is_alive() and k not in self.ready:
+                if not thread.is_alive() and k not in self.ready:
                     raise StopIteration
                 self.cv.wait(0.5)
             ok, value = self.ready.pop(k)
