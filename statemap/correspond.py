@@ -756,15 +756,11 @@ def _transpose_pairs(a_metas: Mapping[str, TensorMeta], b_metas: Mapping[str, Te
     B's row 0 (:func:`_row_starts`), for then B's rows could be found whole or as a block of an A
     tensor, which the matcher prefers. That is the explanation the full row / column matching
     gives, for half of B's hashing."""
-    out = {}
-    for k, am in a_metas.items():
-        bm = b_metas.get(k)
-        if bm is None or am.dtype != bm.dtype or not am.numel:
-            continue
-        m, n = _view2d(am.shape)
-        if m != n and 1 < m <= _MAX_ROWS and 1 < n <= _MAX_ROWS and _view2d(bm.shape) == (n, m):
-            out[k] = (m, n)
-    return out
+    return {
+        k: (m, n)
+        for k, (m, n), b in _same_name_2d(a_metas, b_metas)
+        if m != n and 1 < m <= _MAX_ROWS and 1 < n <= _MAX_ROWS and b == (n, m)
+    }
 
 
 def _square_pairs(a_metas: Mapping[str, TensorMeta], b_metas: Mapping[str, TensorMeta]) -> dict[str, int]:
@@ -774,15 +770,17 @@ def _square_pairs(a_metas: Mapping[str, TensorMeta], b_metas: Mapping[str, Tenso
     moment, under the same condition as :func:`_transpose_pairs` (no A row starts as B's row 0).
     The explanation is the one the full row / column matching gives, without B's rows, a second
     read of A, or the matching."""
-    out = {}
+    return {k: m for k, (m, n), b in _same_name_2d(a_metas, b_metas) if m == n and 1 < m <= _MAX_ROWS and b == (m, m)}
+
+
+def _same_name_2d(
+    a_metas: Mapping[str, TensorMeta], b_metas: Mapping[str, TensorMeta]
+) -> Iterator[tuple[str, tuple[int, int], tuple[int, int]]]:
+    """Names both sides hold, non-empty and of one dtype: (name, A as a matrix, B as a matrix)."""
     for k, am in a_metas.items():
         bm = b_metas.get(k)
-        if bm is None or am.dtype != bm.dtype or not am.numel:
-            continue
-        m, n = _view2d(am.shape)
-        if m == n and 1 < m <= _MAX_ROWS and _view2d(bm.shape) == (m, m):
-            out[k] = m
-    return out
+        if bm is not None and am.dtype == bm.dtype and am.numel:
+            yield k, _view2d(am.shape), _view2d(bm.shape)
 
 
 def _row_starts(x: np.ndarray, meta: TensorMeta, m: int, n: int, round_to: Iterable[str] = ()) -> list[np.ndarray]:

@@ -486,6 +486,23 @@ _AFTER = re.compile(rf"{_WS}([,}}]){_WS}")
 _FIRST_SEPS = re.compile(rf'{_STR}({_WS}:{_WS}){_STR}(?:({_WS},{_WS})")?')  # the first member's separators
 
 
+def _shard_columns(path: Path, read: dict[str, Any]) -> Any:
+    """A shard's header as columns (:func:`read_columns`), read once per path (``read`` keeps
+    them); None when it is not a plain safetensors file or its header is unusual."""
+    from .safetensors_format import read_columns
+
+    if str(path) in read:
+        return read[str(path)]
+    try:
+        pr = probe(path)
+    except (OSError, CheckpointError):
+        return None
+    if looks_like(pr) is not None or not _is_safetensors(pr):
+        return None
+    cols = read[str(path)] = read_columns(str(path))
+    return cols
+
+
 def _grouped_index(p: Path, raw: bytes, read: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, Any]]] | None:
     """An index whose weight_map lists each shard's keys together, in the shard header's order,
     with one spacing throughout (as statemap and ``json.dumps`` write it), read without a string
@@ -495,8 +512,6 @@ def _grouped_index(p: Path, raw: bytes, read: dict[str, Any]) -> tuple[dict[str,
     whole would give that weight_map. None for anything else (an escape, another order or
     spacing, a shard named twice, an unusual header): the caller then parses the index, and
     ``read`` (shard path -> the header columns read here) saves it reading a header twice."""
-    from .safetensors_format import read_columns
-
     if b"\\" in raw or raw.count(b'"weight_map"') != 1:
         return None
     try:
@@ -521,13 +536,7 @@ def _grouped_index(p: Path, raw: bytes, read: dict[str, Any]) -> tuple[dict[str,
             return None
         seen.add(shard)
         path = p.parent / shard
-        try:
-            pr = probe(path)
-        except (OSError, CheckpointError):
-            return None
-        if looks_like(pr) is not None or not _is_safetensors(pr):
-            return None
-        cols = read[str(path)] = read_columns(str(path))
+        cols = _shard_columns(path, read)
         if cols is None:
             return None
         joiner = f'"{kv}"{shard}"{item}"'
@@ -556,7 +565,6 @@ def _open_index_columns(p: Path) -> Checkpoint | None:
     object per key until one is asked for); None when anything is unusual or fails, and the
     per-key paths then read it and name any problem."""
     from .checkpoint import Columns, LocationView, MetaView, StorageView
-    from .safetensors_format import read_columns
 
     raw = read_regular(p, MAX_INDEX, "index file")
     headers: dict[str, Any] = {}  # shard path -> its header's columns, once read
@@ -572,13 +580,7 @@ def _open_index_columns(p: Path) -> Checkpoint | None:
         shards = []
         for shard in order:
             path = p.parent / shard
-            try:
-                pr = probe(path)
-            except (OSError, CheckpointError):
-                return None
-            if looks_like(pr) is not None or not _is_safetensors(pr):
-                return None
-            cols = headers[str(path)] if str(path) in headers else read_columns(str(path))
+            cols = _shard_columns(path, headers)
             if cols is None:
                 return None
             shards.append((str(path), cols))
