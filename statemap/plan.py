@@ -350,6 +350,25 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
         proven = "one storage in the source" if same_tensor(key, other) else ""
         checks.append(Check(rule, key, node, other, on, verified=proven, why=why))
 
+    def no_clash(rule: Rule, new_names: Iterable[str], moving: Iterable[str]) -> None:
+        """A move writes no name that a key not moving by it holds already."""
+        clash = list(filter(table.__contains__, new_names))
+        if clash:
+            gone = set(moving)
+            clash = [k for k in clash if k not in gone]
+        if clash:
+            k = min(clash, key=pos_of)
+            raise PlanError(
+                f"{rule.where()}writes {k!r}, which already exists ({_origin(table[k])}); "
+                "two rules write one key: rename or drop the existing one first"
+            )
+
+    def none_matched(rule: Rule) -> None:
+        """A rule whose pattern matched no key: listed when optional, else the error."""
+        if not rule.optional:
+            raise _matched_nothing(rule, table, pos)
+        unmatched.append(rule)
+
     for rule in spec.rules:
         op = REGISTRY[rule.op]
         p = op.params(rule)
@@ -379,20 +398,9 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
                 keys, new_names = got
                 matches.append((rule.index, len(keys)))
                 if not keys:
-                    if rule.optional:
-                        unmatched.append(rule)
-                        continue
-                    raise _matched_nothing(rule, table, pos)
-                clash = list(filter(table.__contains__, new_names))
-                if clash:
-                    moving = set(keys)
-                    clash = [k for k in clash if k not in moving]
-                if clash:
-                    k = min(clash, key=pos_of)
-                    raise PlanError(
-                        f"{rule.where()}writes {k!r}, which already exists ({_origin(table[k])}); "
-                        "two rules write one key: rename or drop the existing one first"
-                    )
+                    none_matched(rule)
+                    continue
+                no_clash(rule, new_names, keys)
                 vals = list(map(table.pop, keys))
                 ats = list(map(pos.pop, keys))
                 if vals.count(None) == len(vals):  # untouched source keys (the usual first rename)
@@ -409,10 +417,8 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
             found.sort(key=lambda kc: pos_of(kc[0]))
         matches.append((rule.index, len(found)))
         if not found:
-            if rule.optional:
-                unmatched.append(rule)
-                continue
-            raise _matched_nothing(rule, table, pos)
+            none_matched(rule)
+            continue
 
         replacements: dict[str, list[tuple[str, Node]]] = {}
         consumed: set[str] = set()
@@ -429,16 +435,7 @@ def _make_plan(spec: Spec, source: Iterable[TensorMeta], ties: Iterable[Iterable
                     raise PlanError(f"{rule.where()}writes {name!r} twice (from {produced[name]!r} and {key!r})")
                 produced[name] = key
             # each key moves with its entry (re-labelled in place, as a new entry would be); same order
-            clash = [k for k in produced if k in table]
-            if clash:
-                moving = set(produced.values())
-                clash = [k for k in clash if k not in moving]
-            if clash:
-                k = min(clash, key=pos_of)
-                raise PlanError(
-                    f"{rule.where()}writes {k!r}, which already exists ({_origin(table[k])}); "
-                    "two rules write one key: rename or drop the existing one first"
-                )
+            no_clash(rule, produced, produced.values())
             moved = [(name, table.pop(key), pos.pop(key)) for name, key in produced.items()]
             for name, e, at in moved:
                 table[name] = _moved(produced[name], e, rule)
