@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from .dtypes import dtype as lookup_dtype
 from .errors import OutputError
+from .kernel_copy import Copier, Sources, Writeback, copy_range, preallocate
 from .load.safetensors_format import encode_header
 from .meta import TensorMeta
 from .process import one_blas_thread
@@ -589,178 +589,19 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-MAX_SOURCE_FDS = 64  # input files held open at once while copying tensor bytes
-
-
-def _source_fd(src: str, fds: dict[str, int]) -> int:
-    """A read descriptor for ``src`` from ``fds``, which holds at most MAX_SOURCE_FDS open files."""
-    if src not in fds:
-        while len(fds) >= MAX_SOURCE_FDS:  # many input files (`inputs:`): keep few descriptors open
-            os.close(fds.pop(next(iter(fds))))
-        fds[src] = os.open(src, os.O_RDONLY)
-    return fds[src]
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-@functools.cache
-def _sync_file_range() -> Callable[..., int] | None:
-    """libc's ``sync_file_range`` (Linux), or None where it does not exist."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_EXT4_MAGIC = 0xEF53
-_FALLOC_FL_KEEP_SIZE = 1
-
-
-@functools.cache
-def _libc_fallocate() -> tuple[Callable[..., int], Callable[..., int]] | None:
-    """libc's ``fallocate`` and ``fstatfs`` (Linux), or None where they do not exist."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fallocate, fstatfs = libc.fallocate, libc.fstatfs
-    except (OSError, AttributeError):
-        return None
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fallocate.restype = ctypes.c_int
-    fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    fstatfs.restype = ctypes.c_int
-    return fallocate, fstatfs
-
-
-def _preallocate(fd: int, size: int) -> None:
-    """Reserve the disk blocks of the ``size`` bytes about to be written to ``fd`` (a new file on
-    ext4), without changing its size (``FALLOC_FL_KEEP_SIZE``: the file grows only as bytes are
-    written). Measured here: copying DeltaLM's 391 storages into a preallocated file takes
-    0.47-0.50 s instead of 0.58-0.63 s (ext4 then skips its per-page delayed-allocation work).
-
-    Only a hint: elsewhere (other file systems, not Linux) or on any error nothing happens. Never
-    glibc's ``posix_fallocate``, which writes zeros where the file system cannot preallocate."""
-    fns = _libc_fallocate()
-    if fns is None or size <= 0:
-        return
-    import ctypes
-
-    fallocate, fstatfs = fns
-    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type (a C long) comes first
-    if fstatfs(fd, buf) != 0 or ctypes.c_long.from_buffer(buf).value != _EXT4_MAGIC:
-        return
-    fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, size)  # a hint: errors (e.g. ENOSPC, checked before) ignored
-
-
-class _Writeback:
-    """Starts the disk writing an output's bytes while later bytes are still being copied, so
-    the final ``fsync`` waits only for the last few: measured here, ``fsync`` of a 1.46 GB file
-    written without it took 0.6-1.1 s after the copy; with it the copy and the disk overlap.
-
-    Only a hint (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which waits for nothing and never
-    reports success): durability still comes from the ``fsync`` before the rename. A no-op
-    without ``fsync`` (``--no-fsync`` leaves writing to the kernel) or where the call is missing."""
-
-    STEP = 32 << 20  # start writing once this many new bytes are in the page cache
-
-    def __init__(self, fd: int, enabled: bool = True) -> None:
-        self.fd = fd
-        self.fn = _sync_file_range() if enabled else None
-        self.started = 0  # bytes before this offset are already on their way to the disk
-
-    def kick(self, pos: int | None = None) -> None:
-        """``pos``: bytes written so far (the file position when None)."""
-        if self.fn is None:
-            return
-        if pos is None:
-            pos = os.lseek(self.fd, 0, os.SEEK_CUR)
-        if pos - self.started >= self.STEP:
-            self.fn(self.fd, self.started, pos - self.started, _SYNC_FILE_RANGE_WRITE)  # a hint: errors ignored
-            self.started = pos
-
-
-def _copy_range(fd_out: int, src: str, offset: int, n: int, fds: dict[str, int], wb: _Writeback | None = None) -> None:
-    """Copy n bytes of ``src`` at ``offset`` to ``fd_out``'s position, in the kernel when possible.
-
-    With an active ``wb``, in steps of :attr:`_Writeback.STEP` bytes, each handed to the disk
-    as soon as it is copied."""
-    fd_in = _source_fd(src, fds)
-    done = 0
-    use_cfr = hasattr(os, "copy_file_range")
-    step = _Writeback.STEP if wb is not None and wb.fn is not None else 1 << 30
-    while done < n:
-        chunk = min(n - done, step)
-        k = 0
-        if use_cfr:
-            try:
-                k = os.copy_file_range(fd_in, fd_out, chunk, offset + done)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
-                    raise
-                use_cfr = False
-                continue
-        else:
-            data = os.pread(fd_in, min(chunk, 64 << 20), offset + done)
-            k = os.write(fd_out, data) if data else 0
-        if k == 0:
-            raise OutputError(f"{src}: ended early while copying tensor bytes (file changed or truncated?)")
-        done += k
-        if wb is not None:
-            wb.kick()
-
-
-class _Copier:
-    """Copies file ranges into ``fd_out`` in the kernel, joining a range that continues the
-    previous one (adjacent tensors of one source file) into one ``copy_file_range``."""
-
-    def __init__(self, fd_out: int, fds: dict[str, int], wb: _Writeback | None = None) -> None:
-        self.fd_out, self.fds, self.wb = fd_out, fds, wb
-        self.pending: tuple[str, int, int] | None = None
-
-    def add(self, src: str, off: int, n: int) -> None:
-        p = self.pending
-        if p is not None and p[0] == src and p[1] + p[2] == off:
-            self.pending = (src, p[1], p[2] + n)
-            return
-        self.flush()
-        self.pending = (src, off, n)
-
-    def flush(self) -> None:
-        if self.pending is not None:
-            src, off, n = self.pending
-            self.pending = None
-            _copy_range(self.fd_out, src, off, n, self.fds, self.wb)
-
-
-def _write_all(f: Any, a: Any, want: TensorMeta, fds: dict[str, int] | None = None, copier: _Copier | None = None) -> int:
+def _write_all(f: Any, a: Any, want: TensorMeta, copier: Copier) -> int:
     """Write one tensor: its file ranges (through ``copier``, which may hold the last range back to
     join it with the next; flush it before the file is complete) or an array's bytes."""
     if hasattr(a, "parts"):  # Segments: byte ranges of input files
         if a.nbytes != want.nbytes:
             raise AssertionError(f"{want.name}: {a.nbytes} bytes planned as {want.nbytes}")
-        own = copier is None
-        c = copier if copier is not None else _Copier(f.fileno(), fds if fds is not None else {})
         for src, off, n in a.parts:
-            c.add(src, off, n)
-        if own:
-            c.flush()
+            copier.add(src, off, n)
         return int(a.nbytes)
-    if copier is not None:
-        copier.flush()
+    copier.flush()
     data = _as_bytes(a, want)
     f.write(data)
-    if copier is not None and copier.wb is not None:
+    if copier.wb is not None:
         copier.wb.kick()
     return len(data)
 
@@ -841,32 +682,31 @@ def _write_safetensors(
     laid = [metas[i] for i in order] if order is not None else list(metas)
     tmp, f = stage.open(final)
     total = 0
-    fds: dict[str, int] = {}
+    sources = Sources()
     try:
         with f:
             head = aligned_header(laid, metadata, [segments[i] for i in order] if order is not None and segments else segments)
-            _preallocate(f.fileno(), len(head) + sum(m.nbytes for m in metas))
+            preallocate(f.fileno(), len(head) + sum(m.nbytes for m in metas))
             f.write(head)
-            copier = _Copier(f.fileno(), fds, _Writeback(f.fileno(), fsync))
+            copier = Copier(f.fileno(), sources, Writeback(f.fileno(), fsync))
             if order is None or not segments:
                 for m in metas:
-                    total += _write_all(f, next(arrays), m, fds, copier)
+                    total += _write_all(f, next(arrays), m, copier)
             else:
                 for i, seg in enumerate(segments):
                     if seg is not None:
-                        total += _write_all(f, seg, metas[i], fds, copier)
+                        total += _write_all(f, seg, metas[i], copier)
                 for i, m in enumerate(metas):
                     a = next(arrays)
                     if segments[i] is None:
-                        total += _write_all(f, a, m, fds, copier)
+                        total += _write_all(f, a, m, copier)
                     elif getattr(a, "parts", None) != segments[i].parts:
                         raise AssertionError(f"{m.name}: produced other bytes than the planned file ranges")
             copier.flush()
             if fsync:
                 os.fsync(f.fileno())
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        sources.close()
     got, _, _ = read_header(str(tmp))  # re-read and check before it becomes real
     if [(g.name, g.shape, g.dtype) for g in got.values()] != [(m.name, m.shape, m.dtype) for m in laid]:
         raise OutputError(f"{final}: written header does not match the plan (bug); output removed")
@@ -1194,20 +1034,20 @@ def _shard_task(
     Stops (and removes its file) when the parent is gone, e.g. killed by SIGKILL."""
     tmp, metas, idxs, md, fsync, get, parent, segments = job
     total = 0
-    fds: dict[str, int] = {}
+    sources = Sources()
     _WRITING[:] = [tmp]
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         order = copies_first(segments) or list(range(len(metas)))  # as _write_safetensors lays them out
         with _FullWriter(fd) as f:
             head = aligned_header([metas[k] for k in order], md, [segments[k] for k in order] if segments else None)
-            _preallocate(f.fileno(), len(head) + sum(m.nbytes for m in metas))
+            preallocate(f.fileno(), len(head) + sum(m.nbytes for m in metas))
             f.write(head)
-            copier = _Copier(f.fileno(), fds, _Writeback(f.fileno(), fsync))
+            copier = Copier(f.fileno(), sources, Writeback(f.fileno(), fsync))
             for k in order:
                 if os.getppid() != parent:
                     raise OutputError("the writing process is gone")
-                total += _write_all(f, get(idxs[k]), metas[k], fds, copier)
+                total += _write_all(f, get(idxs[k]), metas[k], copier)
             copier.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -1218,8 +1058,7 @@ def _shard_task(
         raise
     finally:
         _WRITING.clear()
-        for fd in fds.values():
-            os.close(fd)
+        sources.close()
     return total
 
 
@@ -1316,10 +1155,10 @@ def _write_torch(
     tmp, f = stage.open(out)
     entries: list[ZipEntry] = []
     pos = 0
-    fds: dict[str, int] = {}
+    sources = Sources()
     crcs = _SourceCRCs()
-    wb = _Writeback(f.fileno(), fsync)
-    _preallocate(f.fileno(), sum(metas[i].nbytes for i in stored))  # the storages; the zip records add a little
+    wb = Writeback(f.fileno(), fsync)
+    preallocate(f.fileno(), sum(metas[i].nbytes for i in stored))  # the storages; the zip records add a little
     total = 0
 
     def begin(name: str, size: int) -> ZipEntry:
@@ -1351,7 +1190,7 @@ def _write_torch(
                 if not is_stored[i]:
                     continue  # a tied name: its group's storage is written once
                 e = begin(f"data/{keys[m.name]}", m.nbytes)
-                n, e.crc = _write_crc(f, a, m, fds, crcs, wb)
+                n, e.crc = _write_crc(f, a, m, sources, crcs, wb)
                 total += n
                 end(e)
             record("version", b"3\n")
@@ -1360,8 +1199,7 @@ def _write_torch(
             if fsync:
                 os.fsync(f.fileno())
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        sources.close()
     from .load import open_checkpoint
 
     with open_checkpoint(tmp, unwrap=(), strip_prefix=()) as ck:  # re-read with statemap's own reader
@@ -1480,11 +1318,11 @@ class _CRCThread:
 
 
 def _write_crc(
-    f: Any, a: Any, want: TensorMeta, fds: dict[str, int], crcs: _SourceCRCs, wb: _Writeback | None = None
+    f: Any, a: Any, want: TensorMeta, sources: Sources, crcs: _SourceCRCs, wb: Writeback | None = None
 ) -> tuple[int, int]:
     """Write one tensor's bytes (file ranges or an array) and return (bytes, CRC-32 of them).
 
-    File ranges are copied in the kernel (``copy_file_range``); their CRC comes from the source's
+    File ranges are copied in the kernel (:func:`statemap.kernel_copy.copy_range`); their CRC comes from the source's
     central directory when they are one whole stored entry of a zip input (checked against its
     local header), else it is computed on a thread while the kernel copies (reading through an
     8 MiB buffer, so memory stays bounded whatever their size)."""
@@ -1494,13 +1332,13 @@ def _write_crc(
         if a.nbytes != want.nbytes:
             raise AssertionError(f"{want.name}: {a.nbytes} bytes planned as {want.nbytes}")
         parts = [p for p in a.parts if p[2]]
-        known = crcs.lookup(parts[0][0], _source_fd(parts[0][0], fds), parts[0][1], parts[0][2]) if len(parts) == 1 else None
+        known = crcs.lookup(parts[0][0], sources.fd(parts[0][0]), parts[0][1], parts[0][2]) if len(parts) == 1 else None
         if not parts:
             known = 0
         job = _CRCThread(parts) if known is None else None
         try:
             for src, off, n in parts:
-                _copy_range(f.fileno(), src, off, n, fds, wb)
+                copy_range(f.fileno(), sources, src, off, n, wb)
         except BaseException:
             if job is not None:
                 job.cancel()
@@ -1558,10 +1396,10 @@ def _write_flax(out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays:
     left = [m.nbytes for m in metas]
     literals: list[tuple[int, bytes]] = []
     pos = 0
-    fds: dict[str, int] = {}
+    sources = Sources()
     tmp, f = stage.open(out)
-    wb = _Writeback(f.fileno(), fsync)
-    _preallocate(f.fileno(), sum(m.nbytes for m in metas))  # the tensors; the msgpack headers add a little
+    wb = Writeback(f.fileno(), fsync)
+    preallocate(f.fileno(), sum(m.nbytes for m in metas))  # the tensors; the msgpack headers add a little
     try:
         with f:
             for piece in flax_layout(metas):
@@ -1579,7 +1417,7 @@ def _write_flax(out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays:
                             f"{metas[piece.index].name}: {a.nbytes} bytes planned as {metas[piece.index].nbytes}"
                         )
                     for src, off, n in _sub_ranges(a.parts, piece.start, piece.length):
-                        _copy_range(f.fileno(), src, off, n, fds, wb)
+                        copy_range(f.fileno(), sources, src, off, n, wb)
                 else:
                     data = _as_bytes(a, metas[piece.index])
                     f.write(data[piece.start : piece.start + piece.length])
@@ -1594,8 +1432,7 @@ def _write_flax(out: Path, stage: _Staging, metas: Sequence[TensorMeta], arrays:
             if fsync:
                 os.fsync(f.fileno())
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        sources.close()
     # re-read: the file has exactly the planned size, and every header where the layout put it
     with open(tmp, "rb") as r:
         if os.fstat(r.fileno()).st_size != pos:

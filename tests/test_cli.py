@@ -164,10 +164,10 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, capsys, name, rules, sour
 def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, where):
     import statemap
     import statemap.apply as apply_mod
-    import statemap.write as write_mod
+    import statemap.kernel_copy as kernel_copy
 
     src = _ckpt(tmp_path)
-    target, name = (apply_mod, "run_node") if where == "run_node" else (write_mod, "_copy_range")
+    target, name = (apply_mod, "run_node") if where == "run_node" else (kernel_copy, "copy_range")
     real = getattr(target, name)
     calls = {"n": 0}
     fail_at = 2 if where == "run_node" else 1  # adjacent kept tensors are one kernel copy (after the header)

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "statemap.progress",
             "statemap.buffers",
             "statemap.xpose",
+            "statemap.kernel_copy",
         ],
     ),
     ("keys and tensors", ["statemap.template", "statemap.meta", "statemap.torch_adapter"]),

@@ -17,20 +17,22 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import statemap
+import statemap.kernel_copy as kernel_copy
 import statemap.write as w
 from statemap.apply import Segments
 from statemap.meta import TensorMeta
 
 
 def _count_copies(monkeypatch) -> list[tuple[int, int]]:
+    """(bytes, source offset) of each kernel copy the writers start."""
     calls: list[tuple[int, int]] = []
-    real = os.copy_file_range
+    real = kernel_copy.copy_range
 
-    def spy(src, dst, count, offset_src=None, *a):
-        calls.append((count, offset_src))
-        return real(src, dst, count, offset_src, *a)
+    def spy(fd_out, sources, src, offset, n, wb=None):
+        calls.append((n, offset))
+        return real(fd_out, sources, src, offset, n, wb)
 
-    monkeypatch.setattr(os, "copy_file_range", spy)
+    monkeypatch.setattr(kernel_copy, "copy_range", spy)
     return calls
 
 
@@ -289,8 +291,8 @@ def test_writeback_hands_every_byte_to_the_disk_in_order_only_with_fsync(tmp_pat
     sd = {f"m.{i}.w": rng.random((128, 64), dtype=np.float32) for i in range(6)}
     save_file(sd, str(tmp_path / "s.safetensors"))
     calls: list[tuple[int, int, int]] = []
-    monkeypatch.setattr(w, "_sync_file_range", lambda: lambda fd, start, n, flags: calls.append((start, n, flags)) or 0)
-    monkeypatch.setattr(w._Writeback, "STEP", 16 << 10)
+    monkeypatch.setattr(kernel_copy, "sync_file_range", lambda: lambda fd, start, n, flags: calls.append((start, n, flags)) or 0)
+    monkeypatch.setattr(kernel_copy.Writeback, "STEP", 16 << 10)
     spec = {"name": "t", "version": 1, "rules": [{"transpose": "m.2.w"}]}  # one computed tensor between copies
     statemap.convert(spec, tmp_path / "s.safetensors", tmp_path / f"o.{fmt}", fsync=fsync)
     if not fsync:
@@ -306,13 +308,13 @@ def test_writeback_hands_every_byte_to_the_disk_in_order_only_with_fsync(tmp_pat
 
 @pytest.mark.skipif(not os.uname().sysname == "Linux", reason="sync_file_range is Linux only")
 def test_sync_file_range_is_found_and_works_on_linux(tmp_path):
-    fn = w._sync_file_range()
+    fn = kernel_copy.sync_file_range()
     assert fn is not None
     with open(tmp_path / "f", "wb") as f:
         f.write(b"x" * 10000)
         f.flush()
         assert fn(f.fileno(), 0, 10000, 2) == 0
-        assert fn(-1, 0, 10000, 2) == -1  # a bad descriptor is reported (and ignored by _Writeback)
+        assert fn(-1, 0, 10000, 2) == -1  # a bad descriptor is reported (and ignored by Writeback)
 
 
 @pytest.mark.parametrize(("rules", "warm"), [([{"transpose": "m.1.w"}], True), ([], False)])
@@ -460,11 +462,11 @@ class _FakeFS:
 @pytest.mark.parametrize(("magic", "called"), [(0xEF53, True), (0x58465342, False)])  # ext4; XFS: not measured, left alone
 def test_the_output_is_preallocated_on_ext4_only(tmp_path, monkeypatch, magic, called):
     fake = _FakeFS(magic)
-    monkeypatch.setattr(w, "_libc_fallocate", fake.fns)
+    monkeypatch.setattr(kernel_copy, "libc_fallocate", fake.fns)
     sd = {"a": np.ones((64, 64), np.float32), "b": np.arange(10, dtype=np.float32)}
     save_file(sd, str(tmp_path / "s.safetensors"))
     spec = {"name": "t", "version": 1, "rules": [{"transpose": "a"}]}
     statemap.convert(spec, tmp_path / "s.safetensors", tmp_path / "o.safetensors", fsync=False)
     size = os.path.getsize(tmp_path / "o.safetensors")
-    assert fake.calls == ([(w._FALLOC_FL_KEEP_SIZE, 0, size)] if called else [])
+    assert fake.calls == ([(kernel_copy.FALLOC_FL_KEEP_SIZE, 0, size)] if called else [])
     assert np.array_equal(load_file(str(tmp_path / "o.safetensors"))["a"], sd["a"].T)

@@ -1,0 +1,310 @@
+"""kernel_copy: copy byte ranges of input files into an output file without passing them through
+Python, and the hints that keep the page cache and the disk busy while doing it.
+
+The writers (:mod:`statemap.write`) call :func:`copy_range` for every tensor whose bytes are a
+range of an input file. On Linux a range goes through a 1 MiB pipe with ``splice`` (file ->
+pipe -> file: the source pages are only referenced, then copied once into the output's page
+cache). Measured here on DeltaLM's 391 storages (1.45 GB), whose offsets in the ``.pt`` zip and
+in the output never agree within a page: 0.36-0.39 s, against 0.59-0.68 s with one
+``copy_file_range`` per range and 0.46 s for ``cp`` of the whole file. ``copy_file_range`` moves
+data through the kernel's own 64 KiB pipe, so the output's page cache is built from small pieces
+at unaligned offsets (order-0 pages, one allocation per 4 KiB). Where ``splice`` cannot be used
+(not Linux, a pipe that cannot be made 256 KiB or larger, a file system without splice support)
+``copy_file_range`` is used, then ``pread`` / ``write``.
+
+Example::
+
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> with open(os.path.join(d, "in"), "wb") as f:
+    ...     _ = f.write(b"headerPAYLOAD")
+    >>> out = os.open(os.path.join(d, "out"), os.O_WRONLY | os.O_CREAT)
+    >>> with Sources() as sources:
+    ...     copy_range(out, sources, os.path.join(d, "in"), 6, 7)
+    >>> os.close(out)
+    >>> open(os.path.join(d, "out"), "rb").read()
+    b'PAYLOAD'
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .errors import OutputError
+
+__all__ = ["MAX_SOURCE_FDS", "Copier", "Sources", "Writeback", "copy_range", "preallocate"]
+
+MAX_SOURCE_FDS = 64  # input files held open at once while copying tensor bytes
+PIPE_BYTES = 1 << 20  # the splice pipe's size: /proc/sys/fs/pipe-max-size's default, allowed to anyone
+PIPE_MIN = 256 << 10  # a smaller pipe (F_SETPIPE_SZ refused: the user's pipe quota is spent) is slower than copy_file_range
+
+# a call that fails with one of these says "not supported for these files": the next method is tried
+_UNSUPPORTED = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
+
+
+class _Pipe:
+    """A pipe of at least PIPE_MIN bytes for ``splice``; empty between calls of :func:`copy_range`."""
+
+    def __init__(self) -> None:
+        import fcntl
+
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:
+                pass  # EPERM over the user's pipe quota or pipe-max-size: the size is checked below
+            self.size = int(fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            if fd >= 0:
+                os.close(fd)
+        self.r = self.w = -1
+
+
+class Sources:
+    """The read descriptors of the input files being copied from (at most MAX_SOURCE_FDS open at
+    once) and the splice pipe; :meth:`close` (or ``with``) releases them."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+        self._pipe: _Pipe | None = None
+        self.splice = hasattr(os, "splice") and sys.platform.startswith("linux")
+
+    def fd(self, src: str) -> int:
+        """A read descriptor for ``src``."""
+        fds = self.fds
+        if src not in fds:
+            while len(fds) >= MAX_SOURCE_FDS:  # many input files (`inputs:`): keep few descriptors open
+                os.close(fds.pop(next(iter(fds))))
+            fds[src] = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return fds[src]
+
+    def pipe(self) -> _Pipe | None:
+        """The splice pipe, made on first use; None where splice is not used."""
+        if not self.splice:
+            return None
+        if self._pipe is None:
+            try:
+                p = _Pipe()
+            except OSError:  # out of descriptors or no pipes: copy_file_range does without
+                self.splice = False
+                return None
+            if p.size < PIPE_MIN:
+                p.close()
+                self.splice = False
+                return None
+            self._pipe = p
+        return self._pipe
+
+    def drop_pipe(self) -> None:
+        """Forget the pipe (it may hold bytes of a copy that failed half way)."""
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
+
+    def close(self) -> None:
+        self.drop_pipe()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> Sources:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def sync_file_range() -> Callable[..., int] | None:
+    """libc's ``sync_file_range`` (Linux), or None where it does not exist."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+EXT4_MAGIC = 0xEF53
+FALLOC_FL_KEEP_SIZE = 1
+
+
+@functools.cache
+def libc_fallocate() -> tuple[Callable[..., int], Callable[..., int]] | None:
+    """libc's ``fallocate`` and ``fstatfs`` (Linux), or None where they do not exist."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate, fstatfs = libc.fallocate, libc.fstatfs
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    fstatfs.restype = ctypes.c_int
+    return fallocate, fstatfs
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve the disk blocks of the ``size`` bytes about to be written to ``fd`` (a new file on
+    ext4), without changing its size (``FALLOC_FL_KEEP_SIZE``: the file grows only as bytes are
+    written). Measured here: copying DeltaLM's 391 storages into a preallocated file takes
+    0.47-0.50 s instead of 0.58-0.63 s with ``copy_file_range`` (ext4 then skips its per-page
+    delayed-allocation work).
+
+    Only a hint: elsewhere (other file systems, not Linux) or on any error nothing happens. Never
+    glibc's ``posix_fallocate``, which writes zeros where the file system cannot preallocate."""
+    fns = libc_fallocate()
+    if fns is None or size <= 0:
+        return
+    import ctypes
+
+    fallocate, fstatfs = fns
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type (a C long) comes first
+    if fstatfs(fd, buf) != 0 or ctypes.c_long.from_buffer(buf).value != EXT4_MAGIC:
+        return
+    fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size)  # a hint: errors (e.g. ENOSPC, checked before) ignored
+
+
+class Writeback:
+    """Starts the disk writing an output's bytes while later bytes are still being copied, so
+    the final ``fsync`` waits only for the last few: measured here, ``fsync`` of a 1.46 GB file
+    written without it took 0.6-1.1 s after the copy; with it the copy and the disk overlap.
+
+    Only a hint (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which waits for nothing and never
+    reports success): durability still comes from the ``fsync`` before the rename. A no-op
+    without ``fsync`` (``--no-fsync`` leaves writing to the kernel) or where the call is missing."""
+
+    STEP = 32 << 20  # start writing once this many new bytes are in the page cache
+
+    def __init__(self, fd: int, enabled: bool = True) -> None:
+        self.fd = fd
+        self.fn = sync_file_range() if enabled else None
+        self.started = 0  # bytes before this offset are already on their way to the disk
+
+    def kick(self, pos: int | None = None) -> None:
+        """``pos``: bytes written so far (the file position when None)."""
+        if self.fn is None:
+            return
+        if pos is None:
+            pos = os.lseek(self.fd, 0, os.SEEK_CUR)
+        if pos - self.started >= self.STEP:
+            self.fn(self.fd, self.started, pos - self.started, _SYNC_FILE_RANGE_WRITE)  # a hint: errors ignored
+            self.started = pos
+
+
+def _write_out(fd_out: int, data: Any) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd_out, view) :]
+
+
+def _splice(sources: Sources, pipe: _Pipe, fd_in: int, fd_out: int, offset: int, n: int) -> int:
+    """Move up to ``n`` bytes of ``fd_in`` at ``offset`` to ``fd_out``'s position through ``pipe``;
+    return how many (0 at the end of the input). Raises OSError(EINVAL...) with the pipe empty
+    when the files do not support splice; on any other failure the pipe is dropped."""
+    k = os.splice(fd_in, pipe.w, min(n, pipe.size), offset_src=offset)
+    moved = 0
+    try:
+        while moved < k:
+            moved += os.splice(pipe.r, fd_out, k - moved)
+    except OSError as e:
+        if e.errno not in _UNSUPPORTED:
+            sources.drop_pipe()
+            raise
+        while moved < k:  # the output does not take splice: hand over what the pipe holds, then stop using it
+            data = os.read(pipe.r, k - moved)
+            _write_out(fd_out, data)
+            moved += len(data)
+        sources.splice = False
+    except BaseException:
+        sources.drop_pipe()
+        raise
+    return k
+
+
+def copy_range(fd_out: int, sources: Sources, src: str, offset: int, n: int, wb: Writeback | None = None) -> None:
+    """Copy ``n`` bytes of ``src`` at ``offset`` to ``fd_out``'s position, in the kernel when
+    possible (splice, else copy_file_range, else pread / write).
+
+    With an active ``wb``, in steps of :attr:`Writeback.STEP` bytes, each handed to the disk
+    as soon as it is copied."""
+    fd_in = sources.fd(src)
+    done = 0
+    use_cfr = hasattr(os, "copy_file_range")
+    step = Writeback.STEP if wb is not None and wb.fn is not None else 1 << 30
+    while done < n:
+        chunk = min(n - done, step)
+        pipe = sources.pipe()
+        k = 0
+        if pipe is not None:
+            try:
+                k = _splice(sources, pipe, fd_in, fd_out, offset + done, chunk)
+            except OSError as e:
+                if e.errno not in _UNSUPPORTED:
+                    raise
+                sources.splice = False  # the input does not give splice its pages: nothing was moved
+                continue
+        elif use_cfr:
+            try:
+                k = os.copy_file_range(fd_in, fd_out, chunk, offset + done)
+            except OSError as e:
+                if e.errno not in _UNSUPPORTED:
+                    raise
+                use_cfr = False
+                continue
+        else:
+            data = os.pread(fd_in, min(chunk, 64 << 20), offset + done)
+            if data:
+                _write_out(fd_out, data)
+            k = len(data)
+        if k == 0:
+            raise OutputError(f"{src}: ended early while copying tensor bytes (file changed or truncated?)")
+        done += k
+        if wb is not None:
+            wb.kick()
+
+
+class Copier:
+    """Copies file ranges into ``fd_out`` in the kernel, joining a range that continues the
+    previous one (adjacent tensors of one source file) into one copy."""
+
+    def __init__(self, fd_out: int, sources: Sources, wb: Writeback | None = None) -> None:
+        self.fd_out, self.sources, self.wb = fd_out, sources, wb
+        self.pending: tuple[str, int, int] | None = None
+
+    def add(self, src: str, off: int, n: int) -> None:
+        p = self.pending
+        if p is not None and p[0] == src and p[1] + p[2] == off:
+            self.pending = (src, p[1], p[2] + n)
+            return
+        self.flush()
+        self.pending = (src, off, n)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            src, off, n = self.pending
+            self.pending = None
+            copy_range(self.fd_out, self.sources, src, off, n, self.wb)
