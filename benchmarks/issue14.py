@@ -4,8 +4,9 @@
     python benchmarks/issue14.py --quick     # small sizes (vocab 32000, 6 GPT-2 layers), for a smoke run
 
 Method (issue 14): every timed command writes a fresh file name, `sync` runs before each timed
-command, each statemap command is paired with `cp` of its input run right after it (so both see
-the same machine state), and the median of >= 3 pairs is reported, raw (seconds) and per byte
+command, each statemap command is paired with `cp` of its input (run right before or right after
+it, alternating, so both see the same machine state; each after the same preparation, see
+`settle`), and the median of >= 3 pairs is reported, raw (seconds) and per byte
 written (seconds per byte of statemap's output over seconds per byte of cp's). Peak RSS from
 /usr/bin/time. The pairs:
 
@@ -175,9 +176,31 @@ rules:
 # ------------------------------------------------------------------------------------ timing
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one command (after `sync`), from /usr/bin/time."""
+def settle(src: Path | None) -> None:
+    """Before a timed command: `sync`; read its input once, so it comes from the page cache;
+    then touch and free memory the size of two inputs, so the command's output pages are backed.
+
+    Both are for this machine kind (a Firecracker VM): DAMON pages out page-cache pages unused
+    for 60 s (a pair's first command read its input from disk, at ~60 MB/s: one run took 24 s), and
+    freed memory is reported to the host (virtio-balloon free page reporting, about 2 s after it is
+    freed), after which the first write of each page faults in the host: measured here, 75 writes of
+    16 MB into a new file ran at 0.5-0.8 GB/s after 6 s idle and at 5.2-6.5 GB/s right after a
+    free. Each command of a pair gets the same preparation."""
     subprocess.run(["sync"], check=True)
+    if src is None:
+        return
+    with open(src, "rb", buffering=0) as f:
+        while f.read(1 << 24):
+            pass
+    n = 2 * src.stat().st_size
+    b = bytearray(n)
+    b[::4096] = b"\1" * len(range(0, n, 4096))
+    del b
+
+
+def timed(cmd: list[str], src: Path | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one command (after :func:`settle`), from /usr/bin/time."""
+    settle(src)
     r = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
@@ -215,10 +238,14 @@ def pairs(
         if folder:
             out.mkdir()
         cp_out = d / f"{name.replace(' ', '_')}-{r}.cp"
-        t, rss = timed(make_cmd(out / f"model{suffix}" if folder else out))
-        nbytes = out_bytes(out)
         cp = ["sh", "-c", f'cp "{src}" "{cp_out}" && sync "{cp_out}"'] if cp_sync else ["cp", str(src), str(cp_out)]
-        tc, _ = timed(cp)
+        if r % 2 == 0:  # the order alternates: neither command always runs first
+            t, rss = timed(make_cmd(out / f"model{suffix}" if folder else out), src)
+            tc, _ = timed(cp, src)
+        else:
+            tc, _ = timed(cp, src)
+            t, rss = timed(make_cmd(out / f"model{suffix}" if folder else out), src)
+        nbytes = out_bytes(out)
         cbytes = out_bytes(cp_out)
         rows.append((t, tc, t / tc, (t / nbytes) / (tc / cbytes), rss, nbytes))
         shutil.rmtree(out) if folder else out.unlink()

@@ -32,12 +32,13 @@ import errno
 import functools
 import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .errors import OutputError
 
-__all__ = ["MAX_SOURCE_FDS", "Copier", "Sources", "Writeback", "copy_range", "preallocate"]
+__all__ = ["MAX_SOURCE_FDS", "CopyJob", "Sources", "Writeback", "copy_range", "join_ranges", "preallocate"]
 
 MAX_SOURCE_FDS = 64  # input files held open at once while copying tensor bytes
 PIPE_BYTES = 1 << 20  # the splice pipe's size: /proc/sys/fs/pipe-max-size's default, allowed to anyone
@@ -199,13 +200,14 @@ class Writeback:
 
     STEP = 32 << 20  # start writing once this many new bytes are in the page cache
 
-    def __init__(self, fd: int, enabled: bool = True) -> None:
+    def __init__(self, fd: int, enabled: bool = True, start: int = 0) -> None:
         self.fd = fd
         self.fn = sync_file_range() if enabled else None
-        self.started = 0  # bytes before this offset are already on their way to the disk
+        self.started = start  # the bytes of this region before this offset are already on their way to the disk
 
     def kick(self, pos: int | None = None) -> None:
-        """``pos``: bytes written so far (the file position when None)."""
+        """``pos``: where the bytes written so far end (the file position when None). A writer that
+        fills one region of the file in order has a Writeback of its own, started at the region."""
         if self.fn is None:
             return
         if pos is None:
@@ -215,28 +217,35 @@ class Writeback:
             self.started = pos
 
 
-def _write_out(fd_out: int, data: Any) -> None:
-    view = memoryview(data)
+def _write_out(fd_out: int, data: Any, at: int | None = None) -> None:
+    """Write all of ``data`` at ``at`` (the file position when None)."""
+    view = memoryview(data).cast("B")
     while view:
-        view = view[os.write(fd_out, view) :]
+        k = os.write(fd_out, view) if at is None else os.pwrite(fd_out, view, at)
+        if k <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[k:]
+        if at is not None:
+            at += k
 
 
-def _splice(sources: Sources, pipe: _Pipe, fd_in: int, fd_out: int, offset: int, n: int) -> int:
-    """Move up to ``n`` bytes of ``fd_in`` at ``offset`` to ``fd_out``'s position through ``pipe``;
-    return how many (0 at the end of the input). Raises OSError(EINVAL...) with the pipe empty
-    when the files do not support splice; on any other failure the pipe is dropped."""
+def _splice(sources: Sources, pipe: _Pipe, fd_in: int, fd_out: int, offset: int, n: int, at: int | None) -> int:
+    """Move up to ``n`` bytes of ``fd_in`` at ``offset`` to ``fd_out`` at ``at`` (its position when
+    None) through ``pipe``; return how many (0 at the end of the input). Raises OSError(EINVAL...)
+    with the pipe empty when the files do not support splice; on any other failure the pipe is
+    dropped."""
     k = os.splice(fd_in, pipe.w, min(n, pipe.size), offset_src=offset)
     moved = 0
     try:
         while moved < k:
-            moved += os.splice(pipe.r, fd_out, k - moved)
+            moved += os.splice(pipe.r, fd_out, k - moved, offset_dst=None if at is None else at + moved)
     except OSError as e:
         if e.errno not in _UNSUPPORTED:
             sources.drop_pipe()
             raise
         while moved < k:  # the output does not take splice: hand over what the pipe holds, then stop using it
             data = os.read(pipe.r, k - moved)
-            _write_out(fd_out, data)
+            _write_out(fd_out, data, None if at is None else at + moved)
             moved += len(data)
         sources.splice = False
     except BaseException:
@@ -245,9 +254,12 @@ def _splice(sources: Sources, pipe: _Pipe, fd_in: int, fd_out: int, offset: int,
     return k
 
 
-def copy_range(fd_out: int, sources: Sources, src: str, offset: int, n: int, wb: Writeback | None = None) -> None:
-    """Copy ``n`` bytes of ``src`` at ``offset`` to ``fd_out``'s position, in the kernel when
-    possible (splice, else copy_file_range, else pread / write).
+def copy_range(
+    fd_out: int, sources: Sources, src: str, offset: int, n: int, wb: Writeback | None = None, at: int | None = None
+) -> None:
+    """Copy ``n`` bytes of ``src`` at ``offset`` to ``fd_out`` at ``at`` (at its position, which
+    moves on, when None), in the kernel when possible (splice, else copy_file_range, else pread /
+    write).
 
     With an active ``wb``, in steps of :attr:`Writeback.STEP` bytes, each handed to the disk
     as soon as it is copied."""
@@ -257,11 +269,12 @@ def copy_range(fd_out: int, sources: Sources, src: str, offset: int, n: int, wb:
     step = Writeback.STEP if wb is not None and wb.fn is not None else 1 << 30
     while done < n:
         chunk = min(n - done, step)
+        dst = None if at is None else at + done
         pipe = sources.pipe()
         k = 0
         if pipe is not None:
             try:
-                k = _splice(sources, pipe, fd_in, fd_out, offset + done, chunk)
+                k = _splice(sources, pipe, fd_in, fd_out, offset + done, chunk, dst)
             except OSError as e:
                 if e.errno not in _UNSUPPORTED:
                     raise
@@ -269,7 +282,7 @@ def copy_range(fd_out: int, sources: Sources, src: str, offset: int, n: int, wb:
                 continue
         elif use_cfr:
             try:
-                k = os.copy_file_range(fd_in, fd_out, chunk, offset + done)
+                k = os.copy_file_range(fd_in, fd_out, chunk, offset + done, dst)
             except OSError as e:
                 if e.errno not in _UNSUPPORTED:
                     raise
@@ -278,33 +291,91 @@ def copy_range(fd_out: int, sources: Sources, src: str, offset: int, n: int, wb:
         else:
             data = os.pread(fd_in, min(chunk, 64 << 20), offset + done)
             if data:
-                _write_out(fd_out, data)
+                _write_out(fd_out, data, dst)
             k = len(data)
         if k == 0:
             raise OutputError(f"{src}: ended early while copying tensor bytes (file changed or truncated?)")
         done += k
         if wb is not None:
-            wb.kick()
+            wb.kick(None if at is None else at + done)
 
 
-class Copier:
-    """Copies file ranges into ``fd_out`` in the kernel, joining a range that continues the
-    previous one (adjacent tensors of one source file) into one copy."""
+def join_ranges(ranges: Iterable[tuple[str, int, int, int]]) -> list[tuple[str, int, int, int]]:
+    """``(src, offset, n, at)`` ranges (``n`` bytes of ``src`` at ``offset`` go to ``at``), each
+    that continues the previous one in both files joined to it, empty ones left out: adjacent
+    tensors of one source file become one kernel copy.
 
-    def __init__(self, fd_out: int, sources: Sources, wb: Writeback | None = None) -> None:
-        self.fd_out, self.sources, self.wb = fd_out, sources, wb
-        self.pending: tuple[str, int, int] | None = None
+    Example::
 
-    def add(self, src: str, off: int, n: int) -> None:
-        p = self.pending
-        if p is not None and p[0] == src and p[1] + p[2] == off:
-            self.pending = (src, p[1], p[2] + n)
-            return
-        self.flush()
-        self.pending = (src, off, n)
+        >>> join_ranges([("a", 0, 8, 100), ("a", 8, 4, 108), ("a", 20, 4, 112), ("b", 0, 0, 116)])
+        [('a', 0, 12, 100), ('a', 20, 4, 112)]
+    """
+    out: list[tuple[str, int, int, int]] = []
+    for src, off, n, at in ranges:
+        if not n:
+            continue
+        if out:
+            s0, o0, n0, a0 = out[-1]
+            if s0 == src and o0 + n0 == off and a0 + n0 == at:
+                out[-1] = (s0, o0, n0 + n, a0)
+                continue
+        out.append((src, off, n, at))
+    return out
 
-    def flush(self) -> None:
-        if self.pending is not None:
-            src, off, n = self.pending
-            self.pending = None
-            copy_range(self.fd_out, self.sources, src, off, n, self.wb)
+
+class CopyJob:
+    """Copies ``(src, offset, n, at)`` ranges into ``fd_out`` at their places, on a thread
+    (:meth:`start`) while the caller writes other parts of the file, or in the caller's thread
+    (:meth:`run`). The region the ranges fill is handed to the disk as it is copied with ``fsync``
+    (a :class:`Writeback` from ``start``).
+
+    A conversion whose computed tensors (transposes) keep one thread busy no longer copies first
+    and computes after: the writer takes each computed tensor as soon as it is made, and the
+    producer never waits for room (GPT-2 medium -> nanoGPT, measured here in docs/performance.md,
+    "Tenth run"). Stop with :meth:`cancel` (returns within one piece of :attr:`PIECE` bytes) or
+    wait with :meth:`finish`, which raises what the copy raised (:meth:`check` raises it as soon
+    as it happened)."""
+
+    PIECE = 64 << 20  # a cancelled copy stops after at most this many more bytes
+
+    def __init__(self, fd_out: int, ranges: Sequence[tuple[str, int, int, int]], fsync: bool, start: int = 0) -> None:
+        self.fd_out, self.ranges, self.fsync, self.region = fd_out, list(ranges), fsync, start
+        self.stop = False
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        """Copy every range in this thread."""
+        with Sources() as sources:
+            wb = Writeback(self.fd_out, self.fsync, self.region)
+            for src, off, n, at in self.ranges:
+                for d in range(0, n, self.PIECE):
+                    if self.stop:
+                        return
+                    copy_range(self.fd_out, sources, src, off + d, min(self.PIECE, n - d), wb, at + d)
+
+    def _run(self) -> None:
+        try:
+            self.run()
+        except BaseException as e:  # raised by finish() in the caller's thread
+            self.error = e
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="statemap-copy", daemon=True)
+        self.thread.start()
+
+    def check(self) -> None:
+        """Raise what the copy raised, if it has failed already (the writer stops early)."""
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        self.stop = True
+        if self.thread is not None:
+            self.thread.join()

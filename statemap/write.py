@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import re
@@ -28,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import kernel_copy
 from .dtypes import dtype as lookup_dtype
 from .errors import OutputError
-from .kernel_copy import Copier, Sources, Writeback, copy_range, preallocate
+from .kernel_copy import Sources, Writeback, copy_range, preallocate
 from .load.safetensors_format import encode_header
 from .meta import TensorMeta
 from .process import one_blas_thread
@@ -527,11 +529,13 @@ class _FullWriter:
         self.close()
 
 
-def _write_fully(fd: int, data: Any) -> int:
+def _write_fully(fd: int, data: Any, at: int | None = None) -> int:
+    """Write all of ``data`` at ``at`` (the file position when None); return its length."""
     view = memoryview(data).cast("B")
     done = 0
     while done < len(view):
-        k = os.write(fd, view[done : done + (1 << 30)])
+        part = view[done : done + (1 << 30)]
+        k = os.write(fd, part) if at is None else os.pwrite(fd, part, at + done)
         if k <= 0:
             raise OSError(errno.EIO, "write made no progress")
         done += k
@@ -589,21 +593,81 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _write_all(f: Any, a: Any, want: TensorMeta, copier: Copier) -> int:
-    """Write one tensor: its file ranges (through ``copier``, which may hold the last range back to
-    join it with the next; flush it before the file is complete) or an array's bytes."""
-    if hasattr(a, "parts"):  # Segments: byte ranges of input files
-        if a.nbytes != want.nbytes:
-            raise AssertionError(f"{want.name}: {a.nbytes} bytes planned as {want.nbytes}")
-        for src, off, n in a.parts:
-            copier.add(src, off, n)
-        return int(a.nbytes)
-    copier.flush()
-    data = _as_bytes(a, want)
-    f.write(data)
-    if copier.wb is not None:
-        copier.wb.kick()
-    return len(data)
+def _fill_safetensors(
+    fd: int,
+    head: bytes,
+    metas: Sequence[TensorMeta],
+    segments: Sequence[Any] | None,
+    produce: Callable[[int], Any],
+    fsync: bool,
+    check: Callable[[], None] | None = None,
+) -> int:
+    """Write one safetensors file into ``fd``: ``head`` (for the tensors laid out as
+    :func:`copies_first` says), then every tensor at its place; return the data bytes.
+
+    The planned file ranges (``segments[i]``) are copied by a :class:`~statemap.kernel_copy.CopyJob`
+    on a thread while this one writes the computed tensors as they come, each at its offset.
+    ``produce(i)`` gives tensor ``i`` (in plan order, each once): an array, or file ranges
+    (``parts``), which for a planned copy must be the planned ones. ``check()`` runs before each."""
+    segs: list[Any] = list(segments) if segments else [None] * len(metas)
+    order = copies_first(segments) or list(range(len(metas)))
+    at = [0] * len(metas)
+    pos = len(head)
+    for i in order:
+        at[i] = pos
+        pos += metas[i].nbytes
+    end = pos
+    _write_fully(fd, head, 0)
+    planned = [i for i in order if segs[i] is not None]
+    ranges = kernel_copy.join_ranges(
+        (src, off, n, at[i] + k)
+        for i in planned
+        for (src, off, n), k in zip(segs[i].parts, itertools.accumulate((p[2] for p in segs[i].parts), initial=0))
+    )
+    copied = sum(metas[i].nbytes for i in planned)
+    job = kernel_copy.CopyJob(fd, ranges, fsync)
+    if len(planned) < len(metas):
+        job.start()  # beside the computed tensors
+    else:
+        job.run()
+    sources = Sources()
+    wb = Writeback(fd, fsync, len(head) + copied if ranges else 0)
+    total = copied
+    try:
+        for i, m in enumerate(metas):
+            if check is not None:
+                check()
+            job.check()
+            a = produce(i)
+            if segs[i] is not None:
+                if getattr(a, "parts", None) != segs[i].parts:
+                    raise AssertionError(f"{m.name}: produced other bytes than the planned file ranges")
+                continue
+            if hasattr(a, "parts"):  # file ranges the plan did not announce
+                if a.nbytes != m.nbytes:
+                    raise AssertionError(f"{m.name}: {a.nbytes} bytes planned as {m.nbytes}")
+                p = at[i]
+                for src, off, n in a.parts:
+                    kernel_copy.copy_range(fd, sources, src, off, n, wb, p)
+                    p += n
+            else:
+                data = _as_bytes(a, m)
+                if len(data) != m.nbytes:
+                    raise AssertionError(f"{m.name}: {len(data)} bytes planned as {m.nbytes}")
+                _write_fully(fd, data, at[i])
+                wb.kick(at[i] + len(data))
+            total += m.nbytes
+        job.finish()
+    except BaseException:
+        job.cancel()
+        raise
+    finally:
+        sources.close()
+    if fsync:
+        os.fsync(fd)
+    if os.fstat(fd).st_size != end:
+        raise OutputError(f"wrote {os.fstat(fd).st_size} bytes where the plan has {end} (bug); output removed")
+    return total
 
 
 PAGE = 4096
@@ -681,32 +745,10 @@ def _write_safetensors(
     order = copies_first(segments)
     laid = [metas[i] for i in order] if order is not None else list(metas)
     tmp, f = stage.open(final)
-    total = 0
-    sources = Sources()
-    try:
-        with f:
-            head = aligned_header(laid, metadata, [segments[i] for i in order] if order is not None and segments else segments)
-            preallocate(f.fileno(), len(head) + sum(m.nbytes for m in metas))
-            f.write(head)
-            copier = Copier(f.fileno(), sources, Writeback(f.fileno(), fsync))
-            if order is None or not segments:
-                for m in metas:
-                    total += _write_all(f, next(arrays), m, copier)
-            else:
-                for i, seg in enumerate(segments):
-                    if seg is not None:
-                        total += _write_all(f, seg, metas[i], copier)
-                for i, m in enumerate(metas):
-                    a = next(arrays)
-                    if segments[i] is None:
-                        total += _write_all(f, a, m, copier)
-                    elif getattr(a, "parts", None) != segments[i].parts:
-                        raise AssertionError(f"{m.name}: produced other bytes than the planned file ranges")
-            copier.flush()
-            if fsync:
-                os.fsync(f.fileno())
-    finally:
-        sources.close()
+    with f:
+        head = aligned_header(laid, metadata, [segments[i] for i in order] if order is not None and segments else segments)
+        preallocate(f.fileno(), len(head) + sum(m.nbytes for m in metas))
+        total = _fill_safetensors(f.fileno(), head, metas, segments, lambda i: next(arrays), fsync)
     got, _, _ = read_header(str(tmp))  # re-read and check before it becomes real
     if [(g.name, g.shape, g.dtype) for g in got.values()] != [(m.name, m.shape, m.dtype) for m in laid]:
         raise OutputError(f"{final}: written header does not match the plan (bug); output removed")
@@ -1033,8 +1075,6 @@ def _shard_task(
 
     Stops (and removes its file) when the parent is gone, e.g. killed by SIGKILL."""
     tmp, metas, idxs, md, fsync, get, parent, segments = job
-    total = 0
-    sources = Sources()
     _WRITING[:] = [tmp]
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -1042,15 +1082,12 @@ def _shard_task(
         with _FullWriter(fd) as f:
             head = aligned_header([metas[k] for k in order], md, [segments[k] for k in order] if segments else None)
             preallocate(f.fileno(), len(head) + sum(m.nbytes for m in metas))
-            f.write(head)
-            copier = Copier(f.fileno(), sources, Writeback(f.fileno(), fsync))
-            for k in order:
+
+            def alive() -> None:
                 if os.getppid() != parent:
                     raise OutputError("the writing process is gone")
-                total += _write_all(f, get(idxs[k]), metas[k], copier)
-            copier.flush()
-            if fsync:
-                os.fsync(f.fileno())
+
+            total = _fill_safetensors(f.fileno(), head, metas, segments, lambda k: get(idxs[k]), fsync, alive)
     except BaseException:
         if os.getppid() != parent:  # nobody else will clean up
             with contextlib.suppress(OSError):
@@ -1058,7 +1095,6 @@ def _shard_task(
         raise
     finally:
         _WRITING.clear()
-        sources.close()
     return total
 
 

@@ -11,6 +11,7 @@ import sys
 import threading
 import weakref
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,9 +29,9 @@ def _count_copies(monkeypatch) -> list[tuple[int, int]]:
     calls: list[tuple[int, int]] = []
     real = kernel_copy.copy_range
 
-    def spy(fd_out, sources, src, offset, n, wb=None):
+    def spy(fd_out, sources, src, offset, n, wb=None, at=None):
         calls.append((n, offset))
-        return real(fd_out, sources, src, offset, n, wb)
+        return real(fd_out, sources, src, offset, n, wb, at)
 
     monkeypatch.setattr(kernel_copy, "copy_range", spy)
     return calls
@@ -300,8 +301,17 @@ def test_writeback_hands_every_byte_to_the_disk_in_order_only_with_fsync(tmp_pat
         return
     size = os.path.getsize(tmp_path / f"o.{fmt}")
     assert len(calls) >= 6 and all(f == 2 for _, _, f in calls)  # SYNC_FILE_RANGE_WRITE: start, do not wait
-    assert calls[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(calls, calls[1:]))  # contiguous, in order
-    assert calls[-1][0] + calls[-1][1] <= size and size - (calls[-1][0] + calls[-1][1]) < (16 << 10) + 4096
+    # each writer hands over its region in order, from where it starts: one region for .pt and
+    # .msgpack; two for safetensors (the copied tensors, on a thread, then the computed one)
+    chains: list[list[tuple[int, int]]] = []
+    for start, n, _ in calls:
+        chain = next((c for c in chains if c[-1][0] + c[-1][1] == start), None)
+        (chain.append((start, n)) if chain is not None else chains.append([(start, n)]))
+    assert len(chains) == (2 if fmt == "safetensors" else 1)
+    spans = sorted((c[0][0], c[-1][0] + c[-1][1]) for c in chains)
+    assert spans[0][0] == 0 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] <= size
+    left = size - sum(e - b for b, e in spans)  # not handed over: at most a step per region
+    assert 0 <= left < len(chains) * ((16 << 10) + 4096)
     got = statemap.load_state_dict(tmp_path / f"o.{fmt}")
     assert np.array_equal(got["m.2.w"], sd["m.2.w"].T) and np.array_equal(got["m.5.w"], sd["m.5.w"])
 
@@ -470,3 +480,64 @@ def test_the_output_is_preallocated_on_ext4_only(tmp_path, monkeypatch, magic, c
     size = os.path.getsize(tmp_path / "o.safetensors")
     assert fake.calls == ([(kernel_copy.FALLOC_FL_KEEP_SIZE, 0, size)] if called else [])
     assert np.array_equal(load_file(str(tmp_path / "o.safetensors"))["a"], sd["a"].T)
+
+
+def _copies_and_transposes(tmp_path) -> tuple[Path, dict, dict]:
+    rng = np.random.default_rng(9)
+    sd = {f"m.{i}.w": rng.random((64, 48), dtype=np.float32) for i in range(8)}
+    save_file(sd, str(tmp_path / "s.safetensors"))
+    spec = {"name": "t", "version": 1, "rules": [{"transpose": f"m.{i}.w"} for i in range(1, 8, 2)]}
+    return tmp_path / "s.safetensors", sd, spec
+
+
+def test_copies_run_on_a_thread_beside_the_computed_tensors_and_land_in_place(tmp_path, monkeypatch):
+    src, sd, spec = _copies_and_transposes(tmp_path)
+    threads: list[str] = []
+    real = kernel_copy.copy_range
+
+    def spy(*a, **k):
+        threads.append(threading.current_thread().name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernel_copy, "copy_range", spy)
+    monkeypatch.setattr(kernel_copy.CopyJob, "PIECE", 4096)  # several pieces per range
+    statemap.convert(spec, src, tmp_path / "o.safetensors", fsync=False)
+    assert threads and set(threads) == {"statemap-copy"}
+    got = load_file(str(tmp_path / "o.safetensors"))
+    for i in range(8):
+        assert np.array_equal(got[f"m.{i}.w"], sd[f"m.{i}.w"].T if i % 2 else sd[f"m.{i}.w"]), i
+    assert (
+        os.path.getsize(tmp_path / "o.safetensors")
+        == 8 + int.from_bytes((tmp_path / "o.safetensors").read_bytes()[:8], "little") + 8 * 64 * 48 * 4
+    )
+
+
+@pytest.mark.parametrize("where", ["copy", "compute"])
+def test_a_failure_on_either_side_stops_both_and_leaves_nothing(tmp_path, monkeypatch, where):
+    """The copy thread fails (disk full): the writer stops at its next tensor. A computed tensor
+    fails: the copy thread is stopped and joined. Either way no file and no thread are left."""
+    import statemap.apply as apply_mod
+
+    src, _, spec = _copies_and_transposes(tmp_path)
+    made: list[int] = []
+    if where == "copy":
+
+        def full(*a, **k):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(kernel_copy, "copy_range", full)
+    else:
+        real = apply_mod.run_node
+
+        def broken(node, *a, **k):
+            made.append(1)
+            if len(made) == 2:
+                raise OSError(5, "Input/output error")
+            return real(node, *a, **k)
+
+        monkeypatch.setattr(apply_mod, "run_node", broken)
+    message = "No space left on device" if where == "copy" else "Input/output error"
+    with pytest.raises(statemap.OutputError, match=f"{message}; no output left behind"):
+        statemap.convert(spec, src, tmp_path / "o.safetensors", fsync=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
+    assert not [t for t in threading.enumerate() if t.name == "statemap-copy"]
