@@ -4,11 +4,15 @@
     python benchmarks/issue14.py --quick     # small sizes (vocab 32000, 6 GPT-2 layers), for a smoke run
 
 Method (issue 14): every timed command writes a fresh file name, `sync` runs before each timed
-command, each statemap command is paired with `cp` of its input (run right before or right after
-it, alternating, so both see the same machine state; each after the same preparation, see
-`settle`), and the median of >= 3 pairs is reported, raw (seconds) and per byte
+command and then its input is read once (see `settle`), each statemap command is paired with `cp`
+of its input (run right before or right after it, alternating), and the median of >= 3 pairs is
+reported, raw (seconds) and per byte
 written (seconds per byte of statemap's output over seconds per byte of cp's). Peak RSS from
-/usr/bin/time. The pairs:
+/usr/bin/time. Each output is deleted right after it is measured: on this machine kind (a
+Firecracker VM whose freed memory goes back to the host) the second command of a pair otherwise
+wrote into pages the host had to fault in again, while the first reused those of the previous
+pair's outputs; which command ran first decided the ratio (DeltaLM: 0.47 s then 0.69-1.3 s for
+cp, or 0.36-0.39 s then 0.80-0.89 s for statemap), and with the deletion it no longer does. The pairs:
 
   statemap --no-fsync   vs  cp IN OUT
   statemap (fsync)      vs  cp IN OUT && sync OUT       (statemap fsyncs before its rename)
@@ -177,25 +181,17 @@ rules:
 
 
 def settle(src: Path | None) -> None:
-    """Before a timed command: `sync`; read its input once, so it comes from the page cache;
-    then touch and free memory the size of two inputs, so the command's output pages are backed.
+    """Before a timed command: `sync`, then read its input once, so it comes from the page cache.
 
-    Both are for this machine kind (a Firecracker VM): DAMON pages out page-cache pages unused
-    for 60 s (a pair's first command read its input from disk, at ~60 MB/s: one run took 24 s), and
-    freed memory is reported to the host (virtio-balloon free page reporting, about 2 s after it is
-    freed), after which the first write of each page faults in the host: measured here, 75 writes of
-    16 MB into a new file ran at 0.5-0.8 GB/s after 6 s idle and at 5.2-6.5 GB/s right after a
-    free. Each command of a pair gets the same preparation."""
+    This machine kind (a Firecracker VM) pages out page-cache pages unused for 60 s (DAMON; a
+    pair's first command once read its input from disk at ~60 MB/s: 24 s). See :func:`pairs` for
+    the other preparation (each output removed right after it is measured)."""
     subprocess.run(["sync"], check=True)
     if src is None:
         return
     with open(src, "rb", buffering=0) as f:
         while f.read(1 << 24):
             pass
-    n = 2 * src.stat().st_size
-    b = bytearray(n)
-    b[::4096] = b"\1" * len(range(0, n, 4096))
-    del b
 
 
 def timed(cmd: list[str], src: Path | None = None) -> tuple[float, float]:
@@ -225,6 +221,15 @@ def out_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
+def measured(cmd: list[str], out: Path, src: Path) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS (MB) and bytes written of one command writing ``out`` (a file or a
+    folder), which is deleted right after."""
+    t, rss = timed(cmd, src)
+    n = out_bytes(out)
+    shutil.rmtree(out) if out.is_dir() else out.unlink()
+    return t, rss, n
+
+
 def pairs(
     name: str, src: Path, make_cmd, cp_sync: bool, repeat: int, d: Path, suffix: str = ".safetensors", folder: bool = False
 ) -> dict:
@@ -239,17 +244,15 @@ def pairs(
             out.mkdir()
         cp_out = d / f"{name.replace(' ', '_')}-{r}.cp"
         cp = ["sh", "-c", f'cp "{src}" "{cp_out}" && sync "{cp_out}"'] if cp_sync else ["cp", str(src), str(cp_out)]
-        if r % 2 == 0:  # the order alternates: neither command always runs first
-            t, rss = timed(make_cmd(out / f"model{suffix}" if folder else out), src)
-            tc, _ = timed(cp, src)
+
+        ours = (make_cmd(out / f"model{suffix}" if folder else out), out)
+        # each output is removed right after it is measured, so both commands of a pair start from
+        # the same free memory; and the order alternates (see the module docstring)
+        if r % 2 == 0:
+            (t, rss, nbytes), (tc, _, cbytes) = measured(*ours, src), measured(cp, cp_out, src)
         else:
-            tc, _ = timed(cp, src)
-            t, rss = timed(make_cmd(out / f"model{suffix}" if folder else out), src)
-        nbytes = out_bytes(out)
-        cbytes = out_bytes(cp_out)
+            (tc, _, cbytes), (t, rss, nbytes) = measured(cp, cp_out, src), measured(*ours, src)
         rows.append((t, tc, t / tc, (t / nbytes) / (tc / cbytes), rss, nbytes))
-        shutil.rmtree(out) if folder else out.unlink()
-        cp_out.unlink()
     med = lambda i: statistics.median(x[i] for x in rows)  # noqa: E731
     res = {"name": name, "s": med(0), "cp_s": med(1), "raw": med(2), "per_byte": med(3), "rss": max(x[4] for x in rows)}
     res["bytes"] = rows[0][5]
