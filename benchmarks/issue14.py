@@ -261,6 +261,11 @@ def pairs(
         f"raw x{res['raw']:.2f}  per byte x{res['per_byte']:.2f}  {res['bytes'] / 1e9:.2f} GB  RSS {res['rss']:.0f} MB",
         flush=True,
     )
+    print(
+        "    pairs, statemap s / cp s (statemap ran first in the 1st, 3rd, ...):",
+        "  ".join(f"{x[0]:.2f}/{x[1]:.2f}" for x in rows),
+        flush=True,
+    )
     return res
 
 
