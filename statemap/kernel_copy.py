@@ -2,15 +2,19 @@
 Python, and the hints that keep the page cache and the disk busy while doing it.
 
 The writers (:mod:`statemap.write`) call :func:`copy_range` for every tensor whose bytes are a
-range of an input file. On Linux a range goes through a 1 MiB pipe with ``splice`` (file ->
+range of an input file. On Linux a range goes through a 256 KiB pipe with ``splice`` (file ->
 pipe -> file: the source pages are only referenced, then copied once into the output's page
-cache). Measured here on DeltaLM's 391 storages (1.45 GB), whose offsets in the ``.pt`` zip and
-in the output never agree within a page: 0.36-0.39 s, against 0.59-0.68 s with one
-``copy_file_range`` per range and 0.46 s for ``cp`` of the whole file. ``copy_file_range`` moves
-data through the kernel's own 64 KiB pipe, so the output's page cache is built from small pieces
-at unaligned offsets (order-0 pages, one allocation per 4 KiB). Where ``splice`` cannot be used
-(not Linux, a pipe that cannot be made 256 KiB or larger, a file system without splice support)
-``copy_file_range`` is used, then ``pread`` / ``write``.
+cache). ``copy_file_range`` moves data through the kernel's own 16-buffer pipe, and where the
+source and output offsets differ within a page (every storage of a ``.pt`` zip) it builds the
+output's page cache a 4 KiB page at a time. Measured here, DeltaLM's 391 storages (1.45 GB)
+into a fresh file, warm memory: 0.45 s through 256 KiB, 0.36-0.39 s through 1 MiB, 0.65 s
+through 64 KiB, 0.59-0.68 s with one ``copy_file_range`` per range (``cp`` of the whole file:
+0.46 s). 1 MiB is not used: its writes build large folios, each taking a free 2 MiB block, and
+on a VM that hands free memory back to its host those blocks fault in the host again; there,
+6 interleaved runs of the whole conversion: 256 KiB 0.85 s, 1 MiB 1.24 s, ``copy_file_range``
+0.90 s (docs/performance.md, "Tenth run"). Where ``splice`` cannot be used (not Linux, a pipe
+that cannot be made 256 KiB, a file system without splice support) ``copy_file_range`` is used,
+then ``pread`` / ``write``.
 
 Example::
 
@@ -41,8 +45,8 @@ from .errors import OutputError
 __all__ = ["MAX_SOURCE_FDS", "CopyJob", "Sources", "Writeback", "copy_range", "join_ranges", "preallocate"]
 
 MAX_SOURCE_FDS = 64  # input files held open at once while copying tensor bytes
-PIPE_BYTES = 1 << 20  # the splice pipe's size: /proc/sys/fs/pipe-max-size's default, allowed to anyone
-PIPE_MIN = 256 << 10  # a smaller pipe (F_SETPIPE_SZ refused: the user's pipe quota is spent) is slower than copy_file_range
+PIPE_BYTES = 256 << 10  # the splice pipe's size (module docstring); under pipe-max-size (1 MiB by default): allowed to anyone
+PIPE_MIN = 256 << 10  # a smaller pipe (F_SETPIPE_SZ refused: the user's pipe quota is spent) is no faster than copy_file_range
 
 # a call that fails with one of these says "not supported for these files": the next method is tried
 _UNSUPPORTED = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)

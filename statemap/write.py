@@ -528,7 +528,7 @@ class _FullWriter:
         self.close()
 
 
-WRITE_STEP = 1 << 20  # bytes per write() call (see _write_fully)
+WRITE_STEP = 256 << 10  # bytes per write() call (see _write_fully)
 
 
 def _write_fully(fd: int, data: Any, at: int | None = None) -> int:
@@ -539,7 +539,8 @@ def _write_fully(fd: int, data: Any, at: int | None = None) -> int:
     output's page cache from large folios, each taking a free 2 MiB block; on this machine kind (a
     VM whose free memory is handed back to the host) those blocks are the ones the host must fault
     in again. Measured here, GPT-2 medium -> nanoGPT, 6 interleaved runs each: 1.99 s median with
-    whole tensors, 1.05 s with 1 MiB per call, 1.09 s with 256 KiB, 1.28 s with 64 KiB (`cp` 0.51 s)."""
+    whole tensors, 1.05 s with 1 MiB per call, 1.09 s with 256 KiB, 1.28 s with 64 KiB (`cp` 0.51 s);
+    256 KiB as for :mod:`statemap.kernel_copy`'s pipe, where 1 MiB lost."""
     view = memoryview(data).cast("B")
     done = 0
     while done < len(view):

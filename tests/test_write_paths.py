@@ -307,7 +307,8 @@ def test_writeback_hands_every_byte_to_the_disk_in_order_only_with_fsync(tmp_pat
     for start, n, _ in calls:
         chain = next((c for c in chains if c[-1][0] + c[-1][1] == start), None)
         (chain.append((start, n)) if chain is not None else chains.append([(start, n)]))
-    assert len(chains) == (2 if fmt == "safetensors" else 1)
+    # (the two are one chain when the copies' last step ends where the computed tensor starts)
+    assert 1 <= len(chains) <= (2 if fmt == "safetensors" else 1)
     spans = sorted((c[0][0], c[-1][0] + c[-1][1]) for c in chains)
     assert spans[0][0] == 0 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] <= size
     left = size - sum(e - b for b, e in spans)  # not handed over: at most a step per region
