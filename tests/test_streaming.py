@@ -86,9 +86,10 @@ def test_pure_moves_are_byte_ranges_and_computed_ops_are_not(tmp_path):
 
 CHILD = textwrap.dedent(
     """
-    import os, resource, sys
+    import os, resource, sys, threading
     limit = int(sys.argv[3])
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    threading.stack_size(1 << 20)  # see the test: a thread's stack is address space, not memory used
     import statemap
     spec = {"name": "big", "version": 1, "rules": [
         {"rename": "layers.{i}.fc1.weight -> model.layers.{i}.fc1.weight"},
@@ -130,7 +131,9 @@ def test_convert_under_a_memory_limit_smaller_than_the_checkpoint(tmp_path, fmt,
     # RLIMIT_AS counts address space: glibc reserves 64 MiB of it for each malloc arena a thread
     # creates when the others are busy (the writer, its producer, transpose and CRC threads), which
     # depends on timing, not on memory used; two arenas keep the limit about real allocations.
-    # Peak RSS (VmHWM) is what is checked below.
+    # Likewise each thread's stack (8 MiB of address space by default: the writer's copy thread,
+    # its producer, the transpose and CRC threads) is a reservation; the child gives its threads
+    # 1 MiB. Peak RSS (VmHWM) is what is checked below.
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
     p = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(src), str(out), str(limit)],
