@@ -514,7 +514,7 @@ class _FullWriter:
         return self.fd
 
     def write(self, data: Any) -> int:
-        return _write_fully(self.fd, data)
+        return kernel_copy.write_fully(self.fd, data)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -526,30 +526,6 @@ class _FullWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-WRITE_STEP = 256 << 10  # bytes per write() call (see _write_fully)
-
-
-def _write_fully(fd: int, data: Any, at: int | None = None) -> int:
-    """Write all of ``data`` at ``at`` (the file position when None), :data:`WRITE_STEP` bytes
-    per call; return its length.
-
-    Whole tensors per call (16 MB for GPT-2 medium's MLP weights) made the kernel build the
-    output's page cache from large folios, each taking a free 2 MiB block; on this machine kind (a
-    VM whose free memory is handed back to the host) those blocks are the ones the host must fault
-    in again. Measured here, GPT-2 medium -> nanoGPT, 6 interleaved runs each: 1.99 s median with
-    whole tensors, 1.05 s with 1 MiB per call, 1.09 s with 256 KiB, 1.28 s with 64 KiB (`cp` 0.51 s);
-    256 KiB as for :mod:`statemap.kernel_copy`'s pipe, where 1 MiB lost."""
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        part = view[done : done + WRITE_STEP]
-        k = os.write(fd, part) if at is None else os.pwrite(fd, part, at + done)
-        if k <= 0:
-            raise OSError(errno.EIO, "write made no progress")
-        done += k
-    return done
 
 
 def _fsync_dir(d: Path) -> None:
@@ -627,7 +603,7 @@ def _fill_safetensors(
         at[i] = pos
         pos += metas[i].nbytes
     end = pos
-    _write_fully(fd, head, 0)
+    kernel_copy.write_fully(fd, head, 0)
     planned = [i for i in order if segs[i] is not None]
     ranges = kernel_copy.join_ranges(
         (src, off, n, at[i] + k)
@@ -664,7 +640,7 @@ def _fill_safetensors(
                 data = _as_bytes(a, m)
                 if len(data) != m.nbytes:
                     raise AssertionError(f"{m.name}: {len(data)} bytes planned as {m.nbytes}")
-                _write_fully(fd, data, at[i])
+                kernel_copy.write_fully(fd, data, at[i])
                 wb.kick(at[i] + len(data))
             total += m.nbytes
         job.finish()
@@ -866,7 +842,7 @@ def write_checkpoint(
         check_outputs(files, inputs, force)  # again, under the lock: another writer may have just finished
         stale = check_earlier_output(out, files, inputs, force)
         if fmt == "safetensors" and (workers <= 1 or get is None) and copies_first(segments) is not None:
-            ahead.start()  # computed tensors are written after the copies: start on them while the kernel copies
+            ahead.start()  # start on the computed tensors before the header is written and the copies start
         try:
             if fmt == "torch":
                 nbytes = _write_torch(out, stage, metas, counted(), ties, fsync)

@@ -155,3 +155,22 @@ def test_sources_release_every_descriptor(tmp_path, src):
     assert len(set(os.listdir("/proc/self/fd")) - before) == 3  # the input and the pipe's two ends
     s.close()
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_write_fully_writes_everything_in_steps_and_survives_short_writes(tmp_path, monkeypatch):
+    data = np.random.default_rng(1).integers(0, 256, 3 * kernel_copy.WRITE_STEP + 11, dtype=np.uint8)
+    sizes: list[int] = []
+    real = os.pwrite
+
+    def short(fd, view, at):  # the kernel may take less than asked: every third call takes half
+        sizes.append(len(view))
+        return real(fd, view[: len(view) // 2] if len(sizes) % 3 == 0 else view, at)
+
+    monkeypatch.setattr(os, "pwrite", short)
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert kernel_copy.write_fully(fd, data, 5) == data.nbytes
+    finally:
+        os.close(fd)
+    assert sizes == [kernel_copy.WRITE_STEP] * 3 + [kernel_copy.WRITE_STEP // 2 + 11]  # the short third write resumed
+    assert (tmp_path / "out").read_bytes() == b"\0" * 5 + data.tobytes()
