@@ -21,7 +21,6 @@ import os
 import re
 import signal
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import kernel_copy
+from .apply import Zeros
 from .dtypes import dtype as lookup_dtype
 from .errors import OutputError
 from .load.safetensors_format import encode_header
@@ -815,7 +815,7 @@ def write_checkpoint(
         flax_tree_order(metas)  # a name that is both a tensor and a module: refused before anything is written
     stage = _Staging(force, fsync)
     if workers <= 1 and (segments is None or any(seg is None for seg in segments)):
-        _import_numpy_meanwhile()  # a computed tensor will need it here: import it while the kernel copies
+        one_blas_thread()  # before the producer thread imports numpy: writing multiplies no matrices
     crc: list[int] = []
     if fmt == "torch":  # the CRC-32 of each stored computed tensor is taken by the producer thread
         from .stream_formats import storage_keys
@@ -870,21 +870,6 @@ def write_checkpoint(
                 stage.abort()
             raise
     return Written(tuple(str(f) for f in files), len(metas), nbytes, tuple(str(f) for f in removed))
-
-
-def _import_numpy_meanwhile() -> None:
-    """Import numpy (~0.08 s) on a thread, so the first computed tensor does not stop the writer
-    for it: with most tensors copied in the kernel (the GIL released) the import runs meanwhile.
-    Python's import lock makes any other ``import numpy`` wait for this one to finish."""
-    if "numpy" in sys.modules:
-        return
-    one_blas_thread()  # writing multiplies no matrices: OpenBLAS's idle threads would take CPU from it
-
-    def work() -> None:
-        with contextlib.suppress(Exception):
-            import numpy  # noqa: F401
-
-    threading.Thread(target=work, name="statemap-import", daemon=True).start()
 
 
 @dataclass(frozen=True)
@@ -1380,7 +1365,12 @@ def _write_crc(
 
 
 def _as_bytes(a: Any, want: TensorMeta) -> Any:
-    """An array's bytes in ``want``'s dtype, C order, checked against the planned shape."""
+    """An array's bytes in ``want``'s dtype, C order, checked against the planned shape
+    (:class:`~statemap.apply.Zeros`: that many zero bytes, without numpy)."""
+    if isinstance(a, Zeros):
+        if a.nbytes != want.nbytes:
+            raise AssertionError(f"{want.name}: writing {a.nbytes} zero bytes, planned {want.nbytes}")
+        return bytes(a.nbytes)
     import numpy as np
 
     dt = lookup_dtype(want.dtype)
