@@ -820,6 +820,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .process import mark_command_process
 
         mark_command_process()
+        code = _main(None)
+        _leave(code)  # returns only when the interpreter's own way out is needed
+        return code
+    return _main(argv)
+
+
+def _leave(code: int) -> None:
+    """End the ``statemap`` command's own process at once with ``code``: stdout and stderr are
+    flushed, then ``os._exit`` skips the interpreter's teardown, which frees every module's objects
+    one by one (~0.025 s after a conversion: 5% of DeltaLM's, measured here; every file statemap
+    writes is closed, renamed and, by default, fsynced before this point). Returns instead, for the
+    usual exit, when anything may still need that teardown: an ``atexit`` callback (coverage,
+    logging, multiprocessing register one), another thread, or output that cannot be flushed."""
+    import atexit
+    import threading
+
+    ncallbacks = getattr(atexit, "_ncallbacks", None)
+    if ncallbacks is None or ncallbacks() or threading.active_count() > 1:
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: the usual exit reports it as before
+        return
+    os._exit(code)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # with the subcommand's usage, not the top level's
