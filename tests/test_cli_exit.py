@@ -67,3 +67,19 @@ def test_a_call_from_python_returns(tmp_path):
     code = f"from statemap.cli import main; rc = main(['inspect', {str(src)!r}]); print('returned', rc)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.rstrip().endswith("returned 0"), run.stderr
+
+
+def test_a_non_daemon_thread_gets_the_usual_exit(tmp_path):
+    src = _model(tmp_path)
+    setup = "import time; threading.Thread(target=lambda: (time.sleep(0.5), sys.stderr.write('thread done\\n'))).start()"
+    run = _run(["inspect", str(src)], setup)
+    assert run.returncode == 0, run.stderr
+    assert "thread done" in run.stderr and "teardown ran" in run.stderr  # waited for, as the usual exit does
+
+
+def test_an_idle_daemon_thread_does_not_keep_the_teardown(tmp_path):
+    src = _model(tmp_path)
+    setup = "import time; threading.Thread(target=time.sleep, args=(30,), daemon=True).start()"
+    run = _run(["inspect", str(src)], setup)
+    assert run.returncode == 0, run.stderr
+    assert "teardown ran" not in run.stderr

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
+import weakref
 
 import numpy as np
 import pytest
@@ -101,6 +104,82 @@ def test_parts_are_shared_and_a_helper_threads_error_is_raised(monkeypatch):
 
     with pytest.raises(ValueError, match="boom"):
         xp._split(100, 2, 16, bad)
+
+
+def test_the_helper_thread_is_kept_between_matrices_and_ends_when_idle(monkeypatch):
+    monkeypatch.setattr(xp._Helper, "IDLE", 0.3)
+    seen: list[threading.Thread] = []
+    lock = threading.Lock()
+    me = threading.current_thread()
+
+    def work(r0: int, r1: int) -> None:
+        with lock:
+            seen.append(threading.current_thread())
+        time.sleep(0.002)  # both threads get parts
+
+    for _ in range(3):
+        xp._split(160, 2, 16, work)
+    helpers = {t for t in seen if t is not me}
+    assert len(helpers) == 1  # one helper thread served all three matrices
+    (helper,) = helpers
+    assert helper.is_alive() and helper.daemon
+    helper.join(5)
+    assert not helper.is_alive()  # gone after IDLE without work
+    xp._split(160, 2, 16, work)  # and a new one starts when needed
+    assert len({t for t in seen if t is not me}) == 2
+
+
+class _Held:
+    pass
+
+
+@pytest.mark.parametrize("helper_busy", [False, True])
+def test_no_thread_holds_the_callers_work_once_split_returns(monkeypatch, helper_busy):
+    """What a matrix's work refers to (its output array) is the caller's alone when _split returns:
+    the helper let go of the job before saying it is done (it kept a transposed 8 MiB tensor alive
+    until the next matrix otherwise)."""
+    if helper_busy:
+        monkeypatch.setattr(xp._helper, "busy", True)  # the part goes to a thread of its own
+    held = _Held()
+    ref = weakref.ref(held)
+
+    def work(r0: int, r1: int, held: _Held = held) -> None:
+        time.sleep(0.001)
+
+    xp._split(160, 2, 16, work)
+    del work, held
+    assert ref() is None
+
+
+def test_callers_at_once_each_get_their_matrix(monkeypatch):
+    monkeypatch.setattr(xp, "PARALLEL_MIN", 1)
+    rng = np.random.default_rng(3)
+    mats = [rng.random((257, 129), dtype=np.float32) for _ in range(4)]
+    got: list[np.ndarray | None] = [None] * 4
+
+    def one(k: int) -> None:
+        got[k] = xp.transpose_last_two(mats[k])
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for m, g in zip(mats, got):
+        assert g is not None and np.array_equal(g, m.T)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_a_forked_child_starts_its_own_helper(monkeypatch):
+    monkeypatch.setattr(xp, "PARALLEL_MIN", 1)
+    a = np.arange(300 * 70, dtype=np.float32).reshape(300, 70)
+    xp.transpose_last_two(a)  # the parent's helper is running
+    pid = os.fork()
+    if pid == 0:  # the child: no helper thread exists here, one must be started
+        ok = np.array_equal(xp.transpose_last_two(a), a.T)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 @pytest.mark.parametrize(
