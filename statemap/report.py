@@ -183,6 +183,9 @@ class Report:
 
             >>> Report(produced=[TensorMeta("w", (2,), "float32")], output="out.safetensors", n_bytes=8).summary()
             'apply: wrote 1 tensor (8 bytes) to out.safetensors -> ok'
+            >>> two = [TensorMeta("a", (2,), "float32"), TensorMeta("b", (2,), "float32")]
+            >>> Report(produced=two, output="o.safetensors", n_bytes=8, written_once=[["a", "b"]]).summary()  # tied: dedupe
+            'apply: wrote 1 tensor for 2 names (8 bytes) to o.safetensors -> ok'
             >>> r = Report(expected="ref.safetensors", missing=[TensorMeta("b", (2,), "float32")])
             >>> r.dtype_mismatch = [Mismatch("w", "float32", "uint16")]
             >>> r.summary()
@@ -197,7 +200,8 @@ class Report:
             )
             return "expect: " + ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in counts) + " -> differs"
         n = len(self.produced)
-        what = f"{n} tensor{'' if n == 1 else 's'}"
+        once = sum(len(g) - 1 for g in self.written_once)  # tied: dedupe stores each tied group once
+        what = f"{n - once} tensor{'' if n - once == 1 else 's'}" + (f" for {n} names" if once else "")
         if self.dry_run:
             head = f"apply (dry run): would write {what}"
         else:

@@ -63,4 +63,4 @@ def test_readme_main_job_runs(root, tmp_path):
         cwd=root,
     )
     assert r.returncode == 0, r.stderr
-    assert "wrote 395 tensors" in r.stdout
+    assert "wrote 393 tensors for 395 names" in r.stdout
