@@ -340,35 +340,55 @@ def join_ranges(ranges: Iterable[tuple[str, int, int, int]]) -> list[tuple[str, 
 
 
 class CopyJob:
-    """Copies ``(src, offset, n, at)`` ranges into ``fd_out`` at their places, on a thread
-    (:meth:`start`) while the caller writes other parts of the file, or in the caller's thread
-    (:meth:`run`). The region the ranges fill is handed to the disk as it is copied with ``fsync``
-    (a :class:`Writeback` from ``start``).
+    """Copies ``(src, offset, n, at)`` ranges into ``fd_out`` at their places, in order: a
+    :attr:`STEP` at a time in the caller's thread (:meth:`step`), all at once (:meth:`run`), or on
+    a thread (:meth:`start`) while the caller writes other parts of the file. The region the
+    ranges fill is handed to the disk as it is copied with ``fsync`` (a :class:`Writeback` from
+    ``start``).
 
-    A conversion whose computed tensors (transposes) keep one thread busy no longer copies first
-    and computes after: the writer takes each computed tensor as soon as it is made, and the
-    producer never waits for room (GPT-2 medium -> nanoGPT, measured here in docs/performance.md,
-    "Tenth run"). Stop with :meth:`cancel` (returns within one piece of :attr:`PIECE` bytes) or
-    wait with :meth:`finish`, which raises what the copy raised (:meth:`check` raises it as soon
-    as it happened)."""
+    A writer that waits for computed tensors (transposes) copies with :meth:`step` while it
+    waits: one thread writes the file, so copies and writes no longer queue on the output's inode
+    lock, and no thread is started (GPT-2 medium -> nanoGPT, measured here in docs/performance.md,
+    "Eleventh run"). Where nothing produces beside the writer (a ``--workers`` shard computes its
+    tensors in the writer's own thread) the copy runs on a thread instead. Stop with
+    :meth:`cancel` (a thread returns within one piece of :attr:`PIECE` bytes) or end with
+    :meth:`finish`, which waits for the thread or copies what is left, and raises what the copy
+    raised (:meth:`check` raises a thread's failure as soon as it happened). Both release the
+    input descriptors."""
 
-    PIECE = 64 << 20  # a cancelled copy stops after at most this many more bytes
+    PIECE = 64 << 20  # a cancelled thread stops after at most this many more bytes
+    STEP = 8 << 20  # bytes per step(): a few ms, so a computed tensor that is ready waits little
 
     def __init__(self, fd_out: int, ranges: Sequence[tuple[str, int, int, int]], fsync: bool, start: int = 0) -> None:
-        self.fd_out, self.ranges, self.fsync, self.region = fd_out, list(ranges), fsync, start
+        self.fd_out, self.ranges = fd_out, list(ranges)
         self.stop = False
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
+        self.sources = Sources()
+        self.wb = Writeback(fd_out, fsync, start)
+        self.next, self.done = 0, 0  # the range being copied, and its bytes already copied
+
+    def _copy(self, most: int) -> bool:
+        """Copy up to ``most`` bytes of what is left, in order; False when nothing was left."""
+        while self.next < len(self.ranges):
+            src, off, n, at = self.ranges[self.next]
+            if self.done >= n:
+                self.next, self.done = self.next + 1, 0
+                continue
+            k = min(most, n - self.done)
+            copy_range(self.fd_out, self.sources, src, off + self.done, k, self.wb, at + self.done)
+            self.done += k
+            return True
+        return False
+
+    def step(self) -> bool:
+        """Copy the next :attr:`STEP` bytes in this thread; False once everything is copied."""
+        return self._copy(self.STEP)
 
     def run(self) -> None:
-        """Copy every range in this thread."""
-        with Sources() as sources:
-            wb = Writeback(self.fd_out, self.fsync, self.region)
-            for src, off, n, at in self.ranges:
-                for d in range(0, n, self.PIECE):
-                    if self.stop:
-                        return
-                    copy_range(self.fd_out, sources, src, off + d, min(self.PIECE, n - d), wb, at + d)
+        """Copy everything left in this thread."""
+        while not self.stop and self._copy(self.PIECE):
+            pass
 
     def _run(self) -> None:
         try:
@@ -381,17 +401,23 @@ class CopyJob:
         self.thread.start()
 
     def check(self) -> None:
-        """Raise what the copy raised, if it has failed already (the writer stops early)."""
+        """Raise what the copy thread raised, if it has failed already (the writer stops early)."""
         if self.error is not None:
             raise self.error
 
     def finish(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-        if self.error is not None:
-            raise self.error
+        """Wait for the thread, or copy what is left in this thread; then release the sources."""
+        try:
+            if self.thread is not None:
+                self.thread.join()
+                self.check()
+            else:
+                self.run()
+        finally:
+            self.sources.close()
 
     def cancel(self) -> None:
         self.stop = True
         if self.thread is not None:
             self.thread.join()
+        self.sources.close()

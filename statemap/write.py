@@ -587,14 +587,18 @@ def _fill_safetensors(
     produce: Callable[[int], Any],
     fsync: bool,
     check: Callable[[], None] | None = None,
+    beside: bool = False,
 ) -> int:
     """Write one safetensors file into ``fd``: ``head`` (for the tensors laid out as
     :func:`copies_first` says), then every tensor at its place; return the data bytes.
 
     The planned file ranges (``segments[i]``) are copied by a :class:`~statemap.kernel_copy.CopyJob`
-    on a thread while this one writes the computed tensors as they come, each at its offset.
-    ``produce(i)`` gives tensor ``i`` (in plan order, each once): an array, or file ranges
-    (``parts``), which for a planned copy must be the planned ones. ``check()`` runs before each."""
+    while this thread writes the computed tensors as they come, each at its offset: with
+    ``beside`` (they are produced on another thread, :class:`_Ahead`) this thread copies a step
+    whenever the next one is not ready yet, and the rest at the end; else the copy runs on a
+    thread of its own. ``produce(i)`` gives tensor ``i`` (in plan order, each once): an array, or
+    file ranges (``parts``), which for a planned copy must be the planned ones. ``check()`` runs
+    before each."""
     segs: list[Any] = list(segments) if segments else [None] * len(metas)
     order = copies_first(segments) or list(range(len(metas)))
     at = [0] * len(metas)
@@ -612,19 +616,21 @@ def _fill_safetensors(
     )
     copied = sum(metas[i].nbytes for i in planned)
     job = kernel_copy.CopyJob(fd, ranges, fsync)
-    if len(planned) < len(metas):
-        job.start()  # beside the computed tensors
-    else:
-        job.run()
     sources = kernel_copy.Sources()
     wb = kernel_copy.Writeback(fd, fsync, len(head) + copied if ranges else 0)
     total = copied
+    waiting = _Waiting(job.step if beside else None)
     try:
+        if len(planned) == len(metas):
+            job.run()
+        elif not beside:
+            job.start()  # beside the computed tensors, made in this thread
         for i, m in enumerate(metas):
             if check is not None:
                 check()
             job.check()
-            a = produce(i)
+            with waiting:
+                a = produce(i)
             if segs[i] is not None:
                 if getattr(a, "parts", None) != segs[i].parts:
                     raise AssertionError(f"{m.name}: produced other bytes than the planned file ranges")
@@ -734,7 +740,7 @@ def _write_safetensors(
     with f:
         head = aligned_header(laid, metadata, [segments[i] for i in order] if order is not None and segments else segments)
         kernel_copy.preallocate(f.fileno(), len(head) + sum(m.nbytes for m in metas))
-        total = _fill_safetensors(f.fileno(), head, metas, segments, lambda i: next(arrays), fsync)
+        total = _fill_safetensors(f.fileno(), head, metas, segments, lambda i: next(arrays), fsync, beside=True)
     got, _, _ = read_header(str(tmp))  # re-read and check before it becomes real
     if [(g.name, g.shape, g.dtype) for g in got.values()] != [(m.name, m.shape, m.dtype) for m in laid]:
         raise OutputError(f"{final}: written header does not match the plan (bug); output removed")
@@ -872,6 +878,24 @@ def write_checkpoint(
     return Written(tuple(str(f) for f in files), len(metas), nbytes, tuple(str(f) for f in removed))
 
 
+_waiting = threading.local()
+
+
+class _Waiting:
+    """``with _Waiting(work):`` -- while this thread waits in :meth:`_Ahead.__next__` for a tensor
+    the producer has not made yet, it calls ``work()`` (a step of copying, which returns False when
+    there is nothing left to do) instead of sleeping. None: nothing to do."""
+
+    def __init__(self, work: Callable[[], bool] | None) -> None:
+        self.work = work
+
+    def __enter__(self) -> None:
+        _waiting.work = self.work
+
+    def __exit__(self, *exc: object) -> None:
+        _waiting.work = None
+
+
 @dataclass(frozen=True)
 class _Summed:
     """A computed tensor's bytes (as :func:`_as_bytes` gives them) with their CRC-32, taken by the
@@ -957,6 +981,7 @@ class _Ahead:
 
     def __next__(self) -> Any:
         thread = self.start()
+        work = getattr(_waiting, "work", None)
         with self.cv:
             k = self.requested = self.handed
             self.handed += 1
@@ -964,6 +989,15 @@ class _Ahead:
             while k not in self.ready:
                 if not thread.is_alive() and k not in self.ready:
                     raise StopIteration
+                if work is not None:  # the writer's own work while the producer is busy (_Waiting)
+                    self.cv.release()
+                    try:
+                        more = work()
+                    finally:
+                        self.cv.acquire()
+                    if more:
+                        continue
+                    work = None
                 self.cv.wait(0.5)
             ok, value = self.ready.pop(k)
         if not ok:

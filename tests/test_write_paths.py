@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import weakref
 import zlib
 from pathlib import Path
@@ -527,19 +528,37 @@ def _copies_and_transposes(tmp_path) -> tuple[Path, dict, dict]:
     return tmp_path / "s.safetensors", sd, spec
 
 
-def test_copies_run_on_a_thread_beside_the_computed_tensors_and_land_in_place(tmp_path, monkeypatch):
+def test_the_writer_copies_while_it_waits_for_computed_tensors_and_copies_land_in_place(tmp_path, monkeypatch):
+    """One thread writes the file: copies are done a step at a time whenever the producer has not
+    made the next computed tensor yet (no copy thread, no queueing on the output's inode lock)."""
+    import statemap.apply as apply_mod
+
     src, sd, spec = _copies_and_transposes(tmp_path)
-    threads: list[str] = []
-    real = kernel_copy.copy_range
+    events: list[tuple[str, str]] = []
+    real_copy, real_write, real_run = kernel_copy.copy_range, kernel_copy.write_fully, apply_mod.run_node
 
-    def spy(*a, **k):
-        threads.append(threading.current_thread().name)
-        return real(*a, **k)
+    def copy_spy(*a, **k):
+        events.append(("copy", threading.current_thread().name))
+        return real_copy(*a, **k)
 
-    monkeypatch.setattr(kernel_copy, "copy_range", spy)
-    monkeypatch.setattr(kernel_copy.CopyJob, "PIECE", 4096)  # several pieces per range
+    def write_spy(*a, **k):
+        events.append(("write", threading.current_thread().name))
+        return real_write(*a, **k)
+
+    def slow(node, *a, **k):  # the producer is the slow side, as transposes are
+        time.sleep(0.05)
+        return real_run(node, *a, **k)
+
+    monkeypatch.setattr(kernel_copy, "copy_range", copy_spy)
+    monkeypatch.setattr(kernel_copy, "write_fully", write_spy)
+    monkeypatch.setattr(apply_mod, "run_node", slow)
+    monkeypatch.setattr(kernel_copy.CopyJob, "STEP", 4096)  # several steps per range
     statemap.convert(spec, src, tmp_path / "o.safetensors", fsync=False)
-    assert threads and set(threads) == {"statemap-copy"}
+    me = threading.current_thread().name
+    assert {t for _, t in events} == {me}  # copies and writes in the writer's thread only
+    kinds = [k for k, _ in events]
+    assert kinds.count("copy") == 4 * 64 * 48 * 4 // 4096  # 4 copied tensors, a step each 4 KiB
+    assert kinds.index("copy") < kinds.index("write", 1)  # copying began before the first computed tensor was written
     got = load_file(str(tmp_path / "o.safetensors"))
     for i in range(8):
         assert np.array_equal(got[f"m.{i}.w"], sd[f"m.{i}.w"].T if i % 2 else sd[f"m.{i}.w"]), i
@@ -549,10 +568,36 @@ def test_copies_run_on_a_thread_beside_the_computed_tensors_and_land_in_place(tm
     )
 
 
+def test_a_shard_that_computes_in_its_own_thread_copies_on_a_thread(tmp_path, monkeypatch):
+    """--workers: a shard's tensors are computed by the writer itself, so the copy runs beside it."""
+    threads: list[str] = []
+    real = kernel_copy.copy_range
+
+    def spy(*a, **k):
+        threads.append(threading.current_thread().name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernel_copy, "copy_range", spy)
+    data = np.arange(1024, dtype=np.float32)
+    (tmp_path / "in.bin").write_bytes(b"x" * 100 + data.tobytes())
+    metas = [TensorMeta("a", (1024,), "float32"), TensorMeta("b", (2, 3), "float32")]
+    segs = [Segments(((str(tmp_path / "in.bin"), 100, 4096),)), None]
+    computed = np.ones((2, 3), np.float32)
+    head = w.aligned_header(metas, {}, segs)
+    fd = os.open(tmp_path / "o.safetensors", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        w._fill_safetensors(fd, head, metas, segs, lambda i: segs[0] if i == 0 else computed, False)
+    finally:
+        os.close(fd)
+    assert threads == ["statemap-copy"]
+    got = load_file(str(tmp_path / "o.safetensors"))
+    assert np.array_equal(got["a"], data) and np.array_equal(got["b"], computed)
+
+
 @pytest.mark.parametrize("where", ["copy", "compute"])
 def test_a_failure_on_either_side_stops_both_and_leaves_nothing(tmp_path, monkeypatch, where):
-    """The copy thread fails (disk full): the writer stops at its next tensor. A computed tensor
-    fails: the copy thread is stopped and joined. Either way no file and no thread are left."""
+    """A copy fails (disk full): the writer stops there. A computed tensor fails: the copying
+    stops. Either way no file and no copy thread are left."""
     import statemap.apply as apply_mod
 
     src, _, spec = _copies_and_transposes(tmp_path)
