@@ -113,7 +113,7 @@ def load_expect(
         return dict(ck.metas), str(p)
 
 
-HASH_LIMIT = 1 << 30  # hash sources up to 1 GiB; above that record size + mtime (and say so)
+HASH_FREE = 16 << 20  # sources up to this size are hashed by default (~0.01 s, under a tenth of start-up)
 
 
 def spec_digest(spec: Spec) -> str:
@@ -139,8 +139,14 @@ def spec_digest(spec: Spec) -> str:
     return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def provenance(spec: Spec, source: str, inputs: Sequence[str] = ()) -> dict[str, str]:
+def provenance(spec: Spec, source: str, inputs: Sequence[str] = (), *, source_sha256: bool = False) -> dict[str, str]:
     """The metadata a converted safetensors file carries: what made it, from what.
+
+    The source's size and mtime are always recorded. Its sha256 is recorded when it is at most
+    :data:`HASH_FREE` bytes or ``source_sha256`` asks for it: hashing reads the whole source once
+    more, at ~1.7 GB/s here against ~3.7 GB/s for the kernel's copy, so by default a larger
+    source would take ~3x as long to convert (measured: a 1.45 GB DeltaLM `.pt`, 0.51 s without
+    the hash, 1.52 s with it).
 
     Example::
 
@@ -156,21 +162,24 @@ def provenance(spec: Spec, source: str, inputs: Sequence[str] = ()) -> dict[str,
         "statemap.version": _version(),
     }
     p = Path(source)
-    if inputs:  # several files: their names (each is hashed like a single source when small)
+    if inputs:  # several files: their names
         md["statemap.inputs"] = json.dumps([Path(f).name if Path(f).parent == p else os.path.relpath(f, p) for f in inputs])
         return md
     if p.is_file():
         st = p.stat()
-        if st.st_size <= HASH_LIMIT:
+        md["statemap.source_size"] = str(st.st_size)
+        md["statemap.source_mtime"] = str(int(st.st_mtime))
+        if st.st_size <= HASH_FREE or source_sha256:
             h = hashlib.sha256()
             with open(p, "rb") as f:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
             md["statemap.source_sha256"] = h.hexdigest()
         else:
-            md["statemap.source_size"] = str(st.st_size)
-            md["statemap.source_mtime"] = str(int(st.st_mtime))
-            md["statemap.source_digest"] = f"not hashed: larger than {HASH_LIMIT >> 30} GiB; size and mtime recorded instead"
+            md["statemap.source_digest"] = (
+                f"not hashed: larger than {HASH_FREE >> 20} MiB (hashing reads the whole source again); "
+                "statemap apply --source-sha256 records it"
+            )
     return md
 
 
@@ -333,13 +342,16 @@ def convert(
     config: str | os.PathLike[str] | None = None,
     workers: int = 1,
     vars_from: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    source_sha256: bool = False,
 ) -> Report:
     """Convert a checkpoint file with a spec and write the result; return the report.
 
     ``src`` is a checkpoint file or folder; for a spec with ``inputs:`` the folder holding the
     files (or a pattern naming them: ``"ckpt/consolidated.{rank:int}.pth"``). ``vars_from``:
     a JSON/YAML file (or a mapping) the spec's ``{config: KEY}`` vars are read from, instead of
-    the spec's ``config:``; ``vars`` still win.
+    the spec's ``config:``; ``vars`` still win. ``source_sha256``: record the source's sha256
+    in a safetensors output's metadata even when it is larger than 16 MiB (it is read once more
+    for it; see :func:`provenance`).
 
     Every check runs on metadata before any tensor is read; ``assume:`` facts the metadata
     cannot prove are verified by reading before anything is written; the output appears only
@@ -397,7 +409,7 @@ def convert(
             in_memory = [o.meta for o, seg in zip(outs, segs) if seg is None]
             check_resources(Path(dst), [o.meta for o in outs], in_memory, together=False)
             report.assumptions = run_checks(plan, ck.read)
-            metadata = provenance(spec, ck.path, [f.path for f in ck.inputs])
+            metadata = provenance(spec, ck.path, [f.path for f in ck.inputs], source_sha256=source_sha256)
             get = _Producer(spec, os.fspath(src), tied) if streaming and workers > 1 else None
             produced = execute_streaming(outs, ck.read, ck.locations)
             metas = [o.meta for o in outs]

@@ -89,6 +89,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         config=args.config,
         workers=args.workers,
         vars_from=args.vars_from,
+        source_sha256=args.source_sha256,
     )
     _not_swapped(args.spec)
     if args.config and not is_hf_target(args.expect):  # the spec's own `expect:` may be the hf: one
@@ -601,6 +602,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--no-fsync", action="store_true", help="do not wait for the disk before the final rename (faster; less durable)"
+    )
+    a.add_argument(
+        "--source-sha256",
+        action="store_true",
+        help="record the input's sha256 in a .safetensors output's metadata also when it is over 16 MiB (reads it "
+        "once more; default: size and mtime only)",
     )
     a.add_argument("-v", "--verbose", action="store_true", help="also list every produced tensor (folded)")
     common(a)

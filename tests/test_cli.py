@@ -289,6 +289,31 @@ def test_output_records_provenance_and_inspect_shows_it(tmp_path, capsys, root):
     assert "statemap.spec=deltalm-fairseq-to-hf" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag", [False, True])
+def test_a_source_over_16_mib_is_hashed_only_when_asked(tmp_path, capsys, root, monkeypatch, flag):
+    """Hashing reads the whole source again (~2x the kernel's copy): by default a large source is
+    recorded by size and mtime; --source-sha256 records its sha256 too."""
+    import hashlib
+
+    import statemap.api
+
+    monkeypatch.setattr(statemap.api, "HASH_FREE", 1000)  # the tiny example counts as large here
+    src = root / "examples" / "deltalm-tiny.pt"
+    out = tmp_path / "o.safetensors"
+    assert main(["apply", "deltalm-fairseq-to-hf", str(src), str(out), *(["--source-sha256"] if flag else [])]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    md = json.loads(capsys.readouterr().out)["metadata"]
+    assert md["statemap.source_size"] == str(src.stat().st_size)
+    assert md["statemap.source_mtime"] == str(int(src.stat().st_mtime))
+    if flag:
+        assert md["statemap.source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+        assert "statemap.source_digest" not in md
+    else:
+        assert "statemap.source_sha256" not in md
+        assert "--source-sha256" in md["statemap.source_digest"]
+
+
 def test_spec_digest_ignores_layout_and_notes_but_not_meaning():
     from statemap.api import spec_digest
     from statemap.spec import load_spec
