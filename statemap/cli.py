@@ -839,15 +839,18 @@ def _leave(code: int) -> None:
     one by one (~0.025 s after a conversion: 5% of DeltaLM's, measured here; every file statemap
     writes is closed, renamed and, by default, fsynced before this point). Returns instead, for the
     usual exit, when anything may still need that teardown: an ``atexit`` callback (coverage,
-    logging, multiprocessing register one), a non-daemon thread (the usual exit waits for it; it
-    does not wait for daemon threads such as an idle transpose helper), or output that cannot be
-    flushed."""
+    logging, multiprocessing register one), a profiler or tracer (``python -m cProfile -m
+    statemap`` writes its stats after ``main`` returns), a non-daemon thread (the usual exit waits
+    for it; it does not wait for daemon threads such as an idle transpose helper), or output that
+    cannot be flushed."""
     import atexit
     import threading
 
     ncallbacks = getattr(atexit, "_ncallbacks", None)
+    if ncallbacks is None or ncallbacks() or sys.getprofile() is not None or sys.gettrace() is not None:
+        return
     main_thread = threading.main_thread()
-    if ncallbacks is None or ncallbacks() or any(t is not main_thread and not t.daemon for t in threading.enumerate()):
+    if any(t is not main_thread and not t.daemon for t in threading.enumerate()):
         return
     try:
         sys.stdout.flush()

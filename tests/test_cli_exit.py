@@ -83,3 +83,16 @@ def test_an_idle_daemon_thread_does_not_keep_the_teardown(tmp_path):
     run = _run(["inspect", str(src)], setup)
     assert run.returncode == 0, run.stderr
     assert "teardown ran" not in run.stderr
+
+
+def test_a_profiler_gets_the_usual_exit_and_writes_its_stats(tmp_path):
+    src = _model(tmp_path)
+    prof = tmp_path / "p.prof"
+    run = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "statemap", "inspect", str(src)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert prof.stat().st_size > 0
