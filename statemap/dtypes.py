@@ -153,6 +153,9 @@ TORCH_NAMES = frozenset(n for n in NAMES if not n.startswith("float6")) | {a for
 
 def dtype(name: str) -> DType:
     """Look a type up by torch name, safetensors name or common alias."""
+    found = _BY_NAME.get(name) if isinstance(name, str) else None  # the usual case, first
+    if found is not None:
+        return found
     key = name.strip() if isinstance(name, str) else str(name)[:80].strip()
     key = key.removeprefix("torch.")
     if key in _BY_NAME:
