@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 from .dtypes import dtype as _dtype
@@ -30,11 +29,16 @@ class TensorMeta:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @cached_property
+    @property
     def nbytes(self) -> int:
         """Bytes the tensor takes; computed once (the writers ask ~9 times per tensor: 200k-tensor
-        outputs spent seconds here)."""
-        return _dtype(self.dtype).nbytes(self.numel)
+        outputs spent seconds here). Kept in the instance dict by hand: ``functools.cached_property``
+        takes a lock at each first access on Python 3.11."""
+        d = self.__dict__
+        n = d.get("_nbytes")
+        if n is None:
+            n = d["_nbytes"] = _dtype(self.dtype).nbytes(math.prod(self.shape))
+        return n
 
 
 @dataclass(frozen=True)
